@@ -1,0 +1,1 @@
+"""Codecs that compress KV before it is written to a tier."""

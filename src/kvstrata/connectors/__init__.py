@@ -1,0 +1,1 @@
+"""Engine connectors: vLLM's KV connector API on top of the orchestrator."""

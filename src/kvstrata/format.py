@@ -1,0 +1,335 @@
+"""Object format v1: one object per chunk, layer-major, self-describing.
+
+::
+
+    preamble  magic "KVSTRATA" | version u16 | flags u16 (0) | header_len u32
+    fixed     codec id (16 B, ASCII, NUL-padded) | dtype u8 | reserved u8 |
+              n_layers u16 | n_tokens u32 | kv_heads u16 | head_dim u16 |
+              namespace (32 B) | chunk key (32 B) | params_len u16
+    params    codec parameters: a JSON object of scalars, params_len bytes
+    table     n_layers x (offset u64, length u64, xxh3_64 u64)
+    checksum  xxh3_64 of everything above
+    body      layer 0 | layer 1 | ... | layer L-1
+
+All integers are little-endian. Offsets are absolute and the sections are
+contiguous and in layer order, so layers [a, b) are the one byte range
+``[table[a].offset, table[b-1].offset + table[b-1].length)``: a ranged read
+fetches exactly the layers it needs.
+
+What a section holds is the codec's business (``compression/``); for the
+identity codec it is K then V in canonical ``[token][kv_head][head_dim]``
+order.
+
+Decoding trusts nothing: every field and length is checked before use, the
+header has its own checksum and every section has one. Anything wrong raises
+:class:`FormatError`, which tiers turn into a miss. There is no pickle and no
+code path that evaluates stored data.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import xxhash
+
+MAGIC = b"KVSTRATA"
+VERSION = 1
+MAX_HEADER_BYTES = 1 << 20
+MAX_PARAMS_BYTES = 4096
+MAX_LAYERS = 4096
+MAX_TOKENS = 1 << 20
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 4096
+MAX_SECTION_BYTES = 1 << 40
+# A first read of this many bytes holds the whole header of any realistic
+# object (80 layers need ~2 KiB), so a ranged reader usually needs one extra
+# round trip at most.
+HEADER_PROBE_BYTES = 8192
+
+_PREAMBLE = struct.Struct("<8sHHI")
+_FIXED = struct.Struct("<16sBBHIHH32s32sH")
+_ENTRY = struct.Struct("<QQQ")
+_CHECKSUM = struct.Struct("<Q")
+
+DTYPES: Mapping[int, str] = MappingProxyType(
+    {
+        1: "float32",
+        2: "float16",
+        3: "bfloat16",
+        4: "float8_e4m3fn",
+        5: "float8_e5m2",
+        6: "int8",
+        7: "uint8",
+    }
+)
+_DTYPE_CODES = {name: code for code, name in DTYPES.items()}
+
+
+class FormatError(ValueError):
+    """A stored object is corrupt, truncated, foreign or from a future version."""
+
+
+def checksum(data: bytes | memoryview) -> int:
+    return xxhash.xxh3_64_intdigest(data)
+
+
+@dataclass(frozen=True)
+class Section:
+    offset: int
+    length: int
+    checksum: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    """What a writer states about a chunk; the reader gets it back verified."""
+
+    codec: str
+    dtype: str
+    n_tokens: int
+    kv_heads: int
+    head_dim: int
+    namespace: bytes
+    key: bytes
+    codec_params: Mapping[str, int | float | str | bool] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Header:
+    meta: ObjectMeta
+    sections: tuple[Section, ...]
+    header_len: int
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.sections)
+
+    @property
+    def object_len(self) -> int:
+        return self.sections[-1].end
+
+    def byte_range(self, layers: range) -> tuple[int, int]:
+        """The [start, end) byte range holding ``layers`` (step 1, non-empty)."""
+        if layers.step != 1 or not layers or layers.start < 0 or layers.stop > self.n_layers:
+            raise ValueError(f"layer range {layers} outside 0..{self.n_layers}")
+        return self.sections[layers.start].offset, self.sections[layers.stop - 1].end
+
+
+@dataclass(frozen=True)
+class ChunkObject:
+    """A verified header and the verified sections of the layers that were read."""
+
+    header: Header
+    layers: Mapping[int, memoryview]
+
+    @property
+    def meta(self) -> ObjectMeta:
+        return self.header.meta
+
+
+# -- encoding ---------------------------------------------------------------
+
+
+def encode(meta: ObjectMeta, sections: Sequence[bytes | memoryview]) -> bytes:
+    """Serialize one chunk. ``sections[l]`` is layer l's codec output."""
+    _check_meta(meta, len(sections))
+    params = _encode_params(meta.codec_params)
+    header_len = (
+        _PREAMBLE.size + _FIXED.size + len(params) + _ENTRY.size * len(sections) + _CHECKSUM.size
+    )
+    head = bytearray(_PREAMBLE.pack(MAGIC, VERSION, 0, header_len))
+    head += _FIXED.pack(
+        meta.codec.encode("ascii"),
+        _DTYPE_CODES[meta.dtype],
+        0,
+        len(sections),
+        meta.n_tokens,
+        meta.kv_heads,
+        meta.head_dim,
+        meta.namespace,
+        meta.key,
+        len(params),
+    )
+    head += params
+    offset = header_len
+    for data in sections:
+        head += _ENTRY.pack(offset, len(data), checksum(data))
+        offset += len(data)
+    head += _CHECKSUM.pack(checksum(head))
+    return b"".join([bytes(head), *sections])
+
+
+def _check_meta(meta: ObjectMeta, n_layers: int) -> None:
+    problems = []
+    if not 1 <= n_layers <= MAX_LAYERS:
+        problems.append(f"n_layers={n_layers}")
+    if not (meta.codec.isascii() and meta.codec.isprintable() and 0 < len(meta.codec) <= 16):
+        problems.append(f"codec={meta.codec!r}")
+    if meta.dtype not in _DTYPE_CODES:
+        problems.append(f"dtype={meta.dtype!r}")
+    if not 1 <= meta.n_tokens <= MAX_TOKENS:
+        problems.append(f"n_tokens={meta.n_tokens}")
+    if not 1 <= meta.kv_heads <= MAX_HEADS:
+        problems.append(f"kv_heads={meta.kv_heads}")
+    if not 1 <= meta.head_dim <= MAX_HEAD_DIM:
+        problems.append(f"head_dim={meta.head_dim}")
+    if len(meta.namespace) != 32 or len(meta.key) != 32:
+        problems.append("namespace and key must be 32 bytes")
+    if problems:
+        raise ValueError("cannot encode object: " + ", ".join(problems))
+
+
+def _encode_params(params: Mapping[str, object]) -> bytes:
+    for name, value in params.items():
+        if not isinstance(name, str) or not isinstance(value, (int, float, str, bool)):
+            raise ValueError(f"codec parameter {name!r} must be a scalar")
+    raw = json.dumps(dict(params), sort_keys=True, separators=(",", ":")).encode()
+    if len(raw) > MAX_PARAMS_BYTES:
+        raise ValueError("codec parameters too large")
+    return raw
+
+
+# -- decoding ---------------------------------------------------------------
+
+
+def header_length(prefix: bytes | memoryview) -> int:
+    """How many leading bytes hold the header, from the first 16 bytes."""
+    if len(prefix) < _PREAMBLE.size:
+        raise FormatError(f"truncated: {len(prefix)} bytes is shorter than the preamble")
+    magic, version, flags, header_len = _PREAMBLE.unpack_from(prefix)
+    if magic != MAGIC:
+        raise FormatError("not a kvstrata object (bad magic)")
+    if version != VERSION:
+        raise FormatError(f"unsupported format version {version} (this reader knows {VERSION})")
+    if flags != 0:
+        raise FormatError(f"unknown flags {flags:#x}")
+    minimum = _PREAMBLE.size + _FIXED.size + _ENTRY.size + _CHECKSUM.size
+    if not minimum <= header_len <= MAX_HEADER_BYTES:
+        raise FormatError(f"header length {header_len} out of range")
+    return header_len
+
+
+def decode_header(buf: bytes | memoryview) -> Header:
+    """Parse and verify the header at the start of ``buf`` (the body may be absent)."""
+    view = memoryview(buf)
+    header_len = header_length(view)
+    if len(view) < header_len:
+        raise FormatError(f"truncated header: need {header_len} bytes, have {len(view)}")
+    (stored,) = _CHECKSUM.unpack_from(view, header_len - _CHECKSUM.size)
+    if checksum(view[: header_len - _CHECKSUM.size]) != stored:
+        raise FormatError("header checksum mismatch")
+    (codec, dtype, reserved, n_layers, n_tokens, kv_heads, head_dim, namespace, key, params_len) = (
+        _FIXED.unpack_from(view, _PREAMBLE.size)
+    )
+    if reserved != 0:
+        raise FormatError("reserved header byte is not zero")
+    expected_len = (
+        _PREAMBLE.size + _FIXED.size + params_len + _ENTRY.size * n_layers + _CHECKSUM.size
+    )
+    if expected_len != header_len or params_len > MAX_PARAMS_BYTES:
+        raise FormatError("header length does not match its layer table")
+    start = _PREAMBLE.size + _FIXED.size
+    meta = ObjectMeta(
+        codec=_decode_codec_id(codec),
+        dtype=_decode_dtype(dtype),
+        n_tokens=_in_range("n_tokens", n_tokens, MAX_TOKENS),
+        kv_heads=_in_range("kv_heads", kv_heads, MAX_HEADS),
+        head_dim=_in_range("head_dim", head_dim, MAX_HEAD_DIM),
+        namespace=bytes(namespace),
+        key=bytes(key),
+        codec_params=_decode_params(view[start : start + params_len]),
+    )
+    _in_range("n_layers", n_layers, MAX_LAYERS)
+    sections = tuple(
+        Section(*_ENTRY.unpack_from(view, start + params_len + i * _ENTRY.size))
+        for i in range(n_layers)
+    )
+    _check_table(sections, header_len)
+    return Header(meta, sections, header_len)
+
+
+def read_layers(header: Header, data: bytes | memoryview, start: int, layers: range) -> ChunkObject:
+    """Verify and slice ``layers`` out of ``data``, which holds the object's bytes from ``start``.
+
+    ``data`` must cover ``header.byte_range(layers)``; each section's checksum
+    is verified. The returned views point into ``data`` (no copy).
+    """
+    view = memoryview(data)
+    lo, hi = header.byte_range(layers)
+    if start > lo or start + len(view) < hi:
+        raise FormatError(
+            f"truncated body: layers {layers.start}..{layers.stop} need bytes {lo}..{hi}, "
+            f"have {start}..{start + len(view)}"
+        )
+    out: dict[int, memoryview] = {}
+    for layer in layers:
+        s = header.sections[layer]
+        section = view[s.offset - start : s.end - start]
+        if checksum(section) != s.checksum:
+            raise FormatError(f"layer {layer} checksum mismatch")
+        out[layer] = section
+    return ChunkObject(header, MappingProxyType(out))
+
+
+def decode(buf: bytes | memoryview, layers: range | None = None) -> ChunkObject:
+    """Verify a whole object (or a prefix holding ``layers``) and return its sections."""
+    header = decode_header(buf)
+    wanted = range(header.n_layers) if layers is None else layers
+    if layers is None and len(buf) != header.object_len:
+        raise FormatError(f"object is {len(buf)} bytes, header says {header.object_len}")
+    return read_layers(header, buf, 0, wanted)
+
+
+def _decode_codec_id(raw: bytes) -> str:
+    name = raw.rstrip(b"\0")
+    if not name or b"\0" in name:
+        raise FormatError("bad codec id")
+    try:
+        text = name.decode("ascii")
+    except UnicodeDecodeError:
+        raise FormatError("codec id is not ASCII") from None
+    if not text.isprintable():
+        raise FormatError("codec id is not printable")
+    return text
+
+
+def _decode_dtype(code: int) -> str:
+    if code not in DTYPES:
+        raise FormatError(f"unknown dtype code {code}")
+    return DTYPES[code]
+
+
+def _in_range(name: str, value: int, maximum: int) -> int:
+    if not 1 <= value <= maximum:
+        raise FormatError(f"{name}={value} out of range 1..{maximum}")
+    return value
+
+
+def _decode_params(raw: memoryview) -> Mapping[str, int | float | str | bool]:
+    try:
+        params = json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise FormatError("codec parameters are not valid JSON") from None
+    if not isinstance(params, dict) or not all(
+        isinstance(v, (int, float, str, bool)) for v in params.values()
+    ):
+        raise FormatError("codec parameters must be a JSON object of scalars")
+    return MappingProxyType(params)
+
+
+def _check_table(sections: tuple[Section, ...], header_len: int) -> None:
+    expected = header_len
+    for layer, s in enumerate(sections):
+        if s.offset != expected:
+            raise FormatError(f"layer {layer} section is not contiguous")
+        if s.length > MAX_SECTION_BYTES:
+            raise FormatError(f"layer {layer} section too large")
+        expected = s.end

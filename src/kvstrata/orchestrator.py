@@ -1,0 +1,409 @@
+"""The orchestrator: the one place that talks to tiers.
+
+Everything cross-cutting happens here and only here: the policy decision, the
+cost model, codecs, timeouts, the circuit breakers, error mapping and
+metrics. Tiers stay dumb stores; the connector stays a thin adapter.
+
+* ``lookup(tokens, ctx, skip_tokens)`` -> :class:`Plan`: route the request,
+  find the longest prefix the read tiers hold, and keep the part that is
+  cheaper to load than to recompute within the latency budget.
+* ``load(plan)`` -> :class:`LoadHandle`: reads start at once on the
+  background loop, layer group by layer group; the engine waits per layer.
+* ``save(plan, chunk_index, kv)``: queues a chunk for the route's write tiers
+  and returns at once; a full queue drops the chunk (counted), never blocks.
+
+Failure semantics: a tier error or timeout on lookup or load is a miss (the
+engine recomputes); on save it is counted and dropped. A tier that keeps
+failing is skipped by its breaker for a cooldown. Nothing here raises into
+the engine for a tier's sake.
+
+Threads: the public methods are called from engine threads; all tier I/O runs
+on the process's background loop (:mod:`kvstrata.runtime`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvstrata import format as fmt
+from kvstrata import runtime
+from kvstrata.breaker import Breaker
+from kvstrata.compression.base import Codec, CodecError, codec_from_header
+from kvstrata.keys import ChunkKey, chunk_keys
+from kvstrata.plan import LoadHandle, ModelSpec, Plan, PlannedChunk
+from kvstrata.policy.cost import CostModel
+from kvstrata.policy.reuse import ReuseEstimator
+from kvstrata.policy.route import RequestContext, Route
+from kvstrata.telemetry import ENGINE, RECOMPUTE, Telemetry
+from kvstrata.tiers.base import Hit, Tier, TierError, tier_class
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _SaveItem:
+    route: Route
+    tenant: str
+    logical_key: ChunkKey
+    keys: Mapping[str, ChunkKey]  # codec -> key of this chunk
+    kv: np.ndarray  # [n_layers, 2, chunk_tokens, kv_heads, head_dim]
+    tiers: tuple[str, ...]
+    kind: str = "save"  # or "promote"
+
+
+class Orchestrator:
+    def __init__(self, config, model: ModelSpec, tiers: Mapping[str, Tier] | None = None,
+                 telemetry: Telemetry | None = None, save_workers: int = 2):
+        self.config = config
+        self.model = model
+        self.chunk_tokens: int = config.chunk_tokens
+        self.policy = config.policy
+        self.telemetry = telemetry or Telemetry()
+        self.cost = CostModel.from_config(config, n_layers=model.n_layers)
+        r = config.reuse
+        self.reuse = ReuseEstimator(r.sketch_width, r.sketch_depth, r.half_life_s)
+        b = config.orchestrator.breaker
+        self.tiers: dict[str, Tier] = dict(tiers) if tiers is not None else {
+            name: tier_class(spec.kind).from_settings(name, spec.settings) for name, spec in config.tiers.items()
+        }
+        self.breakers = {name: Breaker(b.failures, b.cooldown_s) for name in self.tiers}
+        self.timeouts = {name: spec.timeout_ms / 1e3 for name, spec in config.tiers.items()}
+        self.geometry = model.geometry(self.chunk_tokens)
+        self._codecs: dict[str, Codec] = {}
+        self._queue_max = config.orchestrator.save_queue_chunks
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._queue: asyncio.Queue[_SaveItem] | None = None
+        self._workers: list[asyncio.Task] = []
+        self._idle = threading.Condition(self._pending_lock)
+        runtime.run(self._start(save_workers), timeout=30)
+
+    async def _start(self, n: int) -> None:
+        self._queue = asyncio.Queue()
+        self._workers = [asyncio.create_task(self._save_worker()) for _ in range(n)]
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Drain the save queue (up to ``timeout``), then close every tier."""
+        self.flush(timeout)
+
+        async def stop() -> None:
+            for w in self._workers:
+                w.cancel()
+            for tier in self.tiers.values():
+                try:
+                    await tier.close()
+                except Exception:  # closing is best effort
+                    log.debug("closing tier %s failed", tier.name, exc_info=True)
+
+        runtime.run(stop(), timeout=timeout)
+
+    # -- lookup ---------------------------------------------------------------
+
+    def lookup(self, tokens: Sequence[int] | np.ndarray, ctx: RequestContext, skip_tokens: int = 0) -> Plan:
+        """Plan the load of the longest worthwhile prefix beyond ``skip_tokens`` (what the engine holds)."""
+        try:
+            return runtime.run(self.alookup(tokens, ctx, skip_tokens), timeout=self._lookup_timeout())
+        except Exception as exc:  # a lookup can always fall back to recompute
+            log.warning("lookup failed, recomputing: %s", exc)
+            decision = self.policy.decide(ctx)
+            return Plan(ctx, decision, self.chunk_tokens, skip_tokens, {}, reason=f"lookup failed: {exc}")
+
+    def _lookup_timeout(self) -> float:
+        return max(self.timeouts.values(), default=1.0) * 2 + 1.0
+
+    async def alookup(self, tokens, ctx: RequestContext, skip_tokens: int = 0) -> Plan:
+        logical = chunk_keys(tokens, self.model.namespace(ctx.tenant), self.chunk_tokens)
+        hint = _as_float(ctx.hints.get("reuse"))
+        ctx = dataclasses.replace(ctx, context_tokens=len(tokens), reuse=self.reuse.predict(logical, hint))
+        self.reuse.observe(logical)
+        decision = self.policy.decide(ctx)
+        route = decision.route
+        keys = {"none": tuple(logical)}
+        for codec in {route.codec_for(t) for t in (*route.read, *route.write)} - {"none"}:
+            keys[codec] = tuple(chunk_keys(tokens, self.model.namespace(ctx.tenant, codec), self.chunk_tokens))
+        first = skip_tokens // self.chunk_tokens
+        plan = Plan(ctx, decision, self.chunk_tokens, skip_tokens, keys, first_chunk=first)
+        self.telemetry.served(ENGINE, skip_tokens)
+        if route.load == "never" or not route.read or first >= len(logical):
+            return self._planned(plan, (), None, "route does not load" if route.load == "never" else "nothing to load")
+        found = await self._locate(route, keys, first, len(logical))
+        budget = ctx.budget_ms if ctx.budget_ms is not None else self.config.orchestrator.default_budget_ms
+        if route.load == "always":
+            return self._planned(plan, found, None, "route always loads")
+        choice = self.cost.choose(
+            [c.tier for c in found], self.chunk_tokens, self.model.chunk_bytes(self.chunk_tokens),
+            len(tokens) - skip_tokens, budget / 1e3, route.retrieval == "layerwise",
+        )
+        return self._planned(plan, found[: choice.chunks], choice, choice.reason)
+
+    def _planned(self, plan: Plan, chunks, choice, reason: str) -> Plan:
+        plan = dataclasses.replace(plan, chunks=tuple(chunks), choice=choice, reason=reason)
+        self.telemetry.lookup(plan.decision.rule, "load" if plan.chunks else "recompute")
+        context = plan.ctx.context_tokens
+        self.telemetry.served(RECOMPUTE, max(context - plan.end_token, 0) if plan.chunks else context - plan.skip_tokens)
+        log.debug("lookup: rule=%s chunks=%d reason=%s", plan.decision.rule, len(plan.chunks), reason)
+        return plan
+
+    async def _locate(self, route: Route, keys, first: int, n: int) -> list[PlannedChunk]:
+        """The contiguous run of chunks from ``first`` held by the read tiers, each from the first tier having it."""
+        where: dict[int, PlannedChunk] = {}
+        for tier in route.read:
+            todo = [i for i in range(first, n) if i not in where]
+            if not todo:
+                break
+            codec = route.codec_for(tier)
+            answer = await self._call(tier, "contains", self.tiers[tier].contains([keys[codec][i] for i in todo]))
+            for i, present in zip(todo, answer or ()):
+                if present:
+                    where[i] = PlannedChunk(i, tier, keys[codec][i], codec)
+        run: list[PlannedChunk] = []
+        for i in range(first, n):
+            if i not in where:
+                break
+            run.append(where[i])
+        return run
+
+    async def _call(self, tier: str, op: str, coro):
+        """Await one tier operation under its breaker and timeout; None if it failed or was skipped."""
+        breaker = self.breakers[tier]
+        if not breaker.allow():
+            coro.close()
+            self.telemetry.op(tier, op, "skipped")
+            return None
+        started = time.perf_counter()
+        try:
+            result = await asyncio.wait_for(coro, self.timeouts[tier])
+        except (TierError, asyncio.TimeoutError) as exc:
+            outcome = "timeout" if isinstance(exc, asyncio.TimeoutError) else "error"
+            self.telemetry.op(tier, op, outcome, time.perf_counter() - started)
+            self._record(tier, ok=False)
+            log.warning("tier %s %s %s: %s", tier, op, outcome, exc)
+            return None
+        elapsed = time.perf_counter() - started
+        self.telemetry.op(tier, op, "ok", elapsed)
+        self._record(tier, ok=True)
+        if op == "contains":  # a small round trip: it teaches the cost model the tier's latency
+            self.cost.observe_read(tier, elapsed, 0)
+        return result
+
+    def _record(self, tier: str, ok: bool) -> None:
+        if self.breakers[tier].record(ok):
+            is_open = not ok
+            self.telemetry.breaker(tier, is_open)
+            log.warning("tier %s breaker %s", tier, "opened" if is_open else "closed")
+
+    # -- load -----------------------------------------------------------------
+
+    def load(self, plan: Plan, layers_per_read: int | None = None) -> LoadHandle:
+        """Start reading the plan's chunks; returns at once. ``layers_per_read`` overrides the route."""
+        handle = LoadHandle(plan, self.model.n_layers)
+        if not plan.chunks:
+            handle.complete(range(self.model.n_layers))
+            return handle
+        if layers_per_read is None:
+            layerwise = plan.decision.route.retrieval == "layerwise"
+            layers_per_read = max(1, self.model.n_layers // 8) if layerwise else self.model.n_layers
+        runtime.submit(self._load(handle, layers_per_read))
+        return handle
+
+    async def _load(self, handle: LoadHandle, per_read: int) -> None:
+        plan, n_layers = handle.plan, self.model.n_layers
+        by_tier: dict[str, list[PlannedChunk]] = {}
+        for c in plan.chunks:
+            by_tier.setdefault(c.tier, []).append(c)
+        try:
+            for start in range(0, n_layers, per_read):
+                layers = range(start, min(start + per_read, n_layers))
+                await asyncio.gather(*(self._read_group(t, cs, layers, handle) for t, cs in by_tier.items()))
+                handle.complete(layers)
+        except Exception:  # never leave the engine waiting
+            log.exception("load failed")
+        finally:
+            handle.abort()
+        self._account_load(handle)
+        self._promote(handle)
+
+    async def _read_group(self, tier: str, chunks: list[PlannedChunk], layers: range, handle: LoadHandle) -> None:
+        chunks = [c for c in chunks if c.index not in handle.failed]
+        if not chunks:
+            return
+        started = time.perf_counter()
+        fetched = await self._call(tier, "get", self.tiers[tier].get([c.key for c in chunks], layers))
+        if fetched is None:
+            handle.fail([c.index for c in chunks])
+            return
+        nbytes = 0
+        for chunk, result in zip(chunks, fetched):
+            kv = self._decode(tier, handle.plan.ctx.tenant, chunk, result, layers)
+            if kv is None:
+                handle.fail([chunk.index])
+                continue
+            for layer, array in kv.items():
+                handle.deliver(layer, chunk.index, array)
+            nbytes += sum(len(result.obj.layers[i]) for i in layers)
+        self.telemetry.moved_bytes(tier, "read", nbytes)
+        self.cost.observe_read(tier, time.perf_counter() - started, nbytes)
+
+    def _decode(
+        self, tier: str, tenant: str, chunk: PlannedChunk, result, layers: range
+    ) -> dict[int, np.ndarray] | None:
+        """Verified, decoded layers of one fetched chunk, or None (counted) if it cannot be used."""
+        if not isinstance(result, Hit):
+            if result.reason != "absent":
+                self._bad_object(tier, chunk.key, result.reason)
+            self.telemetry.op(tier, "read_chunk", "miss")
+            return None
+        meta, n = result.obj.meta, result.obj.header.n_layers
+        expected = (self.model.kv_heads, self.model.head_dim, self.model.dtype, self.chunk_tokens,
+                    self.model.n_layers, chunk.codec, self.model.namespace(tenant, chunk.codec).fingerprint)
+        if (meta.kv_heads, meta.head_dim, meta.dtype, meta.n_tokens, n, meta.codec, meta.namespace) != expected:
+            self._bad_object(tier, chunk.key, "foreign")
+            return None
+        try:
+            codec = self._codec(meta.codec, meta.codec_params)
+            out = {layer: codec.decode(result.obj.layers[layer], self.geometry) for layer in layers}
+        except CodecError as exc:
+            log.warning("tier %s chunk %s undecodable: %s", tier, chunk.key, exc)
+            self._bad_object(tier, chunk.key, "codec")
+            return None
+        self.telemetry.op(tier, "read_chunk", "hit")
+        return out
+
+    def _bad_object(self, tier: str, key: ChunkKey, reason: str) -> None:
+        self.telemetry.bad_object(tier, reason)
+        log.warning("tier %s: %s object %s is a miss", tier, reason, key)
+        if reason == "corrupt":  # drop it so nobody trips on it again
+            asyncio.ensure_future(self._call(tier, "delete", self.tiers[tier].delete([key])))
+
+    def _codec(self, codec_id: str, params) -> Codec:
+        cache_key = f"{codec_id}:{sorted(params.items())}"
+        if cache_key not in self._codecs:
+            self._codecs[cache_key] = codec_from_header(codec_id, params)
+        return self._codecs[cache_key]
+
+    def _account_load(self, handle: LoadHandle) -> None:
+        plan = handle.plan
+        for c in plan.chunks:
+            tokens = (c.index + 1) * self.chunk_tokens - max(c.index * self.chunk_tokens, plan.skip_tokens)
+            self.telemetry.served(RECOMPUTE if c.index in handle.failed else c.tier, tokens)
+
+    def _promote(self, handle: LoadHandle) -> None:
+        """Copy chunks hit in a slower tier into the faster read tiers the route writes to."""
+        route = handle.plan.decision.route
+        if not route.promote:
+            return
+        for c in handle.plan.chunks:
+            faster = tuple(t for t in route.read[: route.read.index(c.tier)] if t in route.write)
+            kv = handle.chunk_kv(c.index) if faster else None
+            if kv is not None:
+                self._enqueue(self._item(handle.plan, c.index, kv, faster, "promote"))
+                for dst in faster:
+                    self.telemetry.moved("promote", c.tier, dst)
+
+    # -- save -----------------------------------------------------------------
+
+    def save(self, plan: Plan, chunk_index: int, kv: np.ndarray) -> bool:
+        """Queue one full chunk for the route's write tiers. Never blocks; False if dropped.
+
+        ``kv`` is canonical: ``[n_layers, 2, chunk_tokens, kv_heads, head_dim]``
+        in the model's dtype. The caller must not modify it afterwards.
+        """
+        route = plan.decision.route
+        if not route.write or chunk_index >= len(plan.logical_keys()):
+            return False
+        return self._enqueue(self._item(plan, chunk_index, kv, route.write, "save"))
+
+    def _item(self, plan: Plan, index: int, kv: np.ndarray, tiers, kind: str) -> _SaveItem:
+        keys = {codec: ks[index] for codec, ks in plan.keys.items()}
+        return _SaveItem(plan.decision.route, plan.ctx.tenant, plan.logical_keys()[index], keys, kv, tiers, kind)
+
+    def _enqueue(self, item: _SaveItem) -> bool:
+        with self._pending_lock:
+            if self._pending >= self._queue_max:
+                self.telemetry.dropped("queue_full")
+                return False
+            self._pending += 1
+            self.telemetry.queue_depth(self._pending)
+        runtime.loop().call_soon_threadsafe(self._queue.put_nowait, item)
+        return True
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued save has been written or dropped (tests, shutdown)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    async def _save_worker(self) -> None:
+        while True:
+            item = await self._queue.get()
+            try:
+                await self._write(item)
+            except Exception:  # a save never takes the worker down
+                log.exception("save failed")
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    self.telemetry.queue_depth(self._pending)
+                    self._idle.notify_all()
+
+    async def _write(self, item: _SaveItem) -> None:
+        route = item.route
+        admitted = []
+        for tier in item.tiers:
+            need = route.admission.get(tier, 0)
+            if need and self.reuse.count(item.logical_key) < need:
+                self.telemetry.dropped("admission")
+            else:
+                admitted.append(tier)
+        encoded: dict[str, bytes] = {}
+        for tier in admitted:
+            codec_id = route.codec_for(tier)
+            if codec_id not in encoded:
+                encoded[codec_id] = await asyncio.to_thread(self._encode, item, codec_id)
+        await asyncio.gather(*(self._put(t, item, encoded[route.codec_for(t)]) for t in admitted))
+
+    def _encode(self, item: _SaveItem, codec_id: str) -> bytes:
+        codec = self._codec(codec_id, {})
+        key = item.keys[codec_id]
+        meta = fmt.ObjectMeta(
+            codec_id, self.model.dtype, self.chunk_tokens, self.model.kv_heads, self.model.head_dim,
+            self.model.namespace(item.tenant, codec_id).fingerprint, key.digest, dict(codec.params),
+        )
+        return fmt.encode(meta, [codec.encode(item.kv[layer]) for layer in range(self.model.n_layers)])
+
+    async def _put(self, tier: str, item: _SaveItem, blob: bytes) -> None:
+        key = item.keys[item.route.codec_for(tier)]
+        present = await self._call(tier, "contains", self.tiers[tier].contains([key]))
+        if present is None:
+            self.telemetry.dropped("tier_error")
+            return
+        if present[0]:
+            self.telemetry.op(tier, "put", "present")
+            return
+        result = await self._call(tier, "put", self.tiers[tier].put([(key, blob)]))
+        if result is None:
+            self.telemetry.dropped("tier_error")
+            return
+        self.telemetry.moved_bytes(tier, "write", len(blob))
+        self.telemetry.evicted(tier, len(result.evicted))
+        dst = item.route.demote.get(tier)
+        for ev in result.evicted:
+            if dst and ev.data is not None and item.route.codec_for(dst) == item.route.codec_for(tier):
+                moved = await self._call(dst, "put", self.tiers[dst].put([(ev.key, ev.data)]))
+                if moved is not None:
+                    self.telemetry.moved("demote", tier, dst)
+                    self.telemetry.moved_bytes(dst, "write", len(ev.data))
+
+
+def _as_float(text: str | None) -> float | None:
+    try:
+        return None if text is None else float(text)
+    except ValueError:
+        return None

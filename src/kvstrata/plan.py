@@ -1,0 +1,155 @@
+"""Values the orchestrator hands out: the model's KV geometry, a lookup's Plan, a load's handle."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvstrata.compression.base import Geometry
+from kvstrata.keys import ChunkKey, Namespace
+from kvstrata.policy.cost import Choice
+from kvstrata.policy.route import Decision, RequestContext
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What KV of one model looks like. ``name`` should identify the weights, not just the family."""
+
+    name: str
+    n_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+
+    def namespace(self, tenant: str = "", codec: str = "none") -> Namespace:
+        model = f"{self.name}/L{self.n_layers}/H{self.kv_heads}/D{self.head_dim}"
+        return Namespace(model, self.dtype, codec, tenant)
+
+    def geometry(self, chunk_tokens: int) -> Geometry:
+        return Geometry(chunk_tokens, self.kv_heads, self.head_dim, self.dtype)
+
+    def chunk_bytes(self, chunk_tokens: int) -> int:
+        return self.geometry(chunk_tokens).nbytes * self.n_layers
+
+
+@dataclass(frozen=True)
+class PlannedChunk:
+    index: int
+    tier: str
+    key: ChunkKey
+    codec: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A lookup's answer: which chunks to load from which tier, and why.
+
+    ``chunks`` are contiguous from ``first_chunk`` (the first chunk the engine
+    does not fully hold). ``keys`` holds, per codec, the keys of every full
+    chunk of the prompt (saves reuse them).
+    """
+
+    ctx: RequestContext
+    decision: Decision
+    chunk_tokens: int
+    skip_tokens: int
+    keys: Mapping[str, tuple[ChunkKey, ...]]
+    first_chunk: int = 0
+    chunks: tuple[PlannedChunk, ...] = ()
+    choice: Choice | None = None
+    reason: str = ""
+
+    @property
+    def load_tokens(self) -> int:
+        """Tokens beyond what the engine holds that the load provides."""
+        if not self.chunks:
+            return 0
+        return (self.first_chunk + len(self.chunks)) * self.chunk_tokens - self.skip_tokens
+
+    @property
+    def end_token(self) -> int:
+        return self.skip_tokens + self.load_tokens
+
+    def tokens_by_tier(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in self.chunks:
+            start = max(c.index * self.chunk_tokens, self.skip_tokens)
+            out[c.tier] = out.get(c.tier, 0) + (c.index + 1) * self.chunk_tokens - start
+        return out
+
+    def logical_keys(self) -> tuple[ChunkKey, ...]:
+        return self.keys.get("none", ())
+
+
+@dataclass
+class LoadHandle:
+    """Per-layer results of one load, filled on the background loop, read by the engine.
+
+    ``wait_layer(l)`` blocks until layer ``l`` of every planned chunk has
+    arrived or failed, then returns ``{chunk index: kv}`` with ``kv`` shaped
+    ``[2, chunk_tokens, kv_heads, head_dim]`` (read-only). A chunk missing from
+    the mapping failed: its tokens must be recomputed (``failed`` lists them).
+    """
+
+    plan: Plan
+    n_layers: int
+    failed: set[int] = field(default_factory=set)
+    _layers: list[dict[int, np.ndarray]] = field(init=False)
+    _ready: list[threading.Event] = field(init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def __post_init__(self) -> None:
+        self._layers = [{} for _ in range(self.n_layers)]
+        self._ready = [threading.Event() for _ in range(self.n_layers)]
+
+    # -- filled by the orchestrator ------------------------------------------
+
+    def deliver(self, layer: int, chunk: int, kv: np.ndarray) -> None:
+        with self._lock:
+            if chunk not in self.failed:
+                self._layers[layer][chunk] = kv
+
+    def fail(self, chunks) -> None:
+        with self._lock:
+            for c in chunks:
+                self.failed.add(c)
+                for layer in self._layers:
+                    layer.pop(c, None)
+
+    def complete(self, layers: range) -> None:
+        for layer in layers:
+            self._ready[layer].set()
+
+    def abort(self) -> None:
+        """Fail everything not yet delivered and release every waiter."""
+        self.fail([c.index for c in self.plan.chunks if not self._has_all(c.index)])
+        self.complete(range(self.n_layers))
+
+    def _has_all(self, chunk: int) -> bool:
+        with self._lock:
+            return all(chunk in layer for layer in self._layers)
+
+    # -- read by the engine -------------------------------------------------
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> Mapping[int, np.ndarray]:
+        if not self._ready[layer].wait(timeout):
+            raise TimeoutError(f"layer {layer} not loaded within {timeout}s")
+        with self._lock:
+            return dict(self._layers[layer])
+
+    def wait_all(self, timeout: float | None = None) -> bool:
+        return all(event.wait(timeout) for event in self._ready)
+
+    def chunk_kv(self, chunk: int) -> np.ndarray | None:
+        """All layers of one delivered chunk, ``[n_layers, 2, T, H, D]``, or None if it failed."""
+        with self._lock:
+            if chunk in self.failed or not all(chunk in layer for layer in self._layers):
+                return None
+            return np.stack([layer[chunk] for layer in self._layers])
+
+    @property
+    def done(self) -> bool:
+        return all(event.is_set() for event in self._ready)

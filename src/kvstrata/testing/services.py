@@ -1,0 +1,368 @@
+"""Start and stop REAL local Redis and SeaweedFS-S3 servers for tests and benchmarks.
+
+Stdlib only at import time (``boto3`` is imported lazily, only to probe S3 readiness).
+
+Contracts:
+* Every server listens on 127.0.0.1 only, on ports picked free at start (all of weed's
+  listeners included), so several instances in different state dirs never collide.
+* Each server leads its own process group (``start_new_session=True``); ``stop()``/``kill()``
+  signal that group only, never anything this module did not start.
+* stdout/stderr go to ``<state_dir>/{redis,seaweedfs}.log`` (append mode: restarts add to it).
+* Servers started in-process are stopped at interpreter exit (atexit) unless ``detach()``-ed.
+* ``start_all`` writes ``<state_dir>/services.json``: urls, credentials, pids (``Services``).
+
+CLI::
+
+    python -m kvstrata.testing.services start --state-dir DIR  # starts both detached, prints json
+    python -m kvstrata.testing.services env   --state-dir DIR  # prints `export KVSTRATA_TEST_...`
+    python -m kvstrata.testing.services stop  --state-dir DIR  # stops exactly the recorded pids
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+ACCESS_KEY = "kvstrata-test"
+SECRET_KEY = "kvstrata-test-secret"
+BUCKET = "kvstrata-test"
+REGION = "us-east-1"
+STOP_TIMEOUT = 10.0
+_LIVE: set[_Server] = set()  # in-process servers that atexit stops
+
+
+def free_ports(n: int = 1) -> list[int]:
+    """``n`` distinct ports free on 127.0.0.1 right now (all held open while choosing)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _find_binary(name: str, *fallbacks: str) -> str:
+    """``name`` next to sys.executable (the venv's bin), else on PATH, else a fallback path."""
+    for cand in (Path(sys.executable).parent / name, shutil.which(name), *fallbacks):
+        if cand and os.access(cand, os.X_OK):
+            return str(cand)
+    raise FileNotFoundError(f"{name!r} not found next to {sys.executable} nor on PATH")
+
+
+def _pid_alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _terminate(pid: int, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> None:
+    """Send ``sig`` to the group led by ``pid``; wait ``timeout`` s for it to exit, then SIGKILL."""
+    for s, wait in ((sig, timeout), (signal.SIGKILL, 30.0)):
+        try:
+            os.killpg(pid, s) if os.getpgid(pid) == pid else os.kill(pid, s)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not _pid_alive(pid):
+            return
+
+
+class _Server:
+    """One server process; subclasses define ``name``, ``_argv()`` and ``_probe()``."""
+
+    name = "server"
+    ready_timeout = 20.0
+
+    def __init__(self, state_dir: str | os.PathLike) -> None:
+        self.state_dir = Path(state_dir).resolve()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.state_dir / f"{self.name}.log"
+        self.ready_seconds: float | None = None  # spawn -> ready, for the last start()
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> _Server:
+        """Spawn, block until ``_probe()`` succeeds; on failure kill it and raise RuntimeError."""
+        t0 = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                self._argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.state_dir, start_new_session=True)
+        _LIVE.add(self)
+        error: BaseException | None = None
+        while time.monotonic() - t0 < self.ready_timeout and self.is_running():
+            try:
+                if self._probe():
+                    self.ready_seconds = time.monotonic() - t0
+                    return self
+            except ImportError:
+                self.kill()
+                raise
+            except Exception as exc:  # refused, 5xx while the server warms up, ...
+                error = exc
+            time.sleep(0.05)
+        self.kill()
+        tail = self.log_path.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{self.name} not ready (exit code {self._proc.returncode}, "
+                           f"last error {error!r}); log tail:\n{tail}")
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM our process group, wait up to ``timeout`` s, then SIGKILL. Idempotent."""
+        self._end(signal.SIGTERM, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL our process group (fault injection): the server is gone when this returns."""
+        self._end(signal.SIGKILL, STOP_TIMEOUT)
+
+    def restart(self) -> _Server:
+        """Stop if running, then start again on the same port(s)."""
+        self.stop()
+        return self.start()
+
+    def detach(self) -> None:
+        """Leave the server running after this interpreter exits (no atexit stop)."""
+        _LIVE.discard(self)
+
+    def _end(self, sig: int, timeout: float) -> None:
+        _LIVE.discard(self)
+        if self.is_running():
+            _terminate(self._proc.pid, sig, timeout)
+            self._proc.wait()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        """Remove what a dead server may leave behind."""
+
+
+class RedisServer(_Server):
+    """``redis-server`` on 127.0.0.1:``port`` without persistence: a restart comes back EMPTY."""
+
+    name = "redis"
+
+    def __init__(self, state_dir: str | os.PathLike, port: int | None = None) -> None:
+        super().__init__(state_dir)
+        self.port = port or free_ports()[0]
+        self.binary = _find_binary("redis-server", "/usr/bin/redis-server")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _argv(self) -> list[str]:
+        return [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--daemonize", "no", "--dir", str(self.state_dir)]
+
+    def _probe(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            s.sendall(b"PING\r\n")  # inline command: no client library needed
+            return s.recv(64).startswith(b"+PONG")
+
+
+# Every listener `weed mini` opens gets an explicit port; Iceberg, Lance and WebDAV are off.
+_WEED_PORT_FLAGS = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port",
+                    "volume.port.grpc", "filer.port", "filer.port.grpc", "admin.port",
+                    "admin.port.grpc", "debug.port")
+
+
+class S3Server(_Server):
+    """SeaweedFS ``weed mini`` with its S3 gateway at ``endpoint`` and one identity.
+
+    Ready means ``bucket`` exists and a signed PUT then GET of a small object succeeded.
+    Data lives in ``<state_dir>/seaweedfs-data``, so it survives ``kill()`` + ``restart()``.
+    """
+
+    name = "seaweedfs"
+    ready_timeout = 60.0
+
+    def __init__(self, state_dir: str | os.PathLike, bucket: str = BUCKET,
+                 access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY) -> None:
+        super().__init__(state_dir)
+        self.bucket, self.access_key, self.secret_key = bucket, access_key, secret_key
+        self.ports = dict(zip(_WEED_PORT_FLAGS, free_ports(len(_WEED_PORT_FLAGS))))
+        self.binary = _find_binary("weed")
+        self._client = None
+
+    @property
+    def port(self) -> int:
+        return self.ports["s3.port"]
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    url = endpoint
+
+    def _argv(self) -> list[str]:
+        ident = {"name": "test", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                 "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}]}
+        config = self.state_dir / "s3.json"
+        config.write_text(json.dumps({"identities": [ident]}))
+        data = self.state_dir / "seaweedfs-data"
+        data.mkdir(exist_ok=True)
+        argv = [self.binary, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                f"-s3.config={config}", "-webdav=false", "-admin.ui=false",
+                "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                "-volume.preStopSeconds=0",  # stop in ~1 s instead of ~2 s
+                *(f"-{flag}={port}" for flag, port in self.ports.items())]
+        for svc in ("s3", "filer"):  # else /tmp/seaweedfs-<svc>-<port>.sock
+            if len(str(self.state_dir / f"{svc}.sock")) < 100:  # sun_path limit
+                argv.append(f"-{svc}.localSocket={self.state_dir / f'{svc}.sock'}")
+        return argv
+
+    def _probe(self) -> bool:
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            self._client = boto3.client(
+                "s3", endpoint_url=self.endpoint, region_name=REGION,
+                aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+                config=Config(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1},
+                              s3={"addressing_style": "path"}))
+        s3, key = self._client, ".kvstrata-ready"
+        if not any(b["Name"] == self.bucket for b in s3.list_buckets().get("Buckets", [])):
+            s3.create_bucket(Bucket=self.bucket)
+        s3.put_object(Bucket=self.bucket, Key=key, Body=b"ok")
+        return s3.get_object(Bucket=self.bucket, Key=key)["Body"].read() == b"ok"
+
+    def _cleanup(self) -> None:
+        # A killed weed leaves its unix sockets behind; those named after our ports are ours.
+        ours = {str(p) for p in self.ports.values()}
+        for path in [*Path("/tmp").glob("seaweedfs-*.sock"), *self.state_dir.glob("*.sock")]:
+            if path.parent == self.state_dir or path.stem.rsplit("-", 1)[-1] in ours:
+                path.unlink(missing_ok=True)
+
+
+@dataclass
+class Services:
+    """What ``start_all`` started: how to reach Redis and S3, plus the server pids."""
+
+    redis_url: str
+    s3_endpoint: str
+    s3_bucket: str = BUCKET
+    s3_access_key: str = ACCESS_KEY
+    s3_secret_key: str = SECRET_KEY
+    s3_region: str = REGION
+    redis_pid: int | None = None
+    s3_pid: int | None = None
+    ready_seconds: dict[str, float] = field(default_factory=dict)
+    redis: RedisServer | None = field(default=None, repr=False, compare=False)
+    s3: S3Server | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        """The JSON-able fields (the content of ``services.json``); server objects left out."""
+        skip = ("redis", "s3")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+    def env(self) -> dict[str, str]:
+        """``KVSTRATA_TEST_`` + REDIS_URL, S3_{ENDPOINT,BUCKET,ACCESS_KEY,SECRET_KEY,REGION}."""
+        return {f"KVSTRATA_TEST_{k.upper()}": v for k, v in self.to_dict().items()
+                if isinstance(v, str)}
+
+    @classmethod
+    def load(cls, state_dir: str | os.PathLike) -> Services:
+        """Read ``<state_dir>/services.json``; no server objects (stop: ``stop_all(dir)``)."""
+        data = json.loads((Path(state_dir) / "services.json").read_text())
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+def start_redis(state_dir: str | os.PathLike) -> RedisServer:
+    """Start Redis on a free port (files in ``state_dir``); return once it answers PING."""
+    return RedisServer(state_dir).start()
+
+
+def start_seaweedfs(state_dir: str | os.PathLike, bucket: str = BUCKET) -> S3Server:
+    """Start SeaweedFS on free ports; return once ``bucket`` exists and PUT+GET work."""
+    return S3Server(state_dir, bucket=bucket).start()
+
+
+def start_all(state_dir: str | os.PathLike) -> Services:
+    """Start Redis and SeaweedFS, write ``<state_dir>/services.json``, return ``Services``."""
+    redis = start_redis(state_dir)
+    try:
+        s3 = start_seaweedfs(state_dir)
+    except BaseException:
+        redis.stop()
+        raise
+    svc = Services(redis_url=redis.url, s3_endpoint=s3.endpoint, s3_bucket=s3.bucket,
+                   s3_access_key=s3.access_key, s3_secret_key=s3.secret_key,
+                   redis_pid=redis.pid, s3_pid=s3.pid, redis=redis, s3=s3,
+                   ready_seconds={"redis": redis.ready_seconds, "seaweedfs": s3.ready_seconds})
+    (Path(state_dir) / "services.json").write_text(json.dumps(svc.to_dict(), indent=2) + "\n")
+    return svc
+
+
+def stop_all(target: Services | str | os.PathLike) -> None:
+    """Stop the servers of a ``Services`` from ``start_all``, or those recorded in a state dir.
+
+    Pids from ``services.json`` are signalled only while ``/proc/<pid>/cmdline`` still names
+    ``redis-server`` / ``weed``, so a recycled pid is left alone.
+    """
+    if isinstance(target, Services) and (target.redis or target.s3):
+        for server in (target.s3, target.redis):
+            if server:
+                server.stop()
+        return
+    svc = target if isinstance(target, Services) else Services.load(target)
+    for pid, binary in ((svc.s3_pid, "weed"), (svc.redis_pid, "redis-server")):
+        try:  # redis-server rewrites its argv[0] to "/usr/bin/redis-server 127.0.0.1:PORT"
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        except OSError:
+            continue  # gone already
+        if pid and argv0 and os.path.basename(argv0.split()[0]) == binary:
+            _terminate(pid)
+    if not isinstance(target, Services):
+        for sock in Path(target).glob("*.sock"):  # weed leaves its s3 socket even on SIGTERM
+            sock.unlink(missing_ok=True)
+
+
+@atexit.register
+def _stop_live() -> None:
+    for server in list(_LIVE):
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kvstrata.testing.services", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["start", "stop", "env"])
+    ap.add_argument("--state-dir", required=True)
+    args = ap.parse_args(argv)
+    if args.command == "start":
+        svc = start_all(args.state_dir)
+        svc.redis.detach()
+        svc.s3.detach()
+        print(json.dumps(svc.to_dict(), indent=2))
+    elif args.command == "stop":
+        stop_all(args.state_dir)
+    else:
+        env = Services.load(args.state_dir).env()
+        print("export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

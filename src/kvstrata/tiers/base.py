@@ -1,0 +1,312 @@
+"""The Tier interface, its result values, its settings base and the registry.
+
+Contract (every tier, every method):
+
+* Callers: only the orchestrator, from its one background event loop. Methods
+  are coroutines; a tier may be used by many tasks at once and must be safe
+  for that (in-process tiers also take a lock, so a second loop or thread is
+  safe too).
+* Batch-first: every method takes a sequence of keys and answers in the same
+  order. One call should cost the backend one round trip where it can
+  (pipelines, gathered requests).
+* Buffers: ``put`` takes ownership of nothing -- it may keep a reference to the
+  ``bytes`` it is given (they are immutable) but never mutates them. ``get``
+  returns :class:`Hit` values whose sections are read-only views that stay
+  valid as long as the caller holds them, even after a delete or eviction.
+* Failure: a backend that cannot answer (connection refused, timeout, server
+  error) raises :class:`TierError`. A missing object is a :class:`Miss` with
+  reason ``"absent"``; a stored object that fails verification is a ``Miss``
+  with reason ``"corrupt"`` (checksums, truncation), ``"foreign"`` (another
+  key's object under this key) or ``"unsupported"`` (a format version this
+  reader does not know). Deciding what to do about a bad object (count it,
+  drop it) is the orchestrator's job, not the tier's.
+* Tiers store opaque object bytes (see :mod:`kvstrata.format`); they parse
+  headers only to serve layer ranges and to verify what they return.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from kvstrata import format as fmt
+from kvstrata.keys import ChunkKey
+
+
+class TierError(Exception):
+    """A tier's backend failed to answer. The orchestrator maps it to a miss (load) or a drop (save)."""
+
+    def __init__(self, tier: str, op: str, cause: BaseException | str):
+        self.tier, self.op, self.cause = tier, op, cause
+        super().__init__(f"tier {tier!r} {op} failed: {cause}")
+
+
+MissReason = Literal["absent", "corrupt", "foreign", "unsupported"]
+
+
+@dataclass(frozen=True)
+class Hit:
+    key: ChunkKey
+    obj: fmt.ChunkObject
+
+
+@dataclass(frozen=True)
+class Miss:
+    key: ChunkKey
+    reason: MissReason = "absent"
+    detail: str = ""
+
+
+Fetch = Hit | Miss
+
+
+@dataclass(frozen=True)
+class Evicted:
+    """A chunk a capacity-bound tier pushed out; ``data`` is there when the tier still had it in memory."""
+
+    key: ChunkKey
+    data: bytes | None
+
+
+@dataclass(frozen=True)
+class PutResult:
+    stored: int
+    evicted: tuple[Evicted, ...] = ()
+
+
+class TierSettings(BaseSettings):
+    """Base of every tier's settings: frozen, and ``KVSTRATA_<KIND>_*`` variables beat the YAML file."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # An operator's environment (endpoints, credentials) overrides the file.
+        return env_settings, init_settings, file_secret_settings
+
+
+class Tier(abc.ABC):
+    """A place KV objects live. See the module docstring for the contract."""
+
+    kind: ClassVar[str]
+    settings_class: ClassVar[type[TierSettings]]
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @classmethod
+    def from_settings(cls, name: str, settings: TierSettings) -> Tier:
+        """The uniform constructor the registry uses."""
+        return cls(name, settings)  # type: ignore[call-arg]
+
+    @abc.abstractmethod
+    async def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Whether each key is stored (a cheap check; a later get may still miss)."""
+
+    @abc.abstractmethod
+    async def get(self, keys: Sequence[ChunkKey], layers: range | None = None) -> list[Fetch]:
+        """Fetch and verify each object, only ``layers`` of it if given (all layers if None)."""
+
+    @abc.abstractmethod
+    async def put(self, items: Sequence[tuple[ChunkKey, bytes]]) -> PutResult:
+        """Store encoded objects, replacing any object under the same key."""
+
+    @abc.abstractmethod
+    async def delete(self, keys: Sequence[ChunkKey]) -> None:
+        """Remove objects; absent keys are ignored."""
+
+    async def close(self) -> None:
+        """Release connections and files. The tier is unusable afterwards."""
+
+
+# -- ranged reading, shared by every tier -----------------------------------
+
+
+@dataclass(frozen=True)
+class ReadRequest:
+    """Bytes ``[start, end)`` of the object under ``key``; ``end=None`` means to its end."""
+
+    key: ChunkKey
+    start: int = 0
+    end: int | None = None
+
+
+class RangedTier(Tier):
+    """A tier that can read byte ranges of stored objects.
+
+    Subclasses implement :meth:`_read` (batched ranged reads, ``None`` for an
+    absent object) and the write side; this class turns that into verified
+    whole-object and layer-range gets. A layer-range get costs one ranged read
+    when the header is cached (headers are small and immutable per key), two
+    otherwise: one to learn where the layers are, one for exactly those bytes.
+    """
+
+    header_cache_entries: ClassVar[int] = 65536
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self._headers: OrderedDict[ChunkKey, fmt.Header] = OrderedDict()
+        self._headers_lock = threading.Lock()
+
+    @abc.abstractmethod
+    async def _read(self, requests: Sequence[ReadRequest]) -> list[bytes | memoryview | None]:
+        """Read byte ranges; ``None`` for an absent object. Raise TierError on backend failure.
+
+        A range may extend past the object's end; the result is then shorter.
+        """
+
+    def _on_hits(self, keys: Sequence[ChunkKey]) -> None:
+        """Called once per get with the keys it served; capacity-owning tiers update recency."""
+
+    async def get(self, keys: Sequence[ChunkKey], layers: range | None = None) -> list[Fetch]:
+        results = await self._get(keys, layers)
+        self._on_hits([r.key for r in results if isinstance(r, Hit)])
+        return results
+
+    async def _get(self, keys: Sequence[ChunkKey], layers: range | None) -> list[Fetch]:
+        if layers is None:
+            blobs = await self._read([ReadRequest(k) for k in keys])
+            return [_verify(k, lambda b=b: fmt.decode(b), b) for k, b in zip(keys, blobs)]
+        headers = await self._headers_for(keys)
+        wanted = [k for k in keys if isinstance(headers[k], fmt.Header)]
+        ranges = [headers[k].byte_range(layers) for k in wanted]  # type: ignore[union-attr]
+        blobs = await self._read([ReadRequest(k, lo, hi) for k, (lo, hi) in zip(wanted, ranges)])
+        bodies = {k: (b, lo) for k, b, (lo, _) in zip(wanted, blobs, ranges)}
+        results: list[Fetch] = []
+        for key in keys:
+            header = headers[key]
+            if not isinstance(header, fmt.Header):
+                results.append(header)
+                continue
+            blob, lo = bodies[key]
+            if blob is None:  # deleted between the two reads
+                self._forget(key)
+                results.append(Miss(key))
+            else:
+                results.append(
+                    _verify(key, lambda h=header, b=blob, s=lo: fmt.read_layers(h, b, s, layers), blob)
+                )
+        return results
+
+    async def _headers_for(self, keys: Sequence[ChunkKey]) -> dict[ChunkKey, fmt.Header | Miss]:
+        found: dict[ChunkKey, fmt.Header | Miss] = {}
+        with self._headers_lock:
+            for key in keys:
+                if key in self._headers:
+                    self._headers.move_to_end(key)
+                    found[key] = self._headers[key]
+        missing = [k for k in keys if k not in found]
+        probes = await self._read([ReadRequest(k, 0, fmt.HEADER_PROBE_BYTES) for k in missing])
+        long_headers: list[ChunkKey] = []
+        for key, probe in zip(missing, probes):
+            if probe is None:
+                found[key] = Miss(key)
+                continue
+            try:
+                if fmt.header_length(probe) > len(probe):
+                    long_headers.append(key)
+                    continue
+            except fmt.FormatError as exc:
+                found[key] = _miss_for(key, exc)
+                continue
+            found[key] = self._parse_header(key, probe)
+        if long_headers:
+            blobs = await self._read([ReadRequest(k, 0, fmt.MAX_HEADER_BYTES) for k in long_headers])
+            for key, blob in zip(long_headers, blobs):
+                found[key] = Miss(key) if blob is None else self._parse_header(key, blob)
+        return found
+
+    def _parse_header(self, key: ChunkKey, blob: bytes | memoryview) -> fmt.Header | Miss:
+        try:
+            header = fmt.decode_header(blob)
+        except fmt.FormatError as exc:
+            return _miss_for(key, exc)
+        if header.meta.key != key.digest:
+            return Miss(key, "foreign", "object names another chunk key")
+        with self._headers_lock:
+            self._headers[key] = header
+            while len(self._headers) > self.header_cache_entries:
+                self._headers.popitem(last=False)
+        return header
+
+    def _forget(self, key: ChunkKey) -> None:
+        with self._headers_lock:
+            self._headers.pop(key, None)
+
+    def _forget_all(self, keys: Sequence[ChunkKey]) -> None:
+        for key in keys:
+            self._forget(key)
+
+
+def _miss_for(key: ChunkKey, exc: fmt.FormatError) -> Miss:
+    reason: MissReason = "unsupported" if "version" in str(exc) else "corrupt"
+    return Miss(key, reason, str(exc))
+
+
+def _verify(
+    key: ChunkKey, decode: Callable[[], fmt.ChunkObject], blob: bytes | memoryview | None
+) -> Fetch:
+    if blob is None:
+        return Miss(key)
+    try:
+        obj = decode()
+    except fmt.FormatError as exc:
+        return _miss_for(key, exc)
+    if obj.meta.key != key.digest:
+        return Miss(key, "foreign", "object names another chunk key")
+    return Hit(key, obj)
+
+
+# -- registry ---------------------------------------------------------------
+
+_REGISTRY: dict[str, type[Tier]] = {}
+
+
+def register(cls: type[Tier]) -> type[Tier]:
+    """Class decorator: make a tier constructible by its ``kind``."""
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+def tier_class(kind: str) -> type[Tier]:
+    if kind not in _REGISTRY:
+        _import_builtin(kind)
+    try:
+        return _REGISTRY[kind]
+    except KeyError:
+        raise ValueError(f"unknown tier kind {kind!r} (known: {sorted(_known_kinds())})") from None
+
+
+def create_tier(kind: str, name: str | None = None, **settings: object) -> Tier:
+    """Build a tier from its kind and settings (environment variables override ``settings``)."""
+    cls = tier_class(kind)
+    return cls.from_settings(name or kind, cls.settings_class(**settings))
+
+
+BUILTIN_KINDS = {"memory": "memory", "disk": "disk", "redis": "redis", "s3": "s3"}
+
+
+def _known_kinds() -> set[str]:
+    return set(_REGISTRY) | set(BUILTIN_KINDS)
+
+
+def _import_builtin(kind: str) -> None:
+    # Built-in tiers import lazily, so a missing optional client library
+    # (redis, obstore) only matters to whoever uses that tier.
+    if kind in BUILTIN_KINDS:
+        import importlib
+
+        importlib.import_module(f"kvstrata.tiers.{BUILTIN_KINDS[kind]}")

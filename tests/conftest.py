@@ -1,0 +1,111 @@
+"""Shared fixtures: real servers (Redis, SeaweedFS S3) started once per test session.
+
+The servers are started by kvstrata's own launcher on 127.0.0.1 and free
+ports, and stopped at the end of the session; nothing else is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvstrata import format as fmt
+from kvstrata.keys import ChunkKey, Namespace, chunk_keys
+from kvstrata.testing import services as svc
+from kvstrata.tiers.base import Tier, create_tier
+
+TIER_KINDS = ["memory", "disk", "redis", "s3-obstore", "s3-aioboto3"]
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("services")
+
+
+@pytest.fixture(scope="session")
+def redis_server(state_dir: Path):
+    server = svc.start_redis(state_dir / "redis")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(state_dir: Path):
+    server = svc.start_seaweedfs(state_dir / "s3")
+    yield server
+    server.stop()
+
+
+def s3_settings(server, transport: str = "obstore", **extra) -> dict:
+    return dict(
+        endpoint=server.endpoint,
+        bucket=server.bucket,
+        access_key_id=server.access_key,
+        secret_access_key=server.secret_key,
+        region=svc.REGION,
+        transport=transport,
+        **extra,
+    )
+
+
+def unique() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+async def make_tier(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Callable[..., Tier]]:
+    """Build a fresh, isolated tier of a kind (own key prefix / directory); closed after the test."""
+    made: list[Tier] = []
+
+    def build(kind: str, **settings) -> Tier:
+        if kind == "memory":
+            tier = create_tier("memory", **settings)
+        elif kind == "disk":
+            tier = create_tier("disk", path=settings.pop("path", tmp_path / f"disk-{unique()}"), **settings)
+        elif kind == "redis":
+            url = request.getfixturevalue("redis_server").url
+            tier = create_tier("redis", url=url, key_prefix=f"t-{unique()}:", **settings)
+        elif kind.startswith("s3-"):
+            server = request.getfixturevalue("s3_server")
+            tier = create_tier(
+                "s3", name=kind, **s3_settings(server, kind[3:], prefix=f"t-{unique()}/", **settings)
+            )
+        else:
+            raise ValueError(kind)
+        made.append(tier)
+        return tier
+
+    yield build
+    for tier in made:
+        await tier.close()
+
+
+@pytest.fixture(params=TIER_KINDS)
+def tier(request: pytest.FixtureRequest, make_tier) -> Tier:
+    return make_tier(request.param)
+
+
+# -- objects ----------------------------------------------------------------
+
+NAMESPACE = Namespace("test-model", "float32")
+
+
+def make_object(
+    key: ChunkKey, n_layers: int = 5, section_bytes: int = 1000, seed: int = 0, ragged: bool = True
+) -> tuple[bytes, list[bytes]]:
+    """A valid encoded object with random sections (ragged sizes unless told otherwise)."""
+    rng = np.random.default_rng(seed)
+    sizes = [section_bytes + (int(rng.integers(0, 64)) if ragged else 0) for _ in range(n_layers)]
+    sections = [rng.bytes(s) for s in sizes]
+    meta = fmt.ObjectMeta("none", "float32", 16, 2, 8, NAMESPACE.fingerprint, key.digest)
+    return fmt.encode(meta, sections), sections
+
+
+def make_keys(n: int, seed: int | None = None) -> list[ChunkKey]:
+    rng = np.random.default_rng(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+    return chunk_keys(rng.integers(0, 50000, size=16 * n), NAMESPACE, 16)
