@@ -13,8 +13,10 @@ from rich.table import Table
 
 from kvstrata import __version__
 from kvstrata import format as fmt
+from kvstrata.cli_policy import policy_app
 
 app = typer.Typer(help="kvstrata: a unified multi-tier KV cache for LLM serving.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
 console = Console()
 
 

@@ -1,0 +1,542 @@
+"""Configuration: one YAML file in, a frozen, typed :class:`StrataConfig` out.
+
+Loading runs three passes; the first pass that finds problems raises one
+:class:`ConfigError` listing all of that pass's problems, sorted by line,
+each as ``file:line: field.path: message``:
+
+1. YAML: syntax and duplicate keys (PyYAML's safe composer; plain scalars only).
+2. Shape: the sections' pydantic models and each tier's own settings class
+   (``tier_class(kind).settings_class``), which also reads ``KVSTRATA_<KIND>_<FIELD>``
+   environment variables -- they override the file.
+3. Meaning (:func:`kvstrata.policy.engine.compile_policy`): tier names in
+   routes, route consistency, duplicate, overlapping and unreachable rules.
+
+The value of a secret (a ``SecretStr`` field of a tier's settings) never
+appears in a message: YAML problems are reported without the source text,
+errors about secret fields name the field only, and every message is
+scrubbed of the file's secret values before it is raised.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Annotated, Any
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import field_validator, model_validator
+
+from kvstrata.policy.engine import FieldPath, Policy, PolicySpec, compile_policy
+from kvstrata.tiers.base import BUILTIN_KINDS, TierSettings, tier_class
+
+# -- errors -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a file: 1-based ``line`` (0: none), dotted ``path`` ('' for the whole file)."""
+
+    line: int
+    path: str
+    message: str
+
+    def format(self, source: str) -> str:
+        where = f"{source}:{self.line}" if self.line > 0 else source
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration file. ``str()`` is one ``file:line: path: message`` line per problem."""
+
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source = source
+        self.problems = tuple(sorted(problems, key=lambda p: p.line))
+        super().__init__("\n".join(p.format(source) for p in self.problems))
+
+
+# -- the configuration ----------------------------------------------------------
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CostPrior(_Frozen):
+    """What the cost model assumes about a tier until it has measured it."""
+
+    latency_ms: float = Field(gt=0)
+    bandwidth_mbps: float = Field(gt=0)
+
+
+DEFAULT_COST: Mapping[str, CostPrior] = MappingProxyType({
+    "memory": CostPrior(latency_ms=0.02, bandwidth_mbps=20000),
+    "disk": CostPrior(latency_ms=0.3, bandwidth_mbps=1500),
+    "redis": CostPrior(latency_ms=0.5, bandwidth_mbps=800),
+    "s3": CostPrior(latency_ms=15, bandwidth_mbps=250),
+})
+UNKNOWN_KIND_COST = CostPrior(latency_ms=5, bandwidth_mbps=200)
+DEFAULT_TIMEOUT_MS: Mapping[str, float] = MappingProxyType(
+    {"memory": 1000, "disk": 2000, "redis": 2000, "s3": 5000}
+)
+UNKNOWN_KIND_TIMEOUT_MS = 5000.0
+
+
+class TierSpec(_Frozen):
+    """A named tier: its kind, validated settings, cost prior and per-operation timeout."""
+
+    name: str
+    kind: str
+    settings: TierSettings
+    cost: CostPrior
+    timeout_ms: float = Field(gt=0)
+
+
+class EngineConfig(_Frozen):
+    prefill_tokens_per_s: float = Field(150.0, gt=0, description="prior for recompute cost; learned later")
+
+
+class BreakerConfig(_Frozen):
+    failures: int = Field(3, ge=1)
+    cooldown_s: float = Field(10.0, gt=0)
+
+
+class OrchestratorConfig(_Frozen):
+    save_queue_chunks: int = Field(256, ge=1)
+    breaker: BreakerConfig = BreakerConfig()
+    default_budget_ms: float = Field(2000.0, gt=0)
+
+
+class ReuseConfig(_Frozen):
+    half_life_s: float = Field(600.0, gt=0)
+    sketch_width: int = Field(65536, ge=1)
+    sketch_depth: int = Field(4, ge=1, le=8)
+
+
+class StrataConfig(_Frozen):
+    """A whole, validated configuration. ``path`` is the file it came from (None: a string)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    path: Path | None = None
+    version: int = 1
+    chunk_tokens: int
+    tiers: Mapping[str, TierSpec]
+    engine: EngineConfig = EngineConfig()
+    orchestrator: OrchestratorConfig = OrchestratorConfig()
+    reuse: ReuseConfig = ReuseConfig()
+    policy: Policy
+
+    @field_validator("tiers", mode="after")
+    @classmethod
+    def _freeze_tiers(cls, tiers: Mapping[str, TierSpec]) -> Mapping[str, TierSpec]:
+        return MappingProxyType(dict(tiers))
+
+
+# -- the file's shape (pass 2); the policy section's is in kvstrata.policy.engine --
+
+
+def _tier_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise ValueError("invalid tier name: use letters, digits, '_', '.' and '-'")
+    return name
+
+
+class _FileSpec(_Frozen):
+    version: int
+    chunk_tokens: int = Field(256, gt=0)
+    tiers: dict[Annotated[str, AfterValidator(_tier_name)], dict[str, Any]]
+    engine: EngineConfig = EngineConfig()
+    orchestrator: OrchestratorConfig = OrchestratorConfig()
+    reuse: ReuseConfig = ReuseConfig()
+    policy: PolicySpec = PolicySpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        # `engine:` with nothing under it means "all defaults", as an operator would expect;
+        # top-level `x-...` keys are free space for YAML anchors (as in docker compose)
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items()
+                    if not (v is None and k in _SECTIONS) and not str(k).startswith("x-")}
+        return data
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, version: int) -> int:
+        if version != 1:
+            raise ValueError(f"unsupported version {version} (this kvstrata reads version 1)")
+        return version
+
+    @field_validator("chunk_tokens")
+    @classmethod
+    def _chunk(cls, chunk: int) -> int:
+        if chunk % 16:
+            raise ValueError(f"must be a positive multiple of 16 (got {chunk})")
+        return chunk
+
+    @field_validator("tiers")
+    @classmethod
+    def _some_tiers(cls, tiers: dict) -> dict:
+        if not tiers:
+            raise ValueError("define at least one tier")
+        return tiers
+
+
+_SECTIONS = ("engine", "orchestrator", "reuse", "policy")
+
+# -- public API -------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str]) -> StrataConfig:
+    """Load and validate the YAML file at ``path``; ConfigError if it cannot be read or is invalid."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [Problem(0, "", f"cannot read: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), [Problem(0, "", "cannot read: not UTF-8 text")]) from None
+    return _parse(text, str(path), Path(path))
+
+
+def parse_config(text: str, source: str = "<string>") -> StrataConfig:
+    """Validate YAML ``text``; ``source`` names it in error messages."""
+    return _parse(text, source, None)
+
+
+def default_config() -> StrataConfig:
+    """The embedded default: a DRAM tier and a local-disk tier, no servers (``presets/default.yaml``)."""
+    preset = resources.files("kvstrata").joinpath("presets/default.yaml")
+    return _parse(preset.read_text(encoding="utf-8"), "kvstrata/presets/default.yaml", None)
+
+
+def _parse(text: str, source: str, path: Path | None) -> StrataConfig:
+    data, lines = _read_yaml(text, source)
+    report = _Report(source, lines)
+    spec = report.validate(_FileSpec, data)
+    tiers = {name: _tier(name, raw, report) for name, raw in _raw_tiers(data).items()}
+    report.raise_if_any()  # so spec and every tier are valid from here on
+    policy = compile_policy(spec.policy, tiers, spec.orchestrator.default_budget_ms, report)
+    report.raise_if_any()
+    return StrataConfig(
+        path=path, version=spec.version, chunk_tokens=spec.chunk_tokens, tiers=tiers, engine=spec.engine,
+        orchestrator=spec.orchestrator, reuse=spec.reuse, policy=policy,
+    )
+
+
+# -- pass 1: YAML -------------------------------------------------------------------
+
+
+def _read_yaml(text: str, source: str) -> tuple[Any, dict[FieldPath, int]]:
+    """The document as plain data, and the 1-based line of every field path in it."""
+    lines: dict[FieldPath, int] = {}
+    problems: list[Problem] = []
+    try:
+        data = _compose(text, lines, problems)
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError(source, [_yaml_problem(exc)]) from None
+    except yaml.reader.ReaderError as exc:  # a control character: no mark, a position
+        line = text[: exc.position].count("\n") + 1
+        raise ConfigError(source, [Problem(line, "", f"invalid YAML: {exc.reason}")]) from None
+    if problems:
+        raise ConfigError(source, problems)
+    if not isinstance(data, dict):
+        found = "nothing" if data is None else f"a {type(data).__name__}"
+        raise ConfigError(source, [Problem(1, "", f"expected a mapping of sections (version, tiers, ...), "
+                                                  f"found {found}")])
+    return data, lines
+
+
+def _compose(text: str, lines: dict[FieldPath, int], problems: list[Problem]) -> Any:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        return None if node is None else _plain(loader, node, (), lines, problems)
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(exc: yaml.MarkedYAMLError) -> Problem:
+    """PyYAML's own words and marks, never its snippet of the source (it may hold a secret)."""
+    mark = exc.problem_mark or exc.context_mark
+    where = f" (column {mark.column + 1})" if mark else ""
+    if exc.context and exc.context_mark and exc.problem_mark:
+        where += f"; {exc.context} at line {exc.context_mark.line + 1}"
+    return Problem(mark.line + 1 if mark else 1, "", f"invalid YAML: {exc.problem}{where}")
+
+
+_MAX_VALUES = 100_000
+_PLAIN_TAGS = {yaml.MappingNode: "tag:yaml.org,2002:map", yaml.SequenceNode: "tag:yaml.org,2002:seq"}
+
+
+def _plain(loader: yaml.SafeLoader, node: yaml.Node, path: FieldPath, lines: dict, problems: list) -> Any:
+    lines.setdefault(path, node.start_mark.line + 1)
+    if len(lines) > _MAX_VALUES:  # aliases of aliases can expand exponentially
+        raise yaml.MarkedYAMLError(problem=f"the document expands to over {_MAX_VALUES} values",
+                                   problem_mark=node.start_mark)
+    if type(node) in _PLAIN_TAGS and node.tag != _PLAIN_TAGS[type(node)]:
+        raise yaml.MarkedYAMLError(problem=f"unsupported tag {node.tag!r}", problem_mark=node.start_mark)
+    if isinstance(node, yaml.SequenceNode):
+        return [_plain(loader, item, (*path, i), lines, problems) for i, item in enumerate(node.value)]
+    if not isinstance(node, yaml.MappingNode):
+        return loader.construct_object(node, deep=True)
+    _find_duplicates(loader, node, path, problems)
+    loader.flatten_mapping(node)  # resolve `<<: *anchor` merges; later keys win
+    out = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str | int | float | bool):
+            raise yaml.MarkedYAMLError(problem="a key must be a plain scalar",
+                                       problem_mark=key_node.start_mark)
+        lines[(*path, key)] = key_node.start_mark.line + 1
+        out[key] = _plain(loader, value_node, (*path, key), lines, problems)
+    return out
+
+
+def _find_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, path: FieldPath,
+                     problems: list[Problem]) -> None:
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key = loader.construct_object(key_node)
+        line = key_node.start_mark.line + 1
+        if key in first:
+            message = f"duplicate key {key!r} (first at line {first[key]})"
+            problems.append(Problem(line, format_path((*path, key)), message))
+        first.setdefault(key, line)
+
+
+def format_path(path: FieldPath) -> str:
+    """``('policy', 'rules', 1, 'route')`` -> ``policy.rules[1].route``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int) and not isinstance(part, bool):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+# -- pass 2: shape ------------------------------------------------------------------
+
+
+class _Report:
+    """Collects problems, placing each field path on the line it came from."""
+
+    def __init__(self, source: str, lines: dict[FieldPath, int]):
+        self.source, self.lines = source, lines
+        self.problems: list[Problem] = []
+        self.secrets: set[str] = set()
+
+    def line(self, path: FieldPath) -> int:
+        """The line of ``path``, or of its nearest ancestor in the file (missing keys, env values)."""
+        while path and path not in self.lines:
+            path = path[:-1]
+        return self.lines.get(path, 1)
+
+    def add(self, path: FieldPath, message: str) -> None:
+        self.problems.append(Problem(self.line(path), format_path(path), message))
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            raise ConfigError(self.source, [_scrub(p, self.secrets) for p in self.problems])
+
+    def validate(self, model: type[BaseModel], data: Any) -> Any:
+        """``model`` validated from ``data``, or None with its errors reported."""
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            self.pydantic(exc, (), lambda loc: _fields_at(model, loc))
+            return None
+
+    def pydantic(self, exc: ValidationError, prefix: FieldPath, keys_at, secret=lambda loc: False,
+                 env=lambda loc: "") -> None:
+        """Report each error of ``exc`` at ``prefix + loc``; ``keys_at(loc)`` lists valid keys there."""
+        for err in exc.errors(include_url=False):
+            loc = tuple(p for p in err["loc"] if p != "[key]")
+            message = _message(err, keys_at(loc[:-1]), secret(loc))
+            if "[key]" in err["loc"] and err["type"] != "value_error":
+                message = f"invalid key: {message}"
+            self.add((*prefix, *loc), message + env(loc))
+
+
+def _message(err: Mapping[str, Any], valid_keys: list[str], secret: bool) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return _unknown_key(str(err["loc"][-1]), valid_keys)
+    if kind == "missing":
+        return "required key missing"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    msg = msg[:1].lower() + msg[1:]
+    value = err.get("input")
+    if not secret and kind != "value_error" and isinstance(value, str | int | float):
+        msg += f" (got {value!r})"
+    return msg
+
+
+def _unknown_key(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key {key!r} (did you mean {close[0]!r}?)"
+    return f"unknown key {key!r} (valid: {', '.join(valid)})" if valid else f"unknown key {key!r}"
+
+
+def _fields_at(model: Any, loc: FieldPath) -> list[str]:
+    """The field names of the model found by following ``loc`` down from ``model`` ([] if none)."""
+    tp = model
+    for part in loc:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return []
+            tp = field.annotation
+        elif typing.get_origin(tp) in (list, dict):
+            tp = typing.get_args(tp)[-1]
+        else:
+            return []
+    tp = _unwrap(tp)
+    return list(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
+
+
+def _unwrap(tp: Any) -> Any:
+    """``X | None`` and ``Annotated[X, ...]`` -> ``X``."""
+    while True:
+        if typing.get_origin(tp) is Annotated:
+            tp = typing.get_args(tp)[0]
+            continue
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, type(int | None)) and len(args) == 1:
+            tp = args[0]
+            continue
+        return tp
+
+
+def _scrub(problem: Problem, secrets: set[str]) -> Problem:
+    message = problem.message
+    for secret in secrets:
+        message = message.replace(secret, "***")
+    return Problem(problem.line, problem.path, message)
+
+
+def _raw_tiers(data: dict) -> dict[str, dict]:
+    """The tier entries that are worth validating (the section's shape is reported by _FileSpec)."""
+    tiers = data.get("tiers")
+    if not isinstance(tiers, dict):
+        return {}
+    return {k: v for k, v in tiers.items() if isinstance(k, str) and isinstance(v, dict)}
+
+
+_TIER_KEYS = ["kind", "cost", "timeout_ms"]
+
+
+def _tier(name: str, raw: dict, report: _Report) -> TierSpec | None:
+    """One tier entry: ``kind``, ``cost`` and ``timeout_ms`` are ours, the rest its settings class's."""
+    at: FieldPath = ("tiers", name)
+    raw = dict(raw)
+    kind = raw.pop("kind", None)
+    if not isinstance(kind, str):
+        report.add((*at, "kind"), "required key missing" if kind is None else
+                   f"input should be a valid string (got {kind!r})")
+        return None
+    try:
+        settings_class = tier_class(kind).settings_class
+    except ValueError:
+        report.add((*at, "kind"), f"unknown tier kind {kind!r} (known: {', '.join(sorted(BUILTIN_KINDS))})")
+        return None
+    except ImportError as exc:
+        report.add((*at, "kind"), f"tier kind {kind!r} cannot be loaded: {exc}")
+        return None
+    cost = _cost(kind, raw.pop("cost", {}), (*at, "cost"), report)
+    timeout = _timeout(kind, raw.pop("timeout_ms", None), (*at, "timeout_ms"), report)
+    settings = _settings(settings_class, raw, at, report)
+    if cost is None or timeout is None or settings is None:
+        return None
+    return TierSpec(name=name, kind=kind, settings=settings, cost=cost, timeout_ms=timeout)
+
+
+def _cost(kind: str, raw: Any, at: FieldPath, report: _Report) -> CostPrior | None:
+    prior = DEFAULT_COST.get(kind, UNKNOWN_KIND_COST)
+    if not isinstance(raw, dict):
+        report.add(at, f"must be a mapping like {{latency_ms: 0.5, bandwidth_mbps: 800}} (got {raw!r})")
+        return None
+    try:
+        return CostPrior.model_validate({**prior.model_dump(), **raw})
+    except ValidationError as exc:
+        report.pydantic(exc, at, lambda loc: list(CostPrior.model_fields))
+        return None
+
+
+class _Timeout(_Frozen):
+    timeout_ms: float = Field(gt=0)
+
+
+def _timeout(kind: str, raw: Any, at: FieldPath, report: _Report) -> float | None:
+    if raw is None:
+        return DEFAULT_TIMEOUT_MS.get(kind, UNKNOWN_KIND_TIMEOUT_MS)
+    try:
+        return _Timeout(timeout_ms=raw).timeout_ms
+    except ValidationError as exc:
+        report.pydantic(exc, at[:-1], lambda loc: [])
+        return None
+
+
+def _settings(cls: type[TierSettings], raw: dict, at: FieldPath, report: _Report) -> TierSettings | None:
+    """``cls(**raw)`` with sizes parsed; errors reported per field, secrets never shown."""
+    secrets = {n for n, f in cls.model_fields.items() if _is_secret(f.annotation)}
+    report.secrets |= {str(v) for k, v in raw.items()
+                       if k in secrets and isinstance(v, str | int | float) and len(str(v)) >= 3}
+    ok = True
+    for key, value in list(raw.items()):
+        if not isinstance(key, str):
+            report.add((*at, key), "invalid key: must be a string")
+            ok = False
+        elif key.endswith("_bytes") and isinstance(value, str):
+            try:
+                raw[key] = parse_bytes(value)
+            except ValueError as exc:
+                report.add((*at, key), str(exc))
+                ok = False
+    if not ok:
+        return None
+    try:
+        return cls(**raw)
+    except ValidationError as exc:
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        report.pydantic(exc, at, lambda loc: [*_TIER_KEYS, *cls.model_fields],
+                        secret=lambda loc: bool(loc) and loc[0] in secrets,
+                        env=lambda loc: _from_env(prefix, loc))
+        return None
+
+
+def _is_secret(annotation: Any) -> bool:
+    return annotation is SecretStr or SecretStr in typing.get_args(annotation)
+
+
+def _from_env(prefix: str, loc: FieldPath) -> str:
+    if not prefix or not loc:
+        return ""
+    name = f"{prefix}{loc[0]}".upper()
+    return f" (from environment variable {name})" if name in os.environ else ""
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20,
+          "gb": 10**9, "gib": 2**30, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"4GiB"`` -> 4294967296; ``"1.5 KB"`` -> 1500. ValueError naming the accepted units otherwise."""
+    found = _SIZE.match(text)
+    if not found:
+        raise ValueError(f"invalid size {text!r}: use bytes or a number with a unit "
+                         "(B, KB, KiB, MB, MiB, GB, GiB, TB, TiB)")
+    return round(float(found[1]) * _UNITS[(found[2] or "").lower()])
