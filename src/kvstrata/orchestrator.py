@@ -24,11 +24,12 @@ on the process's background loop (:mod:`kvstrata.runtime`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,12 +41,18 @@ from kvstrata.compression.base import Codec, CodecError, codec_from_header
 from kvstrata.keys import ChunkKey, chunk_keys
 from kvstrata.plan import LoadHandle, ModelSpec, Plan, PlannedChunk
 from kvstrata.policy.cost import CostModel
+from kvstrata.policy.engine import DEFAULT_RULE
 from kvstrata.policy.reuse import ReuseEstimator
 from kvstrata.policy.route import RequestContext, Route
 from kvstrata.telemetry import ENGINE, RECOMPUTE, Telemetry
 from kvstrata.tiers.base import Hit, Tier, TierError, tier_class
 
 log = logging.getLogger(__name__)
+
+KV = np.ndarray | Callable[[], np.ndarray]
+
+_SHARED: dict = {}
+_SHARED_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -54,9 +61,8 @@ class _SaveItem:
     tenant: str
     logical_key: ChunkKey
     keys: Mapping[str, ChunkKey]  # codec -> key of this chunk
-    kv: np.ndarray  # [n_layers, 2, chunk_tokens, kv_heads, head_dim]
+    kv: KV  # [n_layers, 2, chunk_tokens, kv_heads, head_dim], or a callable producing it
     tiers: tuple[str, ...]
-    kind: str = "save"  # or "promote"
 
 
 class Orchestrator:
@@ -84,14 +90,49 @@ class Orchestrator:
         self._queue: asyncio.Queue[_SaveItem] | None = None
         self._workers: list[asyncio.Task] = []
         self._idle = threading.Condition(self._pending_lock)
+        # reads measured here, for a cost model in another process (vLLM's scheduler)
+        self._observed: collections.deque[tuple[str, float, int]] = collections.deque(maxlen=1024)
         runtime.run(self._start(save_workers), timeout=30)
 
     async def _start(self, n: int) -> None:
         self._queue = asyncio.Queue()
         self._workers = [asyncio.create_task(self._save_worker()) for _ in range(n)]
 
+    @classmethod
+    def shared(cls, config, model: ModelSpec) -> Orchestrator:
+        """One orchestrator per (configuration, model) per process, shared by its users.
+
+        vLLM without multiprocessing puts its scheduler and worker roles in one
+        process: sharing the orchestrator gives them one DRAM pool, one reuse
+        sketch and one cost model. Each user calls :meth:`close` once; the last
+        close really closes.
+        """
+        key = (str(config.path) if config.path else config.model_dump_json(exclude={"policy"}), model)
+        with _SHARED_LOCK:
+            entry = _SHARED.get(key)
+            if entry is None:
+                entry = _SHARED[key] = [cls(config, model), 0]
+                entry[0]._shared_key = key
+            entry[1] += 1
+            return entry[0]
+
+    @property
+    def users(self) -> int:
+        """How many :meth:`shared` users hold this orchestrator (1 if not shared)."""
+        entry = _SHARED.get(getattr(self, "_shared_key", None))
+        return entry[1] if entry else 1
+
     def close(self, timeout: float = 30.0) -> None:
-        """Drain the save queue (up to ``timeout``), then close every tier."""
+        """Drain the save queue (up to ``timeout``), then close every tier (the last user only)."""
+        key = getattr(self, "_shared_key", None)
+        if key is not None:
+            with _SHARED_LOCK:
+                entry = _SHARED.get(key)
+                if entry is not None:
+                    entry[1] -= 1
+                    if entry[1] > 0:
+                        return
+                    del _SHARED[key]
         self.flush(timeout)
 
         async def stop() -> None:
@@ -107,10 +148,19 @@ class Orchestrator:
 
     # -- lookup ---------------------------------------------------------------
 
-    def lookup(self, tokens: Sequence[int] | np.ndarray, ctx: RequestContext, skip_tokens: int = 0) -> Plan:
-        """Plan the load of the longest worthwhile prefix beyond ``skip_tokens`` (what the engine holds)."""
+    def lookup(
+        self, tokens: Sequence[int] | np.ndarray, ctx: RequestContext, skip_tokens: int = 0,
+        limit_tokens: int | None = None,
+    ) -> Plan:
+        """Plan the load of the longest worthwhile prefix beyond ``skip_tokens`` (what the engine holds).
+
+        Keys cover every full chunk of ``tokens`` (saves use them); loads stop
+        at ``limit_tokens`` (an engine must compute at least the last token).
+        """
         try:
-            return runtime.run(self.alookup(tokens, ctx, skip_tokens), timeout=self._lookup_timeout())
+            return runtime.run(
+                self.alookup(tokens, ctx, skip_tokens, limit_tokens), timeout=self._lookup_timeout()
+            )
         except Exception as exc:  # a lookup can always fall back to recompute
             log.warning("lookup failed, recomputing: %s", exc)
             decision = self.policy.decide(ctx)
@@ -119,7 +169,9 @@ class Orchestrator:
     def _lookup_timeout(self) -> float:
         return max(self.timeouts.values(), default=1.0) * 2 + 1.0
 
-    async def alookup(self, tokens, ctx: RequestContext, skip_tokens: int = 0) -> Plan:
+    async def alookup(
+        self, tokens, ctx: RequestContext, skip_tokens: int = 0, limit_tokens: int | None = None
+    ) -> Plan:
         logical = chunk_keys(tokens, self.model.namespace(ctx.tenant), self.chunk_tokens)
         hint = _as_float(ctx.hints.get("reuse"))
         ctx = dataclasses.replace(ctx, context_tokens=len(tokens), reuse=self.reuse.predict(logical, hint))
@@ -130,11 +182,12 @@ class Orchestrator:
         for codec in {route.codec_for(t) for t in (*route.read, *route.write)} - {"none"}:
             keys[codec] = tuple(chunk_keys(tokens, self.model.namespace(ctx.tenant, codec), self.chunk_tokens))
         first = skip_tokens // self.chunk_tokens
+        last = len(logical) if limit_tokens is None else min(len(logical), limit_tokens // self.chunk_tokens)
         plan = Plan(ctx, decision, self.chunk_tokens, skip_tokens, keys, first_chunk=first)
         self.telemetry.served(ENGINE, skip_tokens)
-        if route.load == "never" or not route.read or first >= len(logical):
+        if route.load == "never" or not route.read or first >= last:
             return self._planned(plan, (), None, "route does not load" if route.load == "never" else "nothing to load")
-        found = await self._locate(route, keys, first, len(logical))
+        found = await self._locate(route, keys, first, last)
         budget = ctx.budget_ms if ctx.budget_ms is not None else self.config.orchestrator.default_budget_ms
         if route.load == "always":
             return self._planned(plan, found, None, "route always loads")
@@ -250,7 +303,9 @@ class Orchestrator:
                 handle.deliver(layer, chunk.index, array)
             nbytes += sum(len(result.obj.layers[i]) for i in layers)
         self.telemetry.moved_bytes(tier, "read", nbytes)
-        self.cost.observe_read(tier, time.perf_counter() - started, nbytes)
+        seconds = time.perf_counter() - started
+        self.cost.observe_read(tier, seconds, nbytes)
+        self._observed.append((tier, seconds, nbytes))
 
     def _decode(
         self, tier: str, tenant: str, chunk: PlannedChunk, result, layers: range
@@ -304,26 +359,65 @@ class Orchestrator:
             faster = tuple(t for t in route.read[: route.read.index(c.tier)] if t in route.write)
             kv = handle.chunk_kv(c.index) if faster else None
             if kv is not None:
-                self._enqueue(self._item(handle.plan, c.index, kv, faster, "promote"))
+                keys = {codec: ks[c.index] for codec, ks in handle.plan.keys.items()}
+                if "none" not in keys:  # a worker-side plan carries only the loaded chunks' keys
+                    continue
+                self.save_chunk(route, handle.plan.ctx.tenant, keys, kv, faster)
                 for dst in faster:
                     self.telemetry.moved("promote", c.tier, dst)
 
+    def drain_observations(self) -> list[tuple[str, float, int]]:
+        """Reads measured since the last call: ``(tier, seconds, bytes)``."""
+        out = []
+        while self._observed:
+            out.append(self._observed.popleft())
+        return out
+
     # -- save -----------------------------------------------------------------
 
-    def save(self, plan: Plan, chunk_index: int, kv: np.ndarray) -> bool:
-        """Queue one full chunk for the route's write tiers. Never blocks; False if dropped.
+    def save(self, plan: Plan, chunk_index: int, kv: KV, tiers: Sequence[str] | None = None) -> bool:
+        """Queue one full chunk for writing. Never blocks; False if nothing was queued.
 
-        ``kv`` is canonical: ``[n_layers, 2, chunk_tokens, kv_heads, head_dim]``
-        in the model's dtype. The caller must not modify it afterwards.
+        ``kv`` is canonical ``[n_layers, 2, chunk_tokens, kv_heads, head_dim]``
+        in the model's dtype, or a zero-argument callable returning it (run on
+        a worker thread, so a page copy can be converted off the engine's
+        critical path). The caller must not modify it afterwards. ``tiers``
+        defaults to the route's write tiers that admit the chunk
+        (:meth:`admitted`).
         """
-        route = plan.decision.route
-        if not route.write or chunk_index >= len(plan.logical_keys()):
+        if chunk_index >= len(plan.logical_keys()):
             return False
-        return self._enqueue(self._item(plan, chunk_index, kv, route.write, "save"))
+        tiers = self.admitted(plan, chunk_index) if tiers is None else tuple(tiers)
+        keys = {codec: ks[chunk_index] for codec, ks in plan.keys.items()}
+        return self.save_chunk(plan.decision.route, plan.ctx.tenant, keys, kv, tiers)
 
-    def _item(self, plan: Plan, index: int, kv: np.ndarray, tiers, kind: str) -> _SaveItem:
-        keys = {codec: ks[index] for codec, ks in plan.keys.items()}
-        return _SaveItem(plan.decision.route, plan.ctx.tenant, plan.logical_keys()[index], keys, kv, tiers, kind)
+    def save_chunk(
+        self, route: Route, tenant: str, keys: Mapping[str, ChunkKey], kv: KV, tiers: Sequence[str]
+    ) -> bool:
+        """:meth:`save` for callers that hold keys rather than a plan (a connector's worker side).
+
+        ``keys`` maps codec -> this chunk's key ("none" must be present);
+        ``tiers`` is the final write set (admission already applied).
+        """
+        if not tiers:
+            return False
+        return self._enqueue(_SaveItem(route, tenant, keys["none"], dict(keys), kv, tuple(tiers)))
+
+    def admitted(self, plan: Plan, chunk_index: int) -> tuple[str, ...]:
+        """The route's write tiers whose admission rule accepts this chunk now (rejections counted)."""
+        route = plan.decision.route
+        count = self.reuse.count(plan.logical_keys()[chunk_index])
+        admitted = []
+        for tier in route.write:
+            if count < route.admission.get(tier, 0):
+                self.telemetry.dropped("admission")
+            else:
+                admitted.append(tier)
+        return tuple(admitted)
+
+    def route(self, rule: str) -> Route:
+        """The route of a rule by name ("default" included): how a worker rebuilds a plan."""
+        return self.policy.default if rule == DEFAULT_RULE else self.policy.rule(rule).route
 
     def _enqueue(self, item: _SaveItem) -> bool:
         with self._pending_lock:
@@ -355,28 +449,26 @@ class Orchestrator:
 
     async def _write(self, item: _SaveItem) -> None:
         route = item.route
-        admitted = []
-        for tier in item.tiers:
-            need = route.admission.get(tier, 0)
-            if need and self.reuse.count(item.logical_key) < need:
-                self.telemetry.dropped("admission")
-            else:
-                admitted.append(tier)
+        kv = item.kv
+        if callable(kv):
+            kv = await asyncio.to_thread(kv)
         encoded: dict[str, bytes] = {}
-        for tier in admitted:
+        for tier in item.tiers:
             codec_id = route.codec_for(tier)
             if codec_id not in encoded:
-                encoded[codec_id] = await asyncio.to_thread(self._encode, item, codec_id)
-        await asyncio.gather(*(self._put(t, item, encoded[route.codec_for(t)]) for t in admitted))
+                encoded[codec_id] = await asyncio.to_thread(self._encode, item, kv, codec_id)
+        await asyncio.gather(*(self._put(t, item, encoded[route.codec_for(t)]) for t in item.tiers))
 
-    def _encode(self, item: _SaveItem, codec_id: str) -> bytes:
+    def _encode(self, item: _SaveItem, kv: np.ndarray, codec_id: str) -> bytes:
         codec = self._codec(codec_id, {})
         key = item.keys[codec_id]
         meta = fmt.ObjectMeta(
             codec_id, self.model.dtype, self.chunk_tokens, self.model.kv_heads, self.model.head_dim,
             self.model.namespace(item.tenant, codec_id).fingerprint, key.digest, dict(codec.params),
         )
-        return fmt.encode(meta, [codec.encode(item.kv[layer]) for layer in range(self.model.n_layers)])
+        if kv.shape != (self.model.n_layers, *self.geometry.shape):
+            raise ValueError(f"chunk KV shaped {kv.shape}, expected {(self.model.n_layers, *self.geometry.shape)}")
+        return fmt.encode(meta, [codec.encode(kv[layer]) for layer in range(self.model.n_layers)])
 
     async def _put(self, tier: str, item: _SaveItem, blob: bytes) -> None:
         key = item.keys[item.route.codec_for(tier)]
@@ -407,3 +499,16 @@ def _as_float(text: str | None) -> float | None:
         return None if text is None else float(text)
     except ValueError:
         return None
+
+
+def flush_shared(timeout: float = 60.0) -> bool:
+    """Wait until every shared orchestrator of this process has written its queued saves."""
+    with _SHARED_LOCK:
+        orchestrators = [entry[0] for entry in _SHARED.values()]
+    return all(o.flush(timeout) for o in orchestrators)
+
+
+def shared_orchestrators() -> list[Orchestrator]:
+    """The process's shared orchestrators (what a vLLM engine in this process uses)."""
+    with _SHARED_LOCK:
+        return [entry[0] for entry in _SHARED.values()]

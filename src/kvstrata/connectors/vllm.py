@@ -1,0 +1,205 @@
+"""StrataConnector: kvstrata behind vLLM's KV connector API (v1).
+
+Use::
+
+    vllm serve MODEL --kv-transfer-config '{"kv_connector": "StrataConnector",
+        "kv_connector_module_path": "kvstrata.connectors.vllm", "kv_role": "kv_both",
+        "kv_connector_extra_config": {"config": "strata.yaml"}}'
+
+A thin facade: vLLM makes one instance per role; the scheduler role
+delegates to :class:`~kvstrata.connectors.vllm_scheduler.SchedulerSide`, the
+worker role to :class:`~kvstrata.connectors.vllm_worker.WorkerSide`, each
+over its own :class:`~kvstrata.orchestrator.Orchestrator`.
+
+Loads are synchronous from vLLM's point of view (the step that uses them
+starts them), layer-wise inside: attention of layer l waits only for layer l.
+If a load fails, its blocks are reported and vLLM recomputes them: kvstrata
+sets ``kv_load_failure_policy`` to ``recompute`` (vLLM's default, ``fail``,
+would fail the request), because a cache that is down must never fail a
+request. On a page layout it does not know, the connector logs one warning
+and stays out of the way.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from kvstrata import layout
+from kvstrata.connectors.vllm_meta import StrataMetadata
+from kvstrata.connectors.vllm_scheduler import SchedulerSide
+from kvstrata.connectors.vllm_setup import model_spec, strata_config
+from kvstrata.connectors.vllm_worker import WorkerSide
+from kvstrata.orchestrator import Orchestrator
+
+log = logging.getLogger("vllm.kvstrata")  # under "vllm" so vLLM's logging shows it
+
+_SOURCES = {"memory": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
+
+
+@dataclass
+class StrataStats(KVConnectorStats):
+    """Worker -> scheduler: reads measured (for the cost model) and counters for vLLM's log."""
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for key, value in other.data.items():
+            if key == "reads":
+                self.data.setdefault("reads", []).extend(value)
+            else:
+                self.data[key] = self.data.get(key, 0) + value
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        reads = self.data.get("reads", [])
+        return {
+            "kvstrata_reads": len(reads),
+            "kvstrata_read_MB": round(sum(r[2] for r in reads) / 1e6, 3),
+            "kvstrata_load_error_blocks": self.data.get("load_error_blocks", 0),
+        }
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+class StrataConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        config = strata_config(extra)
+        self.model = model_spec(vllm_config, extra)
+        self.block_size = vllm_config.cache_config.block_size
+        if config.chunk_tokens % self.block_size:
+            raise ValueError(
+                f"kvstrata chunk_tokens={config.chunk_tokens} must be a multiple of the engine's "
+                f"block size {self.block_size}"
+            )
+        self.enabled = _layout_supported(vllm_config, self.model)
+        if role == KVConnectorRole.SCHEDULER and self._kv_transfer_config.kv_load_failure_policy != "recompute":
+            log.info("kvstrata: setting kv_load_failure_policy=recompute (a failed load is a cache miss)")
+            object.__setattr__(self._kv_transfer_config, "kv_load_failure_policy", "recompute")
+        self.orch = Orchestrator.shared(config, self.model)
+        self.scheduler = SchedulerSide(self.orch, self.block_size, self.model.name)
+        self.worker = WorkerSide(self.orch, self.block_size)
+        self._errors_reported = 0
+        log.info("kvstrata %s: %s, tiers %s, enabled=%s", role.name, self.model, list(config.tiers), self.enabled)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a best-effort cache: a dropped save is a future miss
+
+    # -- scheduler side ---------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        if not self.enabled:
+            return 0, False
+        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        if self.enabled:
+            self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output) -> StrataMetadata:
+        if not self.enabled:
+            return StrataMetadata()
+        return self.scheduler.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output) -> None:
+        stats = connector_output.kv_connector_stats
+        # a worker in this process shares our orchestrator: its reads are already counted
+        if stats is not None and stats.data.get("reads") and self.orch.users == 1:
+            self.scheduler.observe(stats.data["reads"])
+
+    def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return False, self.scheduler.request_finished(request)
+
+    def get_external_cache_hit_sources(self, request, num_external_tokens: int) -> dict:
+        if num_external_tokens == 0:
+            return {}
+        state = self.scheduler._requests.get(request.request_id)
+        by_tier = state.plan.tokens_by_tier() if state else {}
+        sources: dict = {}
+        for tier, tokens in by_tier.items():
+            kind = self.orch.config.tiers[tier].kind
+            source = _SOURCES.get(kind, CacheHitSource.EXTERNAL_UNSPECIFIED)
+            sources[source] = sources.get(source, 0) + tokens
+        return sources if sum(sources.values()) == num_external_tokens else {
+            CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
+
+    # -- worker side ------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        first = next(iter(kv_caches.values()))
+        found = layout.detect(first, self.block_size, self.model.kv_heads, self.model.head_dim,
+                              first.device.type, _cpu_isa(self._vllm_config, self.model))
+        if found is None or not self.enabled:
+            log.warning("kvstrata: unknown KV page layout %s on %s; connector disabled",
+                        tuple(first.shape), first.device.type)
+            self.enabled = False
+            return
+        self.worker.register(kv_caches, found)
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        if self.enabled:
+            self.worker.start_load(self._get_connector_metadata())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        if self.enabled:
+            self.worker.wait_layer(layer_name)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
+        if self.enabled:
+            self.worker.save_layer(layer_name, kv_layer, self._get_connector_metadata())
+
+    def wait_for_save(self) -> None:
+        if self.enabled:
+            self.worker.finish_step()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors = self.worker.load_errors()
+        self._errors_reported += len(errors)
+        return errors
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        reads = self.orch.drain_observations()
+        errors, self._errors_reported = self._errors_reported, 0
+        if not reads and not errors:
+            return None
+        return StrataStats(data={"reads": reads, "load_error_blocks": errors})
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict | None = None) -> KVConnectorStats | None:
+        return StrataStats(data=dict(data or {}))
+
+    def shutdown(self) -> None:
+        self.orch.close()
+
+
+def _cpu_isa(vllm_config, model) -> str | None:
+    try:
+        from vllm.platforms import current_platform
+
+        if current_platform.device_type != "cpu":
+            return None
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        return _get_attn_isa(vllm_config.model_config.dtype, vllm_config.cache_config.block_size,
+                             model.head_dim, vllm_config.cache_config.cache_dtype)
+    except Exception:  # an unknown CPU backend: detect() will refuse
+        return "unknown"
+
+
+def _layout_supported(vllm_config, model) -> bool:
+    isa = _cpu_isa(vllm_config, model)
+    if isa not in (None, "vec"):
+        log.warning("kvstrata: CPU attention ISA %r has a page layout kvstrata does not know; disabled", isa)
+        return False
+    return True

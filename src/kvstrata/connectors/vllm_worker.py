@@ -1,0 +1,130 @@
+"""The worker side of StrataConnector: moves KV between engine pages and the orchestrator.
+
+Runs in vLLM's model process. ``start_load_kv`` starts the planned reads;
+``wait_for_layer_load(l)`` places layer l of every loaded chunk into its
+blocks, waiting only for that layer; ``save_kv_layer`` copies the pages of
+chunks completed this step (a raw block copy: the conversion to canonical
+order runs later on the orchestrator's threads) and, after the last layer,
+hands each chunk to the save queue. Chunks that fail to load are reported
+through ``load_errors`` so vLLM recomputes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import numpy as np
+import torch
+
+from kvstrata.connectors.vllm_meta import LoadSpec, SaveSpec, StrataMetadata
+from kvstrata.keys import ChunkKey
+from kvstrata.layout import PageLayout, from_numpy, to_numpy
+from kvstrata.orchestrator import Orchestrator
+from kvstrata.plan import LoadHandle, Plan, PlannedChunk
+from kvstrata.policy.route import Decision, RequestContext
+
+log = logging.getLogger(__name__)
+
+LAYER_WAIT_S = 60.0
+
+
+class WorkerSide:
+    def __init__(self, orchestrator: Orchestrator, block_size: int):
+        self.orch = orchestrator
+        self.chunk = orchestrator.chunk_tokens
+        self.block_size = block_size
+        self.n_layers = orchestrator.model.n_layers
+        self.layout: PageLayout | None = None
+        self._kv: dict[str, torch.Tensor] = {}
+        self._index: dict[str, int] = {}
+        self._loads: list[tuple[LoadSpec, LoadHandle]] = []
+        self._staged: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self._errors: set[int] = set()
+
+    def register(self, kv_caches: dict[str, torch.Tensor], layout: PageLayout) -> None:
+        self._kv = dict(kv_caches)
+        self._index = {name: i for i, name in enumerate(sorted(kv_caches, key=_layer_number))}
+        self.layout = layout
+
+    # -- loading ----------------------------------------------------------------
+
+    def start_load(self, meta: StrataMetadata) -> None:
+        for spec in meta.loads:
+            self._loads.append((spec, self.orch.load(self._plan(spec))))
+
+    def _plan(self, spec: LoadSpec) -> Plan:
+        decision = Decision(spec.rule, self.orch.route(spec.rule))
+        chunks = tuple(PlannedChunk(i, tier, ChunkKey(key), codec) for i, tier, key, codec in spec.chunks)
+        return Plan(
+            RequestContext(tenant=spec.tenant), decision, self.chunk, spec.skip_tokens, keys={},
+            first_chunk=chunks[0].index if chunks else 0, chunks=chunks,
+        )
+
+    def wait_layer(self, layer_name: str) -> None:
+        if not self._loads:
+            return
+        layer = self._index[layer_name]
+        for spec, handle in self._loads:
+            try:
+                delivered = handle.wait_layer(layer, timeout=LAYER_WAIT_S)
+            except TimeoutError:
+                log.warning("kvstrata: layer %d of request %s not loaded in time", layer, spec.req_id)
+                handle.fail([c[0] for c in spec.chunks])
+                delivered = {}
+            for chunk_index, kv in delivered.items():
+                blocks, skip = self._blocks(spec, chunk_index)
+                if blocks:
+                    target = self._kv[layer_name]
+                    self.layout.write(target, blocks, from_numpy(np.ascontiguousarray(kv[:, skip:]), target.dtype))
+        if layer == self.n_layers - 1:
+            for spec, handle in self._loads:
+                for chunk_index in handle.failed:
+                    self._errors.update(self._blocks(spec, chunk_index)[0])
+            self._loads.clear()
+
+    def _blocks(self, spec: LoadSpec, chunk_index: int) -> tuple[list[int], int]:
+        """The request's blocks this chunk fills beyond the engine's own, and how many tokens to skip."""
+        per_chunk = self.chunk // self.block_size
+        first = max(chunk_index * per_chunk, spec.skip_tokens // self.block_size)
+        blocks = spec.block_ids[first:(chunk_index + 1) * per_chunk]
+        return blocks, (first - chunk_index * per_chunk) * self.block_size
+
+    def load_errors(self) -> set[int]:
+        errors, self._errors = self._errors, set()
+        return errors
+
+    # -- saving -----------------------------------------------------------------
+
+    def save_layer(self, layer_name: str, kv_layer: torch.Tensor, meta: StrataMetadata) -> None:
+        if not meta.saves:
+            return
+        layer = self._index[layer_name]
+        for spec in meta.saves:
+            pages = self._staged.setdefault((spec.req_id, spec.chunk_index), [])
+            pages.append(kv_layer[spec.block_ids].clone())  # the blocks may be reused after this step
+            if layer == self.n_layers - 1:
+                self._submit(spec, self._staged.pop((spec.req_id, spec.chunk_index)))
+
+    def _submit(self, spec: SaveSpec, pages: list[torch.Tensor]) -> None:
+        if len(pages) != self.n_layers:
+            log.warning("kvstrata: chunk %d of %s missed layers; not saved", spec.chunk_index, spec.req_id)
+            return
+        layout, n = self.layout, len(spec.block_ids)
+
+        def canonical() -> np.ndarray:  # runs on the orchestrator's save thread
+            return to_numpy(torch.stack([layout.read(p, list(range(n))) for p in pages]))
+
+        keys = {codec: ChunkKey(key) for codec, key in spec.keys.items()}
+        self.orch.save_chunk(self.orch.route(spec.rule), spec.tenant, keys, canonical, spec.tiers)
+
+    def finish_step(self) -> None:
+        """End of a step: anything still staged belongs to a step that did not reach the last layer."""
+        if self._staged:
+            log.warning("kvstrata: dropping %d partially staged chunks", len(self._staged))
+            self._staged.clear()
+
+
+def _layer_number(name: str) -> tuple[int, str]:
+    found = re.findall(r"\d+", name)
+    return (int(found[-1]) if found else 0, name)

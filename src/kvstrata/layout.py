@@ -1,0 +1,108 @@
+"""Engine page layouts <-> canonical KV, one converter per attention backend.
+
+Canonical KV of a run of tokens is ``[2, tokens, kv_heads, head_dim]`` (K then
+V), the order of the object format. Engines store KV in pages whose layout
+depends on the backend; a :class:`PageLayout` reads whole blocks out as
+canonical KV and writes canonical KV into blocks. Blocks are listed in token
+order; block ``i`` holds tokens ``[i*block_size, (i+1)*block_size)``.
+
+* :class:`CpuVecLayout` -- vLLM's CPU backend with the ``vec`` attention ISA
+  (x86 AVX2/AVX-512 without AMX; what fp32 uses). Per layer
+  ``[num_blocks, kv_heads, block_size, 2*head_dim]``; inside one (block,
+  head) page K is stored dimension-major ``[head_dim][block_size]`` and V
+  token-major ``[block_size][head_dim]`` (measured against transformers'
+  K/V: docs/vllm-cpu.md).
+* :class:`FlashLayout` -- GPU builds (FlashAttention and FlashInfer NHD):
+  per layer ``[2, num_blocks, block_size, kv_heads, head_dim]``. Written for
+  GPU builds, tested here on CPU tensors of that shape.
+
+:func:`detect` picks a layout from what the engine registered; an unknown
+layout returns ``None`` and the connector disables itself rather than place
+KV it does not understand.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Protocol
+
+import torch
+
+# Loaded KV arrives as read-only numpy views of fetched buffers; torch only ever
+# reads them (copying into pages), so its "not writable" warning is noise here.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+class PageLayout(Protocol):
+    name: str
+    block_size: int
+
+    def read(self, kv_layer: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
+        """Copy whole blocks out as canonical ``[2, n*block_size, H, D]`` (a new tensor)."""
+
+    def write(self, kv_layer: torch.Tensor, block_ids: list[int], kv: torch.Tensor) -> None:
+        """Write canonical ``[2, n*block_size, H, D]`` into whole blocks."""
+
+
+class CpuVecLayout:
+    name = "cpu-vec"
+
+    def __init__(self, block_size: int, kv_heads: int, head_dim: int):
+        self.block_size, self.kv_heads, self.head_dim = block_size, kv_heads, head_dim
+
+    def read(self, kv_layer: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
+        n, h, bs, d = len(block_ids), self.kv_heads, self.block_size, self.head_dim
+        pages = kv_layer[block_ids].reshape(n, h, 2, bs * d)
+        k = pages[:, :, 0].reshape(n, h, d, bs).permute(0, 3, 1, 2).reshape(n * bs, h, d)
+        v = pages[:, :, 1].reshape(n, h, bs, d).permute(0, 2, 1, 3).reshape(n * bs, h, d)
+        return torch.stack((k, v))
+
+    def write(self, kv_layer: torch.Tensor, block_ids: list[int], kv: torch.Tensor) -> None:
+        n, h, bs, d = len(block_ids), self.kv_heads, self.block_size, self.head_dim
+        page = torch.empty(n, h, 2, bs * d, dtype=kv_layer.dtype)
+        page[:, :, 0] = kv[0].reshape(n, bs, h, d).permute(0, 2, 3, 1).reshape(n, h, bs * d)
+        page[:, :, 1] = kv[1].reshape(n, bs, h, d).permute(0, 2, 1, 3).reshape(n, h, bs * d)
+        kv_layer[block_ids] = page.reshape(n, h, bs, 2 * d).to(kv_layer.device)
+
+
+class FlashLayout:
+    name = "flash-nhd"
+
+    def __init__(self, block_size: int, kv_heads: int, head_dim: int):
+        self.block_size, self.kv_heads, self.head_dim = block_size, kv_heads, head_dim
+
+    def read(self, kv_layer: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
+        n = len(block_ids)
+        pages = kv_layer[:, block_ids]  # [2, n, bs, H, D]
+        return pages.reshape(2, n * self.block_size, self.kv_heads, self.head_dim).cpu()
+
+    def write(self, kv_layer: torch.Tensor, block_ids: list[int], kv: torch.Tensor) -> None:
+        n = len(block_ids)
+        pages = kv.reshape(2, n, self.block_size, self.kv_heads, self.head_dim)
+        kv_layer[:, block_ids] = pages.to(kv_layer.device, kv_layer.dtype)
+
+
+def detect(
+    kv_layer: torch.Tensor, block_size: int, kv_heads: int, head_dim: int, device_type: str, isa: str | None = None
+) -> PageLayout | None:
+    """The layout of one registered layer tensor, or None if it is not one we know for sure."""
+    shape = tuple(kv_layer.shape)
+    if device_type == "cpu":
+        if isa not in (None, "vec") or shape[1:] != (kv_heads, block_size, 2 * head_dim):
+            return None
+        return CpuVecLayout(block_size, kv_heads, head_dim)
+    if len(shape) == 5 and shape[0] == 2 and shape[2:] == (block_size, kv_heads, head_dim):
+        return FlashLayout(block_size, kv_heads, head_dim)
+    return None
+
+
+def to_numpy(t: torch.Tensor):
+    """A CPU tensor as numpy; bfloat16 (which numpy lacks) as its raw uint16 bits."""
+    t = t.detach().cpu()
+    return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def from_numpy(a, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of :func:`to_numpy` for a layer of ``dtype``."""
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
