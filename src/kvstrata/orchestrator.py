@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import threading
 import time
+from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -92,6 +93,9 @@ class Orchestrator:
         self._idle = threading.Condition(self._pending_lock)
         # reads measured here, for a cost model in another process (vLLM's scheduler)
         self._observed: collections.deque[tuple[str, float, int]] = collections.deque(maxlen=1024)
+        # chunks queued for writing: a lookup for them waits (briefly) instead of missing
+        self._inflight: dict[ChunkKey, asyncio.Future] = {}
+        self.inflight_wait_s = 2.0
         runtime.run(self._start(save_workers), timeout=30)
 
     async def _start(self, n: int) -> None:
@@ -107,7 +111,8 @@ class Orchestrator:
         sketch and one cost model. Each user calls :meth:`close` once; the last
         close really closes.
         """
-        key = (str(config.path) if config.path else config.model_dump_json(exclude={"policy"}), model)
+        # a file is known by its path; a configuration built in memory by its identity
+        key = (str(Path(config.path).resolve()) if config.path else id(config), model)
         with _SHARED_LOCK:
             entry = _SHARED.get(key)
             if entry is None:
@@ -176,6 +181,9 @@ class Orchestrator:
         hint = _as_float(ctx.hints.get("reuse"))
         ctx = dataclasses.replace(ctx, context_tokens=len(tokens), reuse=self.reuse.predict(logical, hint))
         self.reuse.observe(logical)
+        pending = [self._inflight[k] for k in logical if k in self._inflight]
+        if pending:  # the previous request's chunks are still being written: they are worth a wait
+            await asyncio.wait(pending, timeout=self.inflight_wait_s)
         decision = self.policy.decide(ctx)
         route = decision.route
         keys = {"none": tuple(logical)}
@@ -426,8 +434,14 @@ class Orchestrator:
                 return False
             self._pending += 1
             self.telemetry.queue_depth(self._pending)
-        runtime.loop().call_soon_threadsafe(self._queue.put_nowait, item)
+        runtime.loop().call_soon_threadsafe(self._accept, item)
         return True
+
+    def _accept(self, item: _SaveItem) -> None:
+        """On the loop: queue the item and mark its chunk in flight (lookups wait for it)."""
+        if item.logical_key not in self._inflight:
+            self._inflight[item.logical_key] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(item)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued save has been written or dropped (tests, shutdown)."""
@@ -442,6 +456,9 @@ class Orchestrator:
             except Exception:  # a save never takes the worker down
                 log.exception("save failed")
             finally:
+                done = self._inflight.pop(item.logical_key, None)
+                if done is not None and not done.done():
+                    done.set_result(None)
                 with self._idle:
                     self._pending -= 1
                     self.telemetry.queue_depth(self._pending)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Mapping
@@ -20,9 +21,18 @@ _DTYPES = {
 
 
 def strata_config(extra: Mapping[str, Any]) -> StrataConfig:
-    """``kv_connector_extra_config["config"]`` (a YAML path) or the embedded default (memory + disk)."""
+    """``kv_connector_extra_config["config"]`` (a YAML path) or the embedded default (memory + disk).
+
+    The default is parsed once per process, so vLLM's two roles in one
+    process get the same configuration object and share one orchestrator.
+    """
     path = extra.get("config") or os.environ.get("KVSTRATA_CONFIG")
-    return load_config(path) if path else default_config()
+    return load_config(path) if path else _default()
+
+
+@functools.cache
+def _default() -> StrataConfig:
+    return default_config()
 
 
 def model_spec(vllm_config, extra: Mapping[str, Any]) -> ModelSpec:
