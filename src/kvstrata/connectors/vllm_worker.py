@@ -62,8 +62,19 @@ class WorkerSide:
         )
 
     def wait_layer(self, layer_name: str) -> None:
+        """Place layer ``layer_name`` of every load; never raises into the engine."""
         if not self._loads:
             return
+        try:
+            self._place_layer(layer_name)
+        except Exception:  # a bug or a bad object must cost a recompute, not the request
+            log.exception("kvstrata: placing %s failed; its loads will be recomputed", layer_name)
+            for spec, _ in self._loads:
+                for chunk in spec.chunks:
+                    self._errors.update(self._blocks(spec, chunk[0])[0])
+            self._loads.clear()
+
+    def _place_layer(self, layer_name: str) -> None:
         layer = self._index[layer_name]
         for spec, handle in self._loads:
             try:
@@ -97,8 +108,16 @@ class WorkerSide:
     # -- saving -----------------------------------------------------------------
 
     def save_layer(self, layer_name: str, kv_layer: torch.Tensor, meta: StrataMetadata) -> None:
+        """Stage this layer of every chunk to save; never raises into the engine."""
         if not meta.saves:
             return
+        try:
+            self._stage_layer(layer_name, kv_layer, meta)
+        except Exception:  # a failed save is a future miss, nothing more
+            log.exception("kvstrata: staging %s for saving failed; dropping this step's saves", layer_name)
+            self._staged.clear()
+
+    def _stage_layer(self, layer_name: str, kv_layer: torch.Tensor, meta: StrataMetadata) -> None:
         layer = self._index[layer_name]
         for spec in meta.saves:
             pages = self._staged.setdefault((spec.req_id, spec.chunk_index), [])
