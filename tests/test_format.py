@@ -154,3 +154,68 @@ def test_random_objects_round_trip_any_layer_range(sections: list[bytes], data) 
     b = data.draw(st.integers(a + 1, len(sections)))
     obj = fmt.decode(blob, range(a, b))
     assert [bytes(obj.layers[i]) for i in range(a, b)] == sections[a:b]
+
+
+# -- verifying with a known header, and verifying once ------------------------
+
+HEADER = fmt.decode_header(BLOB)
+RANGES = [None] + [range(a, b) for a in range(4) for b in range(a + 1, 5)]
+
+
+def _outcome(read) -> tuple[str, object]:
+    """What a decode gives, comparable across paths: the sections, or the error message."""
+    try:
+        obj = read()
+    except fmt.FormatError as exc:
+        return "error", str(exc)
+    return "ok", (obj.header, {i: bytes(v) for i, v in obj.layers.items()})
+
+
+def test_header_carries_its_exact_bytes_and_heads_only_them() -> None:
+    assert HEADER.raw == BLOB[: HEADER.header_len]
+    assert HEADER.heads(BLOB) and HEADER.heads(memoryview(BLOB)[: HEADER.header_len])
+    assert not HEADER.heads(BLOB[: HEADER.header_len - 1])
+    other, _ = make_object(KEY, n_layers=4, section_bytes=200, seed=4)
+    assert not HEADER.heads(other)  # same key and shape, other checksums
+
+
+def test_a_known_header_for_another_object_is_ignored() -> None:
+    other, sections = make_object(make_keys(1, seed=9)[0], n_layers=3, section_bytes=50, seed=5)
+    obj = fmt.decode(other, known=HEADER)
+    assert obj.header != HEADER and [bytes(obj.layers[i]) for i in range(3)] == sections
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    position=st.integers(min_value=0, max_value=len(BLOB) - 1),
+    flip=st.integers(1, 255),
+    cut=st.integers(min_value=0, max_value=len(BLOB)),
+    which=st.sampled_from(RANGES),
+)
+def test_known_header_and_verify_once_agree_with_a_plain_decode(position, flip, cut, which) -> None:
+    """Skipping the header parse (``known``) or checksumming once (``Verified``) changes nothing:
+    any corruption or truncation gives the same error, any intact range the same sections."""
+    buf = bytearray(BLOB)
+    buf[position] ^= flip
+    damaged = bytes(buf[:cut])
+    expected = _outcome(lambda: fmt.decode(damaged, which))
+    assert _outcome(lambda: fmt.decode(damaged, which, known=HEADER)) == expected
+    try:
+        verified = fmt.Verified(damaged)
+    except fmt.FormatError as exc:
+        assert expected == ("error", str(exc))
+    else:
+        assert _outcome(lambda: verified.read(which)) == expected
+    assert _outcome(lambda: fmt.decode(BLOB, which, known=HEADER)) == _outcome(
+        lambda: fmt.decode(BLOB, which)
+    )
+
+
+def test_verified_hands_out_fresh_read_only_views() -> None:
+    verified = fmt.Verified(BLOB)
+    first, second = verified.read(), verified.read(range(1, 3))
+    first.layers[1].release()  # one caller releasing its view ...
+    assert bytes(second.layers[1]) == SECTIONS[1]  # ... leaves another's alone
+    assert second.layers[2].readonly
+    with pytest.raises(TypeError):
+        fmt.Verified(bytearray(BLOB))  # type: ignore[arg-type]

@@ -12,7 +12,10 @@ import pytest
 
 from kvstrata import format as fmt
 from kvstrata.tiers.base import Hit, Miss, Tier
-from tests.conftest import make_keys, make_object
+from kvstrata.tiers.disk import DiskTier
+from kvstrata.tiers.redis import RedisTier
+from kvstrata.tiers.s3 import S3Tier
+from tests.conftest import TIER_KINDS, make_keys, make_object
 
 N_LAYERS = 5
 ALL_RANGES = [range(a, b) for a in range(N_LAYERS) for b in range(a + 1, N_LAYERS + 1)]
@@ -199,3 +202,69 @@ async def test_redis_ttl_expires_objects(make_tier) -> None:
     await asyncio.sleep(1.6)
     assert await tier.contains([key]) == [False]
     assert isinstance((await tier.get([key]))[0], Miss)
+
+
+async def test_put_keeps_no_reference_to_a_mutable_buffer(tier: Tier) -> None:
+    (key,) = make_keys(1)
+    blob, sections = make_object(key, N_LAYERS)
+    buf = bytearray(blob)
+    await tier.put([(key, buf)])  # type: ignore[list-item]
+    buf[-10] ^= 0x01  # the caller reuses its buffer
+    (got,) = await tier.get([key])
+    assert isinstance(got, Hit)
+    assert [bytes(got.obj.layers[i]) for i in range(N_LAYERS)] == sections
+
+
+async def _overwrite_behind_the_tiers_back(tier: Tier, key, data: bytes) -> None:
+    """Change a stored object without telling the tier (bit rot, another writer)."""
+    if isinstance(tier, DiskTier):
+        tier._path(key).write_bytes(data)
+    elif isinstance(tier, RedisTier):
+        await tier._client.set(tier._name(key), data)
+    elif isinstance(tier, S3Tier):
+        await tier._transport.write(tier._path(key), data)
+    else:
+        raise AssertionError(f"no back door into {tier.kind}")
+
+
+@pytest.mark.parametrize("kind", [k for k in TIER_KINDS if k != "memory"])  # DRAM bytes are immutable
+async def test_a_cached_header_never_vouches_for_changed_bytes(make_tier, kind: str) -> None:
+    """Whole gets fill the header cache and then skip parsing a header they have seen;
+    objects changed behind the tier's back must still miss with the right reason."""
+    tier = make_tier(kind)
+    key, other = make_keys(2)
+    good, sections = make_object(key, N_LAYERS)
+    await tier.put([(key, good)])
+    assert isinstance((await tier.get([key]))[0], Hit)
+    assert key in tier._headers  # type: ignore[attr-defined]  # a whole get filled the cache
+    body_flip = bytearray(good)
+    body_flip[-10] ^= 0x01
+    future = bytearray(good)
+    future[8] = 2
+    cases = [
+        (bytes(body_flip), "corrupt"),
+        (good[:-1], "corrupt"),  # truncated by one byte: the header is still intact
+        (good + b"\0", "corrupt"),  # one byte too long
+        (make_object(other, N_LAYERS)[0], "foreign"),
+        (bytes(future), "unsupported"),
+    ]
+    for data, reason in cases:
+        await _overwrite_behind_the_tiers_back(tier, key, data)
+        (got,) = await tier.get([key])
+        assert isinstance(got, Miss) and got.reason == reason, (reason, got)
+    await _overwrite_behind_the_tiers_back(tier, key, good)
+    (got,) = await tier.get([key])
+    assert isinstance(got, Hit)
+    assert [bytes(got.obj.layers[i]) for i in range(N_LAYERS)] == sections
+
+
+async def test_whole_gets_of_one_and_of_many_keys_with_absent_ones(tier: Tier) -> None:
+    # One key and many keys can take different paths (Redis: GET vs MGET).
+    keys = make_keys(3)
+    objects = {k: make_object(k, N_LAYERS, seed=i) for i, k in enumerate(keys)}
+    await tier.put([(k, objects[k][0]) for k in (keys[0], keys[2])])
+    fetched = await tier.get(keys)
+    assert [type(f) for f in fetched] == [Hit, Miss, Hit] and fetched[1].reason == "absent"
+    assert [bytes(fetched[2].obj.layers[i]) for i in range(N_LAYERS)] == objects[keys[2]][1]
+    (alone,) = await tier.get([keys[1]])
+    assert isinstance(alone, Miss) and alone.reason == "absent"

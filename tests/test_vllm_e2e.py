@@ -21,7 +21,7 @@ import pytest
 
 vllm = pytest.importorskip("vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)")
 
-from kvstrata.engine import generate, make_llm, text_tokens  # noqa: E402
+from kvstrata.engine import generate, running_llm, text_tokens  # noqa: E402
 from kvstrata.keys import chunk_keys  # noqa: E402
 from kvstrata.models import prepare_smollm2  # noqa: E402
 from kvstrata.orchestrator import flush_shared, shared_orchestrators  # noqa: E402
@@ -36,7 +36,7 @@ def strata_yaml(tmp: Path, redis_url: str, s3, fragile_url: str) -> str:
     rules = "\n".join(
         f"    - {{name: via-{name}, match: {{hints: {{tier: {name}}}}}, route: {{read: [{name}], write: [{name}]}}}}"
         for name in ["local", "shared", "cold", "fragile"]
-    )
+    ) + "\n    - {name: via-both, match: {hints: {tier: both}}, route: {read: [dram, local], write: [dram, local]}}"
     return textwrap.dedent(f"""\
         version: 1
         chunk_tokens: 256
@@ -81,7 +81,7 @@ def config_path(tmp_path_factory, redis_server, s3_server, fragile_redis) -> Pat
 
 OFFSETS = {
     "memory": 5000, "disk": 10000, "redis": 15000, "s3": 20000, "tenant": 40000, "fragile": 45000,
-    "corrupt": 50000, "second-shared": 60000, "second-cold": 65000,
+    "corrupt": 50000, "second-shared": 60000, "second-cold": 65000, "promote": 70000,
 }
 
 REFERENCE = """
@@ -115,7 +115,8 @@ def reference(model_dir, tmp_path_factory) -> dict[str, tuple[int, ...]]:
 
 @pytest.fixture(scope="module")
 def llm(model_dir, config_path, reference):
-    return make_llm(model_dir, config_path, kv_cache_gib=1)
+    with running_llm(model_dir, config_path, kv_cache_gib=1) as engine:
+        yield engine
 
 
 def prompt(llm, name: str) -> list[int]:
@@ -174,6 +175,25 @@ def test_corrupt_chunk_in_a_shared_store_is_recomputed(llm, reference, redis_ser
     again = generate(llm, ids, 16, kv_params={"tier": "shared"})
     assert again.token_ids == expected
     assert orch.telemetry.value("kvstrata_bad_objects_total", tier="shared", reason="corrupt") == before + 1
+
+
+def test_a_disk_hit_is_promoted_into_dram(llm, reference) -> None:
+    from kvstrata import runtime
+
+    ids = prompt(llm, "promote")
+    both = {"tier": "both"}
+    generate(llm, ids, 16, kv_params=both)
+    assert flush_shared(60)
+    (orch,) = shared_orchestrators()
+    keys = chunk_keys(ids, orch.model.namespace(), 256)
+    runtime.run(orch.tiers["dram"].delete(keys))  # as if DRAM had evicted them
+    from_disk = generate(llm, ids, 16, kv_params=both)
+    assert from_disk.kvstrata["loaded_tokens"] == {"local": HIT}
+    assert from_disk.token_ids == reference["promote"]
+    assert flush_shared(60)
+    from_dram = generate(llm, ids, 16, kv_params=both)
+    assert from_dram.kvstrata["loaded_tokens"] == {"dram": HIT}
+    assert from_dram.token_ids == reference["promote"]
 
 
 SECOND_PROCESS = """

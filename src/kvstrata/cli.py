@@ -13,10 +13,14 @@ from rich.table import Table
 
 from kvstrata import __version__
 from kvstrata import format as fmt
+from kvstrata.cli_codec import codec_app
 from kvstrata.cli_policy import policy_app
+from kvstrata.cli_stats import stats_app
 
 app = typer.Typer(help="kvstrata: a unified multi-tier KV cache for LLM serving.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
+app.add_typer(stats_app)
+app.add_typer(codec_app, name="codec")
 console = Console()
 
 

@@ -9,7 +9,9 @@ each as ``file:line: field.path: message``:
    (``tier_class(kind).settings_class``), which also reads ``KVSTRATA_<KIND>_<FIELD>``
    environment variables -- they override the file.
 3. Meaning (:func:`kvstrata.policy.engine.compile_policy`): tier names in
-   routes, route consistency, duplicate, overlapping and unreachable rules.
+   routes, route consistency, duplicate, overlapping and unreachable rules;
+   codec names in routes (``codecs:`` plus the built-in ``none``, ``fp8``,
+   ``int8`` and ``int4`` with default parameters).
 
 The value of a secret (a ``SecretStr`` field of a tier's settings) never
 appears in a message: YAML problems are reported without the source text,
@@ -120,6 +122,26 @@ class ReuseConfig(_Frozen):
     sketch_depth: int = Field(4, ge=1, le=8)
 
 
+class TelemetryConfig(_Frozen):
+    """Where metrics go besides the in-process registry (see docs/telemetry.md)."""
+
+    prometheus_port: int | None = Field(None, ge=0, le=65535, description="None: no exporter; 0: any free port")
+    prometheus_addr: str = "127.0.0.1"
+    snapshot_path: str | None = Field(None, description="JSON snapshot file; {role} and {pid} are replaced")
+
+
+class CodecSpec(_Frozen):
+    """A named codec: its registry kind and the parameters its objects record (normalized by the codec)."""
+
+    name: str
+    kind: str
+    params: Mapping[str, int | float | str | bool]
+
+
+#: Codec names every configuration has (kind = name, default parameters) unless ``codecs:`` redefines them.
+BUILTIN_CODECS = ("none", "fp8", "int8", "int4")
+
+
 class StrataConfig(_Frozen):
     """A whole, validated configuration. ``path`` is the file it came from (None: a string)."""
 
@@ -132,12 +154,22 @@ class StrataConfig(_Frozen):
     engine: EngineConfig = EngineConfig()
     orchestrator: OrchestratorConfig = OrchestratorConfig()
     reuse: ReuseConfig = ReuseConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
     policy: Policy
+    codecs: Mapping[str, CodecSpec] = MappingProxyType({})
 
-    @field_validator("tiers", mode="after")
+    @field_validator("tiers", "codecs", mode="after")
     @classmethod
-    def _freeze_tiers(cls, tiers: Mapping[str, TierSpec]) -> Mapping[str, TierSpec]:
+    def _freeze_tiers(cls, tiers: Mapping[str, Any]) -> Mapping[str, Any]:
         return MappingProxyType(dict(tiers))
+
+    def codec(self, name: str) -> CodecSpec:
+        """The codec a route names (``codecs:`` or a built-in); KeyError if there is none."""
+        if name in self.codecs:
+            return self.codecs[name]
+        if name in BUILTIN_CODECS:
+            return CodecSpec(name=name, kind=name, params={})
+        raise KeyError(name)
 
 
 # -- the file's shape (pass 2); the policy section's is in kvstrata.policy.engine --
@@ -156,7 +188,9 @@ class _FileSpec(_Frozen):
     engine: EngineConfig = EngineConfig()
     orchestrator: OrchestratorConfig = OrchestratorConfig()
     reuse: ReuseConfig = ReuseConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
     policy: PolicySpec = PolicySpec()
+    codecs: dict[str, dict[str, Any]] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -190,7 +224,7 @@ class _FileSpec(_Frozen):
         return tiers
 
 
-_SECTIONS = ("engine", "orchestrator", "reuse", "policy")
+_SECTIONS = ("engine", "orchestrator", "reuse", "telemetry", "policy", "codecs")
 
 # -- public API -------------------------------------------------------------------
 
@@ -222,13 +256,73 @@ def _parse(text: str, source: str, path: Path | None) -> StrataConfig:
     report = _Report(source, lines)
     spec = report.validate(_FileSpec, data)
     tiers = {name: _tier(name, raw, report) for name, raw in _raw_tiers(data).items()}
+    codecs = _codecs(spec.codecs if spec is not None else {}, path, report)
     report.raise_if_any()  # so spec and every tier are valid from here on
     policy = compile_policy(spec.policy, tiers, spec.orchestrator.default_budget_ms, report)
+    _check_route_codecs(spec.policy, codecs, report)
     report.raise_if_any()
     return StrataConfig(
         path=path, version=spec.version, chunk_tokens=spec.chunk_tokens, tiers=tiers, engine=spec.engine,
-        orchestrator=spec.orchestrator, reuse=spec.reuse, policy=policy,
+        orchestrator=spec.orchestrator, reuse=spec.reuse, telemetry=spec.telemetry, policy=policy,
+        codecs=codecs,
     )
+
+
+# -- codecs -------------------------------------------------------------------------
+
+
+def _codecs(raw: dict[str, Any], path: Path | None, report: _Report) -> dict[str, CodecSpec]:
+    """``codecs:``: name -> {kind, params...}; each is built once here so bad parameters fail at load."""
+    from kvstrata.compression.base import CodecError, codec_from_config, codec_kinds
+
+    kinds = sorted(codec_kinds())
+    out: dict[str, CodecSpec] = {}
+    for name, entry in raw.items():
+        at: FieldPath = ("codecs", name)
+        if not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,15}", name)):
+            report.add(at, "invalid codec name: 1-16 letters, digits, '_', '.' and '-'")
+            continue
+        if name == "none":
+            report.add(at, "'none' is the uncompressed codec and cannot be redefined")
+            continue
+        if not isinstance(entry, dict):
+            report.add(at, f"must be a mapping like {{kind: int4, group_size: 32}} (got {entry!r})")
+            continue
+        params = dict(entry)
+        kind = params.pop("kind", None)
+        if kind is None:
+            report.add((*at, "kind"), "required key missing")
+            continue
+        if kind not in kinds:
+            report.add((*at, "kind"), f"unknown codec kind {kind!r} (known: {', '.join(kinds)})")
+            continue
+        bad = [k for k, v in params.items() if not isinstance(v, str | int | float | bool)]
+        for key in bad:
+            report.add((*at, key), "codec parameters must be plain scalars")
+        if bad:
+            continue
+        if kind == "autoencoder" and isinstance(params.get("checkpoint"), str) and path is not None:
+            params["checkpoint"] = str((path.parent / Path(params["checkpoint"]).expanduser()).resolve())
+        try:
+            codec = codec_from_config(name, kind, params)
+        except CodecError as exc:
+            report.add(at, str(exc))
+            continue
+        out[name] = CodecSpec(name=name, kind=kind, params=MappingProxyType(dict(codec.params)))
+    return out
+
+
+def _check_route_codecs(spec: PolicySpec, codecs: Mapping[str, CodecSpec], report: _Report) -> None:
+    known = sorted({*BUILTIN_CODECS, *codecs})
+    routes: list[tuple[FieldPath, Any]] = [(("policy", "default"), spec.default)]
+    routes += [(("policy", "rules", i, "route"), rule.route) for i, rule in enumerate(spec.rules)]
+    for at, route in routes:
+        for tier, name in (route.codec.items() if route is not None else ()):
+            if name not in codecs and name not in BUILTIN_CODECS:
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                report.add((*at, "codec", tier), f"unknown codec {name!r} ({hint}defined: {', '.join(known)}; "
+                                                 "define it under codecs:)")
 
 
 # -- pass 1: YAML -------------------------------------------------------------------

@@ -12,8 +12,10 @@ installed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,29 @@ def make_llm(
         seed=0,
         kv_transfer_config=connector_config(config_path, **extra) if connector else None,
     )
+
+
+@contextlib.contextmanager
+def running_llm(model_dir: str | Path, config_path: str | Path | None = None, **kw: Any) -> Iterator[Any]:
+    """:func:`make_llm`, shut down on exit (connectors closed, vLLM's connector slot freed).
+
+    vLLM keeps one worker-side connector per process: a second engine in the
+    same process would silently reuse the first one's. This frees the slot
+    before and after, so tests can run several engines one after another.
+    """
+    from vllm.distributed.kv_transfer import ensure_kv_transfer_shutdown, has_kv_transfer_group
+
+    if has_kv_transfer_group():
+        ensure_kv_transfer_shutdown()
+    llm = make_llm(model_dir, config_path, **kw)
+    try:
+        yield llm
+    finally:
+        finalizer = getattr(getattr(llm.llm_engine, "engine_core", None), "_finalizer", None)
+        if finalizer is not None:  # shuts both roles' connectors down (vLLM 0.32's in-process core)
+            finalizer()
+        if has_kv_transfer_group():
+            ensure_kv_transfer_shutdown()
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,11 @@ Decoding trusts nothing: every field and length is checked before use, the
 header has its own checksum and every section has one. Anything wrong raises
 :class:`FormatError`, which tiers turn into a miss. There is no pickle and no
 code path that evaluates stored data.
+
+Two shortcuts give the same answers for less work: ``decode(buf, known=h)``
+skips parsing a header whose exact bytes were verified before (the sections
+are still checked), and :class:`Verified` checks immutable ``bytes`` once and
+then serves any layer range from them.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import NamedTuple
 
 import xxhash
 
@@ -73,12 +79,16 @@ class FormatError(ValueError):
     """A stored object is corrupt, truncated, foreign or from a future version."""
 
 
+_xxh3 = xxhash.xxh3_64_intdigest
+
+
 def checksum(data: bytes | memoryview) -> int:
-    return xxhash.xxh3_64_intdigest(data)
+    return _xxh3(data)
 
 
-@dataclass(frozen=True)
-class Section:
+class Section(NamedTuple):
+    """One layer's entry in the table: absolute byte offset, length, xxh3_64 of the bytes."""
+
     offset: int
     length: int
     checksum: int
@@ -104,9 +114,12 @@ class ObjectMeta:
 
 @dataclass(frozen=True)
 class Header:
+    """A verified header. ``raw`` is its exact bytes (``header_len`` of them), as decoded."""
+
     meta: ObjectMeta
     sections: tuple[Section, ...]
     header_len: int
+    raw: bytes = field(default=b"", repr=False, compare=False)
 
     @property
     def n_layers(self) -> int:
@@ -121,6 +134,16 @@ class Header:
         if layers.step != 1 or not layers or layers.start < 0 or layers.stop > self.n_layers:
             raise ValueError(f"layer range {layers} outside 0..{self.n_layers}")
         return self.sections[layers.start].offset, self.sections[layers.stop - 1].end
+
+    def heads(self, buf: bytes | memoryview) -> bool:
+        """Whether ``buf`` starts with exactly this header's bytes.
+
+        If it does, decoding ``buf``'s header would give this header again, so a
+        reader that has verified it once only needs to verify the sections.
+        """
+        n = self.header_len
+        # bytes() first: comparing a memoryview to bytes goes element by element.
+        return len(self.raw) == n and len(buf) >= n and bytes(buf[:n]) == self.raw
 
 
 @dataclass(frozen=True)
@@ -248,12 +271,12 @@ def decode_header(buf: bytes | memoryview) -> Header:
         codec_params=_decode_params(view[start : start + params_len]),
     )
     _in_range("n_layers", n_layers, MAX_LAYERS)
+    table = start + params_len
     sections = tuple(
-        Section(*_ENTRY.unpack_from(view, start + params_len + i * _ENTRY.size))
-        for i in range(n_layers)
+        map(Section._make, _ENTRY.iter_unpack(view[table : table + n_layers * _ENTRY.size]))
     )
     _check_table(sections, header_len)
-    return Header(meta, sections, header_len)
+    return Header(meta, sections, header_len, bytes(view[:header_len]))
 
 
 def read_layers(header: Header, data: bytes | memoryview, start: int, layers: range) -> ChunkObject:
@@ -269,23 +292,88 @@ def read_layers(header: Header, data: bytes | memoryview, start: int, layers: ra
             f"truncated body: layers {layers.start}..{layers.stop} need bytes {lo}..{hi}, "
             f"have {start}..{start + len(view)}"
         )
+    sections = header.sections
     out: dict[int, memoryview] = {}
     for layer in layers:
-        s = header.sections[layer]
-        section = view[s.offset - start : s.end - start]
-        if checksum(section) != s.checksum:
+        offset, length, expected = sections[layer]
+        offset -= start
+        section = view[offset : offset + length]
+        if _xxh3(section) != expected:
             raise FormatError(f"layer {layer} checksum mismatch")
         out[layer] = section
     return ChunkObject(header, MappingProxyType(out))
 
 
-def decode(buf: bytes | memoryview, layers: range | None = None) -> ChunkObject:
-    """Verify a whole object (or a prefix holding ``layers``) and return its sections."""
-    header = decode_header(buf)
-    wanted = range(header.n_layers) if layers is None else layers
-    if layers is None and len(buf) != header.object_len:
-        raise FormatError(f"object is {len(buf)} bytes, header says {header.object_len}")
-    return read_layers(header, buf, 0, wanted)
+def decode(
+    buf: bytes | memoryview, layers: range | None = None, known: Header | None = None
+) -> ChunkObject:
+    """Verify a whole object (or a prefix holding ``layers``) and return its sections.
+
+    ``known`` is a header this reader verified before, typically from an earlier
+    read of the same key. If ``buf`` starts with exactly its bytes
+    (:meth:`Header.heads`) the header is not parsed again -- it would decode to
+    the same thing -- and only the sections are verified. Otherwise ``known``
+    is ignored. The result is the same either way, and so is any FormatError.
+    """
+    header = known if known is not None and known.heads(buf) else decode_header(buf)
+    if layers is None:
+        if len(buf) != header.object_len:
+            raise FormatError(f"object is {len(buf)} bytes, header says {header.object_len}")
+        layers = range(header.n_layers)
+    return read_layers(header, buf, 0, layers)
+
+
+class Verified:
+    """A whole object verified once, that then serves any layer range without checksumming.
+
+    For bytes that cannot change afterwards (``bytes``, never a ``bytearray`` or a
+    view of one): an in-process store verifies once and reads many times.
+    Construction raises :class:`FormatError` if the header is bad; damaged
+    sections are remembered, and :meth:`read` gives the same result as
+    ``decode(data, layers)`` -- the same sections or the same FormatError --
+    with fresh views each time (a caller releasing its views cannot affect
+    another caller's).
+    """
+
+    __slots__ = ("data", "header", "_damaged")
+
+    def __init__(self, data: bytes):
+        if not isinstance(data, bytes):
+            raise TypeError(f"Verified needs immutable bytes, not {type(data).__name__}")
+        self.data = data
+        self.header = header = decode_header(data)
+        view = memoryview(data)
+        # Layers present in full whose checksum fails, in layer order. A layer cut
+        # off by truncation is not listed: any range holding it fails the coverage
+        # check first, as in read_layers.
+        self._damaged = tuple(
+            layer
+            for layer, (offset, length, expected) in enumerate(header.sections)
+            if offset + length <= len(data) and _xxh3(view[offset : offset + length]) != expected
+        )
+
+    def read(self, layers: range | None = None) -> ChunkObject:
+        """The sections of ``layers`` (all if None), as ``decode(self.data, layers)`` gives them."""
+        header, size = self.header, len(self.data)
+        if layers is None:
+            if size != header.object_len:
+                raise FormatError(f"object is {size} bytes, header says {header.object_len}")
+            layers = range(header.n_layers)
+        lo, hi = header.byte_range(layers)
+        if hi > size:
+            raise FormatError(
+                f"truncated body: layers {layers.start}..{layers.stop} need bytes {lo}..{hi}, "
+                f"have 0..{size}"
+            )
+        for layer in self._damaged:
+            if layer in layers:
+                raise FormatError(f"layer {layer} checksum mismatch")
+        view, sections = memoryview(self.data), header.sections
+        out = {}
+        for layer in layers:
+            offset, length, _ = sections[layer]
+            out[layer] = view[offset : offset + length]
+        return ChunkObject(header, MappingProxyType(out))
 
 
 def _decode_codec_id(raw: bytes) -> str:
@@ -327,9 +415,9 @@ def _decode_params(raw: memoryview) -> Mapping[str, int | float | str | bool]:
 
 def _check_table(sections: tuple[Section, ...], header_len: int) -> None:
     expected = header_len
-    for layer, s in enumerate(sections):
-        if s.offset != expected:
+    for layer, (offset, length, _) in enumerate(sections):
+        if offset != expected:
             raise FormatError(f"layer {layer} section is not contiguous")
-        if s.length > MAX_SECTION_BYTES:
+        if length > MAX_SECTION_BYTES:
             raise FormatError(f"layer {layer} section too large")
-        expected = s.end
+        expected = offset + length

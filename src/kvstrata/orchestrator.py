@@ -38,7 +38,7 @@ import numpy as np
 from kvstrata import format as fmt
 from kvstrata import runtime
 from kvstrata.breaker import Breaker
-from kvstrata.compression.base import Codec, CodecError, codec_from_header
+from kvstrata.compression.base import KIND_PARAM, Codec, CodecError, codec_from_header, header_params
 from kvstrata.keys import ChunkKey, chunk_keys
 from kvstrata.plan import LoadHandle, ModelSpec, Plan, PlannedChunk
 from kvstrata.policy.cost import CostModel
@@ -210,7 +210,14 @@ class Orchestrator:
         self.telemetry.lookup(plan.decision.rule, "load" if plan.chunks else "recompute")
         context = plan.ctx.context_tokens
         self.telemetry.served(RECOMPUTE, max(context - plan.end_token, 0) if plan.chunks else context - plan.skip_tokens)
-        log.debug("lookup: rule=%s chunks=%d reason=%s", plan.decision.rule, len(plan.chunks), reason)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "lookup: rule=%s context=%d engine=%d load=%s recompute=%d decision=%s reason=%s%s",
+                plan.decision.rule, context, plan.skip_tokens, plan.tokens_by_tier() or "{}",
+                context - plan.end_token, "load" if plan.chunks else "recompute", reason,
+                f" est_load_s={choice.load_s:.4f} est_ttft_s={choice.ttft_s:.4f}"
+                f" est_recompute_all_s={choice.recompute_all_s:.4f}" if choice is not None else "",
+            )
         return plan
 
     async def _locate(self, route: Route, keys, first: int, n: int) -> list[PlannedChunk]:
@@ -225,6 +232,9 @@ class Orchestrator:
             for i, present in zip(todo, answer or ()):
                 if present:
                     where[i] = PlannedChunk(i, tier, keys[codec][i], codec)
+            if answer is not None:
+                hits = sum(1 for present in answer if present)
+                self.telemetry.located(tier, hits, len(todo) - hits)
         run: list[PlannedChunk] = []
         for i in range(first, n):
             if i not in where:
@@ -277,6 +287,7 @@ class Orchestrator:
 
     async def _load(self, handle: LoadHandle, per_read: int) -> None:
         plan, n_layers = handle.plan, self.model.n_layers
+        started = time.perf_counter()
         by_tier: dict[str, list[PlannedChunk]] = {}
         for c in plan.chunks:
             by_tier.setdefault(c.tier, []).append(c)
@@ -289,7 +300,11 @@ class Orchestrator:
             log.exception("load failed")
         finally:
             handle.abort()
+        seconds = time.perf_counter() - started
+        self.telemetry.loaded(seconds)
         self._account_load(handle)
+        log.debug("load: rule=%s tokens=%s failed_chunks=%s seconds=%.4f", plan.decision.rule,
+                  plan.tokens_by_tier(), sorted(handle.failed), seconds)
         self._promote(handle)
 
     async def _read_group(self, tier: str, chunks: list[PlannedChunk], layers: range, handle: LoadHandle) -> None:
@@ -346,7 +361,12 @@ class Orchestrator:
         if reason == "corrupt":  # drop it so nobody trips on it again
             asyncio.ensure_future(self._call(tier, "delete", self.tiers[tier].delete([key])))
 
-    def _codec(self, codec_id: str, params) -> Codec:
+    def _codec(self, codec_id: str, params=None) -> Codec:
+        """The codec of an object header (its id and ``params``), or with ``params`` None the
+        configuration's codec named ``codec_id`` (``codecs:`` or a built-in), for writing."""
+        if params is None:
+            spec = self.config.codec(codec_id)
+            params = {**spec.params, KIND_PARAM: spec.kind}
         cache_key = f"{codec_id}:{sorted(params.items())}"
         if cache_key not in self._codecs:
             self._codecs[cache_key] = codec_from_header(codec_id, params)
@@ -368,11 +388,9 @@ class Orchestrator:
             kv = handle.chunk_kv(c.index) if faster else None
             if kv is not None:
                 keys = {codec: ks[c.index] for codec, ks in handle.plan.keys.items()}
-                if "none" not in keys:  # a worker-side plan carries only the loaded chunks' keys
-                    continue
-                self.save_chunk(route, handle.plan.ctx.tenant, keys, kv, faster)
-                for dst in faster:
-                    self.telemetry.moved("promote", c.tier, dst)
+                if "none" in keys and self.save_chunk(route, handle.plan.ctx.tenant, keys, kv, faster):
+                    for dst in faster:  # a plan without keys (built by hand) cannot promote
+                        self.telemetry.moved("promote", c.tier, dst)
 
     def drain_observations(self) -> list[tuple[str, float, int]]:
         """Reads measured since the last call: ``(tier, seconds, bytes)``."""
@@ -477,15 +495,15 @@ class Orchestrator:
         await asyncio.gather(*(self._put(t, item, encoded[route.codec_for(t)]) for t in item.tiers))
 
     def _encode(self, item: _SaveItem, kv: np.ndarray, codec_id: str) -> bytes:
-        codec = self._codec(codec_id, {})
+        codec = self._codec(codec_id)
         key = item.keys[codec_id]
         meta = fmt.ObjectMeta(
             codec_id, self.model.dtype, self.chunk_tokens, self.model.kv_heads, self.model.head_dim,
-            self.model.namespace(item.tenant, codec_id).fingerprint, key.digest, dict(codec.params),
+            self.model.namespace(item.tenant, codec_id).fingerprint, key.digest, header_params(codec_id, codec),
         )
         if kv.shape != (self.model.n_layers, *self.geometry.shape):
             raise ValueError(f"chunk KV shaped {kv.shape}, expected {(self.model.n_layers, *self.geometry.shape)}")
-        return fmt.encode(meta, [codec.encode(kv[layer]) for layer in range(self.model.n_layers)])
+        return fmt.encode(meta, [codec.encode(kv[layer], layer) for layer in range(self.model.n_layers)])
 
     async def _put(self, tier: str, item: _SaveItem, blob: bytes) -> None:
         key = item.keys[item.route.codec_for(tier)]

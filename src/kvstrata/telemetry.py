@@ -5,12 +5,27 @@ operation and the result as labels. Hit rate is derived (hits / lookups), not
 stored. Each :class:`Telemetry` owns a Prometheus ``CollectorRegistry`` so
 that two orchestrators in one process (vLLM's scheduler and worker roles when
 they share a process) never collide; ``snapshot()`` gives plain numbers for
-tests and the CLI.
+tests and the CLI; ``save_snapshot()`` writes them to a JSON file that
+``kvstrata stats --snapshot`` and ``kvstrata report`` read.
+
+Operations (``kvstrata_tier_ops_total{tier, op, result}``):
+
+* ``op="lookup"``, ``result="hit"|"miss"``: chunks a read tier was asked
+  about during a lookup and had / did not have (a chunk found in an earlier
+  tier is not asked again). Per-tier hit rate = hit / (hit + miss).
+* ``op="contains"|"get"|"put"|"delete"``, ``result="ok"|"error"|"timeout"|"skipped"``:
+  tier calls (``skipped``: the tier's breaker was open); ``put`` also has
+  ``present`` (already stored, not rewritten).
+* ``op="read_chunk"``, ``result="hit"|"miss"``: chunks a load got / did not get.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from collections.abc import Mapping
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -43,6 +58,10 @@ class Telemetry:
         self.save_dropped = counter("kvstrata_save_dropped", "Chunks not saved.", ("reason",))
         self.save_queue = Gauge("kvstrata_save_queue_depth", "Chunks waiting to be saved.", names,
                                 registry=self.registry)
+        self.load_seconds = Histogram(
+            "kvstrata_load_seconds", "Wall time of one request's load, all tiers.", names,
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
         self.breaker_open = Gauge("kvstrata_breaker_open", "1 while a tier is skipped.", (*names, "tier"),
                                   registry=self.registry)
 
@@ -66,6 +85,16 @@ class Telemetry:
 
     def lookup(self, rule: str, outcome: str) -> None:
         self._l(self.lookups, rule=rule, outcome=outcome).inc()
+
+    def located(self, tier: str, hits: int, misses: int) -> None:
+        """A lookup asked ``tier`` about ``hits + misses`` chunks."""
+        if hits:
+            self._l(self.ops, tier=tier, op="lookup", result="hit").inc(hits)
+        if misses:
+            self._l(self.ops, tier=tier, op="lookup", result="miss").inc(misses)
+
+    def loaded(self, seconds: float) -> None:
+        (self.load_seconds.labels(**self.const) if self.const else self.load_seconds).observe(seconds)
 
     def evicted(self, tier: str, n: int) -> None:
         if n:
@@ -99,7 +128,55 @@ class Telemetry:
                 out[f"{s.name}{{{labels}}}"] = s.value
         return out
 
+    def samples(self) -> list[dict]:
+        """Every sample as ``{"name", "labels", "value"}`` (constant labels included)."""
+        return [
+            {"name": s.name, "labels": dict(s.labels), "value": s.value}
+            for family in self.registry.collect() for s in family.samples if not s.name.endswith("_created")
+        ]
+
+    def save_snapshot(self, path: str | os.PathLike[str], **meta: str) -> Path:
+        """Write every sample as JSON (atomically), with the time and ``meta``.
+
+        A path ending in ``.jsonl`` is appended to instead, one snapshot a
+        line: a time series for ``kvstrata report``.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"version": 1, "time": time.time(), "pid": os.getpid(), **meta, "samples": self.samples()}
+        if path.suffix == ".jsonl":
+            with path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(doc) + "\n")
+            return path
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    def tokens_by_source(self) -> dict[str, float]:
+        """Prompt tokens served so far per source (tiers, ``engine``, ``recompute``)."""
+        out: dict[str, float] = {}
+        for family in self.tokens.collect():
+            for s in family.samples:
+                if s.name.endswith("_total"):
+                    out[s.labels["source"]] = out.get(s.labels["source"], 0.0) + s.value
+        return out
+
     def value(self, name: str, **labels: str) -> float:
         """One sample's value (0 if never recorded)."""
         v = self.registry.get_sample_value(name, {**self.const, **labels})
         return 0.0 if v is None else v
+
+
+def load_snapshots(path: str | os.PathLike[str]) -> list[dict]:
+    """The snapshots in a file written by :meth:`Telemetry.save_snapshot`, oldest first."""
+    text = Path(path).read_text(encoding="utf-8")
+    if Path(path).suffix == ".jsonl":
+        docs = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        doc = json.loads(text)
+        docs = doc if isinstance(doc, list) else [doc]
+    for doc in docs:
+        if not isinstance(doc, dict) or "samples" not in doc:
+            raise ValueError(f"{path}: not a kvstrata telemetry snapshot")
+    return sorted(docs, key=lambda d: d.get("time", 0))

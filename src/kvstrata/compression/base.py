@@ -14,6 +14,17 @@ Contract:
   codec from them, refusing parameters it does not understand.
 * A codec declares ``lossless``; lossy codecs state their error bound in
   their docstring and tests hold them to it.
+* ``encode(kv, layer=...)`` gets the layer index: codecs with per-layer state
+  (learned ones) record it in the section, so ``decode`` needs nothing but
+  the section and the geometry.
+
+Names and kinds: a configuration names codecs (``codecs:`` in the YAML, e.g.
+``int4-g32: {kind: int4, group_size: 32}``); the object header's codec id is
+that *name* (it is also in the key namespace) and, when the name is not the
+registry id itself, the header params carry ``kind`` as well. So an object
+describes itself fully: :func:`codec_from_header` rebuilds its codec from the
+header alone, or raises :class:`CodecError` (unknown kind, parameters it does
+not understand, a learned codec whose checkpoint is missing or different).
 """
 
 from __future__ import annotations
@@ -62,7 +73,7 @@ class Codec(Protocol):
 
     @property
     def params(self) -> Mapping[str, int | float | str | bool]: ...
-    def encode(self, kv: np.ndarray) -> bytes: ...
+    def encode(self, kv: np.ndarray, layer: int = 0) -> bytes: ...
     def decode(self, section: memoryview | bytes, geometry: Geometry) -> np.ndarray: ...
 
 
@@ -82,7 +93,7 @@ class IdentityCodec:
             raise CodecError(f"codec 'none' takes no parameters, got {sorted(params)}")
         return cls()
 
-    def encode(self, kv: np.ndarray) -> bytes:
+    def encode(self, kv: np.ndarray, layer: int = 0) -> bytes:
         return np.ascontiguousarray(kv).tobytes()
 
     def decode(self, section: memoryview | bytes, geometry: Geometry) -> np.ndarray:
@@ -93,14 +104,91 @@ class IdentityCodec:
 
 _CODECS: dict[str, type] = {IdentityCodec.id: IdentityCodec}
 
+#: The header parameter naming the registry id when the codec id is a configured name.
+KIND_PARAM = "kind"
+
 
 def register(cls: type) -> type:
     _CODECS[cls.id] = cls
     return cls
 
 
+def _load_builtins() -> None:
+    # the built-in codecs register themselves on import
+    from kvstrata.compression import autoencoder, quant  # noqa: F401
+
+
+def codec_kinds() -> dict[str, type]:
+    """Registry id -> codec class, for every codec this build knows."""
+    _load_builtins()
+    return dict(_CODECS)
+
+
 def codec_from_header(codec_id: str, params: Mapping[str, object]) -> Codec:
-    """The codec that can decode an object, or CodecError if this build has none."""
-    if codec_id not in _CODECS:
-        raise CodecError(f"unknown codec {codec_id!r}")
-    return _CODECS[codec_id].from_params(params)
+    """The codec that can decode an object, or CodecError if this build has none.
+
+    ``codec_id`` is the header's codec id: a registry id, or a configured name
+    with the registry id in ``params["kind"]``.
+    """
+    _load_builtins()
+    params = dict(params)
+    kind = params.pop(KIND_PARAM, codec_id)
+    if not isinstance(kind, str) or kind not in _CODECS:
+        raise CodecError(f"unknown codec {kind!r}" + (f" (object codec {codec_id!r})" if kind != codec_id else ""))
+    try:
+        return _CODECS[kind].from_params(params)
+    except CodecError:
+        raise
+    except (TypeError, ValueError, KeyError, OSError) as exc:
+        raise CodecError(f"codec {codec_id!r} ({kind}): bad parameters: {exc}") from None
+
+
+def header_params(name: str, codec: Codec) -> dict[str, int | float | str | bool]:
+    """What the header of an object written by ``codec`` under ``name`` records."""
+    params = dict(codec.params)
+    if name != codec.id:
+        params[KIND_PARAM] = codec.id
+    return params
+
+
+def codec_from_config(name: str, kind: str, params: Mapping[str, object]) -> Codec:
+    """A writer's codec: ``kind`` built from configured ``params`` (CodecError if it cannot be)."""
+    return codec_from_header(name, {**params, KIND_PARAM: kind})
+
+
+# -- helpers shared by the lossy codecs ----------------------------------------------
+
+
+def to_float32(kv: np.ndarray, dtype: str) -> np.ndarray:
+    """Canonical KV of ``dtype`` (bf16 as its 16-bit pattern) as float32."""
+    if dtype == "bfloat16":
+        return (np.asarray(kv, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(kv, dtype=np.float32)
+
+
+def from_float32(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values as canonical KV of ``dtype`` (bf16: round to nearest even, as its pattern)."""
+    if dtype == "bfloat16":
+        bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (rounded >> 16).astype(np.uint16)
+    return np.ascontiguousarray(x, dtype=NUMPY_DTYPES[dtype])
+
+
+def kv_dtype(kv: np.ndarray) -> str:
+    """The canonical dtype name of an array handed to ``encode`` (uint16 means bf16's bit pattern)."""
+    return {"<f4": "float32", "<f2": "float16", "<u2": "bfloat16"}.get(kv.dtype.str, "float32")
+
+
+def check_params(codec_id: str, params: Mapping[str, object], allowed: Mapping[str, type]) -> None:
+    """CodecError unless every parameter is known and of its type (bool is not an int here)."""
+    for name, value in params.items():
+        if name not in allowed:
+            raise CodecError(f"codec {codec_id!r} does not understand parameter {name!r} "
+                             f"(known: {', '.join(sorted(allowed))})")
+        want = allowed[name]
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise CodecError(f"codec {codec_id!r} parameter {name!r} must be {want.__name__} (got {value!r})")

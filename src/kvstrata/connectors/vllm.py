@@ -31,12 +31,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvstrata import layout
+from kvstrata import exporter, layout
 from kvstrata.connectors.vllm_meta import StrataMetadata
 from kvstrata.connectors.vllm_scheduler import SchedulerSide
 from kvstrata.connectors.vllm_setup import model_spec, strata_config
 from kvstrata.connectors.vllm_worker import WorkerSide
 from kvstrata.orchestrator import Orchestrator
+from kvstrata.telemetry import ENGINE, RECOMPUTE
 
 log = logging.getLogger("vllm.kvstrata")  # under "vllm" so vLLM's logging shows it
 
@@ -45,7 +46,13 @@ _SOURCES = {"memory": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
 
 @dataclass
 class StrataStats(KVConnectorStats):
-    """Worker -> scheduler: reads measured (for the cost model) and counters for vLLM's log."""
+    """Worker -> scheduler -> front end: reads measured (for the cost model) and counters for vLLM's log.
+
+    ``data``: ``reads`` [(tier, seconds, bytes)], ``load_error_blocks`` int,
+    ``tokens`` {source: prompt tokens served since the last report} -- tiers
+    from the worker side, ``engine`` and ``recompute`` from the scheduler side.
+    vLLM prints ``reduce()`` as ``KV Transfer metrics: ...`` per log interval.
+    """
 
     def reset(self) -> None:
         self.data = {}
@@ -54,17 +61,28 @@ class StrataStats(KVConnectorStats):
         for key, value in other.data.items():
             if key == "reads":
                 self.data.setdefault("reads", []).extend(value)
+            elif isinstance(value, dict):
+                mine = self.data.setdefault(key, {})
+                for k, v in value.items():
+                    mine[k] = mine.get(k, 0) + v
             else:
                 self.data[key] = self.data.get(key, 0) + value
         return self
 
     def reduce(self) -> dict[str, int | float]:
         reads = self.data.get("reads", [])
-        return {
+        tokens = self.data.get("tokens", {})
+        out: dict[str, int | float] = {
             "kvstrata_reads": len(reads),
             "kvstrata_read_MB": round(sum(r[2] for r in reads) / 1e6, 3),
             "kvstrata_load_error_blocks": self.data.get("load_error_blocks", 0),
         }
+        for source in sorted(tokens, key=lambda s: (s in (ENGINE, RECOMPUTE), s)):
+            out[f"kvstrata_tokens_{source}"] = int(tokens[source])
+        prompt = sum(tokens.values())
+        if prompt:  # share of prompt tokens not recomputed: engine prefix cache plus kvstrata's tiers
+            out["kvstrata_hit_rate"] = round(1 - tokens.get(RECOMPUTE, 0) / prompt, 3)
+        return out
 
     def is_empty(self) -> bool:
         return not any(self.data.values())
@@ -90,6 +108,8 @@ class StrataConnector(KVConnectorBase_V1):
         self.scheduler = SchedulerSide(self.orch, self.block_size, self.model.name)
         self.worker = WorkerSide(self.orch, self.block_size)
         self._errors_reported = 0
+        self._tokens_seen: dict[str, float] = {}  # telemetry token counts already reported to vLLM
+        self.telemetry_service = exporter.serve(self.orch.telemetry, config.telemetry, role.name.lower())
         log.info("kvstrata %s: %s, tiers %s, enabled=%s", role.name, self.model, list(config.tiers), self.enabled)
 
     @property
@@ -171,16 +191,39 @@ class StrataConnector(KVConnectorBase_V1):
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         reads = self.orch.drain_observations()
         errors, self._errors_reported = self._errors_reported, 0
-        if not reads and not errors:
+        tokens = self._new_tokens()
+        if not reads and not errors and not tokens:
             return None
-        return StrataStats(data={"reads": reads, "load_error_blocks": errors})
+        return StrataStats(data={"reads": reads, "load_error_blocks": errors, "tokens": tokens})
+
+    def _new_tokens(self) -> dict[str, int]:
+        """Tokens served since the last call, by source, for the sources this role records.
+
+        Loads (tiers, and recompute of failed chunks) are recorded on the
+        worker side, lookups (engine, recompute) on the scheduler side; when
+        both roles share one orchestrator, recompute is reported once, by the
+        scheduler.
+        """
+        if self._role == KVConnectorRole.WORKER:
+            mine = lambda s: s != ENGINE and (s != RECOMPUTE or self.orch.users == 1)  # noqa: E731
+        else:
+            mine = lambda s: s in (ENGINE, RECOMPUTE)  # noqa: E731
+        new: dict[str, int] = {}
+        for source, total in self.orch.telemetry.tokens_by_source().items():
+            if mine(source) and total > self._tokens_seen.get(source, 0):
+                new[source] = int(total - self._tokens_seen.get(source, 0))
+                self._tokens_seen[source] = total
+        return new
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict | None = None) -> KVConnectorStats | None:
         return StrataStats(data=dict(data or {}))
 
     def shutdown(self) -> None:
+        last = self.orch.users == 1  # the shared orchestrator's last user also stops its exporter
         self.orch.close()
+        if last:
+            exporter.stop(self.orch.telemetry)
 
 
 def _cpu_isa(vllm_config, model) -> str | None:

@@ -21,7 +21,9 @@ class LoadSpec:
 
     ``chunks`` are ``(chunk index, tier, key bytes, codec)``; ``block_ids``
     are all of the request's blocks in token order; tokens below
-    ``skip_tokens`` are the engine's own and are not overwritten.
+    ``skip_tokens`` are the engine's own and are not overwritten. ``keys``
+    (per codec, every chunk of the prompt) let the worker promote hits into
+    faster tiers.
     """
 
     req_id: str
@@ -30,6 +32,7 @@ class LoadSpec:
     skip_tokens: int
     chunks: list[tuple[int, str, bytes, str]]
     block_ids: list[int]
+    keys: dict[str, list[bytes]] = field(default_factory=dict)  # codec -> every prompt chunk's key
 
 
 @dataclass

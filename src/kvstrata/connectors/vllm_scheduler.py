@@ -105,6 +105,7 @@ class SchedulerSide:
             skip_tokens=plan.skip_tokens,
             chunks=[(c.index, c.tier, c.key.digest, c.codec) for c in plan.chunks],
             block_ids=list(state.block_ids),
+            keys={codec: [k.digest for k in keys] for codec, keys in plan.keys.items()},
         ))
         state.next_save = max(state.next_save, plan.first_chunk + len(plan.chunks))
 

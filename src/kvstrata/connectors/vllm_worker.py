@@ -56,8 +56,9 @@ class WorkerSide:
     def _plan(self, spec: LoadSpec) -> Plan:
         decision = Decision(spec.rule, self.orch.route(spec.rule))
         chunks = tuple(PlannedChunk(i, tier, ChunkKey(key), codec) for i, tier, key, codec in spec.chunks)
+        keys = {codec: tuple(ChunkKey(k) for k in ks) for codec, ks in spec.keys.items()}
         return Plan(
-            RequestContext(tenant=spec.tenant), decision, self.chunk, spec.skip_tokens, keys={},
+            RequestContext(tenant=spec.tenant), decision, self.chunk, spec.skip_tokens, keys=keys,
             first_chunk=chunks[0].index if chunks else 0, chunks=chunks,
         )
 

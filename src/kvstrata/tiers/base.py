@@ -21,7 +21,8 @@ Contract (every tier, every method):
   reader does not know). Deciding what to do about a bad object (count it,
   drop it) is the orchestrator's job, not the tier's.
 * Tiers store opaque object bytes (see :mod:`kvstrata.format`); they parse
-  headers only to serve layer ranges and to verify what they return.
+  headers only to serve layer ranges and to verify what they return (before
+  returning it, or once per object where the stored bytes cannot change).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from __future__ import annotations
 import abc
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -149,9 +150,20 @@ class RangedTier(Tier):
 
     Subclasses implement :meth:`_read` (batched ranged reads, ``None`` for an
     absent object) and the write side; this class turns that into verified
-    whole-object and layer-range gets. A layer-range get costs one ranged read
-    when the header is cached (headers are small and immutable per key), two
-    otherwise: one to learn where the layers are, one for exactly those bytes.
+    whole-object and layer-range gets.
+
+    Verified headers are cached per key (bounded, LRU), together with their
+    exact bytes. A layer-range get costs one ranged read when the header is
+    cached, two otherwise: one to learn where the layers are, one for exactly
+    those bytes. A whole-object get is always one read; when the object starts
+    with the cached header's exact bytes, only its sections are checksummed
+    (parsing the same bytes again could not give another answer). Subclasses
+    call :meth:`_forget_all` for the keys they overwrite or delete.
+
+    A tier whose reads run in worker threads may override :meth:`_get_whole`
+    and :meth:`_get_layers` to read and verify in the same thread:
+    :meth:`_verify_whole` and :meth:`_verify_layers` do all the checking, are
+    thread-safe and do no I/O.
     """
 
     header_cache_entries: ClassVar[int] = 65536
@@ -172,43 +184,83 @@ class RangedTier(Tier):
         """Called once per get with the keys it served; capacity-owning tiers update recency."""
 
     async def get(self, keys: Sequence[ChunkKey], layers: range | None = None) -> list[Fetch]:
-        results = await self._get(keys, layers)
+        if layers is None:
+            results = await self._get_whole(keys)
+        else:
+            results = await self._get_layers(keys, layers)
         self._on_hits([r.key for r in results if isinstance(r, Hit)])
         return results
 
-    async def _get(self, keys: Sequence[ChunkKey], layers: range | None) -> list[Fetch]:
-        if layers is None:
-            blobs = await self._read([ReadRequest(k) for k in keys])
-            return [_verify(k, lambda b=b: fmt.decode(b), b) for k, b in zip(keys, blobs)]
+    # -- whole objects ----------------------------------------------------
+
+    async def _get_whole(self, keys: Sequence[ChunkKey]) -> list[Fetch]:
+        blobs = await self._read([ReadRequest(k) for k in keys])
+        return self._verify_whole(keys, blobs)
+
+    def _verify_whole(
+        self, keys: Sequence[ChunkKey], blobs: Sequence[bytes | memoryview | None]
+    ) -> list[Fetch]:
+        """The results of a whole-object get, from each key's read. Thread-safe, no I/O."""
+        known = self._cached_headers(keys)
+        return [self._verify_one(k, b, known.get(k)) for k, b in zip(keys, blobs)]
+
+    def _verify_one(
+        self, key: ChunkKey, blob: bytes | memoryview | None, known: fmt.Header | None
+    ) -> Fetch:
+        """Verify one whole object; a header parsed afresh is cached if it names ``key``."""
+        if blob is None:
+            return Miss(key)
+        try:
+            obj = fmt.decode(blob, known=known)
+        except fmt.FormatError as exc:
+            return _miss_for(key, exc)
+        if obj.header is not known:  # parsed afresh: check it, then remember it
+            if obj.meta.key != key.digest:
+                return Miss(key, "foreign", "object names another chunk key")
+            self._cache_header(key, obj.header)
+        return Hit(key, obj)
+
+    # -- layer ranges -----------------------------------------------------
+
+    async def _get_layers(self, keys: Sequence[ChunkKey], layers: range) -> list[Fetch]:
         headers = await self._headers_for(keys)
-        wanted = [k for k in keys if isinstance(headers[k], fmt.Header)]
-        ranges = [headers[k].byte_range(layers) for k in wanted]  # type: ignore[union-attr]
-        blobs = await self._read([ReadRequest(k, lo, hi) for k, (lo, hi) in zip(wanted, ranges)])
-        bodies = {k: (b, lo) for k, b, (lo, _) in zip(wanted, blobs, ranges)}
+        requests = _layer_requests(headers, layers)
+        blobs = await self._read(requests)
+        return self._verify_layers(keys, headers, layers, requests, blobs)
+
+    def _verify_layers(
+        self,
+        keys: Sequence[ChunkKey],
+        headers: Mapping[ChunkKey, fmt.Header | Miss],
+        layers: range,
+        requests: Sequence[ReadRequest],
+        blobs: Sequence[bytes | memoryview | None],
+    ) -> list[Fetch]:
+        """The results of a layer get, from each key's header (or Miss) and the reads
+        of :func:`_layer_requests`. Thread-safe, no I/O."""
+        bodies = {r.key: (r.start, b) for r, b in zip(requests, blobs)}
         results: list[Fetch] = []
         for key in keys:
             header = headers[key]
             if not isinstance(header, fmt.Header):
                 results.append(header)
                 continue
-            blob, lo = bodies[key]
+            start, blob = bodies[key]
             if blob is None:  # deleted between the two reads
                 self._forget(key)
                 results.append(Miss(key))
-            else:
-                results.append(
-                    _verify(key, lambda h=header, b=blob, s=lo: fmt.read_layers(h, b, s, layers), blob)
-                )
+                continue
+            try:
+                results.append(Hit(key, fmt.read_layers(header, blob, start, layers)))
+            except fmt.FormatError as exc:
+                results.append(_miss_for(key, exc))
         return results
 
     async def _headers_for(self, keys: Sequence[ChunkKey]) -> dict[ChunkKey, fmt.Header | Miss]:
-        found: dict[ChunkKey, fmt.Header | Miss] = {}
-        with self._headers_lock:
-            for key in keys:
-                if key in self._headers:
-                    self._headers.move_to_end(key)
-                    found[key] = self._headers[key]
+        found: dict[ChunkKey, fmt.Header | Miss] = dict(self._cached_headers(keys))
         missing = [k for k in keys if k not in found]
+        if not missing:
+            return found
         probes = await self._read([ReadRequest(k, 0, fmt.HEADER_PROBE_BYTES) for k in missing])
         long_headers: list[ChunkKey] = []
         for key, probe in zip(missing, probes):
@@ -236,38 +288,55 @@ class RangedTier(Tier):
             return _miss_for(key, exc)
         if header.meta.key != key.digest:
             return Miss(key, "foreign", "object names another chunk key")
+        self._cache_header(key, header)
+        return header
+
+    # -- the header cache ---------------------------------------------------
+
+    def _cached_headers(self, keys: Sequence[ChunkKey]) -> dict[ChunkKey, fmt.Header]:
+        """The cached headers of ``keys`` (those that have one), marked recently used."""
+        found: dict[ChunkKey, fmt.Header] = {}
+        with self._headers_lock:
+            for key in keys:
+                header = self._headers.get(key)
+                if header is not None:
+                    self._headers.move_to_end(key)
+                    found[key] = header
+        return found
+
+    def _cache_header(self, key: ChunkKey, header: fmt.Header) -> None:
+        """Remember a verified header that names ``key``."""
         with self._headers_lock:
             self._headers[key] = header
+            self._headers.move_to_end(key)
             while len(self._headers) > self.header_cache_entries:
                 self._headers.popitem(last=False)
-        return header
 
     def _forget(self, key: ChunkKey) -> None:
         with self._headers_lock:
             self._headers.pop(key, None)
 
     def _forget_all(self, keys: Sequence[ChunkKey]) -> None:
-        for key in keys:
-            self._forget(key)
+        with self._headers_lock:
+            for key in keys:
+                self._headers.pop(key, None)
+
+
+def _layer_requests(
+    headers: Mapping[ChunkKey, fmt.Header | Miss], layers: range
+) -> list[ReadRequest]:
+    """The byte range of ``layers`` of every key with a header (keys with a Miss need no read)."""
+    requests = []
+    for key, header in headers.items():
+        if isinstance(header, fmt.Header):
+            lo, hi = header.byte_range(layers)
+            requests.append(ReadRequest(key, lo, hi))
+    return requests
 
 
 def _miss_for(key: ChunkKey, exc: fmt.FormatError) -> Miss:
     reason: MissReason = "unsupported" if "version" in str(exc) else "corrupt"
     return Miss(key, reason, str(exc))
-
-
-def _verify(
-    key: ChunkKey, decode: Callable[[], fmt.ChunkObject], blob: bytes | memoryview | None
-) -> Fetch:
-    if blob is None:
-        return Miss(key)
-    try:
-        obj = decode()
-    except fmt.FormatError as exc:
-        return _miss_for(key, exc)
-    if obj.meta.key != key.digest:
-        return Miss(key, "foreign", "object names another chunk key")
-    return Hit(key, obj)
 
 
 # -- registry ---------------------------------------------------------------

@@ -1,9 +1,19 @@
 """DRAM tier: a byte-capacity pool of encoded objects in this process.
 
-Objects are kept as the immutable ``bytes`` they were put with, so a get is a
-zero-copy slice and a view handed out stays valid after eviction. On a GPU
-build the connector copies pages into pinned staging buffers; this pool holds
-the encoded objects behind them.
+Objects are kept as the immutable ``bytes`` they were put with (a
+``bytearray`` or view is copied once into ``bytes``), so nothing can change
+them afterwards. That is why the pool verifies each object once, the first
+time it is read (:class:`kvstrata.format.Verified`), and not at every get:
+later gets hand out fresh zero-copy views of sections already checked, and a
+view stays valid after eviction. Not at put: most saved chunks are never read
+again, and a put then costs a dict insert, not a header parse and a checksum
+pass. An object that fails verification stays stored (a tier stores whatever
+it is given); every get of it is the same :class:`Miss` (``corrupt``,
+``foreign`` or ``unsupported``) that verifying at get time gives, and a range
+that avoids a damaged section is still served, as in the other tiers.
+
+On a GPU build the connector copies pages into pinned staging buffers; this
+pool holds the encoded objects behind them.
 
 Eviction is by bytes, with the policy from settings (``lru`` or the
 scan-resistant ``s3fifo``). ``put`` returns what it evicted, data included,
@@ -19,16 +29,53 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from kvstrata import format as fmt
 from kvstrata.keys import ChunkKey
 from kvstrata.tiers.base import (
     Evicted,
+    Fetch,
+    Hit,
+    Miss,
     PutResult,
-    RangedTier,
-    ReadRequest,
+    Tier,
     TierSettings,
+    _miss_for,
     register,
 )
 from kvstrata.tiers.eviction import make_policy
+
+
+class _Entry:
+    """A stored object: immutable bytes, verified the first time they are read."""
+
+    __slots__ = ("data", "_verdict")
+
+    def __init__(self, data: bytes):
+        self.data = data
+        # None until first read; then the Verified object, or the header's FormatError message.
+        self._verdict: fmt.Verified | str | None = None
+
+    def fetch(self, key: ChunkKey, layers: range | None) -> Fetch:
+        """What verifying ``data`` now would give, with the checks in the same order."""
+        verdict = self._verdict
+        if verdict is None:  # two first reads at once both verify: same answer, no harm
+            verdict = self._verdict = _verify(self.data)
+        if isinstance(verdict, str):
+            return _miss_for(key, fmt.FormatError(verdict))
+        try:
+            obj = verdict.read(layers)
+        except fmt.FormatError as exc:
+            return _miss_for(key, exc)
+        if obj.meta.key != key.digest:
+            return Miss(key, "foreign", "object names another chunk key")
+        return Hit(key, obj)
+
+
+def _verify(data: bytes) -> fmt.Verified | str:
+    try:
+        return fmt.Verified(data)
+    except fmt.FormatError as exc:
+        return str(exc)
 
 
 class MemorySettings(TierSettings):
@@ -39,14 +86,14 @@ class MemorySettings(TierSettings):
 
 
 @register
-class MemoryTier(RangedTier):
+class MemoryTier(Tier):
     kind = "memory"
     settings_class = MemorySettings
 
     def __init__(self, name: str = "memory", capacity_bytes: int = 4 << 30, eviction: str = "s3fifo"):
         super().__init__(name)
         self.capacity_bytes = capacity_bytes
-        self._objects: dict[ChunkKey, bytes] = {}
+        self._objects: dict[ChunkKey, _Entry] = {}
         self._used = 0
         self._policy = make_policy(eviction, capacity_bytes)
         self._lock = threading.Lock()
@@ -66,51 +113,47 @@ class MemoryTier(RangedTier):
         with self._lock:
             return [k in self._objects for k in keys]
 
-    async def _read(self, requests: Sequence[ReadRequest]) -> list[memoryview | None]:
-        out: list[memoryview | None] = []
+    async def get(self, keys: Sequence[ChunkKey], layers: range | None = None) -> list[Fetch]:
+        """Fresh views of sections verified once (on the first read of each object)."""
         with self._lock:
-            for r in requests:
-                data = self._objects.get(r.key)
-                if data is None:
-                    out.append(None)
-                    continue
-                out.append(memoryview(data)[r.start : r.end])
-        return out
-
-    def _on_hits(self, keys: Sequence[ChunkKey]) -> None:
+            entries = [self._objects.get(k) for k in keys]
+        results = [Miss(k) if e is None else e.fetch(k, layers) for k, e in zip(keys, entries)]
         with self._lock:
-            for key in keys:
-                self._policy.touch(key)
+            for r in results:
+                if isinstance(r, Hit):
+                    self._policy.touch(r.key)
+        return results
 
     async def put(self, items: Sequence[tuple[ChunkKey, bytes]]) -> PutResult:
+        entries = [
+            (key, _Entry(bytes(data)))
+            for key, data in items
+            if len(data) <= self.capacity_bytes  # larger than the whole pool: not admitted
+        ]
         evicted: list[Evicted] = []
-        stored = 0
         with self._lock:
-            for key, data in items:
-                if len(data) > self.capacity_bytes:
-                    continue  # larger than the whole pool: not admitted
+            for key, entry in entries:
+                size = len(entry.data)
                 self._drop(key)
-                while self._used + len(data) > self.capacity_bytes:
+                while self._used + size > self.capacity_bytes:
                     victim = self._policy.victim()
-                    evicted.append(Evicted(victim, self._objects.pop(victim)))  # type: ignore[arg-type]
-                    self._used -= len(evicted[-1].data)  # type: ignore[arg-type]
-                self._objects[key] = bytes(data)
-                self._used += len(data)
-                self._policy.insert(key, len(data))
-                stored += 1
-        self._forget_all([k for k, _ in items])
-        return PutResult(stored, tuple(evicted))
+                    data = self._objects.pop(victim).data  # type: ignore[call-overload]
+                    self._used -= len(data)
+                    evicted.append(Evicted(victim, data))  # type: ignore[arg-type]
+                self._objects[key] = entry
+                self._used += size
+                self._policy.insert(key, size)
+        return PutResult(len(entries), tuple(evicted))
 
     async def delete(self, keys: Sequence[ChunkKey]) -> None:
         with self._lock:
             for key in keys:
                 self._drop(key)
-        self._forget_all(keys)
 
     def _drop(self, key: ChunkKey) -> None:
-        data = self._objects.pop(key, None)
-        if data is not None:
-            self._used -= len(data)
+        entry = self._objects.pop(key, None)
+        if entry is not None:
+            self._used -= len(entry.data)
             self._policy.remove(key)
 
     async def close(self) -> None:

@@ -3,14 +3,17 @@
 One Redis string per chunk, under ``<key_prefix><key hex>``, written with a
 TTL so a shared store ages out what nobody reads. Layer ranges are served with
 ``GETRANGE`` (Redis strings support byte ranges), and every batch is one
-pipeline, so ``get`` of 64 chunks is one or two round trips, not 64.
+round trip: a plain command when it holds one request (a pipeline costs more
+client CPU than the command itself), ``MGET`` for whole objects, otherwise a
+pipeline. So ``get`` of 64 chunks is one or two round trips, not 64.
 
 The connection pool is a blocking pool sized by ``max_connections``: under
 more concurrency than that, callers queue for a connection (up to
 ``timeout_s``) instead of failing with ``MaxConnectionsError``.
 
 ``redis+cluster://host:port`` (or ``cluster: true``) connects to a Redis
-Cluster; pipelines are then split per slot by redis-py.
+Cluster; pipelines are then split per slot by redis-py, and multi-key gets
+use a pipeline instead of ``MGET`` (whose keys would span slots).
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ class RedisTier(RangedTier):
         # connections are dead, and the first command on each would fail otherwise.
         # Timeouts are not retried: they would double the wait on a slow server.
         retry = Retry(ExponentialBackoff(cap=0.05, base=0.005), 1, (RedisConnectionError,))
-        if settings.cluster or url.startswith("redis+cluster://"):
+        self._cluster = settings.cluster or url.startswith("redis+cluster://")
+        if self._cluster:
             self._client = aioredis.RedisCluster.from_url(
                 url.replace("redis+cluster://", "redis://", 1),
                 max_connections=settings.max_connections,
@@ -88,6 +92,13 @@ class RedisTier(RangedTier):
         except (RedisError, OSError) as exc:
             raise TierError(self.name, op, exc) from exc
 
+    async def _call(self, op: str, command) -> object:
+        """One command sent on its own: a pipeline costs more client CPU than the command."""
+        try:
+            return await command
+        except (RedisError, OSError) as exc:
+            raise TierError(self.name, op, exc) from exc
+
     async def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
         if not keys:
             return []
@@ -95,18 +106,28 @@ class RedisTier(RangedTier):
         return [bool(n) for n in found]
 
     async def _read(self, requests: Sequence[ReadRequest]) -> list[bytes | None]:
+        """One round trip: GET/GETRANGE for one request, MGET for whole objects, else a pipeline."""
         if not requests:
             return []
-
-        def command(r: ReadRequest):
-            name = self._name(r.key)
-            if r.start == 0 and r.end is None:
-                return lambda p: p.get(name)
-            return lambda p: p.getrange(name, r.start, -1 if r.end is None else r.end - 1)
-
-        blobs = await self._pipeline("get", [command(r) for r in requests])
+        if len(requests) == 1:
+            blobs = [await self._call("get", self._read_command(self._client, requests[0]))]
+        elif not self._cluster and all(_whole(r) for r in requests):
+            # MGET spans hash slots, so not in cluster mode (redis-py would refuse it).
+            names = [self._name(r.key) for r in requests]
+            blobs = await self._call("get", self._client.mget(names))
+        else:
+            blobs = await self._pipeline(
+                "get", [lambda p, r=r: self._read_command(p, r) for r in requests]
+            )
         # GETRANGE of a missing key is b"": objects are never empty, so that is "absent".
-        return [b if b else None for b in blobs]
+        return [b if b else None for b in blobs]  # type: ignore[union-attr]
+
+    def _read_command(self, client, r: ReadRequest):
+        """GET or GETRANGE of ``r`` on a client (returns the awaitable) or a pipeline (queues it)."""
+        name = self._name(r.key)
+        if _whole(r):
+            return client.get(name)
+        return client.getrange(name, r.start, -1 if r.end is None else r.end - 1)
 
     async def put(self, items: Sequence[tuple[ChunkKey, bytes]]) -> PutResult:
         if not items:
@@ -126,3 +147,7 @@ class RedisTier(RangedTier):
             await self._client.aclose()
         except (RedisError, OSError):
             pass  # closing a dead connection is not an error worth raising
+
+
+def _whole(r: ReadRequest) -> bool:
+    return r.start == 0 and r.end is None
