@@ -123,13 +123,7 @@ def _group_quantize(x: np.ndarray, axis: int, group: int, bits: int):
     is rounded down and the fp16 scale up, so every value is representable
     within half a step.
     """
-    x = np.moveaxis(x, axis, -1)
-    n = x.shape[-1]
-    n_groups = -(-n // group)
-    pad = n_groups * group - n
-    if pad:
-        x = np.concatenate([x, np.repeat(x[..., -1:], pad, axis=-1)], axis=-1)
-    g = x.reshape(*x.shape[:-1], n_groups, group)
+    g, n = _groups(x, axis, group)
     lo = g.min(axis=-1)
     hi = g.max(axis=-1)
     levels = (1 << bits) - 1
@@ -143,7 +137,7 @@ def _group_quantize(x: np.ndarray, axis: int, group: int, bits: int):
     s32 = s16.astype(np.float32)
     safe = np.where(s32 > 0, s32, 1.0)
     q = np.rint((g - lo16.astype(np.float32)[..., None]) / safe[..., None])
-    codes = np.clip(q, 0, levels).astype(np.uint8).reshape(*x.shape[:-1], n_groups * group)[..., :n]
+    codes = np.clip(q, 0, levels).astype(np.uint8).reshape(*g.shape[:-2], -1)[..., :n]
     return np.moveaxis(codes, -1, axis), np.moveaxis(s16, -1, axis), np.moveaxis(lo16, -1, axis)
 
 
@@ -287,15 +281,21 @@ class Int4Codec(_GroupQuant):
 
 def group_error_bound(x: np.ndarray, axis: int, group: int, bits: int) -> np.ndarray:
     """The documented per-element error bound of int8/int4 for one tensor ``x`` (K: axis 0, V: axis 2)."""
-    x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
-    n = x.shape[-1]
-    n_groups = -(-n // group)
-    pad = n_groups * group - n
-    if pad:
-        x = np.concatenate([x, np.repeat(x[..., -1:], pad, axis=-1)], axis=-1)
-    g = x.reshape(*x.shape[:-1], n_groups, group)
+    g, n = _groups(np.asarray(x, dtype=np.float64), axis, group)
     lo, hi = g.min(axis=-1), g.max(axis=-1)
     step = (hi - lo + 2.0**-9 * np.abs(lo)) / ((1 << bits) - 1) * (1 + 2.0**-10)
     bound = 0.5 * step + 2.0**-20 * np.maximum(np.abs(lo), np.abs(hi)) + 2.0**-24
     bound = np.repeat(bound, group, axis=-1)[..., :n]
     return np.moveaxis(bound, -1, axis)
+
+
+def _groups(x: np.ndarray, axis: int, group: int) -> tuple[np.ndarray, int]:
+    """``x`` with ``axis`` moved last and split into groups of ``group`` (the last group padded
+    by repeating its last value), and that axis's original length."""
+    x = np.moveaxis(x, axis, -1)
+    n = x.shape[-1]
+    n_groups = -(-n // group)
+    pad = n_groups * group - n
+    if pad:
+        x = np.concatenate([x, np.repeat(x[..., -1:], pad, axis=-1)], axis=-1)
+    return x.reshape(*x.shape[:-1], n_groups, group), n
