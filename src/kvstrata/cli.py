@@ -14,6 +14,7 @@ from rich.table import Table
 from kvstrata import __version__
 from kvstrata import format as fmt
 from kvstrata.cli_codec import codec_app
+from kvstrata.cli_corpus import corpus_app
 from kvstrata.cli_policy import policy_app
 from kvstrata.cli_stats import stats_app
 
@@ -21,6 +22,7 @@ app = typer.Typer(help="kvstrata: a unified multi-tier KV cache for LLM serving.
 app.add_typer(policy_app, name="policy")
 app.add_typer(stats_app)
 app.add_typer(codec_app, name="codec")
+app.add_typer(corpus_app, name="corpus")
 console = Console()
 
 

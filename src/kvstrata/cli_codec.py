@@ -4,14 +4,19 @@ Mounted by :mod:`kvstrata.cli` as ``app.add_typer(codec_app, name="codec")``.
 
 ``kvstrata codec train`` captures KV from SmolLM2-135M through transformers
 (the training 70% of CPython's ``pydoc_data.topics``; K is post-RoPE, as vLLM
-stores it), trains one autoencoder per layer for K and one for V on CPU, and
-writes a safetensors checkpoint. Given the same seed, model and torch build,
-the checkpoint's bytes -- and so its sha256 -- are the same.
+stores it), fits one transform per layer for K and one for V on CPU, and
+writes a safetensors checkpoint: ``--kind linear-ae`` (the default) a linear
+autoencoder across all KV heads with a bit-allocated quantized latent
+(:mod:`kvstrata.compression.linear`, numpy, closed form), ``--kind
+autoencoder`` the per-head MLP autoencoders (:mod:`kvstrata.compression.autoencoder`,
+torch). Given the same seed, model and library builds, the checkpoint's
+bytes -- and so its sha256 -- are the same.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 import time
 from pathlib import Path
 
@@ -35,6 +40,11 @@ def default_checkpoint(latent: int) -> Path:
     return Path.home() / ".cache" / "kvstrata" / "codecs" / f"smollm2-135m-ae-l{latent}-v1.safetensors"
 
 
+def default_linear_checkpoint(k_bytes: int, v_bytes: int, derotate: bool) -> Path:
+    tag = f"k{k_bytes}v{v_bytes}" + ("-derot" if derotate else "")
+    return Path.home() / ".cache" / "kvstrata" / "codecs" / f"smollm2-135m-lae-{tag}-v1.safetensors"
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -44,7 +54,13 @@ def _progress() -> Progress:
 @codec_app.command()
 def train(
     out: Path | None = typer.Option(None, help="checkpoint file (default ~/.cache/kvstrata/codecs/...)"),
-    latent: int = typer.Option(16, min=1, help="latent size per head vector (head_dim 64 for SmolLM2)"),
+    kind: str = typer.Option("linear-ae", help="linear-ae (transform + quantized latent) or autoencoder (MLP)"),
+    k_bytes: list[int] = typer.Option([96], min=1, help="linear-ae: code bytes per token and layer for K (all "
+                                      "heads); repeat with --v-bytes to fit several checkpoints from one capture"),
+    v_bytes: list[int] = typer.Option([96], min=1, help="linear-ae: code bytes per token and layer for V"),
+    derotate: bool = typer.Option(True, help="linear-ae: code keys as before RoPE (needs chunk positions)"),
+    max_vectors: int = typer.Option(65536, min=1, help="linear-ae: training vectors per transform"),
+    latent: int = typer.Option(16, min=1, help="autoencoder: latent size per head vector (head_dim 64)"),
     hidden: int = typer.Option(128, min=1, help="hidden width of encoder and decoder"),
     steps: int = typer.Option(600, min=1, help="optimizer steps"),
     batch: int = typer.Option(1024, min=1, help="vectors per step, per autoencoder"),
@@ -55,12 +71,25 @@ def train(
     heldout_sequences: int = typer.Option(2, min=1, help="held-out sequences for the recorded error"),
     model_dir: Path | None = typer.Option(None, help="HF checkpoint dir (default: prepared SmolLM2-135M)"),
 ) -> None:
-    """Capture KV from SmolLM2 and train per-layer K/V autoencoders; print the checkpoint's sha256."""
+    """Capture KV from SmolLM2 and train per-layer K/V codecs; print the checkpoint's sha256."""
     import numpy as np
 
     from kvstrata.compression import autoencoder, capture
 
-    out = out or default_checkpoint(latent)
+    if kind not in ("linear-ae", "autoencoder"):
+        raise typer.BadParameter(f"--kind must be linear-ae or autoencoder, not {kind!r}")
+    if kind == "linear-ae":
+        if len(k_bytes) != len(v_bytes):
+            raise typer.BadParameter("give --k-bytes and --v-bytes the same number of times")
+        if out is not None and len(k_bytes) > 1:
+            raise typer.BadParameter("--out names one checkpoint: give one --k-bytes/--v-bytes pair")
+    else:
+        out = out or default_checkpoint(latent)
+    import torch
+
+    # one torch thread: the captured KV -- and so the checkpoint -- must not depend on the core count
+    # (numpy's BLAS: run with OPENBLAS_NUM_THREADS=1 for bit-identical linear-ae fits)
+    torch.set_num_threads(1)
     started = time.perf_counter()
     console.print("loading SmolLM2-135M (transformers, fp32) ...")
     model, tok = capture.load_model(model_dir)
@@ -76,6 +105,14 @@ def train(
             held_kv.append(capture.capture(model, ids))
             bar.advance(task)
     n_layers, _, _, heads, head_dim = train_kv[0].shape
+    if kind == "linear-ae":
+        for kb, vb in zip(k_bytes, v_bytes):
+            _train_linear(model, train_kv, held_kv, out or default_linear_checkpoint(kb, vb, derotate), k_bytes=kb,
+                          v_bytes=vb, derotate=derotate, max_vectors=max_vectors, seed=seed, started=started,
+                          meta={"model": "SmolLM2-135M-Instruct", "corpus": "pydoc_data.topics[:70%]",
+                                "train_tokens": len(train_ids) * seq_len, "sequences": sequences,
+                                "seq_len": seq_len})
+        return
 
     def by_layer(kvs):
         stacked = np.concatenate(kvs, axis=2)  # [L, 2, T_total, H, D]
@@ -103,14 +140,64 @@ def train(
     typer.echo(json.dumps({"checkpoint": str(out), "sha256": digest}))
 
 
+def _train_linear(model, train_kv, held_kv, out: Path, *, k_bytes, v_bytes, derotate, max_vectors, seed, started,
+                  meta) -> None:
+    import numpy as np
+
+    from kvstrata.compression import linear
+
+    n_layers, _, _, heads, head_dim = train_kv[0].shape
+    theta = _rope_theta(model.config)
+    chunk = 256  # held-out error measured per 256-token chunk at its absolute position, as stored
+    data = {("kv"[i], layer): [(0, kv[layer, i]) for kv in train_kv] for layer in range(n_layers) for i in (0, 1)}
+    held = {("kv"[i], layer): [(c, kv[layer, i, c : c + chunk]) for kv in held_kv for c in range(0, kv.shape[2], chunk)]
+            for layer in range(n_layers) for i in (0, 1)}
+    with _progress() as bar:
+        task = bar.add_task(f"fitting {2 * n_layers} transforms", total=2 * n_layers, info="")
+
+        def report(done: int, total: int, info: str) -> None:
+            bar.update(task, completed=done, info=info)
+
+        ckpt = linear.train_linear(data, held, kv_heads=heads, head_dim=head_dim, k_bits=8 * k_bytes,
+                                   v_bits=8 * v_bytes, derotate=derotate, rope_theta=theta, max_vectors=max_vectors,
+                                   seed=seed, progress=report,
+                                   meta={**meta, "k": "post-RoPE as stored"
+                                         + (", derotated by the codec" if derotate else "")})
+    digest = ckpt.save(out)
+    errs = json.loads(ckpt.meta["heldout_rel_err"])
+    k = [errs[f"k{i}"] for i in range(n_layers)]
+    v = [errs[f"v{i}"] for i in range(n_layers)]
+    elems = heads * head_dim
+    console.print(f"{(k_bytes + v_bytes + 4) / (2 * elems):.3f} bytes/element "
+                  f"(bf16: 2); held-out relative error: K mean {np.mean(k):.3f} (max {max(k):.3f}), "
+                  f"V mean {np.mean(v):.3f} (max {max(v):.3f})")
+    console.print(f"{time.perf_counter() - started:.0f} s; checkpoint {out}")
+    typer.echo(json.dumps({"checkpoint": str(out), "sha256": digest}))
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if params.get("rope_type", "default") not in ("default", None):
+        raise typer.BadParameter(f"linear-ae derotation knows plain RoPE only, not {params.get('rope_type')!r}")
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
 @codec_app.command()
-def show(checkpoint: Path = typer.Argument(..., help="autoencoder checkpoint (.safetensors)")) -> None:
+def show(checkpoint: Path = typer.Argument(..., help="learned codec checkpoint (.safetensors)")) -> None:
     """Print a checkpoint's metadata, sha256 and recorded held-out error per layer."""
-    from kvstrata.compression.autoencoder import load_checkpoint
+    from kvstrata.compression import linear
+    from kvstrata.compression.autoencoder import _safetensors_metadata, load_checkpoint
     from kvstrata.compression.base import CodecError
 
     try:
-        ckpt = load_checkpoint(str(checkpoint), None)
+        try:
+            fmt = _safetensors_metadata(checkpoint.read_bytes()).get("format")
+        except (OSError, ValueError, struct.error):
+            fmt = None
+        if fmt == linear.FORMAT:
+            ckpt = linear.load_linear_checkpoint(str(checkpoint), None)
+        else:
+            ckpt = load_checkpoint(str(checkpoint), None)
     except CodecError as exc:
         console.print(f"[red]invalid checkpoint[/red]: {exc}")
         raise typer.Exit(1) from None

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
 from pydantic import field_validator, model_validator
 
 from kvstrata.policy.engine import FieldPath, Policy, PolicySpec, compile_policy
@@ -80,13 +80,14 @@ class CostPrior(_Frozen):
 
 DEFAULT_COST: Mapping[str, CostPrior] = MappingProxyType({
     "memory": CostPrior(latency_ms=0.02, bandwidth_mbps=20000),
+    "lmcache": CostPrior(latency_ms=0.05, bandwidth_mbps=5000),  # a copy and a checksum per get
     "disk": CostPrior(latency_ms=0.3, bandwidth_mbps=1500),
     "redis": CostPrior(latency_ms=0.5, bandwidth_mbps=800),
     "s3": CostPrior(latency_ms=15, bandwidth_mbps=250),
 })
 UNKNOWN_KIND_COST = CostPrior(latency_ms=5, bandwidth_mbps=200)
 DEFAULT_TIMEOUT_MS: Mapping[str, float] = MappingProxyType(
-    {"memory": 1000, "disk": 2000, "redis": 2000, "s3": 5000}
+    {"memory": 1000, "lmcache": 1000, "disk": 2000, "redis": 2000, "s3": 5000}
 )
 UNKNOWN_KIND_TIMEOUT_MS = 5000.0
 
@@ -130,12 +131,34 @@ class TelemetryConfig(_Frozen):
     snapshot_path: str | None = Field(None, description="JSON snapshot file; {role} and {pid} are replaced")
 
 
+class BandwidthConfig(_Frozen):
+    """``bandwidth:``: budgets of tiers' read paths and how concurrent loads share them."""
+
+    policy: Literal["equal", "stall_aware", "deadline"] = "deadline"
+    links: dict[str, Annotated[float | Literal["auto"], BeforeValidator(lambda v: _rate(v))]] = {}
+    read_window: int = Field(2, ge=1, le=64, description="layer groups in flight per load")
+    group_tolerance: float = Field(0.005, ge=0, le=1, description=(
+        "layer-wise loads read layers in as few GETs as keep the estimated TTFT within this "
+        "fraction of the best grouping's"))
+
+
 class CodecSpec(_Frozen):
     """A named codec: its registry kind and the parameters its objects record (normalized by the codec)."""
 
     name: str
     kind: str
     params: Mapping[str, int | float | str | bool]
+
+
+class DocumentsConfig(_Frozen):
+    """``documents:`` -- per-document precomputed KV, stitched into prompts (docs/documents.md)."""
+
+    corpus: str = Field("default", min_length=1, max_length=64, description="corpus namespace")
+    tiers: tuple[str, ...] = Field((), description="read order; `kvstrata corpus add` writes the first. "
+                                                   "Empty: the first s3 tier, else every tier, memory last")
+    repair: Literal["none", "context", "tail"] = "none"
+    detect: bool = Field(False, description="stitch prompts that start with registered documents "
+                                            "even when the request does not name them")
 
 
 #: Codec names every configuration has (kind = name, default parameters) unless ``codecs:`` redefines them.
@@ -155,8 +178,10 @@ class StrataConfig(_Frozen):
     orchestrator: OrchestratorConfig = OrchestratorConfig()
     reuse: ReuseConfig = ReuseConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    bandwidth: BandwidthConfig = BandwidthConfig()
     policy: Policy
     codecs: Mapping[str, CodecSpec] = MappingProxyType({})
+    documents: DocumentsConfig = DocumentsConfig()
 
     @field_validator("tiers", "codecs", mode="after")
     @classmethod
@@ -189,8 +214,10 @@ class _FileSpec(_Frozen):
     orchestrator: OrchestratorConfig = OrchestratorConfig()
     reuse: ReuseConfig = ReuseConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    bandwidth: BandwidthConfig = BandwidthConfig()
     policy: PolicySpec = PolicySpec()
     codecs: dict[str, dict[str, Any]] = {}
+    documents: DocumentsConfig = DocumentsConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -224,7 +251,7 @@ class _FileSpec(_Frozen):
         return tiers
 
 
-_SECTIONS = ("engine", "orchestrator", "reuse", "telemetry", "policy", "codecs")
+_SECTIONS = ("engine", "orchestrator", "reuse", "telemetry", "bandwidth", "policy", "codecs", "documents")
 
 # -- public API -------------------------------------------------------------------
 
@@ -257,6 +284,10 @@ def _parse(text: str, source: str, path: Path | None) -> StrataConfig:
     spec = report.validate(_FileSpec, data)
     tiers = {name: _tier(name, raw, report) for name, raw in _raw_tiers(data).items()}
     codecs = _codecs(spec.codecs if spec is not None else {}, path, report)
+    if spec is not None:
+        for tier in spec.bandwidth.links:
+            if tier not in tiers:
+                report.add(("bandwidth", "links", tier), f"unknown tier {tier!r} (tiers: {', '.join(tiers)})")
     report.raise_if_any()  # so spec and every tier are valid from here on
     policy = compile_policy(spec.policy, tiers, spec.orchestrator.default_budget_ms, report)
     _check_route_codecs(spec.policy, codecs, report)
@@ -264,7 +295,7 @@ def _parse(text: str, source: str, path: Path | None) -> StrataConfig:
     return StrataConfig(
         path=path, version=spec.version, chunk_tokens=spec.chunk_tokens, tiers=tiers, engine=spec.engine,
         orchestrator=spec.orchestrator, reuse=spec.reuse, telemetry=spec.telemetry, policy=policy,
-        codecs=codecs,
+        codecs=codecs, bandwidth=spec.bandwidth, documents=spec.documents,
     )
 
 
@@ -301,7 +332,7 @@ def _codecs(raw: dict[str, Any], path: Path | None, report: _Report) -> dict[str
             report.add((*at, key), "codec parameters must be plain scalars")
         if bad:
             continue
-        if kind == "autoencoder" and isinstance(params.get("checkpoint"), str) and path is not None:
+        if kind in ("autoencoder", "linear-ae") and isinstance(params.get("checkpoint"), str) and path is not None:
             params["checkpoint"] = str((path.parent / Path(params["checkpoint"]).expanduser()).resolve())
         try:
             codec = codec_from_config(name, kind, params)
@@ -625,6 +656,21 @@ def _from_env(prefix: str, loc: FieldPath) -> str:
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20,
           "gb": 10**9, "gib": 2**30, "tb": 10**12, "tib": 2**40}
+
+
+def _rate(value: Any) -> float | str:
+    """A link capacity: bytes/s as a number, ``"1.25GB/s"`` / ``"800 MiB/s"``, or ``"auto"``
+    (the tier's read bandwidth as the cost model measures it)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+        raise ValueError(f"a rate must be positive (got {value})")
+    if isinstance(value, str):
+        text = value.strip()
+        if text == "auto":
+            return text
+        if not text.lower().endswith("/s"):
+            raise ValueError(f"invalid rate {value!r}: use bytes/s, a size per second (e.g. '1.25GB/s'), or 'auto'")
+        return float(parse_bytes(text[:-2]))
+    return value
 
 
 def parse_bytes(text: str) -> int:

@@ -41,10 +41,12 @@ from kvstrata.breaker import Breaker
 from kvstrata.compression.base import KIND_PARAM, Codec, CodecError, codec_from_header, header_params
 from kvstrata.keys import ChunkKey, chunk_keys
 from kvstrata.plan import LoadHandle, ModelSpec, Plan, PlannedChunk
+from kvstrata.policy import pipeline
 from kvstrata.policy.cost import CostModel
 from kvstrata.policy.engine import DEFAULT_RULE
 from kvstrata.policy.reuse import ReuseEstimator
 from kvstrata.policy.route import RequestContext, Route
+from kvstrata.policy.scheduler import Flow, Link
 from kvstrata.telemetry import ENGINE, RECOMPUTE, Telemetry
 from kvstrata.tiers.base import Hit, Tier, TierError, tier_class
 
@@ -64,6 +66,7 @@ class _SaveItem:
     keys: Mapping[str, ChunkKey]  # codec -> key of this chunk
     kv: KV  # [n_layers, 2, chunk_tokens, kv_heads, head_dim], or a callable producing it
     tiers: tuple[str, ...]
+    first_position: int = 0  # the chunk's first token position (codecs that undo RoPE need it)
 
 
 class Orchestrator:
@@ -96,6 +99,12 @@ class Orchestrator:
         # chunks queued for writing: a lookup for them waits (briefly) instead of missing
         self._inflight: dict[ChunkKey, asyncio.Future] = {}
         self.inflight_wait_s = 2.0
+        # bandwidth budgets of tiers' read paths, split among concurrent loads by a policy
+        bw = config.bandwidth
+        self.links = {tier: Link(self._measured(tier) if capacity == "auto" else capacity, bw.policy)
+                      for tier, capacity in bw.links.items()}
+        self.read_window = bw.read_window
+        self._get_s: dict[str, float] = {}  # tier -> seconds per GET in a batch, learned
         runtime.run(self._start(save_workers), timeout=30)
 
     async def _start(self, n: int) -> None:
@@ -273,62 +282,153 @@ class Orchestrator:
 
     # -- load -----------------------------------------------------------------
 
-    def load(self, plan: Plan, layers_per_read: int | None = None) -> LoadHandle:
-        """Start reading the plan's chunks; returns at once. ``layers_per_read`` overrides the route."""
+    def load(self, plan: Plan, layers_per_read: int | None = None,
+             compute_s_per_layer: float | None = None) -> LoadHandle:
+        """Start reading the plan's chunks; returns at once.
+
+        Layer-wise routes read in layer groups planned by :func:`pipeline.plan_groups`
+        (``layers_per_read`` forces uniform groups); whole-object routes in one
+        group. ``compute_s_per_layer`` is the engine's compute time per layer
+        for this request if the caller knows it (else the cost model's estimate).
+        """
         handle = LoadHandle(plan, self.model.n_layers)
         if not plan.chunks:
             handle.complete(range(self.model.n_layers))
             return handle
-        if layers_per_read is None:
-            layerwise = plan.decision.route.retrieval == "layerwise"
-            layers_per_read = max(1, self.model.n_layers // 8) if layerwise else self.model.n_layers
-        runtime.submit(self._load(handle, layers_per_read))
+        compute_s = compute_s_per_layer if compute_s_per_layer is not None else self._compute_s_per_layer(plan)
+        handle.groups = self._groups(plan, layers_per_read, compute_s)
+        runtime.submit(self._load(handle, compute_s))
         return handle
 
-    async def _load(self, handle: LoadHandle, per_read: int) -> None:
-        plan, n_layers = handle.plan, self.model.n_layers
-        started = time.perf_counter()
-        by_tier: dict[str, list[PlannedChunk]] = {}
-        for c in plan.chunks:
-            by_tier.setdefault(c.tier, []).append(c)
+    def _compute_s_per_layer(self, plan: Plan) -> float:
+        rest = max(plan.ctx.context_tokens - plan.end_token, 1)
+        return self.cost.recompute_s(rest) / self.model.n_layers
+
+    def _groups(self, plan: Plan, layers_per_read: int | None, compute_s: float) -> tuple[range, ...]:
+        n = self.model.n_layers
+        if layers_per_read is not None:
+            return pipeline.uniform(n, layers_per_read)
+        if plan.decision.route.retrieval != "layerwise":
+            return (range(n),)
+        transfer_s, overhead_s = 0.0, 0.0
+        for tier, chunks in _by_tier(plan.chunks).items():
+            latency, bandwidth = self.cost.tier(tier)
+            link = self.links.get(tier)
+            if link is not None:  # the share this load can expect
+                bandwidth = min(bandwidth, link.capacity / (link.open_flows + 1))
+            transfer_s = max(transfer_s, len(chunks) * self.geometry.nbytes / bandwidth)
+            # a group costs one GET per chunk: the store's per-GET time (its IOPS) adds up
+            overhead_s = max(overhead_s, latency + len(chunks) * self._get_s.get(tier, latency / 8))
+        return pipeline.plan_groups([transfer_s] * n, [compute_s] * n, overhead_s, self.read_window,
+                                    self.config.bandwidth.group_tolerance)
+
+    def _measured(self, tier: str) -> Callable[[], float]:
+        """A link capacity that follows the tier's read bandwidth as the cost model learns it."""
+        return lambda: self.cost.tier(tier)[1]
+
+    def _observe_gets(self, tier: str, seconds: float, gets: int) -> None:
+        """Seconds per GET of a batch (the store's throughput in requests), smoothed."""
+        per_get = seconds / max(gets, 1)
+        old = self._get_s.get(tier)
+        self._get_s[tier] = per_get if old is None else old + 0.2 * (per_get - old)
+
+    async def _load(self, handle: LoadHandle, compute_s: float) -> None:
+        plan, groups = handle.plan, handle.groups
+        by_tier = _by_tier(plan.chunks)
+        flows = {tier: self._open_flow(tier, handle, len(chunks), compute_s)
+                 for tier, chunks in by_tier.items() if tier in self.links}
+        # within a flow, groups are paced in layer order: group i waits for group i-1's turn
+        turns = {tier: [asyncio.Event() for _ in groups] for tier in flows}
+        window = asyncio.Semaphore(self.read_window)
+        released = [asyncio.Event() for _ in groups]  # layers are released in order
+
+        async def read(i: int, layers: range) -> None:
+            try:
+                async with window:
+                    await asyncio.gather(*(
+                        self._read_group(tier, chunks, layers, handle,
+                                         self._pacer(self.links[tier], flows[tier], turns[tier], i)
+                                         if tier in flows else None)
+                        for tier, chunks in by_tier.items()))
+                    if i:
+                        await released[i - 1].wait()
+                    if i < len(groups) - 1:  # the last is released with the accounting, below
+                        handle.complete(layers)
+            finally:
+                released[i].set()
+
         try:
-            for start in range(0, n_layers, per_read):
-                layers = range(start, min(start + per_read, n_layers))
-                await asyncio.gather(*(self._read_group(t, cs, layers, handle) for t, cs in by_tier.items()))
-                handle.complete(layers)
+            await asyncio.gather(*(read(i, layers) for i, layers in enumerate(groups)))
         except Exception:  # never leave the engine waiting
             log.exception("load failed")
         finally:
-            handle.abort()
-        seconds = time.perf_counter() - started
+            for tier, flow in flows.items():
+                self.links[tier].close(flow)
+            handle.abort(before_release=self._account_load)
+        seconds = time.monotonic() - handle.started_at
         self.telemetry.loaded(seconds)
-        self._account_load(handle)
-        log.debug("load: rule=%s tokens=%s failed_chunks=%s seconds=%.4f", plan.decision.rule,
-                  plan.tokens_by_tier(), sorted(handle.failed), seconds)
+        log.debug("load: rule=%s tokens=%s groups=%d gets=%d failed_chunks=%s seconds=%.4f",
+                  plan.decision.rule, plan.tokens_by_tier(), len(groups), handle.gets,
+                  sorted(handle.failed), seconds)
         self._promote(handle)
 
-    async def _read_group(self, tier: str, chunks: list[PlannedChunk], layers: range, handle: LoadHandle) -> None:
+    def _open_flow(self, tier: str, handle: LoadHandle, n_chunks: int, compute_s: float) -> Flow:
+        budget = handle.plan.ctx.budget_ms
+        layer_bytes = n_chunks * self.geometry.nbytes
+        return self.links[tier].open(
+            size_bytes=layer_bytes * self.model.n_layers, layer_bytes=layer_bytes,
+            compute_s_per_layer=compute_s, progress=handle.progress,
+            deadline=None if budget is None else handle.started_at + budget / 1e3)
+
+    @staticmethod
+    def _pacer(link: Link, flow: Flow, turns: list[asyncio.Event], i: int):
+        """Pace group ``i``'s bytes through ``link``, after group i-1's."""
+
+        async def pace(nbytes: int) -> None:
+            try:
+                if i:
+                    await turns[i - 1].wait()
+                done = link.submit(flow, nbytes)
+            finally:
+                turns[i].set()  # also when this group failed: the next may go
+            await done
+
+        return pace
+
+    async def _read_group(self, tier: str, chunks: list[PlannedChunk], layers: range, handle: LoadHandle,
+                          pace=None) -> None:
+        """Read ``layers`` of ``chunks`` from one tier (one GET per chunk) once the tier's link
+        (if it has one) admits their bytes, and deliver them."""
         chunks = [c for c in chunks if c.index not in handle.failed]
+        if pace is not None:  # the link admits the group's (nominal) bytes, then the GETs move them
+            await pace(len(chunks) * len(layers) * self.geometry.nbytes)
         if not chunks:
             return
         started = time.perf_counter()
         fetched = await self._call(tier, "get", self.tiers[tier].get([c.key for c in chunks], layers))
-        if fetched is None:
-            handle.fail([c.index for c in chunks])
-            return
+        handle.gets += len(chunks)
+        self.telemetry.op(tier, "read_range", "issued", n=len(chunks))
+        decoded: list[tuple[PlannedChunk, dict[int, np.ndarray]]] = []
         nbytes = 0
-        for chunk, result in zip(chunks, fetched):
+        for chunk, result in zip(chunks, fetched or ()):
             kv = self._decode(tier, handle.plan.ctx.tenant, chunk, result, layers)
             if kv is None:
                 handle.fail([chunk.index])
                 continue
+            decoded.append((chunk, kv))
+            nbytes += sum(len(result.obj.layers[i]) for i in layers)
+        if fetched is None:
+            handle.fail([c.index for c in chunks])
+        seconds = time.perf_counter() - started
+        for chunk, kv in decoded:
             for layer, array in kv.items():
                 handle.deliver(layer, chunk.index, array)
-            nbytes += sum(len(result.obj.layers[i]) for i in layers)
-        self.telemetry.moved_bytes(tier, "read", nbytes)
-        seconds = time.perf_counter() - started
-        self.cost.observe_read(tier, seconds, nbytes)
-        self._observed.append((tier, seconds, nbytes))
+        if fetched is not None:
+            self._observe_gets(tier, seconds, len(chunks))
+        if nbytes:
+            self.telemetry.moved_bytes(tier, "read", nbytes)
+            self.cost.observe_read(tier, seconds, nbytes)
+            self._observed.append((tier, seconds, nbytes))
 
     def _decode(
         self, tier: str, tenant: str, chunk: PlannedChunk, result, layers: range
@@ -388,7 +488,8 @@ class Orchestrator:
             kv = handle.chunk_kv(c.index) if faster else None
             if kv is not None:
                 keys = {codec: ks[c.index] for codec, ks in handle.plan.keys.items()}
-                if "none" in keys and self.save_chunk(route, handle.plan.ctx.tenant, keys, kv, faster):
+                if "none" in keys and self.save_chunk(route, handle.plan.ctx.tenant, keys, kv, faster,
+                                                      c.index * self.chunk_tokens):
                     for dst in faster:  # a plan without keys (built by hand) cannot promote
                         self.telemetry.moved("promote", c.tier, dst)
 
@@ -415,19 +516,22 @@ class Orchestrator:
             return False
         tiers = self.admitted(plan, chunk_index) if tiers is None else tuple(tiers)
         keys = {codec: ks[chunk_index] for codec, ks in plan.keys.items()}
-        return self.save_chunk(plan.decision.route, plan.ctx.tenant, keys, kv, tiers)
+        return self.save_chunk(plan.decision.route, plan.ctx.tenant, keys, kv, tiers,
+                               chunk_index * self.chunk_tokens)
 
     def save_chunk(
-        self, route: Route, tenant: str, keys: Mapping[str, ChunkKey], kv: KV, tiers: Sequence[str]
+        self, route: Route, tenant: str, keys: Mapping[str, ChunkKey], kv: KV, tiers: Sequence[str],
+        first_position: int = 0,
     ) -> bool:
         """:meth:`save` for callers that hold keys rather than a plan (a connector's worker side).
 
         ``keys`` maps codec -> this chunk's key ("none" must be present);
-        ``tiers`` is the final write set (admission already applied).
+        ``tiers`` is the final write set (admission already applied);
+        ``first_position`` is the position of the chunk's first token in the prompt.
         """
         if not tiers:
             return False
-        return self._enqueue(_SaveItem(route, tenant, keys["none"], dict(keys), kv, tuple(tiers)))
+        return self._enqueue(_SaveItem(route, tenant, keys["none"], dict(keys), kv, tuple(tiers), first_position))
 
     def admitted(self, plan: Plan, chunk_index: int) -> tuple[str, ...]:
         """The route's write tiers whose admission rule accepts this chunk now (rejections counted)."""
@@ -503,7 +607,8 @@ class Orchestrator:
         )
         if kv.shape != (self.model.n_layers, *self.geometry.shape):
             raise ValueError(f"chunk KV shaped {kv.shape}, expected {(self.model.n_layers, *self.geometry.shape)}")
-        return fmt.encode(meta, [codec.encode(kv[layer], layer) for layer in range(self.model.n_layers)])
+        return fmt.encode(meta, [codec.encode(kv[layer], layer, first_position=item.first_position)
+                                 for layer in range(self.model.n_layers)])
 
     async def _put(self, tier: str, item: _SaveItem, blob: bytes) -> None:
         key = item.keys[item.route.codec_for(tier)]
@@ -527,6 +632,13 @@ class Orchestrator:
                 if moved is not None:
                     self.telemetry.moved("demote", tier, dst)
                     self.telemetry.moved_bytes(dst, "write", len(ev.data))
+
+
+def _by_tier(chunks: Sequence[PlannedChunk]) -> dict[str, list[PlannedChunk]]:
+    out: dict[str, list[PlannedChunk]] = {}
+    for c in chunks:
+        out.setdefault(c.tier, []).append(c)
+    return out
 
 
 def _as_float(text: str | None) -> float | None:

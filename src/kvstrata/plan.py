@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -97,6 +98,14 @@ class LoadHandle:
     plan: Plan
     n_layers: int
     failed: set[int] = field(default_factory=set)
+    #: how the load went: ``groups`` (layer ranges read together), ``gets`` (reads issued,
+    #: one per chunk per group), ``ready_at[l]`` / ``waited[l]`` (monotonic time layer l
+    #: completed / the engine asked for it)
+    groups: tuple[range, ...] = ()
+    gets: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+    ready_at: list[float | None] = field(init=False)
+    waited: list[float | None] = field(init=False)
     _layers: list[dict[int, np.ndarray]] = field(init=False)
     _ready: list[threading.Event] = field(init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
@@ -104,6 +113,8 @@ class LoadHandle:
     def __post_init__(self) -> None:
         self._layers = [{} for _ in range(self.n_layers)]
         self._ready = [threading.Event() for _ in range(self.n_layers)]
+        self.ready_at = [None] * self.n_layers
+        self.waited = [None] * self.n_layers
 
     # -- filled by the orchestrator ------------------------------------------
 
@@ -120,12 +131,25 @@ class LoadHandle:
                     layer.pop(c, None)
 
     def complete(self, layers: range) -> None:
+        now = time.monotonic()
         for layer in layers:
-            self._ready[layer].set()
+            if not self._ready[layer].is_set():
+                self.ready_at[layer] = now
+                self._ready[layer].set()
 
-    def abort(self) -> None:
-        """Fail everything not yet delivered and release every waiter."""
+    def progress(self) -> tuple[int, int]:
+        """(layers complete in order from 0, layers the engine has asked for): how far ahead the load is."""
+        delivered = 0
+        while delivered < self.n_layers and self._ready[delivered].is_set():
+            delivered += 1
+        consumed = 1 + max((l for l, t in enumerate(self.waited) if t is not None), default=-1)
+        return delivered, consumed
+
+    def abort(self, before_release=None) -> None:
+        """Fail everything not yet delivered and release every waiter (after ``before_release(self)``)."""
         self.fail([c.index for c in self.plan.chunks if not self._has_all(c.index)])
+        if before_release is not None:
+            before_release(self)
         self.complete(range(self.n_layers))
 
     def _has_all(self, chunk: int) -> bool:
@@ -135,6 +159,8 @@ class LoadHandle:
     # -- read by the engine -------------------------------------------------
 
     def wait_layer(self, layer: int, timeout: float | None = None) -> Mapping[int, np.ndarray]:
+        if self.waited[layer] is None:
+            self.waited[layer] = time.monotonic()
         if not self._ready[layer].wait(timeout):
             raise TimeoutError(f"layer {layer} not loaded within {timeout}s")
         with self._lock:

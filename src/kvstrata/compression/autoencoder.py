@@ -268,7 +268,7 @@ class AutoencoderCodec:
         scale = raw[vectors * L :].view("<f2").astype(np.float32)
         return q * scale[:, None]
 
-    def encode(self, kv: np.ndarray, layer: int = 0) -> bytes:
+    def encode(self, kv: np.ndarray, layer: int = 0, *, first_position: int = 0) -> bytes:
         _, T, H, D = kv.shape
         self._check_geometry(D, layer)
         x = to_float32(kv, kv_dtype(kv)).reshape(2, T * H, D)

@@ -17,6 +17,11 @@ Contract:
 * ``encode(kv, layer=...)`` gets the layer index: codecs with per-layer state
   (learned ones) record it in the section, so ``decode`` needs nothing but
   the section and the geometry.
+* ``encode(..., first_position=p)`` (keyword, default 0) is the absolute
+  position of the chunk's first token (``chunk_index * chunk_tokens``).
+  Codecs that use it (``linear-ae`` with derotated keys) record it in the
+  section; the others ignore it. A writer that leaves it at 0 still gets
+  sections that decode exactly as the codec specifies.
 
 Names and kinds: a configuration names codecs (``codecs:`` in the YAML, e.g.
 ``int4-g32: {kind: int4, group_size: 32}``); the object header's codec id is
@@ -73,7 +78,7 @@ class Codec(Protocol):
 
     @property
     def params(self) -> Mapping[str, int | float | str | bool]: ...
-    def encode(self, kv: np.ndarray, layer: int = 0) -> bytes: ...
+    def encode(self, kv: np.ndarray, layer: int = 0, *, first_position: int = 0) -> bytes: ...
     def decode(self, section: memoryview | bytes, geometry: Geometry) -> np.ndarray: ...
 
 
@@ -93,7 +98,7 @@ class IdentityCodec:
             raise CodecError(f"codec 'none' takes no parameters, got {sorted(params)}")
         return cls()
 
-    def encode(self, kv: np.ndarray, layer: int = 0) -> bytes:
+    def encode(self, kv: np.ndarray, layer: int = 0, *, first_position: int = 0) -> bytes:
         return np.ascontiguousarray(kv).tobytes()
 
     def decode(self, section: memoryview | bytes, geometry: Geometry) -> np.ndarray:
@@ -115,7 +120,7 @@ def register(cls: type) -> type:
 
 def _load_builtins() -> None:
     # the built-in codecs register themselves on import
-    from kvstrata.compression import autoencoder, quant  # noqa: F401
+    from kvstrata.compression import autoencoder, linear, quant  # noqa: F401
 
 
 def codec_kinds() -> dict[str, type]:

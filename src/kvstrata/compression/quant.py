@@ -94,7 +94,7 @@ class Fp8Codec:
     def section_bytes(geometry: Geometry) -> int:
         return 8 + 2 * geometry.n_tokens * geometry.kv_heads * geometry.head_dim
 
-    def encode(self, kv: np.ndarray, layer: int = 0) -> bytes:
+    def encode(self, kv: np.ndarray, layer: int = 0, *, first_position: int = 0) -> bytes:
         x = to_float32(kv, kv_dtype(kv))
         amax = np.abs(x).reshape(2, -1).max(axis=1)
         scales = np.where(amax > 0, amax / _E4M3_MAX, 1.0).astype(np.float32)
@@ -210,7 +210,7 @@ class _GroupQuant:
     def section_bytes(self, geometry: Geometry) -> int:
         return sum(size for _, size in self._layout(geometry))
 
-    def encode(self, kv: np.ndarray, layer: int = 0) -> bytes:
+    def encode(self, kv: np.ndarray, layer: int = 0, *, first_position: int = 0) -> bytes:
         x = to_float32(kv, kv_dtype(kv))
         G = self.group_size
         kc, ks, km = _group_quantize(x[0], axis=0, group=G, bits=self.bits)  # along tokens

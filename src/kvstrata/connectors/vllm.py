@@ -36,6 +36,7 @@ from kvstrata.connectors.vllm_meta import StrataMetadata
 from kvstrata.connectors.vllm_scheduler import SchedulerSide
 from kvstrata.connectors.vllm_setup import model_spec, strata_config
 from kvstrata.connectors.vllm_worker import WorkerSide
+from kvstrata.documents import connector as documents
 from kvstrata.orchestrator import Orchestrator
 from kvstrata.telemetry import ENGINE, RECOMPUTE
 
@@ -107,6 +108,7 @@ class StrataConnector(KVConnectorBase_V1):
         self.orch = Orchestrator.shared(config, self.model)
         self.scheduler = SchedulerSide(self.orch, self.block_size, self.model.name)
         self.worker = WorkerSide(self.orch, self.block_size)
+        documents.attach(self)  # the documents branch of both sides (kvstrata.documents.connector)
         self._errors_reported = 0
         self._tokens_seen: dict[str, float] = {}  # telemetry token counts already reported to vLLM
         self.telemetry_service = exporter.serve(self.orch.telemetry, config.telemetry, role.name.lower())

@@ -37,10 +37,15 @@ class SchedulerSide:
         self.block_size = block_size
         self.model_id = model_id
         self._requests: dict[str, _Request] = {}
+        self.documents = None  # a DocumentScheduler (kvstrata.documents.connector), set by the facade
 
     # -- admission --------------------------------------------------------------
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+        if self.documents is not None:  # documents branch: a stitched prefix, no chunk lookup, no saves
+            stitched = self.documents.match(request, num_computed_tokens)
+            if stitched is not None:
+                return stitched, False
         state = self._requests.get(request.request_id)
         if state is None or state.num_computed != num_computed_tokens:
             tokens = list(request.prompt_token_ids or ())
@@ -55,6 +60,8 @@ class SchedulerSide:
         return max(state.plan.end_token - num_computed_tokens, 0) if state.plan.chunks else 0, False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        if self.documents is not None and self.documents.after_alloc(request, blocks, num_external_tokens):
+            return
         state = self._requests.get(request.request_id)
         if state is None:
             return
@@ -70,6 +77,8 @@ class SchedulerSide:
 
     def build_connector_meta(self, out) -> StrataMetadata:
         meta = StrataMetadata()
+        if self.documents is not None:
+            meta.documents = self.documents.loads(out)
         progress: list[tuple[_Request, int]] = []
         for new in out.scheduled_new_reqs:
             state = self._requests.get(new.req_id)
@@ -106,6 +115,8 @@ class SchedulerSide:
             chunks=[(c.index, c.tier, c.key.digest, c.codec) for c in plan.chunks],
             block_ids=list(state.block_ids),
             keys={codec: [k.digest for k in keys] for codec, keys in plan.keys.items()},
+            context_tokens=plan.ctx.context_tokens,
+            budget_ms=plan.ctx.budget_ms,
         ))
         state.next_save = max(state.next_save, plan.first_chunk + len(plan.chunks))
 
@@ -137,6 +148,8 @@ class SchedulerSide:
 
     def request_finished(self, request) -> dict[str, Any] | None:
         """Forget the request; what kvstrata did for it goes back in ``kv_transfer_params``."""
+        if self.documents is not None and self.documents.handles(request.request_id):
+            return self.documents.finished(request)
         state = self._requests.pop(request.request_id, None)
         if state is None:
             return None

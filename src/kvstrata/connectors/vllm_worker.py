@@ -41,6 +41,7 @@ class WorkerSide:
         self._loads: list[tuple[LoadSpec, LoadHandle]] = []
         self._staged: dict[tuple[str, int], list[torch.Tensor]] = {}
         self._errors: set[int] = set()
+        self.documents = None  # a DocumentWorker (kvstrata.documents.connector), set by the facade
 
     def register(self, kv_caches: dict[str, torch.Tensor], layout: PageLayout) -> None:
         self._kv = dict(kv_caches)
@@ -52,18 +53,24 @@ class WorkerSide:
     def start_load(self, meta: StrataMetadata) -> None:
         for spec in meta.loads:
             self._loads.append((spec, self.orch.load(self._plan(spec))))
+        if self.documents is not None and meta.documents:
+            self.documents.start(meta.documents)
 
     def _plan(self, spec: LoadSpec) -> Plan:
         decision = Decision(spec.rule, self.orch.route(spec.rule))
         chunks = tuple(PlannedChunk(i, tier, ChunkKey(key), codec) for i, tier, key, codec in spec.chunks)
         keys = {codec: tuple(ChunkKey(k) for k in ks) for codec, ks in spec.keys.items()}
         return Plan(
-            RequestContext(tenant=spec.tenant), decision, self.chunk, spec.skip_tokens, keys=keys,
+            RequestContext(context_tokens=spec.context_tokens, budget_ms=spec.budget_ms, tenant=spec.tenant),
+            decision, self.chunk, spec.skip_tokens, keys=keys,
             first_chunk=chunks[0].index if chunks else 0, chunks=chunks,
         )
 
     def wait_layer(self, layer_name: str) -> None:
         """Place layer ``layer_name`` of every load; never raises into the engine."""
+        if self.documents is not None and self.documents.pending:  # stitched prefixes (documents branch)
+            layer = self._index[layer_name]
+            self.documents.place(layer, layer == self.n_layers - 1, self._kv[layer_name], self.layout, self.block_size)
         if not self._loads:
             return
         try:
@@ -104,6 +111,8 @@ class WorkerSide:
 
     def load_errors(self) -> set[int]:
         errors, self._errors = self._errors, set()
+        if self.documents is not None:
+            errors |= self.documents.load_errors()
         return errors
 
     # -- saving -----------------------------------------------------------------
@@ -136,7 +145,8 @@ class WorkerSide:
             return to_numpy(torch.stack([layout.read(p, list(range(n))) for p in pages]))
 
         keys = {codec: ChunkKey(key) for codec, key in spec.keys.items()}
-        self.orch.save_chunk(self.orch.route(spec.rule), spec.tenant, keys, canonical, spec.tiers)
+        self.orch.save_chunk(self.orch.route(spec.rule), spec.tenant, keys, canonical, spec.tiers,
+                             spec.chunk_index * self.chunk)
 
     def finish_step(self) -> None:
         """End of a step: anything still staged belongs to a step that did not reach the last layer."""

@@ -365,7 +365,9 @@ def create_tier(kind: str, name: str | None = None, **settings: object) -> Tier:
     return cls.from_settings(name or kind, cls.settings_class(**settings))
 
 
-BUILTIN_KINDS = {"memory": "memory", "disk": "disk", "redis": "redis", "s3": "s3"}
+BUILTIN_KINDS = {
+    "memory": "memory", "disk": "disk", "redis": "redis", "s3": "s3", "lmcache": "lmcache"
+}
 
 
 def _known_kinds() -> set[str]:

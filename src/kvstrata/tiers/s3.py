@@ -11,6 +11,8 @@ The bytes move through a *transport*, chosen in settings:
   server share two cores.
 * ``aioboto3``: the AWS SDK, for deployments that standardise on botocore
   (credential chains, custom signers).
+* ``nixl``: NIXL's OBJ plugin (``kvstrata.tiers.s3_nixl``, extra
+  ``kvstrata[nixl]``), for stacks that move KV with NIXL.
 
 Retries are bounded (``max_retries``) and every request has ``timeout_s``, so
 a dead endpoint fails fast with :class:`TierError` instead of hanging a load.
@@ -41,7 +43,7 @@ class S3Settings(TierSettings):
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
     addressing: Literal["path", "virtual"] = "path"
-    transport: Literal["obstore", "aioboto3"] = "obstore"
+    transport: Literal["obstore", "aioboto3", "nixl"] = "obstore"
     timeout_s: float = Field(default=10.0, gt=0)
     max_retries: int = Field(default=2, ge=0)
     max_concurrency: int = Field(default=32, gt=0, description="requests in flight per tier")
@@ -198,6 +200,11 @@ class S3Tier(RangedTier):
         self.settings = settings
         if settings.transport == "obstore":
             self._transport: Transport = ObstoreTransport(settings)
+            self._prefix = settings.prefix
+        elif settings.transport == "nixl":  # optional extra kvstrata[nixl]: imported only here
+            from kvstrata.tiers.s3_nixl import NixlTransport
+
+            self._transport = NixlTransport(name, settings)
             self._prefix = settings.prefix
         else:
             self._transport = Aioboto3Transport(settings)

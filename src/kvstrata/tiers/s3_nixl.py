@@ -1,0 +1,291 @@
+"""NIXL transport for the S3 tier: objects move through NIXL's OBJ (S3) plugin.
+
+For stacks that already move KV with NIXL (the ObjectCache prototype read KV
+from Ceph RGW this way). Selected with ``transport: nixl`` in the S3 tier's
+settings; installed with ``kvstrata[nixl]`` (the ``nixl-cu12`` build: the
+``nixl`` meta package pulls a CUDA torch, and the cu13 build's OBJ plugin does
+not load without CUDA libraries).
+
+What goes through NIXL, and what does not:
+
+* **PUT** (whole object) and **ranged GET** are NIXL transfers: WRITE from, or
+  READ into, a registered DRAM staging buffer, against an OBJ segment whose
+  ``devId`` maps to the object key (``addr`` is the offset in the object).
+* Metadata goes through an obstore client on the same bucket. NIXL's OBJ
+  plugin has no DELETE, does not report an object's **size** (a READ past the
+  end succeeds and leaves the rest of the buffer as it was), and its one
+  metadata call, ``queryMem`` (a HEAD, for **exists**), blocks the calling
+  thread: on the event loop, every ``contains`` would stall every other
+  request, and against a dead endpoint it blocked for ~25 s of SDK retries
+  here. So ``exists`` and the size lookup are an async obstore HEAD (bounded
+  by ``timeout_s``/``max_retries``), and ``remove`` an obstore DELETE. A
+  size is cached per key (bounded LRU) from this transport's own writes and
+  from those HEADs, so a steady-state read is one NIXL READ; the first read
+  of a key written elsewhere costs a HEAD first. Keys are content-addressed
+  (same key, same bytes), so a cached size does not go stale in practice; if
+  a READ fails, the size is looked up again and the READ retried once.
+
+Created once, reused for every request: one NIXL agent with the OBJ backend
+(no UCX), staging buffers (registered with NIXL the first time a size class
+is needed, then kept on a free list), and OBJ registrations (key -> devId,
+bounded LRU; the oldest is deregistered). Transfers are polled from the
+event loop with a short back-off; a transfer still running after
+``timeout_s`` is released (NIXL cancels it); a buffer whose transfer could
+not be cancelled is never reused.
+
+Where NIXL or its OBJ plugin cannot load, the constructor raises one
+:class:`TierError` ("start") saying why; the other transports are unaffected.
+Every other failure is the library's exception; :class:`S3Tier` maps them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from kvstrata.tiers.base import TierError
+from kvstrata.tiers.s3 import ObstoreTransport, S3Settings
+
+MIN_BUFFER = 64 << 10  # smallest staging buffer; sizes are powers of two from here
+REGISTRATIONS = 4096  # OBJ key registrations kept
+SIZES = 65536  # object sizes cached
+
+
+def _load_nixl(name: str) -> Any:
+    try:
+        from nixl_cu12 import _api
+    except Exception as exc:  # ImportError, or a shared library that does not load here
+        raise TierError(
+            name, "start",
+            f"NIXL cannot load ({type(exc).__name__}: {exc}); "
+            "install it with `pip install 'kvstrata[nixl]'` (nixl-cu12)",
+        ) from exc
+    return _api
+
+
+class NixlTransport:
+    """The S3 tier's :class:`~kvstrata.tiers.s3.Transport` over NIXL's OBJ plugin.
+
+    Paths are full object keys (the tier adds its prefix). Methods are called
+    from the tier's event loop; NIXL calls are serialised by a lock, the
+    transfers themselves run in the plugin's threads.
+    """
+
+    def __init__(self, name: str, s: S3Settings):
+        api = _load_nixl(name)
+        self._s = s
+        self._lock = threading.Lock()
+        try:
+            self._agent = api.nixl_agent(
+                f"kvstrata-{name}-{uuid.uuid4().hex[:8]}", api.nixl_agent_config(backends=[])
+            )
+            if "OBJ" not in self._agent.get_plugin_list():
+                raise RuntimeError(f"no OBJ plugin (plugins here: {self._agent.get_plugin_list()})")
+            self._agent.create_backend("OBJ", self._backend_params(s))
+        except TierError:
+            raise
+        except Exception as exc:
+            detail = f"NIXL OBJ backend: {type(exc).__name__}: {exc}"
+            raise TierError(name, "start", detail) from exc
+        self._meta = ObstoreTransport(s)  # HEAD for sizes, DELETE: NIXL's OBJ plugin has neither
+        self._free: dict[int, list[np.ndarray]] = {}  # size class -> registered idle buffers
+        self._stranded: list[np.ndarray] = []  # buffers of transfers NIXL could not cancel
+        self._closed = False
+        self._registered: list[Any] = []  # every DRAM registration, deregistered at close
+        self._buffers: list[np.ndarray] = []  # every registered buffer, alive until close
+        self._dev_ids: OrderedDict[str, int] = OrderedDict()  # object key -> OBJ devId (LRU)
+        self._obj_regs: dict[str, Any] = {}
+        self._next_dev = itertools.count(1)
+        self._sizes: OrderedDict[str, int] = OrderedDict()
+
+    @staticmethod
+    def _backend_params(s: S3Settings) -> dict[str, str]:
+        params = {
+            "bucket": s.bucket,
+            "region": s.region,
+            "use_virtual_addressing": "true" if s.addressing == "virtual" else "false",
+        }
+        if s.endpoint:
+            params["endpoint_override"] = s.endpoint
+            params["scheme"] = "http" if s.endpoint.startswith("http://") else "https"
+        if s.access_key_id and s.secret_access_key:
+            params["access_key"] = s.access_key_id.get_secret_value()
+            params["secret_key"] = s.secret_access_key.get_secret_value()
+        return params
+
+    # -- registrations, made once and reused ----------------------------------
+
+    def _buffer(self, size: int) -> np.ndarray:
+        cls = max(MIN_BUFFER, 1 << (max(size, 1) - 1).bit_length())
+        with self._lock:
+            idle = self._free.setdefault(cls, [])
+            if idle:
+                return idle.pop()
+            buf = np.empty(cls, dtype=np.uint8)
+            self._buffers.append(buf)  # registered memory must never be freed under NIXL
+            self._registered.append(
+                self._agent.register_memory(
+                    [(buf.ctypes.data, cls, 0, "")], "DRAM", backends=["OBJ"]
+                )
+            )
+            return buf
+
+    def _release(self, buf: np.ndarray) -> None:
+        with self._lock:
+            self._free[buf.nbytes].append(buf)
+
+    def _dev_id(self, path: str) -> int:
+        """The OBJ devId registered for ``path`` (registered on first use; bounded LRU)."""
+        with self._lock:
+            dev = self._dev_ids.get(path)
+            if dev is not None:
+                self._dev_ids.move_to_end(path)
+                return dev
+            dev = next(self._next_dev)
+            self._obj_regs[path] = self._agent.register_memory(
+                [(0, 0, dev, path)], "OBJ", backends=["OBJ"]
+            )
+            self._dev_ids[path] = dev
+            while len(self._dev_ids) > REGISTRATIONS:
+                old, _ = self._dev_ids.popitem(last=False)
+                self._agent.deregister_memory(self._obj_regs.pop(old), backends=["OBJ"])
+            return dev
+
+    # -- object sizes (NIXL does not report them) -----------------------------
+
+    def _remember(self, path: str, size: int | None) -> None:
+        with self._lock:
+            if size is None:
+                self._sizes.pop(path, None)
+                return
+            self._sizes[path] = size
+            self._sizes.move_to_end(path)
+            while len(self._sizes) > SIZES:
+                self._sizes.popitem(last=False)
+
+    async def _size(self, path: str, fresh: bool = False) -> int | None:
+        with self._lock:
+            size = None if fresh else self._sizes.get(path)
+        if size is None:
+            try:
+                meta = await self._meta._ob.head_async(self._meta._store, path)
+            except FileNotFoundError:
+                self._remember(path, None)
+                return None
+            size = int(meta["size"])
+            self._remember(path, size)
+        return size
+
+    # -- transfers ------------------------------------------------------------
+
+    async def _transfer(
+        self, op: str, buf: np.ndarray, length: int, path: str, offset: int
+    ) -> None:
+        """One NIXL transfer: ``buf[:length]`` <-> bytes ``[offset, offset+length)`` of ``path``.
+
+        On success the caller still owns ``buf``. On failure ``buf`` is taken: back to the
+        free list, or kept aside for good if NIXL could not cancel the transfer.
+        """
+        agent = self._agent
+        try:
+            dev = self._dev_id(path)
+            with self._lock:
+                local = agent.get_xfer_descs([(buf.ctypes.data, length, 0)], "DRAM")
+                remote = agent.get_xfer_descs([(offset, length, dev)], "OBJ")
+                handle = agent.initialize_xfer(op, local, remote, agent.name, backends=["OBJ"])
+        except BaseException:
+            self._release(buf)
+            raise
+        ok = False
+        try:
+            with self._lock:
+                state = agent.transfer(handle)
+            deadline = time.monotonic() + self._s.timeout_s
+            delay = 0.0001
+            while state == "PROC":
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"NIXL {op} of {path} still running after {self._s.timeout_s}s"
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.004)
+                with self._lock:
+                    state = agent.check_xfer_state(handle)
+            if state != "DONE":
+                raise RuntimeError(f"NIXL {op} of {path} failed ({state})")
+            ok = True
+        finally:
+            try:
+                with self._lock:
+                    agent.release_xfer_handle(handle)  # cancels a transfer still running
+                released = True
+            except Exception:
+                released = False
+            if not ok:
+                if released:
+                    self._release(buf)
+                else:  # the plugin may still write into it: keep it alive, never reuse it
+                    self._stranded.append(buf)
+
+    async def read(self, path: str, start: int, end: int | None) -> bytes | None:
+        for attempt in range(2):
+            size = await self._size(path, fresh=attempt > 0)
+            if size is None:
+                return None
+            stop = size if end is None else min(end, size)
+            if stop <= start:
+                return b""
+            buf = self._buffer(stop - start)
+            try:
+                await self._transfer("READ", buf, stop - start, path, start)
+            except Exception:  # the buffer went back to the pool
+                if attempt:
+                    raise
+                continue  # deleted or rewritten elsewhere: look the size up again, retry once
+            data = buf[: stop - start].tobytes()
+            self._release(buf)
+            return data
+        return None  # pragma: no cover
+
+    async def write(self, path: str, data: bytes) -> None:
+        buf = self._buffer(len(data))
+        buf[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+        await self._transfer("WRITE", buf, len(data), path, 0)
+        self._release(buf)
+        self._remember(path, len(data))
+
+    async def exists(self, path: str) -> bool:
+        # Not NIXL's queryMem: it is a blocking call (the event loop would wait on the HEAD),
+        # and against a dead endpoint it blocked for ~25 s of SDK retries here. One async
+        # HEAD answers, and teaches the size for the read that usually follows.
+        return await self._size(path, fresh=True) is not None
+
+    async def remove(self, paths: Sequence[str]) -> None:
+        for path in paths:
+            self._remember(path, None)
+        await self._meta.remove(paths)
+
+    async def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for reg in self._obj_regs.values():
+                self._agent.deregister_memory(reg, backends=["OBJ"])
+            for reg in self._registered:
+                self._agent.deregister_memory(reg, backends=["OBJ"])
+            self._obj_regs.clear()
+            self._dev_ids.clear()
+            self._registered.clear()
+            self._free.clear()
+            if not self._stranded:  # else NIXL may still write into them: keep them alive
+                self._buffers.clear()
+        await self._meta.close()
