@@ -100,7 +100,8 @@ def codec_table(checkpoints: list[Path], no_position: list[Path] | None = None,
         ("int4-g128", "int4", {"group_size": 128}),
     ]
     from kvstrata.compression import linear
-    from kvstrata.compression.autoencoder import _safetensors_metadata, load_checkpoint
+    from kvstrata.compression.autoencoder import load_checkpoint
+    from kvstrata.compression.checkpoint_file import metadata as _safetensors_metadata
 
     for path in checkpoints:
         if _safetensors_metadata(path.read_bytes()).get("format") == linear.FORMAT:

@@ -30,8 +30,8 @@ Experiments, side by side in one run:
    with each scheduling policy (equal, stall_aware, deadline): added TTFT over
    each request's DRAM TTFT.
 
-    python benchmarks/layerwise.py            # full (~12 min here)
-    python benchmarks/layerwise.py --quick    # ~2 min
+    python benchmarks/layerwise.py            # full (~15 min here)
+    python benchmarks/layerwise.py --quick    # ~2.5 min
 """
 
 from __future__ import annotations
@@ -388,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--read-window", type=int, default=2, help="layer groups in flight per request")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--skip-single", action="store_true", help="only the shared-cap experiment")
     args = ap.parse_args(argv)
     quick = args.quick
     scale = args.time_scale or (2.0 if quick else 4.0)
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(scale, Path(tmp), args.read_window)
         try:
             print("single requests:", flush=True)
-            single_rows = single(bench, cases, repeats)
+            single_rows = [] if args.skip_single else single(bench, cases, repeats)
             print("shared cap:", flush=True)
             dram = dram_baselines(bench, LLAMA8B, {k for mix in mixes.values() for k in mix}, repeats)
             shared_rows = shared(bench, LLAMA8B, cap, mixes, dram, repeats)

@@ -429,7 +429,7 @@ def test_lae_refuses_what_it_cannot_decode(lae_path, ckpt_path, tmp_path) -> Non
         codec.decode(bytes(bad), GEOM)
     ckpt = LinearCheckpoint.load(lae_path)
     newer = tmp_path / "v2.safetensors"
-    from kvstrata.compression.autoencoder import _safetensors_bytes
+    from kvstrata.compression.checkpoint_file import encode as _safetensors_bytes
 
     newer.write_bytes(_safetensors_bytes(ckpt.tensors(), {**ckpt.meta, "version": "2"}))
     with pytest.raises(CodecError, match="version 2"):

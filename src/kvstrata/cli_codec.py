@@ -186,7 +186,8 @@ def _rope_theta(config) -> float:
 def show(checkpoint: Path = typer.Argument(..., help="learned codec checkpoint (.safetensors)")) -> None:
     """Print a checkpoint's metadata, sha256 and recorded held-out error per layer."""
     from kvstrata.compression import linear
-    from kvstrata.compression.autoencoder import _safetensors_metadata, load_checkpoint
+    from kvstrata.compression.autoencoder import load_checkpoint
+    from kvstrata.compression.checkpoint_file import metadata as _safetensors_metadata
     from kvstrata.compression.base import CodecError
 
     try:

@@ -317,8 +317,7 @@ class Orchestrator:
             if link is not None:  # the share this load can expect
                 bandwidth = min(bandwidth, link.capacity / (link.open_flows + 1))
             transfer_s = max(transfer_s, len(chunks) * self.geometry.nbytes / bandwidth)
-            # a group costs one GET per chunk: the store's per-GET time (its IOPS) adds up
-            overhead_s = max(overhead_s, latency + len(chunks) * self._get_s.get(tier, latency / 8))
+            overhead_s = max(overhead_s, self._group_overhead_s(tier, len(chunks)))
         return pipeline.plan_groups([transfer_s] * n, [compute_s] * n, overhead_s, self.read_window,
                                     self.config.bandwidth.group_tolerance)
 
@@ -378,7 +377,14 @@ class Orchestrator:
         return self.links[tier].open(
             size_bytes=layer_bytes * self.model.n_layers, layer_bytes=layer_bytes,
             compute_s_per_layer=compute_s, progress=handle.progress,
-            deadline=None if budget is None else handle.started_at + budget / 1e3)
+            deadline=None if budget is None else handle.started_at + budget / 1e3,
+            overhead_s=self._group_overhead_s(tier, n_chunks))
+
+    def _group_overhead_s(self, tier: str, n_chunks: int) -> float:
+        """What reading one layer group costs besides its bytes: the tier's latency and one GET
+        per chunk at the store's learned per-GET time (its IOPS)."""
+        latency = self.cost.tier(tier)[0]
+        return latency + n_chunks * self._get_s.get(tier, latency / 8)
 
     @staticmethod
     def _pacer(link: Link, flow: Flow, turns: list[asyncio.Event], i: int):

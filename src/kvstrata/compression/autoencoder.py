@@ -42,16 +42,15 @@ agreement.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
+from kvstrata.compression import checkpoint_file
 from kvstrata.compression.base import (
     CodecError,
     Geometry,
@@ -71,14 +70,6 @@ _SECTION_HEAD = struct.Struct("<HBB")  # layer, flags (bit 0: int8 latent), rese
 def _silu(x: np.ndarray) -> np.ndarray:
     # x * sigmoid(x), with sigmoid(x) = (1 + tanh(x / 2)) / 2: no overflow for large |x|
     return x * (0.5 + 0.5 * np.tanh(0.5 * x))
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Checkpoint:
@@ -114,33 +105,12 @@ class Checkpoint:
 
     @classmethod
     def load(cls, path: str | Path, sha256: str | None = None) -> Checkpoint:
-        from safetensors import SafetensorError
-        from safetensors.numpy import load as st_load
-
-        try:
-            raw = Path(path).read_bytes()
-        except OSError as exc:
-            raise CodecError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
-        digest = hashlib.sha256(raw).hexdigest()
-        if sha256 is not None and digest != sha256:
-            raise CodecError(f"checkpoint {path} has sha256 {digest[:16]}..., the object needs {sha256[:16]}...")
-        try:
-            tensors = st_load(raw)
-            meta = _safetensors_metadata(raw)
-        except (SafetensorError, ValueError, struct.error) as exc:
-            raise CodecError(f"checkpoint {path} is not a safetensors file: {exc}") from None
-        return cls(tensors, meta, digest)
+        return cls(*checkpoint_file.read(path, sha256))
 
     def save(self, path: str | Path) -> str:
         """Write the checkpoint; returns its sha256."""
         tensors = {f"{kv}{layer}.{name}": w[name] for (kv, layer), w in self.weights.items() for name in _NAMES}
-        raw = _safetensors_bytes(tensors, {k: str(v) for k, v in self.meta.items()})
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(raw)
-        tmp.replace(path)
-        self.sha256 = hashlib.sha256(raw).hexdigest()
+        self.sha256 = checkpoint_file.write(path, tensors, self.meta)
         return self.sha256
 
     # -- the networks, in numpy ---------------------------------------------------------
@@ -155,52 +125,9 @@ class Checkpoint:
         return (_silu(z @ w["w3"] + w["b3"]) @ w["w4"] + w["b4"]) * w["std"] + w["mean"]
 
 
-def _safetensors_bytes(tensors: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> bytes:
-    """A safetensors file (float32 tensors) with its header in sorted order, so the bytes -- and the
-    checkpoint's sha256 -- depend only on the contents (the safetensors library's own writer orders
-    metadata by a hash map)."""
-    header: dict[str, object] = {"__metadata__": dict(sorted(meta.items()))}
-    blobs, offset = [], 0
-    for name in sorted(tensors):
-        data = np.ascontiguousarray(tensors[name], dtype="<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
-
-
-def _safetensors_metadata(raw: bytes) -> dict[str, str]:
-    (n,) = struct.unpack_from("<Q", raw)
-    if n > len(raw) - 8 or n > 100_000_000:
-        raise ValueError("bad header length")
-    header = json.loads(raw[8 : 8 + n])
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise ValueError("bad metadata")
-    return {str(k): str(v) for k, v in meta.items()}
-
-
-_CACHE: dict[tuple[str, str], Checkpoint] = {}
-_CACHE_LOCK = threading.Lock()
-
-
 def load_checkpoint(path: str, sha256: str | None) -> Checkpoint:
     """A checkpoint by path (and hash), verified from the file on every call, parsed once per content."""
-    try:
-        digest = file_sha256(path)
-    except OSError as exc:
-        raise CodecError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
-    if sha256 is not None and digest != sha256:
-        raise CodecError(f"checkpoint {path} has sha256 {digest[:16]}..., the object needs {sha256[:16]}...")
-    with _CACHE_LOCK:
-        ckpt = _CACHE.get((path, digest))
-    if ckpt is None:
-        ckpt = Checkpoint.load(path, digest)
-        with _CACHE_LOCK:
-            _CACHE[(path, digest)] = ckpt
-    return ckpt
+    return checkpoint_file.load_cached(path, sha256, Checkpoint.load)
 
 
 @register

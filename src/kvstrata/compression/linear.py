@@ -83,7 +83,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from kvstrata.compression.autoencoder import _safetensors_bytes, _safetensors_metadata, file_sha256
+from kvstrata.compression import checkpoint_file
 from kvstrata.compression.base import (
     CodecError,
     Geometry,
@@ -269,24 +269,7 @@ class LinearCheckpoint:
 
     @classmethod
     def load(cls, path: str | Path, sha256: str | None = None) -> LinearCheckpoint:
-        import hashlib
-
-        from safetensors import SafetensorError
-        from safetensors.numpy import load as st_load
-
-        try:
-            raw = Path(path).read_bytes()
-        except OSError as exc:
-            raise CodecError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
-        digest = hashlib.sha256(raw).hexdigest()
-        if sha256 is not None and digest != sha256:
-            raise CodecError(f"checkpoint {path} has sha256 {digest[:16]}..., the object needs {sha256[:16]}...")
-        try:
-            tensors = st_load(raw)
-            meta = _safetensors_metadata(raw)
-        except (SafetensorError, ValueError, struct.error) as exc:
-            raise CodecError(f"checkpoint {path} is not a safetensors file: {exc}") from None
-        return cls(tensors, meta, digest)
+        return cls(*checkpoint_file.read(path, sha256))
 
     def tensors(self) -> dict[str, np.ndarray]:
         return {f"{kv}{layer}.{name}": w[name].astype(np.float32) for (kv, layer), w in self.weights.items()
@@ -294,15 +277,7 @@ class LinearCheckpoint:
 
     def save(self, path: str | Path) -> str:
         """Write the checkpoint (bytes depend only on contents); returns its sha256."""
-        import hashlib
-
-        raw = _safetensors_bytes(self.tensors(), {k: str(v) for k, v in self.meta.items()})
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(raw)
-        tmp.replace(path)
-        self.sha256 = hashlib.sha256(raw).hexdigest()
+        self.sha256 = checkpoint_file.write(path, self.tensors(), self.meta)
         return self.sha256
 
     # -- coding one layer's K or V: x [T, H, D] float32 --------------------------------------
@@ -343,21 +318,9 @@ class LinearCheckpoint:
         return self.decode_vectors(packed, s, kv, layer, first_position, x.shape)
 
 
-_CACHE: dict[tuple[str, str], LinearCheckpoint] = {}
-
-
 def load_linear_checkpoint(path: str, sha256: str | None) -> LinearCheckpoint:
     """A checkpoint by path (and hash), verified from the file on every call, parsed once per content."""
-    try:
-        digest = file_sha256(path)
-    except OSError as exc:
-        raise CodecError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
-    if sha256 is not None and digest != sha256:
-        raise CodecError(f"checkpoint {path} has sha256 {digest[:16]}..., the object needs {sha256[:16]}...")
-    ckpt = _CACHE.get((path, digest))
-    if ckpt is None:
-        ckpt = _CACHE[(path, digest)] = LinearCheckpoint.load(path, digest)
-    return ckpt
+    return checkpoint_file.load_cached(path, sha256, LinearCheckpoint.load)
 
 
 @register

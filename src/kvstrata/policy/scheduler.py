@@ -187,6 +187,7 @@ class Flow:
     compute_s_per_layer: float
     deadline: float | None
     progress: Callable[[], tuple[int, int]] = lambda: (0, 0)
+    overhead_s: float = 0.0  # what reading a group costs after the link admits it (the GETs' latency)
     sent: float = 0.0
     queue: deque = field(default_factory=deque)
 
@@ -196,10 +197,12 @@ class Flow:
         c = max(self.compute_s_per_layer, 1e-6)
         held = delivered - consumed  # layers delivered the engine has not started on
         head = self.queue[0].remaining if self.queue else self.layer_bytes
-        # the head group must arrive before the engine finishes what it holds (half a layer is running)
-        no_stall = head / ((held + 0.5) * c) if held >= 0 else math.inf
+        # the head group must be admitted before the engine finishes what it holds (half a layer
+        # is running), less the time its GETs take after admission
+        time_left = (held + 0.5) * c - self.overhead_s
+        no_stall = head / time_left if held >= 0 and time_left > 0 else math.inf
         return Demand(self.id, self.size_bytes - self.sent, self.size_bytes, no_stall_bps=no_stall,
-                      behind=held < 1, deadline=self.deadline, started=delivered > 0,
+                      behind=held < 1 or no_stall == math.inf, deadline=self.deadline, started=delivered > 0,
                       compute_left_s=max(n_layers - max(consumed, 1), 0) * c, layer_bytes=self.layer_bytes)
 
 
@@ -222,9 +225,10 @@ class Link:
         self.served_bytes = 0.0
 
     def open(self, size_bytes: float, layer_bytes: float, compute_s_per_layer: float,
-             deadline: float | None = None, progress: Callable[[], tuple[int, int]] | None = None) -> Flow:
+             deadline: float | None = None, progress: Callable[[], tuple[int, int]] | None = None,
+             overhead_s: float = 0.0) -> Flow:
         self._ids += 1
-        flow = Flow(self._ids, size_bytes, layer_bytes, compute_s_per_layer, deadline)
+        flow = Flow(self._ids, size_bytes, layer_bytes, compute_s_per_layer, deadline, overhead_s=overhead_s)
         if progress is not None:
             flow.progress = progress
         self._flows[flow.id] = flow
