@@ -165,9 +165,14 @@ class Bench:
         return ModelSpec(f"emu-{p.n_layers}", p.n_layers, 1, 2, "float32")  # 16 B per token and layer
 
     def orch(self, p: Profile, tier: str, policy: str, cap_bps: float) -> Orchestrator:
-        """An orchestrator reading ``tier`` (s3 or dram) through a link of the (deployment) capacity."""
+        """An orchestrator reading ``tier`` (s3 or dram) through a link of the (deployment) capacity.
+
+        ``policy`` may end in ``+ra``: the same policy with unbounded read-ahead (every layer
+        group requested at once, as a client without a loader window would)."""
         key = (p.name, tier, policy, cap_bps)
         if key not in self.orchs:
+            policy, _, ra = policy.partition("+")
+            window = 64 if ra == "ra" else self.window
             emulated = cap_bps * p.byte_scale / self.s
             srv = self.server
             cfg = parse_config(f"""
@@ -178,7 +183,7 @@ tiers:
         access_key_id: {srv.access_key}, secret_access_key: {srv.secret_key}, timeout_ms: 60000,
         max_concurrency: 64}}
   dram: {{kind: memory, capacity_bytes: 4GiB}}
-bandwidth: {{policy: {policy}, links: {{{tier}: {emulated}}}, read_window: {self.window}}}
+bandwidth: {{policy: {policy}, links: {{{tier}: {emulated}}}, read_window: {window}}}
 policy:
   default: {{read: [{tier}], write: [{tier}], retrieval: layerwise, load: always}}
 """)
@@ -284,13 +289,13 @@ MIXES = {  # concurrency -> request kinds
 }
 
 
-def shared(bench: Bench, profile: Profile, cap_bps: float, mixes: dict[int, list[int]],
-           dram_ttft: dict[int, float], repeats: int) -> list[dict]:
+def shared(bench: Bench, profile: Profile, cap_bps: float, mixes: dict[int, list[str]],
+           dram_ttft: dict[str, float], repeats: int, extra: tuple[str, ...] = ()) -> list[dict]:
     rows = []
     for concurrency, names in mixes.items():
         reqs = [kinds(profile)[name] for name in names]
         row = {"concurrency": concurrency, "requests": names, "cap_bps": cap_bps, "policies": {}}
-        for policy in ("equal", "stall_aware", "deadline"):
+        for policy in ("equal", "stall_aware", "deadline", *extra):
             orch = bench.orch(profile, "s3", policy, cap_bps)
             added_runs = []
             for _ in range(repeats):
@@ -389,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--read-window", type=int, default=2, help="layer groups in flight per request")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--skip-single", action="store_true", help="only the shared-cap experiment")
+    ap.add_argument("--read-ahead", action="store_true",
+                    help="also run each policy with unbounded read-ahead (policy+ra)")
+    ap.add_argument("--mixes", default=None, help="concurrency levels to run, e.g. 4,16")
     args = ap.parse_args(argv)
     quick = args.quick
     scale = args.time_scale or (2.0 if quick else 4.0)
@@ -400,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
         cases.append(Request(LLAMA70B, 65536))
         cpu = smollm2_cpu()
         cases += [Request(cpu, c) for c in sorted(cpu.measured)]
-    mixes = {k: v for k, v in MIXES.items() if not quick or k in (4, 16)}
+    wanted = {int(k) for k in args.mixes.split(",")} if args.mixes else ({4, 16} if quick else set(MIXES))
+    mixes = {k: v for k, v in MIXES.items() if k in wanted}
+    extra = ("equal+ra", "stall_aware+ra", "deadline+ra") if args.read_ahead else ()
     cap = args.cap_gbps * 1e9 / 8
 
     with tempfile.TemporaryDirectory(prefix="kvstrata-layerwise-") as tmp:
@@ -410,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             single_rows = [] if args.skip_single else single(bench, cases, repeats)
             print("shared cap:", flush=True)
             dram = dram_baselines(bench, LLAMA8B, {k for mix in mixes.values() for k in mix}, repeats)
-            shared_rows = shared(bench, LLAMA8B, cap, mixes, dram, repeats)
+            shared_rows = shared(bench, LLAMA8B, cap, mixes, dram, repeats, extra)
         finally:
             bench.close()
 
