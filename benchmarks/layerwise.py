@@ -282,19 +282,22 @@ def kinds(p: Profile) -> dict[str, Request]:
     }
 
 
-MIXES = {  # concurrency -> request kinds
-    1: ["doc-qa"],
-    4: ["chat", "doc-qa", "long-qa", "long-rag"],
-    16: ["chat"] * 10 + ["doc-qa"] * 3 + ["long-qa"] * 2 + ["long-rag"],  # mostly short turns, as in serving
+MIXES = {  # name -> request kinds (the default runs are the first three)
+    "1": ["doc-qa"],
+    "4": ["chat", "doc-qa", "long-qa", "long-rag"],
+    "16": ["chat"] * 10 + ["doc-qa"] * 3 + ["long-qa"] * 2 + ["long-rag"],  # mostly short turns, as in serving
+    "16-compute": ["chat"] * 8 + ["long-rag"] * 8,  # half compute-bound: where capping should pay
 }
+DEFAULT_MIXES = ("1", "4", "16")
 
 
 def shared(bench: Bench, profile: Profile, cap_bps: float, mixes: dict[int, list[str]],
            dram_ttft: dict[str, float], repeats: int, extra: tuple[str, ...] = ()) -> list[dict]:
     rows = []
-    for concurrency, names in mixes.items():
+    for label, names in mixes.items():
         reqs = [kinds(profile)[name] for name in names]
-        row = {"concurrency": concurrency, "requests": names, "cap_bps": cap_bps, "policies": {}}
+        concurrency = len(names)
+        row = {"mix": label, "concurrency": concurrency, "requests": names, "cap_bps": cap_bps, "policies": {}}
         for policy in ("equal", "stall_aware", "deadline", *extra):
             orch = bench.orch(profile, "s3", policy, cap_bps)
             added_runs = []
@@ -307,7 +310,7 @@ def shared(bench: Bench, profile: Profile, cap_bps: float, mixes: dict[int, list
             missed = sum(1 for a, r in zip(added, reqs) if a + dram_ttft[r.kind] > r.budget_factor * dram_ttft[r.kind])
             row["policies"][policy] = {"added_s": added, "mean_added_s": statistics.fmean(added),
                                        "p90_added_s": float(np.percentile(added, 90)), "slo_missed": missed}
-            print(f"  {concurrency:>2} requests, {policy:<11}: mean added {statistics.fmean(added) * 1e3:8.1f} ms,"
+            print(f"  {label:>10} ({concurrency:>2} requests), {policy:<11}: mean added {statistics.fmean(added) * 1e3:8.1f} ms,"
                   f" SLO missed {missed}/{len(reqs)}", flush=True)
         mean = {p: v["mean_added_s"] for p, v in row["policies"].items()}
         row["equal_over_deadline"] = mean["equal"] / mean["deadline"]
@@ -347,7 +350,7 @@ def print_tables(single_rows: list[dict], shared_rows: list[dict], cap_bps: floa
         f"mean added TTFT under a shared {cap_bps * 8 / 1e9:.0f} Gb/s cap (ms; SLO = 2x DRAM TTFT)",
         ["requests", "equal", "stall-aware", "deadline (ours)", "equal / ours", "stall-aware / ours",
          "equal / stall-aware", "SLO missed e/s/d"],
-        [[r["concurrency"], ms(r["policies"]["equal"]["mean_added_s"]),
+        [[r.get("mix", r["concurrency"]), ms(r["policies"]["equal"]["mean_added_s"]),
           ms(r["policies"]["stall_aware"]["mean_added_s"]), ms(r["policies"]["deadline"]["mean_added_s"]),
           f"{r['equal_over_deadline']:.2f}x", f"{r['stall_aware_over_deadline']:.2f}x",
           f"{r['equal_over_stall_aware']:.2f}x",
@@ -377,7 +380,7 @@ def plot(single_rows: list[dict], shared_rows: list[dict], path: Path) -> None:
     xs = np.arange(len(shared_rows))
     for k, (name, key) in enumerate([("equal", "equal"), ("stall-aware", "stall_aware"), ("deadline (ours)", "deadline")]):
         b.bar(xs + (k - 1) * 0.27, [r["policies"][key]["mean_added_s"] * 1e3 for r in shared_rows], 0.27, label=name)
-    b.set_xticks(xs, [f"{r['concurrency']} requests" for r in shared_rows])
+    b.set_xticks(xs, [str(r.get("mix", r["concurrency"])) for r in shared_rows])
     b.set_ylabel("mean added TTFT (ms)")
     b.set_title("shared link cap: scheduling policies")
     b.legend(fontsize=8)
@@ -396,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-single", action="store_true", help="only the shared-cap experiment")
     ap.add_argument("--read-ahead", action="store_true",
                     help="also run each policy with unbounded read-ahead (policy+ra)")
-    ap.add_argument("--mixes", default=None, help="concurrency levels to run, e.g. 4,16")
+    ap.add_argument("--mixes", default=None, help=f"mixes to run, of {','.join(MIXES)} (default 1,4,16)")
     args = ap.parse_args(argv)
     quick = args.quick
     scale = args.time_scale or (2.0 if quick else 4.0)
@@ -408,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         cases.append(Request(LLAMA70B, 65536))
         cpu = smollm2_cpu()
         cases += [Request(cpu, c) for c in sorted(cpu.measured)]
-    wanted = {int(k) for k in args.mixes.split(",")} if args.mixes else ({4, 16} if quick else set(MIXES))
+    wanted = set(args.mixes.split(",")) if args.mixes else ({"4", "16"} if quick else set(DEFAULT_MIXES))
     mixes = {k: v for k, v in MIXES.items() if k in wanted}
     extra = ("equal+ra", "stall_aware+ra", "deadline+ra") if args.read_ahead else ()
     cap = args.cap_gbps * 1e9 / 8
