@@ -76,11 +76,8 @@ class Checkpoint:
     """Autoencoder weights for every layer, K and V, loaded from a safetensors file."""
 
     def __init__(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, str], sha256: str = ""):
+        checkpoint_file.check_format(meta, FORMAT, VERSION, "autoencoder")
         try:
-            if meta.get("format") != FORMAT:
-                raise CodecError(f"not a kvstrata autoencoder checkpoint (format {meta.get('format')!r})")
-            if int(meta.get("version", -1)) != VERSION:
-                raise CodecError(f"checkpoint version {meta.get('version')} (this reader knows {VERSION})")
             self.n_layers = int(meta["n_layers"])
             self.head_dim = int(meta["head_dim"])
             self.latent = int(meta["latent"])

@@ -3,6 +3,7 @@
 * :func:`write` -- bytes that depend only on the contents (sorted header), so a
   deterministic training run gives the same sha256;
 * :func:`read` -- tensors and metadata of a file, checked against an expected sha256;
+* :func:`check_format` -- the metadata names this kind of checkpoint and a known version;
 * :func:`load_cached` -- a checkpoint object by path and hash: the file is hashed
   on every call (a replaced file is never trusted), parsed once per content.
 
@@ -108,6 +109,14 @@ def load_cached(path: str, sha256: str | None, parse: Callable[[str, str], T]) -
         with _CACHE_LOCK:
             _CACHE[(parse, path, digest)] = found
     return found  # type: ignore[return-value]
+
+
+def check_format(meta: Mapping[str, str], fmt: str, version: int, name: str) -> None:
+    """Refuse a checkpoint of another kind (``format``) or of a version this reader does not know."""
+    if meta.get("format") != fmt:
+        raise CodecError(f"not a kvstrata {name} checkpoint (format {meta.get('format')!r})")
+    if meta.get("version") != str(version):
+        raise CodecError(f"{name} checkpoint version {meta.get('version')} (this reader knows {version})")
 
 
 def _check(path, digest: str, sha256: str | None) -> None:

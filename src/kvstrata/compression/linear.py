@@ -217,11 +217,8 @@ class LinearCheckpoint:
     """Per-layer K and V transforms, loaded from (or saved to) a safetensors file."""
 
     def __init__(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, str], sha256: str = ""):
+        checkpoint_file.check_format(meta, FORMAT, VERSION, "linear-ae")
         try:
-            if meta.get("format") != FORMAT:
-                raise CodecError(f"not a kvstrata linear-ae checkpoint (format {meta.get('format')!r})")
-            if int(meta.get("version", -1)) != VERSION:
-                raise CodecError(f"linear-ae checkpoint version {meta.get('version')} (this reader knows {VERSION})")
             self.n_layers = int(meta["n_layers"])
             self.kv_heads = int(meta["kv_heads"])
             self.head_dim = int(meta["head_dim"])
