@@ -20,22 +20,9 @@ from kvstrata.engine import generate, running_llm, text_tokens  # noqa: E402
 from kvstrata.keys import chunk_keys  # noqa: E402
 from kvstrata.models import prepare_smollm2  # noqa: E402
 from kvstrata.orchestrator import flush_shared, shared_orchestrators  # noqa: E402
-from tests.test_vllm_e2e import run_script  # noqa: E402
+from tests.test_vllm_e2e import HIT, PROMPT_TOKENS, REFERENCE, run_script  # noqa: E402
 
-PROMPT_TOKENS = 1500
-HIT = (PROMPT_TOKENS - 1) // 256 * 256  # whole chunks; vLLM computes the last token itself
 OFFSETS = {"lmcache": 80000, "nixl": 85000}
-
-REFERENCE = """
-import json, sys
-from kvstrata.engine import generate, make_llm, text_tokens
-if __name__ == "__main__":
-    llm = make_llm(sys.argv[1], connector=False, kv_cache_gib=1)
-    offsets = json.loads(sys.argv[2])
-    tok = llm.get_tokenizer()
-    out = {name: list(generate(llm, text_tokens(tok, %d, offset=o), 16).token_ids) for name, o in offsets.items()}
-    print("RESULT " + json.dumps(out))
-""" % PROMPT_TOKENS
 
 
 def strata_yaml(s3) -> str:
@@ -46,7 +33,7 @@ def strata_yaml(s3) -> str:
           dram:
             kind: lmcache
             capacity_bytes: 256MiB
-            cost: {{latency_ms: 0.02, bandwidth_mbps: 20000}}  # memory's prior (config has none for lmcache)
+            cost: {{latency_ms: 0.02, bandwidth_mbps: 20000}}  # memory's prior, faster than lmcache's default
             timeout_ms: 20000  # generous: this machine is shared, and a timeout here is a miss
           cold:
             kind: s3

@@ -86,19 +86,6 @@ async def test_killed_server_fails_fast_with_tier_error(tmp_path) -> None:
         server.stop()
 
 
-async def test_wrong_secret_is_a_tier_error_without_the_secret(s3_server) -> None:
-    settings = s3_settings(s3_server, "nixl", timeout_s=5.0)
-    settings["secret_access_key"] = "not-the-secret-1234"
-    tier = create_tier("s3", **settings)
-    (key,) = make_keys(1)
-    with pytest.raises(TierError) as info:
-        await tier.put([(key, make_object(key)[0])])
-    assert "not-the-secret-1234" not in str(info.value)
-    with pytest.raises(TierError):
-        await tier.get([key])
-    await tier.close()
-
-
 def test_without_nixl_one_clear_start_up_error(monkeypatch, s3_server) -> None:
     monkeypatch.setitem(sys.modules, "nixl_cu12", None)  # as on a machine without the extra
     monkeypatch.delitem(sys.modules, "nixl_cu12._api", raising=False)
