@@ -104,7 +104,6 @@ class Orchestrator:
         self.links = {tier: Link(self._measured(tier) if capacity == "auto" else capacity, bw.policy)
                       for tier, capacity in bw.links.items()}
         self.read_window = bw.read_window
-        self._get_s: dict[str, float] = {}  # tier -> seconds per GET in a batch, learned
         runtime.run(self._start(save_workers), timeout=30)
 
     async def _start(self, n: int) -> None:
@@ -312,7 +311,7 @@ class Orchestrator:
             return (range(n),)
         transfer_s, overhead_s = 0.0, 0.0
         for tier, chunks in _by_tier(plan.chunks).items():
-            latency, bandwidth = self.cost.tier(tier)
+            _, bandwidth = self.cost.tier(tier)
             link = self.links.get(tier)
             if link is not None:  # the share this load can expect
                 bandwidth = min(bandwidth, link.capacity / (link.open_flows + 1))
@@ -324,12 +323,6 @@ class Orchestrator:
     def _measured(self, tier: str) -> Callable[[], float]:
         """A link capacity that follows the tier's read bandwidth as the cost model learns it."""
         return lambda: self.cost.tier(tier)[1]
-
-    def _observe_gets(self, tier: str, seconds: float, gets: int) -> None:
-        """Seconds per GET of a batch (the store's throughput in requests), smoothed."""
-        per_get = seconds / max(gets, 1)
-        old = self._get_s.get(tier)
-        self._get_s[tier] = per_get if old is None else old + 0.2 * (per_get - old)
 
     async def _load(self, handle: LoadHandle, compute_s: float) -> None:
         plan, groups = handle.plan, handle.groups
@@ -383,8 +376,7 @@ class Orchestrator:
     def _group_overhead_s(self, tier: str, n_chunks: int) -> float:
         """What reading one layer group costs besides its bytes: the tier's latency and one GET
         per chunk at the store's learned per-GET time (its IOPS)."""
-        latency = self.cost.tier(tier)[0]
-        return latency + n_chunks * self._get_s.get(tier, latency / 8)
+        return self.cost.tier(tier)[0] + n_chunks * self.cost.per_get_s(tier)
 
     @staticmethod
     def _pacer(link: Link, flow: Flow, turns: list[asyncio.Event], i: int):
@@ -430,7 +422,7 @@ class Orchestrator:
             for layer, array in kv.items():
                 handle.deliver(layer, chunk.index, array)
         if fetched is not None:
-            self._observe_gets(tier, seconds, len(chunks))
+            self.cost.observe_gets(tier, seconds, len(chunks))
         if nbytes:
             self.telemetry.moved_bytes(tier, "read", nbytes)
             self.cost.observe_read(tier, seconds, nbytes)

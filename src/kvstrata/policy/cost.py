@@ -89,6 +89,7 @@ class CostModel:
         self.relax_s = relax_s
         self._clock = clock
         self._lock = threading.Lock()
+        self._get_s: dict[str, float] = {}  # tier -> seconds per GET in a batch (observe_gets)
 
     @classmethod
     def from_config(cls, config, n_layers: int = 32) -> CostModel:
@@ -114,6 +115,20 @@ class CostModel:
                 transfer = max(seconds - est.latency_s, seconds * 0.1, 1e-9)
                 est.bandwidth_bps += a * (nbytes / transfer - est.bandwidth_bps)
                 est.bandwidth_obs += 1
+
+    def observe_gets(self, tier: str, seconds: float, gets: int) -> None:
+        """A batch of ``gets`` reads issued together took ``seconds``: the store's time per GET
+        (its throughput in requests, what a layer group costs beyond its bytes)."""
+        per_get = seconds / max(gets, 1)
+        with self._lock:
+            old = self._get_s.get(tier)
+            self._get_s[tier] = per_get if old is None else old + self.alpha * (per_get - old)
+
+    def per_get_s(self, tier: str) -> float:
+        """Seconds per GET in a batch, as observed; before any observation, an eighth of the latency."""
+        with self._lock:
+            found = self._get_s.get(tier)
+        return found if found is not None else self.tier(tier)[0] / 8
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
