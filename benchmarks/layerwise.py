@@ -27,11 +27,13 @@ Experiments, side by side in one run:
    layer-wise (adaptive groups), S3 one GET per layer, S3 whole objects; the
    analytic pipeline bound; GETs per request;
 2. 1, 4 and 16 concurrent requests of mixed lengths under one shared link cap,
-   with each scheduling policy (equal, stall_aware, deadline): added TTFT over
-   each request's DRAM TTFT.
+   with each scheduling policy (equal, stall_aware, deadline) on kvstrata's
+   work-conserving link, and equal and stall_aware with rates fixed per request
+   (``sharing: fixed``, the model ObjectCache's comparison is stated in):
+   added TTFT over each request's DRAM TTFT.
 
     python benchmarks/layerwise.py            # full (~15 min here)
-    python benchmarks/layerwise.py --quick    # ~2.5 min
+    python benchmarks/layerwise.py --quick    # ~2 min
 """
 
 from __future__ import annotations
@@ -168,11 +170,13 @@ class Bench:
         """An orchestrator reading ``tier`` (s3 or dram) through a link of the (deployment) capacity.
 
         ``policy`` may end in ``+ra``: the same policy with unbounded read-ahead (every layer
-        group requested at once, as a client without a loader window would)."""
+        group requested at once, as a client without a loader window would); or in ``+fixed``:
+        the link's ``sharing: fixed`` (a rate per request, set when a request starts)."""
         key = (p.name, tier, policy, cap_bps)
         if key not in self.orchs:
-            policy, _, ra = policy.partition("+")
-            window = 64 if ra == "ra" else self.window
+            policy, _, variant = policy.partition("+")
+            window = 64 if variant == "ra" else self.window
+            sharing = "fixed" if variant == "fixed" else "work_conserving"
             emulated = cap_bps * p.byte_scale / self.s
             srv = self.server
             cfg = parse_config(f"""
@@ -183,7 +187,7 @@ tiers:
         access_key_id: {srv.access_key}, secret_access_key: {srv.secret_key}, timeout_ms: 60000,
         max_concurrency: 64}}
   dram: {{kind: memory, capacity_bytes: 4GiB}}
-bandwidth: {{policy: {policy}, links: {{{tier}: {emulated}}}, read_window: {window}}}
+bandwidth: {{policy: {policy}, sharing: {sharing}, links: {{{tier}: {emulated}}}, read_window: {window}}}
 policy:
   default: {{read: [{tier}], write: [{tier}], retrieval: layerwise, load: always}}
 """)
@@ -289,6 +293,9 @@ MIXES = {  # name -> request kinds (the default runs are the first three)
     "16-compute": ["chat"] * 8 + ["long-rag"] * 8,  # half compute-bound: where capping should pay
 }
 DEFAULT_MIXES = ("1", "4", "16")
+# kvstrata's link re-splits at every event (work conserving); "+fixed" runs the same policy with a
+# rate per request set when a request starts (sharing: fixed), the model ObjectCache's numbers are in
+POLICIES = ("equal", "stall_aware", "deadline", "equal+fixed", "stall_aware+fixed")
 
 
 def shared(bench: Bench, profile: Profile, cap_bps: float, mixes: dict[int, list[str]],
@@ -298,7 +305,7 @@ def shared(bench: Bench, profile: Profile, cap_bps: float, mixes: dict[int, list
         reqs = [kinds(profile)[name] for name in names]
         concurrency = len(names)
         row = {"mix": label, "concurrency": concurrency, "requests": names, "cap_bps": cap_bps, "policies": {}}
-        for policy in ("equal", "stall_aware", "deadline", *extra):
+        for policy in (*POLICIES, *extra):
             orch = bench.orch(profile, "s3", policy, cap_bps)
             added_runs = []
             for _ in range(repeats):
@@ -316,6 +323,8 @@ def shared(bench: Bench, profile: Profile, cap_bps: float, mixes: dict[int, list
         row["equal_over_deadline"] = mean["equal"] / mean["deadline"]
         row["stall_aware_over_deadline"] = mean["stall_aware"] / mean["deadline"]
         row["equal_over_stall_aware"] = mean["equal"] / mean["stall_aware"]
+        row["fixed_equal_over_stall_aware"] = mean["equal+fixed"] / mean["stall_aware+fixed"]
+        row["fixed_stall_aware_over_deadline"] = mean["stall_aware+fixed"] / mean["deadline"]
         rows.append(row)
     return rows
 
@@ -357,6 +366,15 @@ def print_tables(single_rows: list[dict], shared_rows: list[dict], cap_bps: floa
           "/".join(str(r["policies"][p]["slo_missed"]) for p in ("equal", "stall_aware", "deadline"))]
          for r in shared_rows],
     )
+    common.print_table(
+        "the same, rates fixed per request (sharing: fixed, ObjectCache's model) vs ours (work conserving)",
+        ["requests", "equal (fixed)", "stall-aware (fixed)", "deadline (ours)", "equal / stall-aware (fixed)",
+         "stall-aware (fixed) / ours"],
+        [[r.get("mix", r["concurrency"]), ms(r["policies"]["equal+fixed"]["mean_added_s"]),
+          ms(r["policies"]["stall_aware+fixed"]["mean_added_s"]), ms(r["policies"]["deadline"]["mean_added_s"]),
+          f"{r['fixed_equal_over_stall_aware']:.2f}x", f"{r['fixed_stall_aware_over_deadline']:.2f}x"]
+         for r in shared_rows],
+    )
 
 
 def plot(single_rows: list[dict], shared_rows: list[dict], path: Path) -> None:
@@ -378,8 +396,11 @@ def plot(single_rows: list[dict], shared_rows: list[dict], path: Path) -> None:
     a.set_title("one request: S3 vs local DRAM")
     a.legend(fontsize=8)
     xs = np.arange(len(shared_rows))
-    for k, (name, key) in enumerate([("equal", "equal"), ("stall-aware", "stall_aware"), ("deadline (ours)", "deadline")]):
-        b.bar(xs + (k - 1) * 0.27, [r["policies"][key]["mean_added_s"] * 1e3 for r in shared_rows], 0.27, label=name)
+    bars = [("equal", "equal", ""), ("stall-aware", "stall_aware", ""), ("deadline (ours)", "deadline", ""),
+            ("equal, fixed rates", "equal+fixed", "//"), ("stall-aware, fixed rates", "stall_aware+fixed", "//")]
+    for k, (name, key, hatch) in enumerate(bars):
+        b.bar(xs + (k - 2) * 0.17, [r["policies"][key]["mean_added_s"] * 1e3 for r in shared_rows], 0.17,
+              label=name, hatch=hatch, color=f"C{k % 3}", alpha=0.55 if hatch else 1.0)
     b.set_xticks(xs, [str(r.get("mix", r["concurrency"])) for r in shared_rows])
     b.set_ylabel("mean added TTFT (ms)")
     b.set_title("shared link cap: scheduling policies")

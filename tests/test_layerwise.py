@@ -224,6 +224,37 @@ def test_link_serves_flows_by_policy_and_conserves_bytes():
     assert srpt["small"] < equal["small"] * 0.75, (srpt, equal)
 
 
+def test_fixed_sharing_keeps_each_requests_rate_until_another_starts():
+    async def finish_times(sharing: str) -> dict[str, float]:
+        link = Link(20e6, "equal", sharing=sharing)
+        started = time.monotonic()
+
+        async def request(name: str, nbytes: float) -> tuple[str, float]:
+            flow = link.open(nbytes, nbytes, 1e-3)
+            await link.transfer(flow, nbytes)
+            link.close(flow)
+            return name, time.monotonic() - started
+
+        return dict(await asyncio.gather(request("small", 1e6), request("large", 3e6)))
+
+    shared, fixed = asyncio.run(finish_times("work_conserving")), asyncio.run(finish_times("fixed"))
+    # both start at 10 MB/s; the small one is done at 0.1 s either way
+    assert 0.08 < shared["small"] < 0.2 and 0.08 < fixed["small"] < 0.2
+    # work conserving, the large one then takes the whole link (4 MB at 20 MB/s); fixed, it keeps 10 MB/s
+    assert shared["large"] < 0.26 and fixed["large"] > 0.28, (shared, fixed)
+    with pytest.raises(ValueError, match="unknown sharing"):
+        Link(1e6, "equal", sharing="fair")
+
+
+def test_steady_demand_hides_each_read_behind_the_compute_of_the_one_before():
+    link = Link(1e9, "stall_aware", sharing="fixed")
+    one = link.open(32e6, 1e6, 0.01)  # one layer per read: a layer's bytes per layer of compute
+    assert one.steady_demand().no_stall_bps == pytest.approx(1e8)
+    growing = link.open(32e6, 1e6, 0.01, group_layers=[1, 2, 4, 8, 16, 1])  # each read twice the one before
+    assert growing.steady_demand().no_stall_bps == pytest.approx(2e8)
+    assert growing.steady_demand().started and not growing.steady_demand().behind
+
+
 def test_link_close_releases_waiting_transfers():
     async def run() -> None:
         link = Link(1e3, "equal")
@@ -252,6 +283,10 @@ policy: {{default: {{read: [cold], write: [cold]}}}}
         parse_config(text.format(body="{links: {warm: 1GB/s}}"), "x.yaml")
     with pytest.raises(ConfigError, match=r"bandwidth.links.cold: .*invalid rate"):
         parse_config(text.format(body="{links: {cold: 1GB}}"), "x.yaml")
+    assert cfg.bandwidth.sharing == "work_conserving"
+    assert parse_config(text.format(body="{sharing: fixed}")).bandwidth.sharing == "fixed"
+    with pytest.raises(ConfigError, match=r"x.yaml:4: bandwidth.sharing: "):
+        parse_config(text.format(body="{sharing: fair}"), "x.yaml")
     with pytest.raises(ConfigError, match=r"bandwidth.links.cold: .*must be positive"):
         parse_config(text.format(body="{links: {cold: 0}}"), "x.yaml")
     # "auto": the link's capacity follows the tier's bandwidth as the cost model measures it

@@ -135,6 +135,9 @@ class BandwidthConfig(_Frozen):
     """``bandwidth:``: budgets of tiers' read paths and how concurrent loads share them."""
 
     policy: Literal["equal", "stall_aware", "deadline"] = "deadline"
+    sharing: Literal["work_conserving", "fixed"] = Field("work_conserving", description=(
+        "work_conserving: the split is redone at every event and unused bandwidth goes to others; "
+        "fixed: a rate per request, set when a request starts (a per-request rate limit)"))
     links: dict[str, Annotated[float | Literal["auto"], BeforeValidator(lambda v: _rate(v))]] = {}
     read_window: int = Field(2, ge=1, le=64, description="layer groups in flight per load")
     group_tolerance: float = Field(0.005, ge=0, le=1, description=(

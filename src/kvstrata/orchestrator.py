@@ -101,7 +101,8 @@ class Orchestrator:
         self.inflight_wait_s = 2.0
         # bandwidth budgets of tiers' read paths, split among concurrent loads by a policy
         bw = config.bandwidth
-        self.links = {tier: Link(self._measured(tier) if capacity == "auto" else capacity, bw.policy)
+        self.links = {tier: Link(self._measured(tier) if capacity == "auto" else capacity, bw.policy,
+                                 sharing=bw.sharing)
                       for tier, capacity in bw.links.items()}
         self.read_window = bw.read_window
         runtime.run(self._start(save_workers), timeout=30)
@@ -371,7 +372,7 @@ class Orchestrator:
             size_bytes=layer_bytes * self.model.n_layers, layer_bytes=layer_bytes,
             compute_s_per_layer=compute_s, progress=handle.progress,
             deadline=None if budget is None else handle.started_at + budget / 1e3,
-            overhead_s=self._group_overhead_s(tier, n_chunks))
+            overhead_s=self._group_overhead_s(tier, n_chunks), group_layers=[len(g) for g in handle.groups])
 
     def _group_overhead_s(self, tier: str, n_chunks: int) -> float:
         """What reading one layer group costs besides its bytes: the tier's latency and one GET

@@ -29,6 +29,19 @@ Policies (``bandwidth.policy`` in the YAML):
   meeting theirs after it (it spends their slack, never makes anyone late).
   Capacity nobody takes is shared equally.
 
+How rates follow the load (``bandwidth.sharing``):
+
+* ``work_conserving`` (default): the split is redone at every event, among the
+  flows with bytes waiting; bandwidth one request cannot use goes to the others.
+  Under it ``equal`` is processor sharing.
+* ``fixed``: a per-request rate limit. When a request starts loading, every open
+  request's rate is set (from its steady demand: its size, and the no-stall rate
+  of one layer per layer of compute) and kept until the next request starts
+  (or, for a request the split gave nothing, until one leaves); bandwidth a
+  request leaves unused -- it is ahead of its compute, or done -- idles. This is the model ObjectCache's allocation is stated in (one rate per
+  request), and the one in which its stall-aware split beats equal shares; see
+  docs/layerwise.md.
+
 A policy is a pure function of :class:`Demand` values, so it is tested and
 benchmarked without a network.
 """
@@ -45,6 +58,7 @@ from typing import Literal, Protocol
 
 PolicyName = Literal["equal", "stall_aware", "deadline"]
 POLICIES: tuple[PolicyName, ...] = ("equal", "stall_aware", "deadline")
+Sharing = Literal["work_conserving", "fixed"]
 
 
 @dataclass(frozen=True)
@@ -188,6 +202,7 @@ class Flow:
     deadline: float | None
     progress: Callable[[], tuple[int, int]] = lambda: (0, 0)
     overhead_s: float = 0.0  # what reading a group costs after the link admits it (the GETs' latency)
+    group_layers: tuple[int, ...] = ()  # layers per read, in order (empty: one layer each)
     sent: float = 0.0
     queue: deque = field(default_factory=deque)
 
@@ -205,15 +220,33 @@ class Flow:
                       behind=held < 1 or no_stall == math.inf, deadline=self.deadline, started=delivered > 0,
                       compute_left_s=max(n_layers - max(consumed, 1), 0) * c, layer_bytes=self.layer_bytes)
 
+    def steady_demand(self) -> Demand:
+        """The request over its whole load, as a per-request rate is set from: the no-stall rate
+        delivers each read while the engine computes the layers of the one before (one layer's
+        bytes per layer of compute, ObjectCache's X_{l+1} = C_l, when every read is one layer)."""
+        n_layers = round(self.size_bytes / self.layer_bytes) if self.layer_bytes else 1
+        c = max(self.compute_s_per_layer, 1e-6)
+        sizes = self.group_layers or (1,)
+        ratio = max([nxt / cur for cur, nxt in zip(sizes, sizes[1:])], default=1.0)
+        return Demand(self.id, self.size_bytes - self.sent, self.size_bytes, no_stall_bps=ratio * self.layer_bytes / c,
+                      behind=False, deadline=self.deadline, started=True, compute_left_s=(n_layers - 1) * c,
+                      layer_bytes=self.layer_bytes)
+
 
 class Link:
     """A bandwidth budget shared by flows, split by a policy. All methods run on one event loop."""
 
     def __init__(self, capacity_bps: float | Callable[[], float], policy: Policy | str = "deadline",
-                 tick_s: float = 0.005, clock: Callable[[], float] = time.monotonic):
-        """``capacity_bps``: bytes/s, or a function giving the current estimate (a measured link)."""
+                 tick_s: float = 0.005, clock: Callable[[], float] = time.monotonic,
+                 sharing: Sharing = "work_conserving"):
+        """``capacity_bps``: bytes/s, or a function giving the current estimate (a measured link).
+        ``sharing``: see the module's docstring."""
         if not callable(capacity_bps) and capacity_bps <= 0:
             raise ValueError("capacity must be positive")
+        if sharing not in ("work_conserving", "fixed"):
+            raise ValueError(f"unknown sharing {sharing!r} (known: work_conserving, fixed)")
+        self.sharing = sharing
+        self._fixed: dict[int, float] = {}  # sharing=fixed: each open flow's rate, set when the newest started
         self._capacity = capacity_bps
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self.tick_s = tick_s
@@ -226,9 +259,10 @@ class Link:
 
     def open(self, size_bytes: float, layer_bytes: float, compute_s_per_layer: float,
              deadline: float | None = None, progress: Callable[[], tuple[int, int]] | None = None,
-             overhead_s: float = 0.0) -> Flow:
+             overhead_s: float = 0.0, group_layers: Sequence[int] = ()) -> Flow:
         self._ids += 1
-        flow = Flow(self._ids, size_bytes, layer_bytes, compute_s_per_layer, deadline, overhead_s=overhead_s)
+        flow = Flow(self._ids, size_bytes, layer_bytes, compute_s_per_layer, deadline, overhead_s=overhead_s,
+                    group_layers=tuple(group_layers))
         if progress is not None:
             flow.progress = progress
         self._flows[flow.id] = flow
@@ -291,8 +325,7 @@ class Link:
                 await self._wake.wait()
                 last = self.clock()
                 continue
-            capacity = self.capacity
-            rates = self.policy.rates([f.demand() for f in waiting], capacity, now)
+            rates = self._rates(waiting, now)
             finish = [f.queue[0].remaining / rates[f.id] for f in waiting if rates.get(f.id, 0) > 0]
             timeout = min([self.tick_s, *finish])
             self._wake.clear()
@@ -300,6 +333,16 @@ class Link:
                 await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 1e-4))
             except asyncio.TimeoutError:
                 pass
+
+    def _rates(self, waiting: list[Flow], now: float) -> dict[int, float]:
+        if self.sharing == "work_conserving":
+            return self.policy.rates([f.demand() for f in waiting], self.capacity, now)
+        started = any(fid not in self._fixed for fid in self._flows)
+        # a request the last split gave nothing (deadline orders) gets a rate when another leaves
+        starved = not started and self._fixed.keys() != self._flows.keys() and any(self._fixed[f] <= 0 for f in self._flows)
+        if started or starved:  # set every open request's rate
+            self._fixed = self.policy.rates([f.steady_demand() for f in self._flows.values()], self.capacity, now)
+        return {f.id: self._fixed[f.id] for f in waiting}
 
     def _advance(self, rates: Mapping[int, float], elapsed: float) -> None:
         for fid, rate in rates.items():
