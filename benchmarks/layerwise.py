@@ -384,7 +384,8 @@ def plot(single_rows: list[dict], shared_rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = [f"{r['profile'].split(' ')[0]}\n{r['context'] // 1024}K" for r in single_rows]
+    short = {"llama-3.1-8b": "8B", "llama-3.1-70b": "70B", "smollm2-135m": "SmolLM2"}
+    labels = [f"{short.get(r['profile'].split(' ')[0], r['profile'])}\n{r['context']:,}" for r in single_rows]
     xs = np.arange(len(single_rows))
     for k, (name, key) in enumerate([("DRAM", "dram"), ("S3 layer-wise", "s3 layer-wise"),
                                      ("S3 1 layer/GET", "s3 1 layer/GET"), ("S3 whole", "s3 whole")]):
