@@ -383,6 +383,8 @@ ERRORS = {
                                "strata.yaml:6: policy.default.admission.cold: unknown tier 'cold' (defined: dram, local)"),
     "unknown codec tier": (POLICY + "  default: {write: [dram], codec: {cold: int8}}\n",
                            "strata.yaml:6: policy.default.codec.cold: unknown tier 'cold' (defined: dram, local)"),
+    "unknown documents tier": (HEAD + "documents:\n  tiers: [dram, cold]\n",
+                               "strata.yaml:6: documents.tiers[1]: unknown tier 'cold' (defined: dram, local)"),
     "unknown ttl tier": (POLICY + "  default: {write: [dram], ttl_s: {cold: 60}}\n",
                          "strata.yaml:6: policy.default.ttl_s.cold: unknown tier 'cold' (defined: dram, local)"),
     "unknown demote source": (POLICY + "  default: {write: [dram], demote: {cold: dram}}\n",

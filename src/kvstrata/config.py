@@ -290,7 +290,10 @@ def _parse(text: str, source: str, path: Path | None) -> StrataConfig:
     if spec is not None:
         for tier in spec.bandwidth.links:
             if tier not in tiers:
-                report.add(("bandwidth", "links", tier), f"unknown tier {tier!r} (tiers: {', '.join(tiers)})")
+                report.add(("bandwidth", "links", tier), f"unknown tier {tier!r} (defined: {', '.join(tiers)})")
+        for i, tier in enumerate(spec.documents.tiers):
+            if tier not in tiers:
+                report.add(("documents", "tiers", i), f"unknown tier {tier!r} (defined: {', '.join(tiers)})")
     report.raise_if_any()  # so spec and every tier are valid from here on
     policy = compile_policy(spec.policy, tiers, spec.orchestrator.default_budget_ms, report)
     _check_route_codecs(spec.policy, codecs, report)

@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from kvstrata.policy import pipeline
+
 SMALL_READ_BYTES = 64 * 1024
 
 
@@ -160,8 +162,8 @@ class CostModel:
     def ttft_s(self, load_s: float, compute_s: float, layerwise: bool) -> float:
         if not layerwise or load_s == 0:
             return load_s + compute_s
-        x, c, n = load_s / self.n_layers, compute_s / self.n_layers, self.n_layers
-        return x + (n - 1) * max(x, c) + c
+        n = self.n_layers
+        return pipeline.bound([load_s / n] * n, [compute_s / n] * n)
 
     def choose(
         self,
