@@ -130,6 +130,33 @@ def test_a_paced_load_through_the_link_is_exact_and_takes_the_links_time(s3_serv
         orch.close()
 
 
+def test_the_link_paces_the_bytes_a_compressed_codec_stores_once_a_read_has_seen_them():
+    cfg = parse_config(f"""
+version: 1
+chunk_tokens: {CHUNK}
+tiers: {{cold: {{kind: memory}}}}
+bandwidth: {{policy: deadline, links: {{cold: 1GB/s}}}}
+policy:
+  default: {{read: [cold], write: [cold], codec: {{cold: int8}}, retrieval: layerwise, load: always}}
+""")
+    orch = Orchestrator(cfg, MODEL)
+    try:
+        plan = stored_plan(orch, 2, seed=6)
+        link, nominal = orch.links["cold"], 2 * MODEL.chunk_bytes(CHUNK)
+        assert orch.load(plan, layers_per_read=1).wait_all(30)
+        first = link.served_bytes
+        # the first read reserves the uncompressed size for its first layer, then what int8 stores
+        assert nominal / 4 < first < nominal / 2, (first, nominal)
+        assert orch.cost.stored_fraction("int8") == pytest.approx(0.27, abs=0.03)  # 1 byte + scales per 4
+        handle = orch.load(plan, layers_per_read=1)
+        assert handle.wait_all(30) and not handle.failed
+        again = link.served_bytes - first
+        assert again == pytest.approx(nominal * orch.cost.stored_fraction("int8"), rel=0.01)
+        assert orch.cost.stored_fraction("none") == 1.0  # nothing uncompressed was read
+    finally:
+        orch.close()
+
+
 # -- the pipeline model -------------------------------------------------------------
 
 

@@ -211,6 +211,7 @@ class Orchestrator:
         choice = self.cost.choose(
             [c.tier for c in found], self.chunk_tokens, self.model.chunk_bytes(self.chunk_tokens),
             len(tokens) - skip_tokens, budget / 1e3, route.retrieval == "layerwise",
+            codecs={t: route.codec_for(t) for t in route.read},
         )
         return self._planned(plan, found[: choice.chunks], choice, choice.reason)
 
@@ -316,7 +317,7 @@ class Orchestrator:
             link = self.links.get(tier)
             if link is not None:  # the share this load can expect
                 bandwidth = min(bandwidth, link.capacity / (link.open_flows + 1))
-            transfer_s = max(transfer_s, len(chunks) * self.geometry.nbytes / bandwidth)
+            transfer_s = max(transfer_s, self._layer_bytes(chunks) / bandwidth)  # per layer
             overhead_s = max(overhead_s, self._group_overhead_s(tier, len(chunks)))
         return pipeline.plan_groups([transfer_s] * n, [compute_s] * n, overhead_s, self.read_window,
                                     self.config.bandwidth.group_tolerance)
@@ -328,7 +329,7 @@ class Orchestrator:
     async def _load(self, handle: LoadHandle, compute_s: float) -> None:
         plan, groups = handle.plan, handle.groups
         by_tier = _by_tier(plan.chunks)
-        flows = {tier: self._open_flow(tier, handle, len(chunks), compute_s)
+        flows = {tier: self._open_flow(tier, handle, chunks, compute_s)
                  for tier, chunks in by_tier.items() if tier in self.links}
         # within a flow, groups are paced in layer order: group i waits for group i-1's turn
         turns = {tier: [asyncio.Event() for _ in groups] for tier in flows}
@@ -365,14 +366,19 @@ class Orchestrator:
                   sorted(handle.failed), seconds)
         self._promote(handle)
 
-    def _open_flow(self, tier: str, handle: LoadHandle, n_chunks: int, compute_s: float) -> Flow:
+    def _open_flow(self, tier: str, handle: LoadHandle, chunks: list[PlannedChunk], compute_s: float) -> Flow:
         budget = handle.plan.ctx.budget_ms
-        layer_bytes = n_chunks * self.geometry.nbytes
+        layer_bytes = self._layer_bytes(chunks)
         return self.links[tier].open(
             size_bytes=layer_bytes * self.model.n_layers, layer_bytes=layer_bytes,
             compute_s_per_layer=compute_s, progress=handle.progress,
             deadline=None if budget is None else handle.started_at + budget / 1e3,
-            overhead_s=self._group_overhead_s(tier, n_chunks), group_layers=[len(g) for g in handle.groups])
+            overhead_s=self._group_overhead_s(tier, len(chunks)), group_layers=[len(g) for g in handle.groups])
+
+    def _layer_bytes(self, chunks: list[PlannedChunk]) -> float:
+        """What one layer of ``chunks`` moves: each codec's stored size as reads found it
+        (the uncompressed size until one was read)."""
+        return sum(self.geometry.nbytes * self.cost.stored_fraction(c.codec) for c in chunks)
 
     def _group_overhead_s(self, tier: str, n_chunks: int) -> float:
         """What reading one layer group costs besides its bytes: the tier's latency and one GET
@@ -399,8 +405,8 @@ class Orchestrator:
         """Read ``layers`` of ``chunks`` from one tier (one GET per chunk) once the tier's link
         (if it has one) admits their bytes, and deliver them."""
         chunks = [c for c in chunks if c.index not in handle.failed]
-        if pace is not None:  # the link admits the group's (nominal) bytes, then the GETs move them
-            await pace(len(chunks) * len(layers) * self.geometry.nbytes)
+        if pace is not None:  # the link admits the group's (expected) bytes, then the GETs move them
+            await pace(len(layers) * self._layer_bytes(chunks))
         if not chunks:
             return
         started = time.perf_counter()
@@ -415,7 +421,9 @@ class Orchestrator:
                 handle.fail([chunk.index])
                 continue
             decoded.append((chunk, kv))
-            nbytes += sum(len(result.obj.layers[i]) for i in layers)
+            stored = sum(len(result.obj.layers[i]) for i in layers)
+            self.cost.observe_stored(chunk.codec, stored / (len(layers) * self.geometry.nbytes))
+            nbytes += stored
         if fetched is None:
             handle.fail([c.index for c in chunks])
         seconds = time.perf_counter() - started

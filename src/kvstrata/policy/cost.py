@@ -92,6 +92,7 @@ class CostModel:
         self._clock = clock
         self._lock = threading.Lock()
         self._get_s: dict[str, float] = {}  # tier -> seconds per GET in a batch (observe_gets)
+        self._stored: dict[str, float] = {}  # codec -> stored bytes per uncompressed byte (observe_stored)
 
     @classmethod
     def from_config(cls, config, n_layers: int = 32) -> CostModel:
@@ -131,6 +132,18 @@ class CostModel:
         with self._lock:
             found = self._get_s.get(tier)
         return found if found is not None else self.tier(tier)[0] / 8
+
+    def observe_stored(self, codec: str, fraction: float) -> None:
+        """A read found ``codec``'s layers at ``fraction`` of their uncompressed size."""
+        with self._lock:
+            old = self._stored.get(codec)
+            self._stored[codec] = fraction if old is None else old + self.alpha * (fraction - old)
+
+    def stored_fraction(self, codec: str) -> float:
+        """Stored bytes per uncompressed byte of ``codec``'s layers, as reads found them; 1 before any
+        (a link then reserves too much, never too little)."""
+        with self._lock:
+            return self._stored.get(codec, 1.0)
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
@@ -173,13 +186,17 @@ class CostModel:
         context_tokens: int,
         budget_s: float | None,
         layerwise: bool,
+        codecs: Mapping[str, str] | None = None,
     ) -> Choice:
-        """Best prefix length given where each available chunk is (``chunk_tiers[i]``)."""
+        """Best prefix length given where each available chunk is (``chunk_tiers[i]``).
+        ``chunk_bytes`` is a chunk's uncompressed size; a tier whose codec (``codecs[tier]``)
+        stores less moves what reads found that codec to store."""
         recompute_all = self.recompute_s(context_tokens)
         best = Choice(0, 0.0, recompute_all, recompute_all, recompute_all, "nothing to load")
-        per_tier: dict[str, int] = {}
+        moved = {t: chunk_bytes * self.stored_fraction((codecs or {}).get(t, "none")) for t in set(chunk_tiers)}
+        per_tier: dict[str, float] = {}
         for k, tier in enumerate(chunk_tiers, start=1):
-            per_tier[tier] = per_tier.get(tier, 0) + chunk_bytes
+            per_tier[tier] = per_tier.get(tier, 0) + moved[tier]
             load = max(self.read_s(t, b) for t, b in per_tier.items())
             if budget_s is not None and load > budget_s:
                 if best.chunks == 0:

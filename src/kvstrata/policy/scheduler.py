@@ -216,7 +216,7 @@ class Flow:
         # is running), less the time its GETs take after admission
         time_left = (held + 0.5) * c - self.overhead_s
         no_stall = head / time_left if held >= 0 and time_left > 0 else math.inf
-        return Demand(self.id, self.size_bytes - self.sent, self.size_bytes, no_stall_bps=no_stall,
+        return Demand(self.id, max(self.size_bytes - self.sent, 0.0), self.size_bytes, no_stall_bps=no_stall,
                       behind=held < 1 or no_stall == math.inf, deadline=self.deadline, started=delivered > 0,
                       compute_left_s=max(n_layers - max(consumed, 1), 0) * c, layer_bytes=self.layer_bytes)
 
@@ -228,7 +228,8 @@ class Flow:
         c = max(self.compute_s_per_layer, 1e-6)
         sizes = self.group_layers or (1,)
         ratio = max([nxt / cur for cur, nxt in zip(sizes, sizes[1:])], default=1.0)
-        return Demand(self.id, self.size_bytes - self.sent, self.size_bytes, no_stall_bps=ratio * self.layer_bytes / c,
+        return Demand(self.id, max(self.size_bytes - self.sent, 0.0), self.size_bytes,
+                      no_stall_bps=ratio * self.layer_bytes / c,
                       behind=False, deadline=self.deadline, started=True, compute_left_s=(n_layers - 1) * c,
                       layer_bytes=self.layer_bytes)
 
