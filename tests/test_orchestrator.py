@@ -20,6 +20,8 @@ CHUNK = 32
 MODEL = ModelSpec("tiny-test-model", n_layers=4, kv_heads=2, head_dim=16, dtype="float32")
 
 
+# Timeouts are generous: these tests are about what a tier returns, not when (the fault tests
+# are about timeouts), and a full CI run once saw a local Redis put pass 1 s on 2 loaded cores.
 def config_text(redis_url: str, s3, tmp_path, policy: str, extra: str = "") -> str:
     return textwrap.dedent(f"""\
         version: 1
@@ -27,7 +29,7 @@ def config_text(redis_url: str, s3, tmp_path, policy: str, extra: str = "") -> s
         tiers:
           dram: {{kind: memory, capacity_bytes: 64MiB}}
           local: {{kind: disk, path: {tmp_path / 'disk'}}}
-          shared: {{kind: redis, url: "{redis_url}", key_prefix: "orch-{time.time_ns()}:", timeout_ms: 1000}}
+          shared: {{kind: redis, url: "{redis_url}", key_prefix: "orch-{time.time_ns()}:", timeout_ms: 3000}}
           cold:
             kind: s3
             endpoint: {s3.endpoint}
