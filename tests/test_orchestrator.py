@@ -21,7 +21,7 @@ MODEL = ModelSpec("tiny-test-model", n_layers=4, kv_heads=2, head_dim=16, dtype=
 
 
 # Timeouts are generous: these tests are about what a tier returns, not when (the fault tests
-# are about timeouts). In 2 of 5 full runs (2026-11-29) the first Redis put of the round-trip
+# are about timeouts). In 2 of 7 full runs (2026-11-29) the first Redis put of the round-trip
 # test below timed out (1 s, then 3 s; after 3 s the contains timed out too): Redis or the
 # kvstrata loop stalled for several seconds, right after the NIXL and LMCache modules; the cause
 # is not found (those tiers' teardown measured at < 0.2 s).
