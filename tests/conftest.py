@@ -6,7 +6,12 @@ ports, and stopped at the end of the session; nothing else is touched.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
+import threading
+import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,6 +20,7 @@ import numpy as np
 import pytest
 
 from kvstrata import format as fmt
+from kvstrata import runtime
 from kvstrata.keys import ChunkKey, Namespace, chunk_keys
 from kvstrata.testing import services as svc
 from kvstrata.tiers.base import Tier, create_tier
@@ -24,6 +30,50 @@ TIER_KINDS = ["memory", "lmcache", "disk", "redis", "s3-obstore", "s3-aioboto3",
 # scripts/test.sh (and so CI) sets KVSTRATA_NO_SKIP=1: there, a skipped test -- a
 # missing vLLM, model or server -- is a failure, never a silent pass.
 NO_SKIP = os.environ.get("KVSTRATA_NO_SKIP") == "1"
+
+
+class LoopWatchdog:
+    """Stalls of kvstrata's background loop: a no-op scheduled on it every ``period_s`` that takes
+    over ``threshold_s`` is recorded with the running test and the loop thread's stack, and printed
+    in the session summary -- evidence for a tier timeout that shows up only in a full run."""
+
+    def __init__(self, threshold_s: float = 1.0, period_s: float = 0.1):
+        self.threshold_s, self.period_s = threshold_s, period_s
+        self.test = ""
+        self.stalls: list[dict] = []
+        threading.Thread(target=self._watch, name="kvstrata-loop-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.period_s)
+            loop = runtime._loop  # watch the loop once something started it; never start it
+            if loop is None or loop.is_closed():
+                continue
+            started, test = time.monotonic(), self.test
+            done = asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop)
+            stall = None
+            while not done.done() and not loop.is_closed():
+                time.sleep(0.05)
+                if stall is None and time.monotonic() - started > self.threshold_s:
+                    frame = sys._current_frames().get(next(
+                        (t.ident for t in threading.enumerate() if t.name == "kvstrata-loop"), -1))
+                    stall = {"test": test, "stack": "".join(traceback.format_stack(frame)) if frame else "?"}
+                    self.stalls.append(stall)  # recorded at once: the session may end before the loop is back
+                if stall is not None:
+                    stall["seconds"] = time.monotonic() - started
+
+
+WATCHDOG = LoopWatchdog()
+
+
+def pytest_runtest_logstart(nodeid, location):
+    WATCHDOG.test = nodeid
+
+
+def pytest_terminal_summary(terminalreporter):
+    for stall in WATCHDOG.stalls:
+        terminalreporter.write_line(f"kvstrata loop stalled {stall['seconds']:.1f} s during {stall['test']}, "
+                                    f"its stack:\n{stall['stack']}")
 
 
 @pytest.hookimpl(hookwrapper=True)
