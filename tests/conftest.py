@@ -35,7 +35,8 @@ NO_SKIP = os.environ.get("KVSTRATA_NO_SKIP") == "1"
 class LoopWatchdog:
     """Stalls of kvstrata's background loop: a no-op scheduled on it every ``period_s`` that takes
     over ``threshold_s`` is recorded with the running test and the loop thread's stack, and printed
-    in the session summary -- evidence for a tier timeout that shows up only in a full run."""
+    in the session summary -- evidence for a tier timeout that shows up only in a full run. A stall
+    of the whole process (this thread itself late) is recorded too."""
 
     def __init__(self, threshold_s: float = 1.0, period_s: float = 0.1):
         self.threshold_s, self.period_s = threshold_s, period_s
@@ -45,7 +46,12 @@ class LoopWatchdog:
 
     def _watch(self) -> None:
         while True:
+            before = time.monotonic()
             time.sleep(self.period_s)
+            late = time.monotonic() - before - self.period_s
+            if late > self.threshold_s:  # this thread did not run either: the whole process stalled
+                self.stalls.append({"test": self.test, "seconds": late, "stack": "(every thread stalled; "
+                                    "the GIL was held or the process got no CPU)"})
             loop = runtime._loop  # watch the loop once something started it; never start it
             if loop is None or loop.is_closed():
                 continue
