@@ -23,11 +23,11 @@ MODEL = ModelSpec("tiny-test-model", n_layers=4, kv_heads=2, head_dim=16, dtype=
 
 # Timeouts are generous: these tests are about what a tier returns, not when (the fault tests
 # are about timeouts). In 3 of 9 full runs (2026-11-29) a put in the first round-trip tests
-# below timed out (Redis at 1 s and 3 s, disk at 2 s): the whole process stalls for seconds at
-# the start of this module, after the vLLM/LMCache/NIXL modules. A subset run (lmcache_tier,
-# models, nixl_transport, orchestrator) showed a 19 s stall of every Python thread with the main
-# thread inside ABC __subclasscheck__ under pydantic-settings (building a tier's settings); the
-# trigger is not found. _settle (below) pays such one-off costs before anything is timed.
+# timed out: a NIXL agent freed by the garbage collector while its S3 endpoint was down (left by
+# tests/test_nixl_transport.py, now fixed there) held the GIL for ~19 s. _settle (below) pays such
+# one-off costs before anything is timed.
+
+
 def config_text(redis_url: str, s3, tmp_path, policy: str, extra: str = "") -> str:
     return textwrap.dedent(f"""\
         version: 1
