@@ -36,7 +36,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
 from pydantic import field_validator, model_validator
 
-from kvstrata.policy.engine import FieldPath, Policy, PolicySpec, compile_policy
+from kvstrata.policy.engine import FieldPath, Policy, PolicySpec, compile_policy, known_tier
 from kvstrata.tiers.base import BUILTIN_KINDS, TierSettings, tier_class
 
 # -- errors -------------------------------------------------------------------
@@ -289,11 +289,9 @@ def _parse(text: str, source: str, path: Path | None) -> StrataConfig:
     codecs = _codecs(spec.codecs if spec is not None else {}, path, report)
     if spec is not None:
         for tier in spec.bandwidth.links:
-            if tier not in tiers:
-                report.add(("bandwidth", "links", tier), f"unknown tier {tier!r} (defined: {', '.join(tiers)})")
+            known_tier(tier, ("bandwidth", "links", tier), tiers, report)
         for i, tier in enumerate(spec.documents.tiers):
-            if tier not in tiers:
-                report.add(("documents", "tiers", i), f"unknown tier {tier!r} (defined: {', '.join(tiers)})")
+            known_tier(tier, ("documents", "tiers", i), tiers, report)
     report.raise_if_any()  # so spec and every tier are valid from here on
     policy = compile_policy(spec.policy, tiers, spec.orchestrator.default_budget_ms, report)
     _check_route_codecs(spec.policy, codecs, report)

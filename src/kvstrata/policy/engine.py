@@ -224,11 +224,16 @@ def _route(name: str, spec: RouteSpec, at: FieldPath, tiers: Mapping[str, TierSp
     )
 
 
+def known_tier(tier: str, where: FieldPath, tiers: Mapping[str, object], report: Reporter) -> bool:
+    """True if ``tier`` is defined; else reports it at ``where`` (every config field naming a tier)."""
+    if tier not in tiers:
+        report.add(where, f"unknown tier {tier!r} (defined: {', '.join(tiers)})")
+    return tier in tiers
+
+
 def _check_route(r: RouteSpec, at: FieldPath, tiers: Mapping[str, TierSpec], report: Reporter) -> None:
     def known(tier: str, where: FieldPath) -> bool:
-        if tier not in tiers:
-            report.add(where, f"unknown tier {tier!r} (defined: {', '.join(tiers)})")
-        return tier in tiers
+        return known_tier(tier, where, tiers, report)
 
     for field in ("read", "write"):
         for i, tier in enumerate(getattr(r, field)):

@@ -206,10 +206,14 @@ class Flow:
     sent: float = 0.0
     queue: deque = field(default_factory=deque)
 
+    def _shape(self) -> tuple[int, float]:
+        """Layers in the request, and compute seconds per layer (never zero)."""
+        n_layers = round(self.size_bytes / self.layer_bytes) if self.layer_bytes else 1
+        return n_layers, max(self.compute_s_per_layer, 1e-6)
+
     def demand(self) -> Demand:
         delivered, consumed = self.progress()
-        n_layers = round(self.size_bytes / self.layer_bytes) if self.layer_bytes else 1
-        c = max(self.compute_s_per_layer, 1e-6)
+        n_layers, c = self._shape()
         held = delivered - consumed  # layers delivered the engine has not started on
         head = self.queue[0].remaining if self.queue else self.layer_bytes
         # the head group must be admitted before the engine finishes what it holds (half a layer
@@ -224,8 +228,7 @@ class Flow:
         """The request over its whole load, as a per-request rate is set from: the no-stall rate
         delivers each read while the engine computes the layers of the one before (one layer's
         bytes per layer of compute, ObjectCache's X_{l+1} = C_l, when every read is one layer)."""
-        n_layers = round(self.size_bytes / self.layer_bytes) if self.layer_bytes else 1
-        c = max(self.compute_s_per_layer, 1e-6)
+        n_layers, c = self._shape()
         sizes = self.group_layers or (1,)
         ratio = max([nxt / cur for cur, nxt in zip(sizes, sizes[1:])], default=1.0)
         return Demand(self.id, max(self.size_bytes - self.sent, 0.0), self.size_bytes,
