@@ -12,7 +12,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-}"
 PY="${PYTHON:-python3}"
-UV_VERSION="0.13.10"
 
 case "$what" in
     "")      extras=() ;;
@@ -24,43 +23,28 @@ esac
 
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
+took() { printf 'setup: %-9s %6.1f s\n' "$1" "$(awk "BEGIN{print $EPOCHREALTIME - $2}")"; }
+failed() { echo "setup: $1 FAILED; its output:" >&2; cat "$log" >&2; exit 1; }
 # phase NAME CMD...: runs CMD with its output in a log, prints "setup: NAME  N.N s",
 # and on failure prints the log and stops.
 phase() {
-    local name="$1"; shift
-    local t0=$EPOCHREALTIME
-    if ! "$@" >"$log" 2>&1; then
-        echo "setup: $name FAILED; its output:" >&2
-        cat "$log" >&2
-        exit 1
-    fi
-    printf 'setup: %-9s %6.1f s\n' "$name" "$(awk "BEGIN{print $EPOCHREALTIME - $t0}")"
+    local name="$1" t0=$EPOCHREALTIME; shift
+    "$@" >"$log" 2>&1 || failed "$name"
+    took "$name" "$t0"
 }
 
-# uv is the resolver and installer (pip's backtracking gave up on this set). It is taken
-# from PATH at the pinned version, else installed from PyPI into .tools/uv.
-install_uv() {
-    mkdir -p .tools
-    local uv; uv="$(command -v uv || true)"
-    if [ -z "$uv" ] || [ "$("$uv" --version | cut -d' ' -f2)" != "$UV_VERSION" ]; then
-        uv="$PWD/.tools/uv/bin/uv"
-        if [ ! -x "$uv" ] || [ "$("$uv" --version | cut -d' ' -f2)" != "$UV_VERSION" ]; then
-            "$PY" -m venv .tools/uv
-            .tools/uv/bin/python -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION"
-        fi
-    fi
-    echo "$uv" > .tools/uv.path
-}
-phase uv install_uv
-UV="$(cat .tools/uv.path 2>/dev/null || true)"
-[ -x "$UV" ] || { echo "setup: no uv" >&2; exit 1; }
+# uv is the resolver and installer (pip's backtracking gave up on this set): the pinned
+# version from PATH, else installed from PyPI into .tools/uv (scripts/uv.sh).
+t0=$EPOCHREALTIME
+UV="$(scripts/uv.sh 2>"$log")" || failed uv
+took uv "$t0"
 export UV_PYTHON="$PY" UV_PROJECT_ENVIRONMENT="$PWD/.venv" UV_NO_PROGRESS=1
 
-# --locked: the lock must match pyproject.toml (it fails, rather than re-resolving, when
-# someone changed dependencies without running scripts/lock.sh).
 if [ ! -x .venv/bin/python ]; then
     phase venv "$UV" venv --quiet .venv
 fi
+# --locked: the lock must match pyproject.toml (it fails, rather than re-resolving, when
+# someone changed dependencies without running scripts/lock.sh).
 sync() { "$UV" sync --locked "${extras[@]}"; }
 phase packages sync
 
