@@ -101,3 +101,46 @@ async def test_disk_file_larger_than_the_tier_is_a_miss_not_a_read(make_tier, tm
         f.truncate(8 << 30)  # 8 GiB, sparse: reading it would take the memory
     (got,) = await asyncio.wait_for(tier.get([key]), timeout=5)
     assert isinstance(got, Miss) and got.reason == "corrupt" and "larger than the tier" in got.detail
+
+
+def test_fifos_in_the_disk_directory_stall_nothing_and_the_process_exits(redis_server, tmp_path) -> None:
+    """A process with dram + disk + redis and 20 FIFOs planted under chunk names
+    (tests/io_child.py): reading them answers at once (corrupt misses), saves land in memory and
+    Redis at their normal rate (best of 3 rounds against the best of 3 before, a shared machine
+    varies 5x round to round), the same with every disk thread stuck for good (simulated), and
+    the process exits promptly although those threads never return."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-m", "tests.io_child", redis_server.url, str(tmp_path / "disk")],
+                             cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines, exiting_at = [], None
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and (line := child.stdout.readline()):
+            if line.strip() == "exiting":
+                exiting_at = time.monotonic()
+                break
+            lines.append(line)
+        assert exiting_at is not None, f"the child never finished its work: {lines}"
+        child.wait(timeout=15)  # raises TimeoutExpired if exit waits on a stuck thread
+        exit_s = time.monotonic() - exiting_at
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    out = json.loads(lines[-2])
+    close_s = json.loads(lines[-1])["close_s"]
+    print(json.dumps({**out, "close_s": close_s, "exit_s": round(exit_s, 3)}))  # the numbers, for the docs
+    assert out["fifo_get"]["answered"] and out["fifo_get"]["reasons"] == ["corrupt"]
+    assert out["fifo_get"]["seconds"] < 2
+    before = out["before"]["best_chunks_per_s"]
+    for phase in ("after_fifos", "stuck_disk"):
+        assert out[phase]["landed"], phase
+        assert out[phase]["best_chunks_per_s"] >= 0.3 * before, (phase, out)
+    assert out["stuck_threads"] >= 4  # the disk pool's threads really were stuck at exit
+    assert close_s < 10 and exit_s < 10
+    assert child.returncode == 0
