@@ -144,3 +144,83 @@ def test_fifos_in_the_disk_directory_stall_nothing_and_the_process_exits(redis_s
     assert out["stuck_threads"] >= 4  # the disk pool's threads really were stuck at exit
     assert close_s < 10 and exit_s < 10
     assert child.returncode == 0
+
+
+# -- an orchestrator over real servers, some behind the throttling proxy --------------------
+
+CHUNK = 32
+
+
+def _model():
+    from kvstrata.plan import ModelSpec
+
+    return ModelSpec("io-bounds-model", n_layers=4, kv_heads=2, head_dim=16, dtype="float32")
+
+
+def _kv(seed: int):
+    import numpy as np
+
+    m = _model()
+    return np.random.default_rng(seed).standard_normal((m.n_layers, 2, CHUNK, m.kv_heads, m.head_dim), dtype=np.float32)
+
+
+def _tokens(seed: int, n_chunks: int = 1):
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, 30000, size=n_chunks * CHUNK + 1)
+
+
+@pytest.fixture
+def orchestrator():
+    """Build orchestrators from a ``tiers:`` and ``policy:`` YAML body; closed after the test."""
+    import textwrap
+
+    from kvstrata.config import parse_config
+    from kvstrata.orchestrator import Orchestrator
+
+    made = []
+
+    def build(tiers: str, policy: str):
+        text = (f"version: 1\nchunk_tokens: {CHUNK}\nengine: {{prefill_tokens_per_s: 1.0}}\n"
+                "orchestrator: {save_queue_chunks: 256, breaker: {failures: 3, cooldown_s: 1.0}}\n"
+                "tiers:\n" + textwrap.indent(textwrap.dedent(tiers), "  ")
+                + "policy:\n" + textwrap.indent(textwrap.dedent(policy), "  "))
+        orch = Orchestrator(parse_config(text), _model())
+        made.append(orch)
+        return orch
+
+    yield build
+    for orch in made:
+        orch.close(timeout=30)
+
+
+def test_lookup_waits_for_inflight_saves_only_within_its_budget(redis_server, orchestrator) -> None:
+    """A chunk being written to a slow Redis (the real server behind the throttling proxy,
+    ~2.5 s per put): a lookup of the same prompt with a 200 ms budget returns within its
+    budget (it used to wait up to 2 s); with a 5 s budget it waits, and finds the chunk."""
+    from kvstrata.policy.route import RequestContext
+    from kvstrata.testing.throttle import ThrottledProxy
+
+    host, port = redis_server.url.split("//")[1].split("/")[0].split(":")
+    proxy = ThrottledProxy(host, int(port), bytes_per_s=16_000)
+    try:
+        orch = orchestrator(f"""\
+            dram: {{kind: memory, capacity_bytes: 64MiB, timeout_ms: 10000}}
+            slow: {{kind: redis, url: "redis://127.0.0.1:{proxy.port}/0", key_prefix: "io-{time.time_ns()}:",
+                    timeout_ms: 20000, timeout_s: 20}}
+            """, "default: {read: [dram], write: [dram, slow], load: always}\n")
+        for seed, budget_ms, waits in ((1, 200, False), (2, 5000, True)):
+            tokens = _tokens(seed)
+            first = orch.lookup(tokens, RequestContext())
+            assert orch.save(first, 0, _kv(seed))
+            time.sleep(0.05)  # the dram put is done; the slow put is on the wire
+            started = time.monotonic()
+            plan = orch.lookup(tokens, RequestContext(budget_ms=budget_ms))
+            took = time.monotonic() - started
+            if waits:  # the save finished within the wait: the chunk is found in dram
+                assert 0.5 < took < 5.0 and [c.tier for c in plan.chunks] == ["dram"], (took, plan.reason)
+            else:
+                assert took < budget_ms / 1e3 + 0.15, f"lookup took {took:.3f} s on a {budget_ms} ms budget"
+            assert orch.flush(30)
+    finally:
+        proxy.close()
