@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -251,3 +254,291 @@ def test_nixl_tier_closed_with_its_endpoint_down_stalls_nothing(tmp_path) -> Non
     assert out["max_late_s"] < 1.0 and out["samples"] > 100, out
     assert max(out["ops_s"].values()) < 5  # failures are fast, the SDK no longer retries for 25 s
     assert rc == 0 and exit_s < 15
+
+
+# -- kvstrata's loop during every tier call -------------------------------------------------
+
+LOOP_STALL_S = 0.1  # the bound: no tier call may hold kvstrata's loop longer
+PROCESS_STALL_S = 1.0  # every thread late this long: a GIL held process-wide (or no CPU at all)
+
+
+class LoopProbe:
+    """Stalls of kvstrata's background loop (:mod:`kvstrata.runtime`) while a block runs.
+
+    Like conftest's LoopWatchdog, a no-op is posted to the loop over and over (every 10 ms
+    here) and its latency recorded; and a reference thread records how late it wakes. The
+    machine is shared (2 cores, several test suites), so a late no-op alone does not convict
+    the loop: a sample is a *loop stall* when the loop thread itself burned more than
+    ``LOOP_STALL_S`` of CPU in that window (it ran something long, GIL or not), or when the
+    no-op was late by more than ``LOOP_STALL_S`` beyond both the reference thread's lateness
+    (the whole process held up) and the time the loop thread spent runnable but waiting for a
+    CPU (its run-queue wait, from /proc: the kernel's doing, not ours) -- that is, the loop was
+    blocked (a syscall, a lock). A window where the reference thread was late by more than
+    ``PROCESS_STALL_S``, its own run-queue wait not counted, is a *process stall*: a GIL held
+    that long (the NIXL destructor's kind)."""
+
+    def __init__(self, period_s: float = 0.01):
+        from kvstrata import runtime
+
+        self.loop = runtime.loop()
+        thread = next(t for t in threading.enumerate() if t.name == "kvstrata-loop")
+        self.cpu_clock = time.pthread_getcpuclockid(thread.ident)
+        self.loop_thread = thread.ident
+        self.schedstat = f"/proc/self/task/{thread.native_id}/schedstat"
+        self.stacks: dict[float, str] = {}  # posted -> the loop thread's stack, for slow samples
+        self.period_s = period_s
+        self.samples: list[tuple[float, float, float, float]] = []  # (posted, latency, loop cpu s, run-queue s)
+        self.late: list[tuple[float, float]] = []  # (woke, lateness) of the reference thread
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=f, daemon=True) for f in (self._probe, self._reference)]
+
+    def __enter__(self) -> LoopProbe:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        ended = time.monotonic()  # one more sample posted after the block: a stall at its end counts
+        while not any(sample[0] > ended for sample in self.samples) and self._threads[0].is_alive():
+            time.sleep(self.period_s)
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
+
+    def _probe(self) -> None:
+        while not self._stop.is_set():
+            done = threading.Event()
+            queued0, cpu0, posted = self._queued(), time.clock_gettime(self.cpu_clock), time.monotonic()
+            self.loop.call_soon_threadsafe(done.set)
+            if not done.wait(LOOP_STALL_S):  # what the loop is doing instead, for the failure message
+                frame = sys._current_frames().get(self.loop_thread)
+                self.stacks[posted] = "".join(traceback.format_stack(frame)[-12:]) if frame else "?"
+                done.wait()
+            latency, cpu = time.monotonic() - posted, time.clock_gettime(self.cpu_clock) - cpu0
+            self.samples.append((posted, latency, cpu, self._queued() - queued0))
+            time.sleep(self.period_s)
+
+    def _queued(self, schedstat: str | None = None) -> float:
+        """Seconds a thread (the loop's by default) has spent runnable, waiting for a CPU."""
+        with open(schedstat or self.schedstat) as f:
+            return int(f.read().split()[1]) / 1e9
+
+    def _reference(self) -> None:
+        # its own run-queue wait is taken off its lateness: a thread the kernel did not schedule
+        # is the machine's doing; one that got a CPU and still could not run waited for the GIL
+        own = f"/proc/self/task/{threading.get_native_id()}/schedstat"
+        while not self._stop.is_set():
+            queued, before = self._queued(own), time.monotonic()
+            time.sleep(self.period_s)
+            woke = time.monotonic()
+            self.late.append((woke, max(woke - before - self.period_s - (self._queued(own) - queued), 0.0)))
+
+    def _process_late(self, start: float, end: float) -> float:
+        return max((late for woke, late in self.late if start <= woke <= end + self.period_s), default=0.0)
+
+    def loop_stalls(self) -> list[dict]:
+        out = []
+        for posted, latency, cpu, queued in self.samples:
+            if latency <= LOOP_STALL_S:
+                continue
+            process = self._process_late(posted, posted + latency)
+            if latency - max(process, queued) > LOOP_STALL_S or cpu > LOOP_STALL_S:
+                out.append({"latency_s": round(latency, 3), "process_late_s": round(process, 3),
+                            "loop_cpu_s": round(cpu, 3), "loop_run_queue_s": round(queued, 3),
+                            "loop_stack": self.stacks.get(posted, "?")})
+        return out
+
+    def process_stalls(self) -> list[float]:
+        return [round(late, 3) for _, late in self.late if late > PROCESS_STALL_S]
+
+    def check(self, what: str) -> None:
+        assert self.samples, f"{what}: the probe took no sample"
+        assert not self.loop_stalls(), f"{what}: kvstrata's loop stalled: {self.loop_stalls()}"
+        assert not self.process_stalls(), f"{what}: the whole process stalled: {self.process_stalls()}"
+
+
+def _on_loop(coro, timeout: float = 60):
+    from kvstrata import runtime
+
+    return runtime.run(coro, timeout=timeout)
+
+
+async def _every_op(tier, keys, blobs, expect_failure: bool = False, limit_s: float | None = None) -> dict:
+    """put, contains, get, get of layers, delete: each op's outcome ("ok", or the error's type)."""
+    from kvstrata.tiers.base import TierError
+
+    outcomes = {}
+    ops = (("put", lambda: tier.put(list(zip(keys, blobs)))), ("contains", lambda: tier.contains(keys)),
+           ("get", lambda: tier.get(keys)), ("get-layers", lambda: tier.get(keys, range(1, 3))),
+           ("delete", lambda: tier.delete(keys)))
+    for op, call in ops:
+        try:
+            await asyncio.wait_for(call(), limit_s)
+            outcomes[op] = "ok"
+        except (TierError, asyncio.TimeoutError) as exc:
+            outcomes[op] = type(exc).__name__
+    if not expect_failure:
+        assert set(outcomes.values()) == {"ok"}, outcomes
+    return outcomes
+
+
+def _objects(n: int, section_bytes: int, layers: int = 8):
+    keys = make_keys(n)
+    return keys, [make_object(k, layers, section_bytes=section_bytes, ragged=False, seed=i)[0]
+                  for i, k in enumerate(keys)]
+
+
+def _build(kind: str, request, tmp_path, **settings):
+    """A tier of ``kind`` over the session's servers (constructed off the loop, used on it)."""
+    from kvstrata.tiers.base import create_tier
+    from tests.conftest import s3_settings, unique
+
+    if kind == "disk":
+        return create_tier("disk", path=tmp_path / f"disk-{unique()}", **settings)
+    if kind == "redis":
+        return create_tier("redis", url=settings.pop("url", None) or request.getfixturevalue("redis_server").url,
+                           key_prefix=f"io-{unique()}:", **settings)
+    if kind.startswith("s3-"):
+        server = settings.pop("server", None) or request.getfixturevalue("s3_server")
+        return create_tier("s3", name=kind, **s3_settings(server, kind[3:], prefix=f"io-{unique()}/", **settings))
+    if kind == "lmcache":
+        return create_tier("lmcache", capacity_bytes=64 << 20, **settings)
+    return create_tier(kind, **settings)
+
+
+@pytest.mark.parametrize("kind", ["memory", "lmcache", "disk", "redis", "s3-obstore", "s3-aioboto3", "s3-nixl"])
+def test_no_tier_call_stalls_the_loop(request, tmp_path, kind: str) -> None:
+    """Every operation of every tier kind, on kvstrata's own loop, with 16 objects of 1 MiB:
+    the loop never stalls more than 100 ms (see LoopProbe), the process never more than 1 s."""
+    keys, blobs = _objects(16, 128 << 10)
+    tier = _build(kind, request, tmp_path)
+    try:
+        with LoopProbe() as probe:
+            for _ in range(2):  # the first round pays one-off costs (connections, clients)
+                _on_loop(_every_op(tier, keys, blobs))
+        probe.check(kind)
+    finally:
+        _on_loop(tier.close())
+
+
+def test_no_tier_call_stalls_the_loop_with_special_files_in_the_disk_tier(tmp_path) -> None:
+    """A FIFO, a directory, a symlink and a device under four of eight chunks' names."""
+    from kvstrata.tiers.base import create_tier
+
+    keys, blobs = _objects(8, 128 << 10)
+    tier = create_tier("disk", path=tmp_path / "kv")
+    _on_loop(tier.put(list(zip(keys[4:], blobs[4:]))))
+    for key, kind in zip(keys, SPECIALS):
+        plant(Path(tier._file(key)), kind, target=tmp_path)
+    with LoopProbe() as probe:
+        got = _on_loop(tier.get(keys))
+        assert [isinstance(g, Hit) for g in got] == [False] * 4 + [True] * 4
+        _on_loop(_every_op(tier, keys, blobs, expect_failure=True))
+    probe.check("disk with special files")
+
+
+def test_no_tier_call_stalls_the_loop_when_servers_die(tmp_path) -> None:
+    """Redis and SeaweedFS killed (SIGKILL) under a redis tier and the three S3 transports:
+    every operation fails (TierError), and the loop and the process go on."""
+    from kvstrata.testing import services as svc
+
+    keys, blobs = _objects(4, 64 << 10)
+    redis = svc.start_redis(tmp_path / "redis")
+    s3 = svc.start_seaweedfs(tmp_path / "s3")
+    tiers = []
+    try:
+        tiers = [_build("redis", None, tmp_path, url=redis.url, timeout_s=1.0)] + [
+            _build(kind, None, tmp_path, server=s3, timeout_s=2.0, max_retries=1)
+            for kind in ("s3-obstore", "s3-aioboto3", "s3-nixl")]
+        for tier in tiers:
+            _on_loop(tier.put(list(zip(keys, blobs))))
+        redis.kill()
+        s3.kill()
+        with LoopProbe() as probe:
+            for tier in tiers:
+                outcomes = _on_loop(_every_op(tier, keys, blobs, expect_failure=True), timeout=120)
+                assert "ok" not in {outcomes[op] for op in ("put", "get", "get-layers")}, (tier.name, outcomes)
+        probe.check("servers killed")
+    finally:
+        for tier in tiers:
+            _on_loop(tier.close())
+        redis.stop()
+        s3.stop()
+
+
+@pytest.mark.parametrize("kind", ["redis", "s3-obstore", "s3-nixl"])
+@pytest.mark.parametrize("link", ["slow", "stuck"])
+def test_no_tier_call_stalls_the_loop_behind_a_slow_or_stuck_link(request, tmp_path, kind: str, link: str) -> None:
+    """The real server behind the throttling proxy: 2 MB/s (slow: calls finish, late) or
+    1 B/s (stuck: every call hits its 1.5 s limit). The loop goes on either way."""
+    from kvstrata.testing.throttle import ThrottledProxy
+
+    if kind == "redis":
+        server = request.getfixturevalue("redis_server")
+        host, port = server.url.split("//")[1].split("/")[0].split(":")
+    else:
+        server = request.getfixturevalue("s3_server")
+        host, port = server.endpoint.split("//")[1].split(":")
+    proxy = ThrottledProxy(host, int(port), bytes_per_s=2_000_000 if link == "slow" else 1)
+    keys, blobs = _objects(4, 16 << 10)
+    if kind == "redis":
+        tier = _build("redis", None, tmp_path, url=f"redis://127.0.0.1:{proxy.port}/0", timeout_s=30)
+    else:
+        via = _with_endpoint(server, proxy.port)
+        tier = _build(kind, None, tmp_path, server=via, timeout_s=30, max_retries=0)
+    try:
+        with LoopProbe() as probe:
+            started = time.monotonic()
+            outcomes = _on_loop(_every_op(tier, keys, blobs, expect_failure=True, limit_s=1.5), timeout=120)
+            seconds = time.monotonic() - started
+        if link == "slow":
+            assert outcomes["put"] == "ok" and outcomes["get"] == "ok", outcomes
+        else:
+            assert "TimeoutError" in outcomes.values(), outcomes
+        assert seconds < 5 * 1.5 + 3  # every call within its limit
+        probe.check(f"{kind} behind a {link} link")
+    finally:
+        proxy.set_rate(0)  # uncapped: what is still queued drains for the close
+        _on_loop(tier.close())
+        proxy.close()
+
+
+def _with_endpoint(server, port: int):
+    """The S3 server's settings with the proxy as endpoint."""
+    class Via:
+        endpoint = f"http://127.0.0.1:{port}"
+        bucket, access_key, secret_key = server.bucket, server.access_key, server.secret_key
+
+    return Via()
+
+
+def test_the_probe_sees_a_blocked_a_busy_and_a_gil_holding_loop() -> None:
+    """The probe itself can fail: a blocking call on the loop (sleep: a syscall, no CPU), Python
+    code spinning on it, and a C call holding the GIL (a sort) are all caught, and a loop that
+    only awaits is not."""
+
+    async def blocked():
+        time.sleep(0.3)
+
+    async def busy():
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            pass
+
+    async def gil():
+        sorted(range(30_000_000, 0, -1))  # one C call: the GIL is not released until it returns
+
+    async def awaits():
+        await asyncio.sleep(0.3)
+
+    for coro, loop_stall, process_stall in ((blocked, True, False), (busy, True, False),
+                                            (gil, None, True), (awaits, False, False)):
+        with LoopProbe() as probe:
+            time.sleep(0.05)
+            _on_loop(coro())
+        if loop_stall is not None:
+            assert bool(probe.loop_stalls()) == loop_stall, (coro.__name__, probe.loop_stalls())
+        if process_stall:  # how long a 30M-item sort holds the GIL depends on the machine: > 1 s here
+            assert probe.process_stalls() or probe.loop_stalls(), coro.__name__
+        else:
+            assert not probe.process_stalls(), (coro.__name__, probe.process_stalls())
