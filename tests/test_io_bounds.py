@@ -542,3 +542,52 @@ def test_the_probe_sees_a_blocked_a_busy_and_a_gil_holding_loop() -> None:
             assert probe.process_stalls() or probe.loop_stalls(), coro.__name__
         else:
             assert not probe.process_stalls(), (coro.__name__, probe.process_stalls())
+
+
+@pytest.mark.parametrize("link", ["slow", "stuck"])
+def test_a_slow_or_stuck_tier_costs_the_others_nothing(redis_server, orchestrator, link: str) -> None:
+    """The orchestrator with dram and a Redis behind the throttling proxy (slow: 2 MB/s; stuck:
+    1 B/s) and a 300 ms timeout for it. Saves land in dram at once and flush within a bound
+    (stuck: each Redis call ends at its timeout, then its breaker skips it); every lookup
+    returns within the Redis timeout plus a margin and finds the dram chunks; slow Redis still
+    gets its writes. kvstrata's loop never stalls meanwhile."""
+    from kvstrata.policy.route import RequestContext
+    from kvstrata.testing.throttle import ThrottledProxy
+
+    host, port = redis_server.url.split("//")[1].split("/")[0].split(":")
+    proxy = ThrottledProxy(host, int(port), bytes_per_s=2_000_000 if link == "slow" else 1)
+    try:
+        orch = orchestrator(f"""\
+            dram: {{kind: memory, capacity_bytes: 64MiB, timeout_ms: 2000}}
+            shared: {{kind: redis, url: "redis://127.0.0.1:{proxy.port}/0", key_prefix: "io-{time.time_ns()}:",
+                      timeout_ms: 300, timeout_s: 30}}
+            """, "default: {read: [dram, shared], write: [dram, shared], load: always}\n")
+        prompts = [_tokens(100 + i, n_chunks=2) for i in range(16)]
+        with LoopProbe() as probe:
+            started = time.monotonic()
+            for i, tokens in enumerate(prompts):
+                plan = orch.lookup(tokens, RequestContext())
+                assert orch.save(plan, 0, _kv(2 * i)) and orch.save(plan, 1, _kv(2 * i + 1))
+            assert orch.flush(10)
+            flushed = time.monotonic() - started
+            lookups = []
+            for tokens in prompts:
+                started = time.monotonic()
+                plan = orch.lookup(tokens, RequestContext())
+                lookups.append(time.monotonic() - started)
+                assert [c.tier for c in plan.chunks] == ["dram", "dram"], plan.reason
+        probe.check(f"{link} redis")
+        t = orch.telemetry
+        print(f"{link}: flush {flushed:.3f} s, lookups max {max(lookups) * 1e3:.1f} ms, "
+              f"loop samples {len(probe.samples)}, max loop latency {max(s[1] for s in probe.samples) * 1e3:.1f} ms")
+        assert flushed < 5, flushed
+        assert max(lookups) < 0.3 + 0.5, lookups
+        written = t.value("kvstrata_tier_ops_total", tier="shared", op="put", result="ok")
+        if link == "slow":
+            assert written == 32
+        else:
+            assert not written
+            assert t.value("kvstrata_tier_ops_total", tier="shared", op="contains", result="skipped") > 0
+    finally:
+        proxy.set_rate(0)
+        proxy.close()
