@@ -200,6 +200,7 @@ def test_lookup_waits_for_inflight_saves_only_within_its_budget(redis_server, or
             started = time.monotonic()
             plan = orch.lookup(tokens, RequestContext(budget_ms=budget_ms))
             took = time.monotonic() - started
+            print(f"lookup with a {budget_ms} ms budget, its chunk in flight: {took * 1e3:.0f} ms")
             if waits:  # the save finished within the wait: the chunk is found in dram
                 assert 0.5 < took < 5.0 and [c.tier for c in plan.chunks] == ["dram"], (took, plan.reason)
             else:
@@ -353,6 +354,9 @@ class LoopProbe:
 
     def check(self, what: str) -> None:
         assert self.samples, f"{what}: the probe took no sample"
+        print(f"loop probe, {what}: {len(self.samples)} samples, max latency {max(s[1] for s in self.samples) * 1e3:.0f} ms, "
+              f"max loop CPU per sample {max(s[2] for s in self.samples) * 1e3:.0f} ms, "
+              f"max process lateness {max((x for _, x in self.late), default=0) * 1e3:.0f} ms")
         assert not self.loop_stalls(), f"{what}: kvstrata's loop stalled: {self.loop_stalls()}"
         assert not self.process_stalls(), f"{what}: the whole process stalled: {self.process_stalls()}"
 
