@@ -30,8 +30,8 @@ Created once, reused for every request: one NIXL agent with the OBJ backend
 is needed, then kept on a free list), and OBJ registrations (key -> devId,
 bounded LRU; the oldest is deregistered). Transfers are polled from the
 event loop with a short back-off; a transfer still running after
-``timeout_s`` is released (NIXL cancels it); a buffer whose transfer could
-not be cancelled is never reused.
+``timeout_s`` fails the call (``TimeoutError``); a buffer whose transfer
+could not be released is never reused.
 
 A transfer still running when its caller gives up (``timeout_s``, or the
 orchestrator's own timeout cancelling the read) is never released while it
@@ -52,9 +52,9 @@ transfer runs, then deregisters and drops the last reference. Why it must
 wait: the plugin's destructor joins its SDK thread, and runs with the GIL
 held (pybind11), so freeing an agent whose request still retries stood the
 whole process still for 19-22 s (measured, legacy retries). After the drain
-the join is immediate. If transfers still run after ``DRAIN_S``, the thread keeps the
-agent for the life of the process instead (a leak, logged), so neither the
-garbage collector nor interpreter exit frees it mid-request.
+the join is immediate. If transfers still run after ``DRAIN_S``, the thread
+keeps the agent for the life of the process instead (a leak, logged), so
+neither the garbage collector nor interpreter exit frees it mid-request.
 
 Where NIXL or its OBJ plugin cannot load, the constructor raises one
 :class:`TierError` ("start") saying why; the other transports are unaffected.
