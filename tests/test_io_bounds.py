@@ -308,15 +308,20 @@ class LoopProbe:
 
     def _probe(self) -> None:
         while not self._stop.is_set():
-            done = threading.Event()
+            done, ran = threading.Event(), []
+
+            def noop() -> None:  # stamps the time on the loop itself: this thread may wake late
+                ran.append((time.monotonic(), time.clock_gettime(self.cpu_clock), self._queued()))
+                done.set()
+
             queued0, cpu0, posted = self._queued(), time.clock_gettime(self.cpu_clock), time.monotonic()
-            self.loop.call_soon_threadsafe(done.set)
+            self.loop.call_soon_threadsafe(noop)
             if not done.wait(LOOP_STALL_S):  # what the loop is doing instead, for the failure message
                 frame = sys._current_frames().get(self.loop_thread)
                 self.stacks[posted] = "".join(traceback.format_stack(frame)[-12:]) if frame else "?"
                 done.wait()
-            latency, cpu = time.monotonic() - posted, time.clock_gettime(self.cpu_clock) - cpu0
-            self.samples.append((posted, latency, cpu, self._queued() - queued0))
+            at, cpu, queued = ran[0]
+            self.samples.append((posted, at - posted, cpu - cpu0, queued - queued0))
             time.sleep(self.period_s)
 
     def _queued(self, schedstat: str | None = None) -> float:
@@ -524,9 +529,9 @@ def test_the_probe_sees_a_blocked_a_busy_and_a_gil_holding_loop() -> None:
     async def blocked():
         time.sleep(0.3)
 
-    async def busy():
-        end = time.monotonic() + 0.3
-        while time.monotonic() < end:
+    async def busy():  # 0.3 s of the loop thread's CPU (not of wall time: the machine is shared)
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:
             pass
 
     async def gil():
