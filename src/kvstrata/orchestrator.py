@@ -96,9 +96,9 @@ class Orchestrator:
         self._idle = threading.Condition(self._pending_lock)
         # reads measured here, for a cost model in another process (vLLM's scheduler)
         self._observed: collections.deque[tuple[str, float, int]] = collections.deque(maxlen=1024)
-        # chunks queued for writing: a lookup for them waits (briefly) instead of missing
+        # chunks queued for writing: a lookup for them waits, within its budget, instead of missing
         self._inflight: dict[ChunkKey, asyncio.Future] = {}
-        self.inflight_wait_s = 2.0
+        self.inflight_wait_s = 2.0  # the most a lookup waits for them, whatever its budget
         # bandwidth budgets of tiers' read paths, split among concurrent loads by a policy
         bw = config.bandwidth
         self.links = {tier: Link(self._measured(tier) if capacity == "auto" else capacity, bw.policy,
@@ -190,9 +190,8 @@ class Orchestrator:
         hint = _as_float(ctx.hints.get("reuse"))
         ctx = dataclasses.replace(ctx, context_tokens=len(tokens), reuse=self.reuse.predict(logical, hint))
         self.reuse.observe(logical)
-        pending = [self._inflight[k] for k in logical if k in self._inflight]
-        if pending:  # the previous request's chunks are still being written: they are worth a wait
-            await asyncio.wait(pending, timeout=self.inflight_wait_s)
+        budget_s = (ctx.budget_ms if ctx.budget_ms is not None else self.config.orchestrator.default_budget_ms) / 1e3
+        budget_s -= await self._wait_inflight(logical, budget_s, len(tokens) - skip_tokens)
         decision = self.policy.decide(ctx)
         route = decision.route
         keys = {"none": tuple(logical)}
@@ -205,15 +204,29 @@ class Orchestrator:
         if route.load == "never" or not route.read or first >= last:
             return self._planned(plan, (), None, "route does not load" if route.load == "never" else "nothing to load")
         found = await self._locate(route, keys, first, last)
-        budget = ctx.budget_ms if ctx.budget_ms is not None else self.config.orchestrator.default_budget_ms
         if route.load == "always":
             return self._planned(plan, found, None, "route always loads")
         choice = self.cost.choose(
             [c.tier for c in found], self.chunk_tokens, self.model.chunk_bytes(self.chunk_tokens),
-            len(tokens) - skip_tokens, budget / 1e3, route.retrieval == "layerwise",
+            len(tokens) - skip_tokens, max(budget_s, 0.0), route.retrieval == "layerwise",
             codecs={t: route.codec_for(t) for t in route.read},
         )
         return self._planned(plan, found[: choice.chunks], choice, choice.reason)
+
+    async def _wait_inflight(self, logical: Sequence[ChunkKey], budget_s: float, tokens: int) -> float:
+        """Wait for this prompt's chunks still queued for writing (the previous request's); the
+        seconds waited, which the caller takes off the request's budget.
+
+        Bounded by the smallest of ``inflight_wait_s``, the budget and the time recomputing
+        ``tokens`` would take (waiting longer than recomputing never pays).
+        """
+        pending = [self._inflight[k] for k in logical if k in self._inflight]
+        limit = min(self.inflight_wait_s, budget_s, self.cost.recompute_s(tokens))
+        if not pending or limit <= 0:
+            return 0.0
+        started = time.monotonic()
+        await asyncio.wait(pending, timeout=limit)
+        return time.monotonic() - started
 
     def _planned(self, plan: Plan, chunks, choice, reason: str) -> Plan:
         plan = dataclasses.replace(plan, chunks=tuple(chunks), choice=choice, reason=reason)

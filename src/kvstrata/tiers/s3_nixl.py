@@ -30,8 +30,31 @@ Created once, reused for every request: one NIXL agent with the OBJ backend
 is needed, then kept on a free list), and OBJ registrations (key -> devId,
 bounded LRU; the oldest is deregistered). Transfers are polled from the
 event loop with a short back-off; a transfer still running after
-``timeout_s`` is released (NIXL cancels it); a buffer whose transfer could
-not be cancelled is never reused.
+``timeout_s`` fails the call (``TimeoutError``); a buffer whose transfer
+could not be released is never reused.
+
+A transfer still running when its caller gives up (``timeout_s``, or the
+orchestrator's own timeout cancelling the read) is never released while it
+runs: the AWS SDK inside the OBJ plugin may still be retrying its request
+and write into the buffer. It is parked, with its buffer, and released once
+NIXL reports it ended. The plugin has no retry setting; left alone, its SDK
+retries 10 times ("legacy" mode, ~25 s per request against a dead endpoint,
+requests one after another), so the backend is created with
+``AWS_RETRY_MODE=standard`` and ``AWS_MAX_ATTEMPTS=max_retries+1`` set for
+that moment only (:func:`_sdk_retries`): a request then fails in about a
+second, like the other transports (measured: a killed endpoint's GET failed
+in 0.3-0.8 s instead of hitting ``timeout_s``).
+
+Closing frees the agent deterministically, off the event loop, bounded
+(:class:`_Release`): ``close`` hands the agent, its registrations and the
+parked transfers to a daemon thread that waits (up to ``DRAIN_S``) until no
+transfer runs, then deregisters and drops the last reference. Why it must
+wait: the plugin's destructor joins its SDK thread, and runs with the GIL
+held (pybind11), so freeing an agent whose request still retries stood the
+whole process still for 19-22 s (measured, legacy retries). After the drain
+the join is immediate. If transfers still run after ``DRAIN_S``, the thread
+keeps the agent for the life of the process instead (a leak, logged), so
+neither the garbage collector nor interpreter exit frees it mid-request.
 
 Where NIXL or its OBJ plugin cannot load, the constructor raises one
 :class:`TierError` ("start") saying why; the other transports are unaffected.
@@ -41,7 +64,10 @@ Every other failure is the library's exception; :class:`S3Tier` maps them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
+import os
 import threading
 import time
 import uuid
@@ -54,9 +80,12 @@ import numpy as np
 from kvstrata.tiers.base import TierError
 from kvstrata.tiers.s3 import ObstoreTransport, S3Settings
 
+log = logging.getLogger(__name__)
+
 MIN_BUFFER = 64 << 10  # smallest staging buffer; sizes are powers of two from here
 REGISTRATIONS = 4096  # OBJ key registrations kept
 SIZES = 65536  # object sizes cached
+DRAIN_S = 120.0  # the most a closed agent waits for its running transfers before it is kept for good
 
 
 def _load_nixl(name: str) -> Any:
@@ -89,7 +118,8 @@ class NixlTransport:
             )
             if "OBJ" not in self._agent.get_plugin_list():
                 raise RuntimeError(f"no OBJ plugin (plugins here: {self._agent.get_plugin_list()})")
-            self._agent.create_backend("OBJ", self._backend_params(s))
+            with _sdk_retries(s.max_retries):
+                self._agent.create_backend("OBJ", self._backend_params(s))
         except TierError:
             raise
         except Exception as exc:
@@ -98,7 +128,10 @@ class NixlTransport:
         self._meta = ObstoreTransport(s)  # HEAD for sizes, DELETE: NIXL's OBJ plugin has neither
         self._free: dict[int, list[np.ndarray]] = {}  # size class -> registered idle buffers
         self._stranded: list[np.ndarray] = []  # buffers of transfers NIXL could not cancel
+        self._parked: list[tuple[Any, np.ndarray]] = []  # transfers given up on while running
+        self._active = 0  # transfers posted and not yet finished
         self._closed = False
+        self.release: _Release | None = None  # set by close
         self._registered: list[Any] = []  # every DRAM registration, deregistered at close
         self._buffers: list[np.ndarray] = []  # every registered buffer, alive until close
         self._dev_ids: OrderedDict[str, int] = OrderedDict()  # object key -> OBJ devId (LRU)
@@ -140,7 +173,8 @@ class NixlTransport:
 
     def _release(self, buf: np.ndarray) -> None:
         with self._lock:
-            self._free[buf.nbytes].append(buf)
+            if not self._closed:  # once closed, the _Release holds every buffer until the agent is freed
+                self._free[buf.nbytes].append(buf)
 
     def _dev_id(self, path: str) -> int:
         """The OBJ devId registered for ``path`` (registered on first use; bounded LRU)."""
@@ -192,21 +226,25 @@ class NixlTransport:
         """One NIXL transfer: ``buf[:length]`` <-> bytes ``[offset, offset+length)`` of ``path``.
 
         On success the caller still owns ``buf``. On failure ``buf`` is taken: back to the
-        free list, or kept aside for good if NIXL could not cancel the transfer.
+        free list, parked with its transfer if that still runs (see the module docstring), or
+        kept aside for good if NIXL could not release the transfer.
         """
-        agent = self._agent
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._active += 1  # a closed agent is freed only once this is back to 0
+                agent = self._agent
+        if closed:
+            raise RuntimeError("NIXL transport closed")
+        handle = local = remote = None
+        ok = False
         try:
+            self._reap(agent)
             dev = self._dev_id(path)
             with self._lock:
                 local = agent.get_xfer_descs([(buf.ctypes.data, length, 0)], "DRAM")
                 remote = agent.get_xfer_descs([(offset, length, dev)], "OBJ")
                 handle = agent.initialize_xfer(op, local, remote, agent.name, backends=["OBJ"])
-        except BaseException:
-            self._release(buf)
-            raise
-        ok = False
-        try:
-            with self._lock:
                 state = agent.transfer(handle)
             deadline = time.monotonic() + self._s.timeout_s
             delay = 0.0001
@@ -224,16 +262,42 @@ class NixlTransport:
             ok = True
         finally:
             try:
+                self._finish(agent, handle, buf, ok)
+            finally:
                 with self._lock:
-                    agent.release_xfer_handle(handle)  # cancels a transfer still running
-                released = True
-            except Exception:
-                released = False
-            if not ok:
-                if released:
-                    self._release(buf)
-                else:  # the plugin may still write into it: keep it alive, never reuse it
-                    self._stranded.append(buf)
+                    self._active -= 1
+            # no frame (a traceback a caller keeps) may hold the handle, and through it the agent
+            handle = local = remote = agent = None
+
+    def _finish(self, agent: Any, handle: Any, buf: np.ndarray, ok: bool) -> None:
+        """Release a transfer's handle; on failure give ``buf`` back, unless the transfer still
+        runs (parked: the SDK may still write into it) or could not be released (stranded)."""
+        if handle is None:  # never posted
+            self._release(buf)
+            return
+        with self._lock:
+            if not ok and _state(agent, handle) == "PROC":
+                self._parked.append((handle, buf))
+                return
+        try:
+            with self._lock:
+                agent.release_xfer_handle(handle)
+            released = True
+        except Exception:
+            released = False
+        if not ok:
+            if released:
+                self._release(buf)
+            else:  # the plugin may still write into it: keep it alive, never reuse it
+                self._stranded.append(buf)
+
+    def _reap(self, agent: Any) -> None:
+        """Release parked transfers that have ended, and reuse their buffers."""
+        with self._lock:
+            ended = [(h, b) for h, b in self._parked if _state(agent, h) != "PROC"]
+            self._parked[:] = [p for p in self._parked if p not in ended]
+        for handle, buf in ended:
+            self._finish(agent, handle, buf, ok=False)
 
     async def read(self, path: str, start: int, end: int | None) -> bytes | None:
         for attempt in range(2):
@@ -274,18 +338,124 @@ class NixlTransport:
         await self._meta.remove(paths)
 
     async def close(self) -> None:
+        """Stop using the agent and hand it to a :class:`_Release` (returns at once; the agent is
+        freed off the event loop once its transfers ended, see the module docstring)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            for reg in self._obj_regs.values():
-                self._agent.deregister_memory(reg, backends=["OBJ"])
-            for reg in self._registered:
-                self._agent.deregister_memory(reg, backends=["OBJ"])
+            # the parked list is shared, not copied: a transfer still in flight parks into it
+            self.release = _Release(self, self._agent, self._parked,
+                                    [*self._obj_regs.values(), *self._registered],
+                                    [*self._buffers, *self._stranded])
+            self._agent = None
             self._obj_regs.clear()
             self._dev_ids.clear()
             self._registered.clear()
             self._free.clear()
-            if not self._stranded:  # else NIXL may still write into them: keep them alive
-                self._buffers.clear()
+            self._buffers.clear()
+            self._stranded.clear()
+        self.release.start()
         await self._meta.close()
+
+
+_ENV_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _sdk_retries(max_retries: int):
+    """The AWS SDK in NIXL's OBJ plugin retries ``max_retries`` times, in "standard" mode.
+
+    The plugin has no retry setting; its SDK reads ``AWS_RETRY_MODE``/``AWS_MAX_ATTEMPTS`` when
+    the backend's client is built (its default "legacy" mode ignores ``AWS_MAX_ATTEMPTS`` and
+    retries 10 times, ~25 s against a dead endpoint, one request after another). Set only while
+    the backend is created, then restored: the rest of the process sees its own environment.
+    """
+    wanted = {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": str(max_retries + 1)}
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in wanted}
+        os.environ.update(wanted)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _state(agent: Any, handle: Any) -> str:
+    """A transfer's state; "ERR" if NIXL cannot say (then it is not running, as far as we know).
+    The caller holds its transport's lock."""
+    try:
+        return agent.check_xfer_state(handle)
+    except Exception:
+        return "ERR"
+
+
+class _Release:
+    """Frees one closed transport's NIXL agent, in a daemon thread, once no transfer runs.
+
+    Owns the references the transport had: the agent, its parked (running) transfers, its
+    registrations and every registered buffer (registered memory must outlive NIXL's use of
+    it). Waits until the transport has no transfer in flight and no parked one running, up to
+    ``drain_s``. ``done`` is set when the thread finished; ``outcome`` says how: ``"freed"``
+    (deregistered, references dropped: the agent is freed right here, or -- if a caller's
+    traceback still holds a handle -- later by the garbage collector, cheaply either way) or
+    ``"kept"`` (transfers still ran after ``drain_s``: the thread keeps everything for the life
+    of the process, and exit does not free it either).
+    """
+
+    def __init__(self, transport: NixlTransport, agent: Any, parked: list, registrations: list,
+                 buffers: list, drain_s: float = DRAIN_S):
+        self._transport, self._agent, self._parked = transport, agent, parked
+        self._regs, self._buffers = registrations, buffers
+        self.drain_s = drain_s
+        self.done = threading.Event()
+        self.outcome = ""
+        self.seconds = 0.0
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="kvstrata-nixl-release", daemon=True).start()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        while self._busy() and time.monotonic() - started < self.drain_s:
+            time.sleep(0.05)
+        self.seconds = time.monotonic() - started
+        if self._busy():
+            self.outcome = "kept"
+            log.warning("NIXL agent kept for the life of the process: transfers still running after %.0f s",
+                        self.seconds)
+            self.done.set()
+            threading.Event().wait()  # never returns: a daemon thread's frame is not freed, even at exit
+        self._free()
+        self.outcome = "freed"
+        self.seconds = time.monotonic() - started
+        self.done.set()
+
+    def _busy(self) -> bool:
+        """Whether a transfer is in flight or parked and still running."""
+        t = self._transport
+        with t._lock:
+            return t._active > 0 or any(_state(self._agent, h) == "PROC" for h, _ in self._parked)
+
+    def _free(self) -> None:
+        agent, lock = self._agent, self._transport._lock
+        with lock:
+            parked, self._parked[:] = list(self._parked), []
+        for handle, _ in parked:
+            try:
+                agent.release_xfer_handle(handle)
+            except Exception:  # ended but not releasable: its buffer goes with the agent
+                log.debug("NIXL transfer not released at close", exc_info=True)
+        for reg in self._regs:
+            try:
+                agent.deregister_memory(reg, backends=["OBJ"])
+            except Exception:
+                log.debug("NIXL deregistration failed at close", exc_info=True)
+        # The last references: the plugin's destructor runs here, its SDK threads idle by now.
+        self._agent = self._regs = self._transport = None
+        agent = handle = reg = parked = None
+        self._buffers = None  # registered memory, freed after the agent that used it
