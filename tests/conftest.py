@@ -25,7 +25,7 @@ from kvstrata.keys import ChunkKey, Namespace, chunk_keys
 from kvstrata.testing import services as svc
 from kvstrata.tiers.base import Tier, create_tier
 
-TIER_KINDS = ["memory", "lmcache", "disk", "redis", "s3-obstore", "s3-aioboto3", "s3-nixl"]
+TIER_KINDS = ["memory", "lmcache", "disk", "redis", "redis-cluster", "s3-obstore", "s3-aioboto3", "s3-nixl"]
 
 # scripts/test.sh (and so CI) sets KVSTRATA_NO_SKIP=1: there, a skipped test -- a
 # missing vLLM, model or server -- is a failure, never a silent pass.
@@ -113,6 +113,14 @@ def redis_server(state_dir: Path):
 
 
 @pytest.fixture(scope="session")
+def redis_cluster(state_dir: Path):
+    """A real 3-master + 3-replica Redis Cluster (tests that kill a node build their own)."""
+    cluster = svc.start_redis_cluster(state_dir / "redis-cluster")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
 def s3_server(state_dir: Path):
     server = svc.start_seaweedfs(state_dir / "s3")
     yield server
@@ -150,6 +158,9 @@ async def make_tier(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
         elif kind == "redis":
             url = request.getfixturevalue("redis_server").url
             tier = create_tier("redis", url=url, key_prefix=f"t-{unique()}:", **settings)
+        elif kind == "redis-cluster":
+            url = settings.pop("url", None) or request.getfixturevalue("redis_cluster").url
+            tier = create_tier("redis", name=kind, url=url, key_prefix=f"t-{unique()}:", **settings)
         elif kind.startswith("s3-"):
             server = request.getfixturevalue("s3_server")
             tier = create_tier(

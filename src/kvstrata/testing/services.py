@@ -181,6 +181,141 @@ class RedisServer(_Server):
             return s.recv(64).startswith(b"+PONG")
 
 
+class RedisClusterNode(RedisServer):
+    """One ``redis-server --cluster-enabled yes`` node; its ``nodes.conf`` lives in its own dir,
+    so a killed node restarted on the same port rejoins the cluster with its old identity."""
+
+    def __init__(self, state_dir: str | os.PathLike, port: int, bus_port: int, node_timeout_ms: int) -> None:
+        super().__init__(Path(state_dir) / f"node-{port}", port)
+        self.name = f"redis-{port}"
+        self.log_path = self.state_dir / f"{self.name}.log"
+        self.bus_port, self.node_timeout_ms = bus_port, node_timeout_ms
+
+    def _argv(self) -> list[str]:
+        return [*super()._argv(), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-port", str(self.bus_port),  # explicit: port + 10000 may be taken
+                "--cluster-node-timeout", str(self.node_timeout_ms),
+                # the surviving masters keep serving their slots while one is down
+                "--cluster-require-full-coverage", "no", "--cluster-allow-reads-when-down", "no",
+                # a replica syncs at once (default: 5 s later); one that never synced cannot fail over
+                "--repl-diskless-sync-delay", "0"]
+
+
+class RedisCluster:
+    """A real Redis Cluster on 127.0.0.1: ``masters`` masters with ``replicas`` replicas each.
+
+    Built with the Debian ``redis-server`` and ``redis-cli --cluster create``; ready when
+    every node reports ``cluster_state:ok`` and all 16384 slots are assigned. Each node is a
+    :class:`RedisClusterNode` (own process group, stopped by pid). ``url`` is the
+    ``redis+cluster://`` seed kvstrata's redis tier takes. ``node_timeout_ms`` is Redis's
+    ``cluster-node-timeout``: a killed master's replica is promoted about 2-3 timeouts later.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike, masters: int = 3, replicas: int = 1,
+                 node_timeout_ms: int = 1000) -> None:
+        self.state_dir = Path(state_dir).resolve()
+        self.masters, self.replicas = masters, replicas
+        n = masters * (1 + replicas)
+        ports = free_ports(2 * n)
+        self.nodes = [RedisClusterNode(self.state_dir, p, b, node_timeout_ms)
+                      for p, b in zip(ports[:n], ports[n:])]
+        self.cli = _find_binary("redis-cli", "/usr/bin/redis-cli")
+        self.ready_seconds: float | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    @property
+    def ports(self) -> list[int]:
+        return [n.port for n in self.nodes]
+
+    def start(self, timeout: float = 30.0) -> RedisCluster:
+        t0 = time.monotonic()
+        try:
+            for node in self.nodes:
+                node.start()
+            done = subprocess.run(
+                [self.cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                 "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            if done.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed:\n{done.stdout[-2000:]}{done.stderr}")
+            self.wait_ok(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.ready_seconds = time.monotonic() - t0
+        return self
+
+    def command(self, port: int, *args: str, timeout: float = 5.0) -> str:
+        """One ``redis-cli`` command against one node; its output (text)."""
+        done = subprocess.run([self.cli, "-h", "127.0.0.1", "-p", str(port), *args],
+                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        return done.stdout
+
+    def info(self, port: int, section: str = "cluster") -> dict[str, str]:
+        args = ("cluster", "info") if section == "cluster" else ("info", section)
+        out = self.command(port, *args)
+        return dict(line.split(":", 1) for line in out.splitlines() if ":" in line and not line.startswith("#"))
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Block until every running node sees ``cluster_state:ok`` with every slot served,
+        as many masters as the cluster was built with, and every replica in sync."""
+        deadline = time.monotonic() + timeout
+        while True:
+            live = [n for n in self.nodes if n.is_running()]
+            infos = [self.info(n.port) for n in live]
+            repl = [self.info(n.port, "replication") for n in live]
+            if infos and all(i.get("cluster_state") == "ok" and i.get("cluster_slots_ok") == "16384"
+                             and i.get("cluster_size") == str(self.masters) for i in infos) \
+                    and all(r.get("role") == "master" or r.get("master_link_status") == "up" for r in repl) \
+                    and len(self.master_ports()) == self.masters:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis cluster not ok after {timeout} s: {infos}")
+            time.sleep(0.1)
+
+    def master_ports(self) -> list[int]:
+        """Ports of the running nodes that are masters with slots, from a live node's view."""
+        live = [n for n in self.nodes if n.is_running()]
+        if not live:
+            return []
+        masters = []
+        for line in self.command(live[0].port, "cluster", "nodes").splitlines():
+            parts = line.split()
+            if len(parts) >= 9 and "master" in parts[2] and "fail" not in parts[2]:
+                masters.append(int(parts[1].split("@")[0].rsplit(":", 1)[1]))
+        return sorted(p for p in masters if any(n.port == p and n.is_running() for n in self.nodes))
+
+    def node(self, port: int) -> RedisClusterNode:
+        return next(n for n in self.nodes if n.port == port)
+
+    def kill_master(self, port: int | None = None) -> RedisClusterNode:
+        """SIGKILL one master (the first by port unless told): its slots are down until failover."""
+        victim = self.node(port if port is not None else self.master_ports()[0])
+        victim.kill()
+        return victim
+
+    def wait_failover(self, timeout: float = 30.0) -> None:
+        """Block until the surviving nodes serve every slot again (a replica took over)."""
+        self.wait_ok(timeout)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def detach(self) -> None:
+        for node in self.nodes:
+            node.detach()
+
+
+def start_redis_cluster(state_dir: str | os.PathLike, masters: int = 3, replicas: int = 1,
+                        node_timeout_ms: int = 1000) -> RedisCluster:
+    """Start a Redis Cluster on free ports (files in ``state_dir``); return once it is ok."""
+    return RedisCluster(state_dir, masters, replicas, node_timeout_ms).start()
+
+
 # Every listener `weed mini` opens gets an explicit port; Iceberg, Lance and WebDAV are off.
 _WEED_PORT_FLAGS = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port",
                     "volume.port.grpc", "filer.port", "filer.port.grpc", "admin.port",
