@@ -82,6 +82,19 @@ def pytest_terminal_summary(terminalreporter):
                                     f"its stack:\n{stall['stack']}")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Opt-in markers (``rgw``): deselected -- not skipped, so KVSTRATA_NO_SKIP=1 is content --
+    unless the ``-m`` expression names them."""
+    markexpr = config.getoption("markexpr") or ""
+    opt_in = [m for m in ("rgw",) if m not in markexpr]
+    if not opt_in:
+        return
+    deselected = [item for item in items if any(item.get_closest_marker(m) for m in opt_in)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if item not in deselected]
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
@@ -118,6 +131,14 @@ def redis_cluster(state_dir: Path):
     cluster = svc.start_redis_cluster(state_dir / "redis-cluster")
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def rgw_server(state_dir: Path):
+    """A real Ceph RGW from scripts/rgw.sh (tests marked ``rgw`` only: opt-in)."""
+    server = svc.start_rgw(state_dir / "rgw")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -316,6 +316,27 @@ def start_redis_cluster(state_dir: str | os.PathLike, masters: int = 3, replicas
     return RedisCluster(state_dir, masters, replicas, node_timeout_ms).start()
 
 
+def s3_client(endpoint: str, access_key: str, secret_key: str):
+    """A boto3 S3 client for readiness probes: path addressing, short timeouts, one attempt."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3", endpoint_url=endpoint, region_name=REGION,
+        aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+        config=Config(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1},
+                      s3={"addressing_style": "path"}))
+
+
+def s3_ready(client, bucket: str) -> bool:
+    """Create ``bucket`` if absent, then a signed PUT and GET of a small object succeed."""
+    key = ".kvstrata-ready"
+    if not any(b["Name"] == bucket for b in client.list_buckets().get("Buckets", [])):
+        client.create_bucket(Bucket=bucket)
+    client.put_object(Bucket=bucket, Key=key, Body=b"ok")
+    return client.get_object(Bucket=bucket, Key=key)["Body"].read() == b"ok"
+
+
 # Every listener `weed mini` opens gets an explicit port; Iceberg, Lance and WebDAV are off.
 _WEED_PORT_FLAGS = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port",
                     "volume.port.grpc", "filer.port", "filer.port.grpc", "admin.port",
@@ -369,19 +390,8 @@ class S3Server(_Server):
 
     def _probe(self) -> bool:
         if self._client is None:
-            import boto3
-            from botocore.config import Config
-
-            self._client = boto3.client(
-                "s3", endpoint_url=self.endpoint, region_name=REGION,
-                aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
-                config=Config(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1},
-                              s3={"addressing_style": "path"}))
-        s3, key = self._client, ".kvstrata-ready"
-        if not any(b["Name"] == self.bucket for b in s3.list_buckets().get("Buckets", [])):
-            s3.create_bucket(Bucket=self.bucket)
-        s3.put_object(Bucket=self.bucket, Key=key, Body=b"ok")
-        return s3.get_object(Bucket=self.bucket, Key=key)["Body"].read() == b"ok"
+            self._client = s3_client(self.endpoint, self.access_key, self.secret_key)
+        return s3_ready(self._client, self.bucket)
 
     def _cleanup(self) -> None:
         # A killed weed leaves its unix sockets behind; those named after our ports are ours.
@@ -389,6 +399,68 @@ class S3Server(_Server):
         for path in [*Path("/tmp").glob("seaweedfs-*.sock"), *self.state_dir.glob("*.sock")]:
             if path.parent == self.state_dir or path.stem.rsplit("-", 1)[-1] in ours:
                 path.unlink(missing_ok=True)
+
+
+class RGWServer:
+    """A single-node Ceph RGW (S3) started by the project's ``scripts/rgw.sh`` (one mon, one
+    memstore OSD, radosgw/beast on 127.0.0.1; Debian packages installed if missing).
+
+    Same attributes as :class:`S3Server` (``endpoint``, ``bucket``, keys), so tests and
+    benchmarks take either. Ready means the script's gateway answered and ``bucket`` exists
+    after a signed PUT then GET. ``ready_seconds`` includes the bucket probe; ``stop()`` kills
+    exactly the pids the script recorded. Data is in RAM: a stop loses it.
+    """
+
+    name = "rgw"
+
+    def __init__(self, state_dir: str | os.PathLike, bucket: str = BUCKET,
+                 script: str | os.PathLike | None = None) -> None:
+        self.state_dir = Path(state_dir).resolve()
+        self.bucket = bucket
+        self.script = Path(script or os.environ.get("KVSTRATA_RGW_SCRIPT")
+                           or Path(__file__).resolve().parents[3] / "scripts" / "rgw.sh")
+        self.endpoint = ""
+        self.access_key = self.secret_key = ""
+        self.pids: list[int] = []
+        self.ready_seconds: float | None = None
+
+    url = property(lambda self: self.endpoint)
+
+    def start(self, timeout: float = 300.0) -> RGWServer:
+        t0 = time.monotonic()
+        done = subprocess.run(["bash", str(self.script), "start", str(self.state_dir)], capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise RuntimeError(f"{self.script} start failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        info = json.loads(done.stdout.strip().splitlines()[-1])
+        self.endpoint, self.pids = info["endpoint"], info["pids"]
+        self.access_key, self.secret_key = info["access_key"], info["secret_key"]
+        _LIVE_RGW.add(self)
+        client = s3_client(self.endpoint, self.access_key, self.secret_key)
+        deadline, error = time.monotonic() + 60, None
+        while time.monotonic() < deadline:
+            try:
+                if s3_ready(client, self.bucket):
+                    self.ready_seconds = time.monotonic() - t0
+                    return self
+            except Exception as exc:  # the gateway may answer before its pools are writable
+                error = exc
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"rgw not ready: {error!r}")
+
+    def stop(self) -> None:
+        _LIVE_RGW.discard(self)
+        subprocess.run(["bash", str(self.script), "stop", str(self.state_dir)], capture_output=True,
+                       timeout=60, stdin=subprocess.DEVNULL)
+
+
+_LIVE_RGW: set[RGWServer] = set()
+
+
+def start_rgw(state_dir: str | os.PathLike, bucket: str = BUCKET) -> RGWServer:
+    """Start a Ceph RGW with ``scripts/rgw.sh`` (files in ``state_dir``); return once ``bucket`` works."""
+    return RGWServer(state_dir, bucket).start()
 
 
 @dataclass
@@ -476,7 +548,7 @@ def stop_all(target: Services | str | os.PathLike) -> None:
 
 @atexit.register
 def _stop_live() -> None:
-    for server in list(_LIVE):
+    for server in [*_LIVE, *_LIVE_RGW]:
         server.stop()
 
 
