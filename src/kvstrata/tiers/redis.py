@@ -163,7 +163,8 @@ class RedisTier(RangedTier):
         return [n is not _DOWN and bool(n) for n in found]
 
     async def _read(self, requests: Sequence[ReadRequest]) -> list[bytes | None]:
-        """One round trip: GET/GETRANGE for one request, MGET for whole objects, else a pipeline."""
+        """One round trip: GET/GETRANGE for one request, MGET for whole objects, else a pipeline
+        (on a cluster always a pipeline per node, so a dead node is a miss, not an error)."""
         if not requests:
             return []
         if len(requests) == 1 and not self._cluster:
