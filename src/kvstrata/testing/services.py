@@ -185,8 +185,10 @@ class RedisClusterNode(RedisServer):
     """One ``redis-server --cluster-enabled yes`` node; its ``nodes.conf`` lives in its own dir,
     so a killed node restarted on the same port rejoins the cluster with its old identity."""
 
-    def __init__(self, state_dir: str | os.PathLike, port: int, bus_port: int, node_timeout_ms: int) -> None:
+    def __init__(self, state_dir: str | os.PathLike, port: int, bus_port: int, node_timeout_ms: int,
+                 binary: str | None = None) -> None:
         super().__init__(Path(state_dir) / f"node-{port}", port)
+        self.binary = binary or self.binary
         self.name = f"redis-{port}"
         self.log_path = self.state_dir / f"{self.name}.log"
         self.bus_port, self.node_timeout_ms = bus_port, node_timeout_ms
@@ -209,17 +211,19 @@ class RedisCluster:
     :class:`RedisClusterNode` (own process group, stopped by pid). ``url`` is the
     ``redis+cluster://`` seed kvstrata's redis tier takes. ``node_timeout_ms`` is Redis's
     ``cluster-node-timeout``: a killed master's replica is promoted about 2-3 timeouts later.
+    ``server``/``cli`` name other binaries of the same protocol (``valkey-server``/``valkey-cli``).
     """
 
     def __init__(self, state_dir: str | os.PathLike, masters: int = 3, replicas: int = 1,
-                 node_timeout_ms: int = 1000) -> None:
+                 node_timeout_ms: int = 1000, server: str = "redis-server", cli: str = "redis-cli") -> None:
         self.state_dir = Path(state_dir).resolve()
         self.masters, self.replicas = masters, replicas
         n = masters * (1 + replicas)
         ports = free_ports(2 * n)
-        self.nodes = [RedisClusterNode(self.state_dir, p, b, node_timeout_ms)
+        binary = _find_binary(server, f"/usr/bin/{server}")  # e.g. valkey-server, valkey-cli
+        self.nodes = [RedisClusterNode(self.state_dir, p, b, node_timeout_ms, binary)
                       for p, b in zip(ports[:n], ports[n:])]
-        self.cli = _find_binary("redis-cli", "/usr/bin/redis-cli")
+        self.cli = _find_binary(cli, f"/usr/bin/{cli}")
         self.ready_seconds: float | None = None
 
     @property
@@ -311,9 +315,10 @@ class RedisCluster:
 
 
 def start_redis_cluster(state_dir: str | os.PathLike, masters: int = 3, replicas: int = 1,
-                        node_timeout_ms: int = 1000) -> RedisCluster:
-    """Start a Redis Cluster on free ports (files in ``state_dir``); return once it is ok."""
-    return RedisCluster(state_dir, masters, replicas, node_timeout_ms).start()
+                        node_timeout_ms: int = 1000, **binaries: str) -> RedisCluster:
+    """Start a Redis Cluster on free ports (files in ``state_dir``); return once it is ok.
+    ``server=``/``cli=`` pick other binaries (Valkey's)."""
+    return RedisCluster(state_dir, masters, replicas, node_timeout_ms, **binaries).start()
 
 
 def s3_client(endpoint: str, access_key: str, secret_key: str):
