@@ -8,7 +8,6 @@ here a test that kills a node gets a cluster of its own.
 from __future__ import annotations
 
 import redis
-import pytest
 
 from kvstrata.testing import services as svc
 from kvstrata.tiers.base import Hit, Miss
