@@ -75,6 +75,8 @@ async def test_a_killed_master_is_a_miss_for_its_slots_until_failover(make_tier,
         layer = await tier.get(keys, layers=range(1, 3))
         assert {f.key for f in layer if isinstance(f, Miss)} == lost
         assert await tier.contains(keys) == [k not in lost for k in keys]
+        (alone,) = await tier.get([sorted(lost)[0]])  # a batch of one dead key: a miss, not an error
+        assert isinstance(alone, Miss)
         fresh = make_keys(30)
         stored = (await tier.put([(k, make_object(k, 4)[0]) for k in fresh])).stored
         assert 0 < stored < len(fresh)
@@ -87,5 +89,26 @@ async def test_a_killed_master_is_a_miss_for_its_slots_until_failover(make_tier,
                 break
         assert all(isinstance(f, Hit) for f in again)
         assert all(bytes(f.obj.layers[0]) == objects[f.key][1][0] for f in again)
+    finally:
+        cluster.stop()
+
+
+async def test_a_whole_cluster_down_is_a_tier_error(make_tier, tmp_path) -> None:
+    """Every primary gone: the tier raises (the orchestrator's breaker then skips it)."""
+    from kvstrata.tiers.base import TierError
+
+    cluster = svc.start_redis_cluster(tmp_path / "cluster", replicas=0)
+    try:
+        tier = make_tier("redis-cluster", url=cluster.url, timeout_s=2)
+        keys = make_keys(30)
+        await tier.put([(k, make_object(k, 2)[0]) for k in keys])
+        for port in cluster.master_ports():
+            cluster.node(port).kill()
+        for call in (tier.get(keys), tier.contains(keys), tier.put([(keys[0], make_object(keys[0], 2)[0])])):
+            try:
+                await call
+            except TierError:
+                continue
+            raise AssertionError(f"no TierError with every node down: {call}")
     finally:
         cluster.stop()

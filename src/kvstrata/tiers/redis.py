@@ -19,9 +19,9 @@ batch is grouped by the node that owns each key's slot and sent as one
 pipeline per node, all nodes at once (``MGET`` is not used: its keys would
 span slots). A node that fails (killed master, before its replica takes
 over) answers its keys as absent -- a miss for its slots only -- and does not
-fail the batch; the tier raises :class:`TierError` only when every primary
-the batch needed failed, so a whole-cluster outage still reaches the
-orchestrator's breaker.
+fail the batch; the tier raises :class:`TierError` only when no primary
+answers (every node the batch needed failed, and so does a PING to the
+others), so a whole-cluster outage still reaches the orchestrator's breaker.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class RedisTier(RangedTier):
         for error in errors:
             if not isinstance(error, (RedisError, OSError)):
                 raise error
-        if errors and len(errors) == len(groups) and self._all_primaries(groups):
+        if errors and len(errors) == len(groups) and not await self._another_primary_answers(set(groups)):
             raise TierError(self.name, op, errors[0])
         out: list = [_DOWN] * len(names)
         for indices, reply in zip(groups.values(), replies):
@@ -143,10 +143,17 @@ class RedisTier(RangedTier):
             groups.setdefault(node.name if node else "?", []).append(i)
         return groups
 
-    def _all_primaries(self, groups: dict[str, list[int]]) -> bool:
-        """Whether the failed batch needed every primary: the whole cluster, not one node, is out."""
-        primaries = {n.name for n in self._client.get_primaries()}
-        return not primaries or primaries <= set(groups)
+    async def _another_primary_answers(self, failed: set[str]) -> bool:
+        """Whether a primary outside ``failed`` answers PING: one node is out, not the cluster.
+        Asked only when every node a batch needed failed (one round trip, in failure only)."""
+        for node in self._client.get_primaries():
+            if node.name not in failed:
+                try:
+                    await self._client.ping(target_nodes=node)
+                    return True
+                except (RedisError, OSError):
+                    continue
+        return False
 
     async def _call(self, op: str, command) -> object:
         """One command sent on its own: a pipeline costs more client CPU than the command."""
