@@ -3,9 +3,11 @@
 Usage::
 
     .venv/bin/python benchmarks/tiers.py [--quick] [--out benchmarks/results/tiers.json]
+    .venv/bin/python benchmarks/tiers.py --s3 rgw --rows s3-obstore,s3-aioboto3  # Ceph RGW
 
-Starts its own Redis and SeaweedFS (kvstrata.testing.services; stopped at the
-end, also on error or SIGTERM), then for each object size (256 KiB, 1 MiB,
+Starts its own Redis and SeaweedFS (or, with ``--s3 rgw``, a single-node Ceph RGW
+from scripts/rgw.sh) (kvstrata.testing.services; stopped at the end, also on
+error or SIGTERM), then for each object size (256 KiB, 1 MiB,
 4 MiB; a real ``fmt.encode`` object of 32 equal layers) measures, for every row:
 
 =========== ==============================================================
@@ -901,6 +903,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sizes", default=None, help="object sizes in KiB (default 256,1024,4096)")
     ap.add_argument("--concurrency", type=int, default=8, help="operations in flight")
     ap.add_argument("--rounds", type=int, default=None, help="override the measured rounds")
+    ap.add_argument("--s3", choices=["seaweedfs", "rgw"], default="seaweedfs",
+                    help="the S3 server the s3-* rows run against (rgw: scripts/rgw.sh, Ceph memstore)")
     args = ap.parse_args(argv)
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if unknown := set(args.rows) - set(ROWS):
@@ -953,7 +957,10 @@ def main(argv: list[str] | None = None) -> int:
             if needs_redis:
                 redis_server = services.start_redis(workdir / "redis")
                 ready["redis"] = redis_server.ready_seconds
-            if needs_s3:
+            if needs_s3 and args.s3 == "rgw":
+                s3_server = services.start_rgw(workdir / "rgw")
+                ready["rgw"] = s3_server.ready_seconds
+            elif needs_s3:
                 s3_server = services.start_seaweedfs(workdir / "s3")
                 ready["seaweedfs"] = s3_server.ready_seconds
             log(f"servers ready {ready} after {time.perf_counter() - started:.1f}s")
@@ -1013,7 +1020,10 @@ def main(argv: list[str] | None = None) -> int:
         "servers": {
             "ready_seconds": ready,
             "redis_server": _version(["redis-server", "--version"]) if needs_redis else None,
-            "weed": _version([services._find_binary("weed"), "version"]) if needs_s3 else None,
+            "s3_server": args.s3 if needs_s3 else None,
+            "weed": _version([services._find_binary("weed"), "version"])
+            if needs_s3 and args.s3 == "seaweedfs" else None,
+            "radosgw": _version(["radosgw", "--version"]) if needs_s3 and args.s3 == "rgw" else None,
         },
         "machine": machine,
         "load_average_end": common.load_average(),

@@ -25,7 +25,7 @@ from kvstrata.keys import ChunkKey, Namespace, chunk_keys
 from kvstrata.testing import services as svc
 from kvstrata.tiers.base import Tier, create_tier
 
-TIER_KINDS = ["memory", "lmcache", "disk", "redis", "s3-obstore", "s3-aioboto3", "s3-nixl"]
+TIER_KINDS = ["memory", "lmcache", "disk", "redis", "redis-cluster", "s3-obstore", "s3-aioboto3", "s3-nixl"]
 
 # scripts/test.sh (and so CI) sets KVSTRATA_NO_SKIP=1: there, a skipped test -- a
 # missing vLLM, model or server -- is a failure, never a silent pass.
@@ -82,6 +82,19 @@ def pytest_terminal_summary(terminalreporter):
                                     f"its stack:\n{stall['stack']}")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Opt-in markers (``rgw``): deselected -- not skipped, so KVSTRATA_NO_SKIP=1 is content --
+    unless the ``-m`` expression names them."""
+    markexpr = config.getoption("markexpr") or ""
+    opt_in = [m for m in ("rgw",) if m not in markexpr]
+    if not opt_in:
+        return
+    deselected = [item for item in items if any(item.get_closest_marker(m) for m in opt_in)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if item not in deselected]
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
@@ -108,6 +121,22 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def redis_server(state_dir: Path):
     server = svc.start_redis(state_dir / "redis")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(state_dir: Path):
+    """A real 3-master + 3-replica Redis Cluster (tests that kill a node build their own)."""
+    cluster = svc.start_redis_cluster(state_dir / "redis-cluster")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def rgw_server(state_dir: Path):
+    """A real Ceph RGW from scripts/rgw.sh (tests marked ``rgw`` only: opt-in)."""
+    server = svc.start_rgw(state_dir / "rgw")
     yield server
     server.stop()
 
@@ -150,6 +179,9 @@ async def make_tier(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
         elif kind == "redis":
             url = request.getfixturevalue("redis_server").url
             tier = create_tier("redis", url=url, key_prefix=f"t-{unique()}:", **settings)
+        elif kind == "redis-cluster":
+            url = settings.pop("url", None) or request.getfixturevalue("redis_cluster").url
+            tier = create_tier("redis", name=kind, url=url, key_prefix=f"t-{unique()}:", **settings)
         elif kind.startswith("s3-"):
             server = request.getfixturevalue("s3_server")
             tier = create_tier(

@@ -1,7 +1,8 @@
 """One conformance suite, run against every tier with the real backends.
 
-memory and disk are in-process; redis and s3 (both transports) talk to the
-real Redis and SeaweedFS servers started by conftest.
+memory and disk are in-process; redis, redis-cluster (3 masters + 3 replicas)
+and s3 (every transport) talk to the real Redis, Redis Cluster and SeaweedFS
+servers started by conftest.
 """
 
 from __future__ import annotations
@@ -194,8 +195,9 @@ async def test_disk_tier_sees_objects_written_by_another_process(make_tier, tmp_
     assert isinstance((await reader.get([key]))[0], Hit)
 
 
-async def test_redis_ttl_expires_objects(make_tier) -> None:
-    tier = make_tier("redis", ttl_s=1)
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+async def test_redis_ttl_expires_objects(make_tier, kind: str) -> None:
+    tier = make_tier(kind, ttl_s=1)
     (key,) = make_keys(1)
     await tier.put([(key, make_object(key)[0])])
     assert await tier.contains([key]) == [True]

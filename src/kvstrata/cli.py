@@ -15,6 +15,7 @@ from kvstrata import __version__
 from kvstrata import format as fmt
 from kvstrata.cli_codec import codec_app
 from kvstrata.cli_corpus import corpus_app
+from kvstrata.cli_lookup import lookup_app
 from kvstrata.cli_policy import policy_app
 from kvstrata.cli_stats import stats_app
 
@@ -23,6 +24,7 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(stats_app)
 app.add_typer(codec_app, name="codec")
 app.add_typer(corpus_app, name="corpus")
+app.add_typer(lookup_app)
 console = Console()
 
 

@@ -4,7 +4,8 @@ One :class:`TelemetryService` per :class:`~kvstrata.telemetry.Telemetry`
 (so per orchestrator) per process, started by whoever owns the orchestrator
 (the vLLM connector) from the ``telemetry:`` section of the configuration:
 
-* ``prometheus_port``: an HTTP exporter (``/metrics``) on ``prometheus_addr``.
+* ``prometheus_port``: an HTTP exporter (``/metrics``, and ``/lookup``: the
+  routing hint of :mod:`kvstrata.lookup_http`) on ``prometheus_addr``.
   Every sample carries ``role`` (``scheduler``, ``worker``, or
   ``scheduler+worker`` when vLLM runs both in one process and they share one
   orchestrator) and ``pid``, so the series of vLLM's engine-core and worker
@@ -31,9 +32,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
 
+from kvstrata import lookup_http
 from kvstrata.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,8 @@ class TelemetryService:
         last: OSError | None = None
         for candidate in [0] if port == 0 else range(port, min(port + PORT_ATTEMPTS, 65536)):
             try:
-                self._server, _ = start_http_server(candidate, addr=addr, registry=registry)
+                # /metrics as prometheus_client serves it, plus /lookup (the routing hint)
+                self._server = lookup_http.start_server(addr, candidate, registry, self.telemetry)
                 break
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE:

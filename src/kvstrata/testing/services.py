@@ -181,6 +181,167 @@ class RedisServer(_Server):
             return s.recv(64).startswith(b"+PONG")
 
 
+class RedisClusterNode(RedisServer):
+    """One ``redis-server --cluster-enabled yes`` node; its ``nodes.conf`` lives in its own dir,
+    so a killed node restarted on the same port rejoins the cluster with its old identity."""
+
+    def __init__(self, state_dir: str | os.PathLike, port: int, bus_port: int, node_timeout_ms: int,
+                 binary: str | None = None) -> None:
+        super().__init__(Path(state_dir) / f"node-{port}", port)
+        self.binary = binary or self.binary
+        self.name = f"redis-{port}"
+        self.log_path = self.state_dir / f"{self.name}.log"
+        self.bus_port, self.node_timeout_ms = bus_port, node_timeout_ms
+
+    def _argv(self) -> list[str]:
+        return [*super()._argv(), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-port", str(self.bus_port),  # explicit: port + 10000 may be taken
+                "--cluster-node-timeout", str(self.node_timeout_ms),
+                # the surviving masters keep serving their slots while one is down
+                "--cluster-require-full-coverage", "no", "--cluster-allow-reads-when-down", "no",
+                # a replica syncs at once (default: 5 s later); one that never synced cannot fail over
+                "--repl-diskless-sync-delay", "0"]
+
+
+class RedisCluster:
+    """A real Redis Cluster on 127.0.0.1: ``masters`` masters with ``replicas`` replicas each.
+
+    Built with the Debian ``redis-server`` and ``redis-cli --cluster create``; ready when
+    every node reports ``cluster_state:ok`` and all 16384 slots are assigned. Each node is a
+    :class:`RedisClusterNode` (own process group, stopped by pid). ``url`` is the
+    ``redis+cluster://`` seed kvstrata's redis tier takes. ``node_timeout_ms`` is Redis's
+    ``cluster-node-timeout``: a killed master's replica is promoted about 2-3 timeouts later.
+    ``server``/``cli`` name other binaries of the same protocol (``valkey-server``/``valkey-cli``).
+    """
+
+    def __init__(self, state_dir: str | os.PathLike, masters: int = 3, replicas: int = 1,
+                 node_timeout_ms: int = 1000, server: str = "redis-server", cli: str = "redis-cli") -> None:
+        self.state_dir = Path(state_dir).resolve()
+        self.masters, self.replicas = masters, replicas
+        n = masters * (1 + replicas)
+        ports = free_ports(2 * n)
+        binary = _find_binary(server, f"/usr/bin/{server}")  # e.g. valkey-server, valkey-cli
+        self.nodes = [RedisClusterNode(self.state_dir, p, b, node_timeout_ms, binary)
+                      for p, b in zip(ports[:n], ports[n:])]
+        self.cli = _find_binary(cli, f"/usr/bin/{cli}")
+        self.ready_seconds: float | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    @property
+    def ports(self) -> list[int]:
+        return [n.port for n in self.nodes]
+
+    def start(self, timeout: float = 30.0) -> RedisCluster:
+        t0 = time.monotonic()
+        try:
+            for node in self.nodes:
+                node.start()
+            done = subprocess.run(
+                [self.cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                 "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            if done.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed:\n{done.stdout[-2000:]}{done.stderr}")
+            self.wait_ok(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.ready_seconds = time.monotonic() - t0
+        return self
+
+    def command(self, port: int, *args: str, timeout: float = 5.0) -> str:
+        """One ``redis-cli`` command against one node; its output (text)."""
+        done = subprocess.run([self.cli, "-h", "127.0.0.1", "-p", str(port), *args],
+                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        return done.stdout
+
+    def info(self, port: int, section: str = "cluster") -> dict[str, str]:
+        args = ("cluster", "info") if section == "cluster" else ("info", section)
+        out = self.command(port, *args)
+        return dict(line.split(":", 1) for line in out.splitlines() if ":" in line and not line.startswith("#"))
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Block until every running node sees ``cluster_state:ok`` with every slot served,
+        as many masters as the cluster was built with, and every replica in sync."""
+        deadline = time.monotonic() + timeout
+        while True:
+            live = [n for n in self.nodes if n.is_running()]
+            infos = [self.info(n.port) for n in live]
+            repl = [self.info(n.port, "replication") for n in live]
+            if infos and all(i.get("cluster_state") == "ok" and i.get("cluster_slots_ok") == "16384"
+                             and i.get("cluster_size") == str(self.masters) for i in infos) \
+                    and all(r.get("role") == "master" or r.get("master_link_status") == "up" for r in repl) \
+                    and len(self.master_ports()) == self.masters:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis cluster not ok after {timeout} s: {infos}")
+            time.sleep(0.1)
+
+    def master_ports(self) -> list[int]:
+        """Ports of the running nodes that are masters with slots, from a live node's view."""
+        live = [n for n in self.nodes if n.is_running()]
+        if not live:
+            return []
+        masters = []
+        for line in self.command(live[0].port, "cluster", "nodes").splitlines():
+            parts = line.split()
+            if len(parts) >= 9 and "master" in parts[2] and "fail" not in parts[2]:
+                masters.append(int(parts[1].split("@")[0].rsplit(":", 1)[1]))
+        return sorted(p for p in masters if any(n.port == p and n.is_running() for n in self.nodes))
+
+    def node(self, port: int) -> RedisClusterNode:
+        return next(n for n in self.nodes if n.port == port)
+
+    def kill_master(self, port: int | None = None) -> RedisClusterNode:
+        """SIGKILL one master (the first by port unless told): its slots are down until failover."""
+        victim = self.node(port if port is not None else self.master_ports()[0])
+        victim.kill()
+        return victim
+
+    def wait_failover(self, timeout: float = 30.0) -> None:
+        """Block until the surviving nodes serve every slot again (a replica took over)."""
+        self.wait_ok(timeout)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def detach(self) -> None:
+        for node in self.nodes:
+            node.detach()
+
+
+def start_redis_cluster(state_dir: str | os.PathLike, masters: int = 3, replicas: int = 1,
+                        node_timeout_ms: int = 1000, **binaries: str) -> RedisCluster:
+    """Start a Redis Cluster on free ports (files in ``state_dir``); return once it is ok.
+    ``server=``/``cli=`` pick other binaries (Valkey's)."""
+    return RedisCluster(state_dir, masters, replicas, node_timeout_ms, **binaries).start()
+
+
+def s3_client(endpoint: str, access_key: str, secret_key: str):
+    """A boto3 S3 client for readiness probes: path addressing, short timeouts, one attempt."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3", endpoint_url=endpoint, region_name=REGION,
+        aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+        config=Config(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1},
+                      s3={"addressing_style": "path"}))
+
+
+def s3_ready(client, bucket: str) -> bool:
+    """Create ``bucket`` if absent, then a signed PUT and GET of a small object succeed."""
+    key = ".kvstrata-ready"
+    if not any(b["Name"] == bucket for b in client.list_buckets().get("Buckets", [])):
+        client.create_bucket(Bucket=bucket)
+    client.put_object(Bucket=bucket, Key=key, Body=b"ok")
+    return client.get_object(Bucket=bucket, Key=key)["Body"].read() == b"ok"
+
+
 # Every listener `weed mini` opens gets an explicit port; Iceberg, Lance and WebDAV are off.
 _WEED_PORT_FLAGS = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port",
                     "volume.port.grpc", "filer.port", "filer.port.grpc", "admin.port",
@@ -234,19 +395,8 @@ class S3Server(_Server):
 
     def _probe(self) -> bool:
         if self._client is None:
-            import boto3
-            from botocore.config import Config
-
-            self._client = boto3.client(
-                "s3", endpoint_url=self.endpoint, region_name=REGION,
-                aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
-                config=Config(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1},
-                              s3={"addressing_style": "path"}))
-        s3, key = self._client, ".kvstrata-ready"
-        if not any(b["Name"] == self.bucket for b in s3.list_buckets().get("Buckets", [])):
-            s3.create_bucket(Bucket=self.bucket)
-        s3.put_object(Bucket=self.bucket, Key=key, Body=b"ok")
-        return s3.get_object(Bucket=self.bucket, Key=key)["Body"].read() == b"ok"
+            self._client = s3_client(self.endpoint, self.access_key, self.secret_key)
+        return s3_ready(self._client, self.bucket)
 
     def _cleanup(self) -> None:
         # A killed weed leaves its unix sockets behind; those named after our ports are ours.
@@ -254,6 +404,68 @@ class S3Server(_Server):
         for path in [*Path("/tmp").glob("seaweedfs-*.sock"), *self.state_dir.glob("*.sock")]:
             if path.parent == self.state_dir or path.stem.rsplit("-", 1)[-1] in ours:
                 path.unlink(missing_ok=True)
+
+
+class RGWServer:
+    """A single-node Ceph RGW (S3) started by the project's ``scripts/rgw.sh`` (one mon, one
+    memstore OSD, radosgw/beast on 127.0.0.1; Debian packages installed if missing).
+
+    Same attributes as :class:`S3Server` (``endpoint``, ``bucket``, keys), so tests and
+    benchmarks take either. Ready means the script's gateway answered and ``bucket`` exists
+    after a signed PUT then GET. ``ready_seconds`` includes the bucket probe; ``stop()`` kills
+    exactly the pids the script recorded. Data is in RAM: a stop loses it.
+    """
+
+    name = "rgw"
+
+    def __init__(self, state_dir: str | os.PathLike, bucket: str = BUCKET,
+                 script: str | os.PathLike | None = None) -> None:
+        self.state_dir = Path(state_dir).resolve()
+        self.bucket = bucket
+        self.script = Path(script or os.environ.get("KVSTRATA_RGW_SCRIPT")
+                           or Path(__file__).resolve().parents[3] / "scripts" / "rgw.sh")
+        self.endpoint = ""
+        self.access_key = self.secret_key = ""
+        self.pids: list[int] = []
+        self.ready_seconds: float | None = None
+
+    url = property(lambda self: self.endpoint)
+
+    def start(self, timeout: float = 300.0) -> RGWServer:
+        t0 = time.monotonic()
+        done = subprocess.run(["bash", str(self.script), "start", str(self.state_dir)], capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise RuntimeError(f"{self.script} start failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        info = json.loads(done.stdout.strip().splitlines()[-1])
+        self.endpoint, self.pids = info["endpoint"], info["pids"]
+        self.access_key, self.secret_key = info["access_key"], info["secret_key"]
+        _LIVE_RGW.add(self)
+        client = s3_client(self.endpoint, self.access_key, self.secret_key)
+        deadline, error = time.monotonic() + 60, None
+        while time.monotonic() < deadline:
+            try:
+                if s3_ready(client, self.bucket):
+                    self.ready_seconds = time.monotonic() - t0
+                    return self
+            except Exception as exc:  # the gateway may answer before its pools are writable
+                error = exc
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"rgw not ready: {error!r}")
+
+    def stop(self) -> None:
+        _LIVE_RGW.discard(self)
+        subprocess.run(["bash", str(self.script), "stop", str(self.state_dir)], capture_output=True,
+                       timeout=60, stdin=subprocess.DEVNULL)
+
+
+_LIVE_RGW: set[RGWServer] = set()
+
+
+def start_rgw(state_dir: str | os.PathLike, bucket: str = BUCKET) -> RGWServer:
+    """Start a Ceph RGW with ``scripts/rgw.sh`` (files in ``state_dir``); return once ``bucket`` works."""
+    return RGWServer(state_dir, bucket).start()
 
 
 @dataclass
@@ -341,7 +553,7 @@ def stop_all(target: Services | str | os.PathLike) -> None:
 
 @atexit.register
 def _stop_live() -> None:
-    for server in list(_LIVE):
+    for server in [*_LIVE, *_LIVE_RGW]:
         server.stop()
 
 

@@ -12,13 +12,22 @@ more concurrency than that, callers queue for a connection (up to
 ``timeout_s``) instead of failing with ``MaxConnectionsError``.
 
 ``redis+cluster://host:port`` (or ``cluster: true``) connects to a Redis
-Cluster; pipelines are then split per slot by redis-py, and multi-key gets
-use a pipeline instead of ``MGET`` (whose keys would span slots).
+Cluster (or Valkey in cluster mode: same protocol). One object is one key, so
+its bytes never span slots and need no hash tag; a ``key_prefix`` must not
+hold one either (``{...}`` would put every object in one slot, one node). A
+batch is grouped by the node that owns each key's slot and sent as one
+pipeline per node, all nodes at once (``MGET`` is not used: its keys would
+span slots). A node that fails (killed master, before its replica takes
+over) answers its keys as absent -- a miss for its slots only -- and does not
+fail the batch; the tier raises :class:`TierError` only when no primary
+answers (every node the batch needed failed, and so does a PING to the
+others), so a whole-cluster outage still reaches the orchestrator's breaker.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
@@ -47,6 +56,9 @@ class RedisSettings(TierSettings):
     timeout_s: float = Field(default=5.0, gt=0)
 
 
+_DOWN = object()  # the result of a command whose cluster node did not answer
+
+
 @register
 class RedisTier(RangedTier):
     kind = "redis"
@@ -62,6 +74,9 @@ class RedisTier(RangedTier):
         retry = Retry(ExponentialBackoff(cap=0.05, base=0.005), 1, (RedisConnectionError,))
         self._cluster = settings.cluster or url.startswith("redis+cluster://")
         if self._cluster:
+            if "{" in settings.key_prefix:
+                raise ValueError("a Redis Cluster key_prefix must not hold a hash tag ({...}): "
+                                 "every object would land in one slot")
             self._client = aioredis.RedisCluster.from_url(
                 url.replace("redis+cluster://", "redis://", 1),
                 max_connections=settings.max_connections,
@@ -83,14 +98,62 @@ class RedisTier(RangedTier):
     def _name(self, key: ChunkKey) -> str:
         return self.settings.key_prefix + str(key)
 
-    async def _pipeline(self, op: str, commands) -> list:
+    async def _pipeline(self, op: str, names: Sequence[str], queue: Callable) -> list:
+        """One pipelined round trip queueing ``queue(pipe, i)`` for each ``names[i]``; the replies.
+
+        On a cluster: one pipeline per node owning the keys, concurrently; the replies of a
+        node that failed are ``_DOWN``. Raises TierError when nothing answered.
+        """
+        if not self._cluster:
+            try:
+                return await self._send(range(len(names)), queue)
+            except (RedisError, OSError) as exc:
+                raise TierError(self.name, op, exc) from exc
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for command in commands:
-                    command(pipe)
-                return await pipe.execute()
+            groups = await self._by_node(names)
         except (RedisError, OSError) as exc:
             raise TierError(self.name, op, exc) from exc
+        replies = await asyncio.gather(*(self._send(g, queue) for g in groups.values()),
+                                       return_exceptions=True)
+        errors = [r for r in replies if isinstance(r, BaseException)]
+        for error in errors:
+            if not isinstance(error, (RedisError, OSError)):
+                raise error
+        if errors and len(errors) == len(groups) and not await self._another_primary_answers(set(groups)):
+            raise TierError(self.name, op, errors[0])
+        out: list = [_DOWN] * len(names)
+        for indices, reply in zip(groups.values(), replies):
+            if not isinstance(reply, BaseException):
+                for i, value in zip(indices, reply):
+                    out[i] = value
+        return out
+
+    async def _send(self, indices: Sequence[int], queue: Callable) -> list:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for i in indices:
+                queue(pipe, i)
+            return await pipe.execute()
+
+    async def _by_node(self, names: Sequence[str]) -> dict[str, list[int]]:
+        """Indices of ``names`` grouped by the name of the node owning each key's slot."""
+        await self._client.initialize()  # a no-op once the topology is known
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            node = self._client.get_node_from_key(name)
+            groups.setdefault(node.name if node else "?", []).append(i)
+        return groups
+
+    async def _another_primary_answers(self, failed: set[str]) -> bool:
+        """Whether a primary outside ``failed`` answers PING: one node is out, not the cluster.
+        Asked only when every node a batch needed failed (one round trip, in failure only)."""
+        for node in self._client.get_primaries():
+            if node.name not in failed:
+                try:
+                    await self._client.ping(target_nodes=node)
+                    return True
+                except (RedisError, OSError):
+                    continue
+        return False
 
     async def _call(self, op: str, command) -> object:
         """One command sent on its own: a pipeline costs more client CPU than the command."""
@@ -102,25 +165,27 @@ class RedisTier(RangedTier):
     async def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
         if not keys:
             return []
-        found = await self._pipeline("contains", [lambda p, k=k: p.exists(self._name(k)) for k in keys])
-        return [bool(n) for n in found]
+        names = [self._name(k) for k in keys]
+        found = await self._pipeline("contains", names, lambda p, i: p.exists(names[i]))
+        return [n is not _DOWN and bool(n) for n in found]
 
     async def _read(self, requests: Sequence[ReadRequest]) -> list[bytes | None]:
-        """One round trip: GET/GETRANGE for one request, MGET for whole objects, else a pipeline."""
+        """One round trip: GET/GETRANGE for one request, MGET for whole objects, else a pipeline
+        (on a cluster always a pipeline per node, so a dead node is a miss, not an error)."""
         if not requests:
             return []
-        if len(requests) == 1:
+        if len(requests) == 1 and not self._cluster:
             blobs = [await self._call("get", self._read_command(self._client, requests[0]))]
         elif not self._cluster and all(_whole(r) for r in requests):
             # MGET spans hash slots, so not in cluster mode (redis-py would refuse it).
             names = [self._name(r.key) for r in requests]
             blobs = await self._call("get", self._client.mget(names))
         else:
-            blobs = await self._pipeline(
-                "get", [lambda p, r=r: self._read_command(p, r) for r in requests]
-            )
-        # GETRANGE of a missing key is b"": objects are never empty, so that is "absent".
-        return [b if b else None for b in blobs]  # type: ignore[union-attr]
+            blobs = await self._pipeline("get", [self._name(r.key) for r in requests],
+                                         lambda p, i: self._read_command(p, requests[i]))
+        # GETRANGE of a missing key is b"": objects are never empty, so that is "absent";
+        # so is a key whose cluster node is down.
+        return [b if b and b is not _DOWN else None for b in blobs]  # type: ignore[union-attr]
 
     def _read_command(self, client, r: ReadRequest):
         """GET or GETRANGE of ``r`` on a client (returns the awaitable) or a pipeline (queues it)."""
@@ -133,13 +198,15 @@ class RedisTier(RangedTier):
         if not items:
             return PutResult(0)
         ttl = self.settings.ttl_s
-        await self._pipeline("put", [lambda p, k=k, d=d: p.set(self._name(k), d, ex=ttl) for k, d in items])
+        names = [self._name(k) for k, _ in items]
+        done = await self._pipeline("put", names, lambda p, i: p.set(names[i], items[i][1], ex=ttl))
         self._forget_all([k for k, _ in items])
-        return PutResult(len(items))
+        return PutResult(sum(1 for d in done if d is not _DOWN))
 
     async def delete(self, keys: Sequence[ChunkKey]) -> None:
         if keys:
-            await self._pipeline("delete", [lambda p, k=k: p.delete(self._name(k)) for k in keys])
+            names = [self._name(k) for k in keys]
+            await self._pipeline("delete", names, lambda p, i: p.delete(names[i]))
         self._forget_all(keys)
 
     async def close(self) -> None:
