@@ -38,7 +38,7 @@ import numpy as np
 from kvstrata import format as fmt
 from kvstrata import runtime
 from kvstrata.breaker import Breaker
-from kvstrata.compression.base import KIND_PARAM, Codec, CodecError, codec_from_header, header_params
+from kvstrata.compression.base import Codec, CodecError, codec_from_config, confirm_header, header_params
 from kvstrata.keys import ChunkKey, chunk_keys
 from kvstrata.plan import LoadHandle, ModelSpec, Plan, PlannedChunk
 from kvstrata.policy import pipeline
@@ -452,8 +452,9 @@ class Orchestrator:
         if (meta.kv_heads, meta.head_dim, meta.dtype, meta.n_tokens, n, meta.codec, meta.namespace) != expected:
             self._bad_object(tier, chunk.key, "foreign")
             return None
-        try:
-            codec = self._codec(meta.codec, meta.codec_params)
+        try:  # the reader's own codec; the header may only confirm it
+            codec = self._codec(chunk.codec)
+            confirm_header(chunk.codec, codec, meta.codec, meta.codec_params)
             out = {layer: codec.decode(result.obj.layers[layer], self.geometry) for layer in layers}
         except CodecError as exc:
             log.warning("tier %s chunk %s undecodable: %s", tier, chunk.key, exc)
@@ -468,16 +469,14 @@ class Orchestrator:
         if reason == "corrupt":  # drop it so nobody trips on it again
             asyncio.ensure_future(self._call(tier, "delete", self.tiers[tier].delete([key])))
 
-    def _codec(self, codec_id: str, params=None) -> Codec:
-        """The codec of an object header (its id and ``params``), or with ``params`` None the
-        configuration's codec named ``codec_id`` (``codecs:`` or a built-in), for writing."""
-        if params is None:
-            spec = self.config.codec(codec_id)
-            params = {**spec.params, KIND_PARAM: spec.kind}
-        cache_key = f"{codec_id}:{sorted(params.items())}"
-        if cache_key not in self._codecs:
-            self._codecs[cache_key] = codec_from_header(codec_id, params)
-        return self._codecs[cache_key]
+    def _codec(self, name: str) -> Codec:
+        """The configuration's codec named ``name`` (``codecs:`` or a built-in), for writing and
+        reading alike: an object's header never chooses a codec (see :func:`confirm_header`)."""
+        codec = self._codecs.get(name)
+        if codec is None:
+            spec = self.config.codec(name)
+            codec = self._codecs[name] = codec_from_config(name, spec.kind, spec.params)
+        return codec
 
     def _account_load(self, handle: LoadHandle) -> None:
         plan = handle.plan
