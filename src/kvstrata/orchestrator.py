@@ -37,6 +37,7 @@ import numpy as np
 
 from kvstrata import format as fmt
 from kvstrata import runtime
+from kvstrata.auth import keyring_for
 from kvstrata.breaker import Breaker
 from kvstrata.compression.base import Codec, CodecError, codec_from_config, confirm_header, header_params
 from kvstrata.keys import ChunkKey, chunk_keys
@@ -84,6 +85,9 @@ class Orchestrator:
         self.tiers: dict[str, Tier] = dict(tiers) if tiers is not None else {
             name: tier_class(spec.kind).from_settings(name, spec.settings) for name, spec in config.tiers.items()
         }
+        self.keyring = keyring_for(config)
+        for tier in self.tiers.values():
+            tier.use_keyring(self.keyring)
         self.breakers = {name: Breaker(b.failures, b.cooldown_s) for name in self.tiers}
         self.timeouts = {name: spec.timeout_ms / 1e3 for name, spec in config.tiers.items()}
         self.geometry = model.geometry(self.chunk_tokens)
@@ -464,9 +468,11 @@ class Orchestrator:
         return out
 
     def _bad_object(self, tier: str, key: ChunkKey, reason: str) -> None:
+        """Count a bad object and drop it, so nobody trips on it again and a save can replace it
+        (saves skip present keys). A newer format's object ("unsupported") is left to its owner."""
         self.telemetry.bad_object(tier, reason)
         log.warning("tier %s: %s object %s is a miss", tier, reason, key)
-        if reason == "corrupt":  # drop it so nobody trips on it again
+        if reason in DROPPED_REASONS:
             asyncio.ensure_future(self._call(tier, "delete", self.tiers[tier].delete([key])))
 
     def _codec(self, name: str) -> Codec:
@@ -614,7 +620,7 @@ class Orchestrator:
         if kv.shape != (self.model.n_layers, *self.geometry.shape):
             raise ValueError(f"chunk KV shaped {kv.shape}, expected {(self.model.n_layers, *self.geometry.shape)}")
         return fmt.encode(meta, [codec.encode(kv[layer], layer, first_position=item.first_position)
-                                 for layer in range(self.model.n_layers)])
+                                 for layer in range(self.model.n_layers)], self.keyring)
 
     async def _put(self, tier: str, item: _SaveItem, blob: bytes) -> None:
         key = item.keys[item.route.codec_for(tier)]
@@ -640,6 +646,8 @@ class Orchestrator:
                     self.telemetry.moved_bytes(dst, "write", len(ev.data))
 
 
+#: Miss reasons whose object is deleted: it can never be served here, and would block a rewrite.
+DROPPED_REASONS = frozenset({"corrupt", "unauthenticated", "foreign", "codec"})
 def _by_tier(chunks: Sequence[PlannedChunk]) -> dict[str, list[PlannedChunk]]:
     out: dict[str, list[PlannedChunk]] = {}
     for c in chunks:
