@@ -119,8 +119,17 @@ class RedisTier(RangedTier):
             blobs = await self._pipeline(
                 "get", [lambda p, r=r: self._read_command(p, r) for r in requests]
             )
-        # GETRANGE of a missing key is b"": objects are never empty, so that is "absent".
-        return [b if b else None for b in blobs]  # type: ignore[union-attr]
+        # GETRANGE gives b"" both for a missing key and for a range past the end of a present
+        # (truncated) one; objects are never empty. The rare empty ranged answers are told
+        # apart with one EXISTS round trip: b"" (present, too short) is that object's miss.
+        empty = [i for i, (r, blob) in enumerate(zip(requests, blobs)) if not blob and not _whole(r)]
+        present = set()
+        if empty:
+            found = await self._pipeline(
+                "get", [lambda p, r=requests[i]: p.exists(self._name(r.key)) for i in empty]
+            )
+            present = {i for i, n in zip(empty, found) if n}
+        return [b"" if i in present else (b if b else None) for i, b in enumerate(blobs)]  # type: ignore[misc]
 
     def _read_command(self, client, r: ReadRequest):
         """GET or GETRANGE of ``r`` on a client (returns the awaitable) or a pipeline (queues it)."""
