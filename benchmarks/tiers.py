@@ -72,6 +72,7 @@ except ImportError:  # pragma: no cover
     from benchmarks import _common as common
 
 from kvstrata import format as fmt
+from kvstrata.auth import Keyring
 from kvstrata.keys import ChunkKey, Namespace, chunk_keys
 from kvstrata.testing import services
 from kvstrata.tiers.base import Hit, Tier, create_tier
@@ -83,6 +84,8 @@ ROWS = ("memory", "lmcache", "disk", "redis", "s3-obstore", "s3-aioboto3", "s3-n
 ACCEPT_SIZE = 1 << 20
 ACCEPT_RATIO = 0.8
 NAMESPACE = Namespace("bench-tiers", "float16")
+# A deployment secret, as with ``KVSTRATA_SECRET`` set; v1 objects readable for --format 1.
+KEYRING = Keyring(b"kvstrata-benchmark-secret-not-for-production", allow_unauthenticated=True)
 PACKAGES = (
     "numpy", "obstore", "redis", "hiredis", "aioboto3", "aiobotocore", "botocore", "xxhash", "rich",
     "lmcache", "nixl-cu12", "torch",
@@ -138,16 +141,18 @@ class Workload:
         return self.get_keys + self.put_keys
 
 
-def build_workload(target: int, n_keys: int, seed: int) -> Workload:
+def build_workload(target: int, n_keys: int, seed: int, version: int = fmt.VERSION) -> Workload:
     """``2 * n_keys`` encoded objects of about ``target`` bytes, each naming its own key.
 
     Meta is a realistic fp16 geometry (8 KV heads x 128 dims: 4 KiB per token per
     layer); the sections are random bytes (KV does not compress well either).
+    ``version`` 2 objects carry keyed BLAKE3 MACs (:data:`KEYRING`), 1 xxh3 checksums.
     """
     rng = np.random.default_rng(seed)
     keys = chunk_keys(rng.integers(0, 50_000, size=16 * 2 * n_keys), NAMESPACE, 16)
     probe = fmt.ObjectMeta("none", "float16", 1, 8, 128, NAMESPACE.fingerprint, keys[0].digest)
-    header_len = fmt.decode_header(fmt.encode(probe, [b"x"] * N_LAYERS)).header_len
+    header_len = fmt.decode_header(fmt.encode(probe, [b"x"] * N_LAYERS, KEYRING, version=version),
+                                   KEYRING).header_len
     section = (target - header_len) // N_LAYERS
     sections = [rng.bytes(section) for _ in range(N_LAYERS)]
     objects = {}
@@ -155,8 +160,8 @@ def build_workload(target: int, n_keys: int, seed: int) -> Workload:
         meta = fmt.ObjectMeta(
             "none", "float16", max(1, section // 4096), 8, 128, NAMESPACE.fingerprint, key.digest
         )
-        objects[key] = fmt.encode(meta, sections)
-    header = fmt.decode_header(objects[keys[0]])
+        objects[key] = fmt.encode(meta, sections, KEYRING, version=version)
+    header = fmt.decode_header(objects[keys[0]], KEYRING)
     layers = range(0, N_LAYERS // 2)
     lo, hi = header.byte_range(layers)
     return Workload(
@@ -695,6 +700,8 @@ async def build_rows(args, redis_server, s3_server, workdir: Path) -> dict[str, 
             rows[row] = (TierSide(tier), raw)
         else:
             raise ValueError(row)
+    for tier_side, _ in rows.values():
+        tier_side.tier.use_keyring(KEYRING)  # type: ignore[attr-defined]
     return rows
 
 
@@ -708,7 +715,7 @@ async def measure(args, profile: Profile, rows: dict[str, tuple[Side, Side]]) ->
     rng = random.Random(0)
     for size in args.sizes:
         n_keys = n_keys_for(size, args.concurrency)
-        wl = build_workload(size, n_keys, seed=size)
+        wl = build_workload(size, n_keys, seed=size, version=args.format)
         log(f"size {common.human_bytes(size)}: object {wl.object_len} B, "
             f"{n_keys}+{n_keys} keys, {profile.rounds} rounds")
         # Store the get set on every side; check what comes back before timing anything.
@@ -901,6 +908,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sizes", default=None, help="object sizes in KiB (default 256,1024,4096)")
     ap.add_argument("--concurrency", type=int, default=8, help="operations in flight")
     ap.add_argument("--rounds", type=int, default=None, help="override the measured rounds")
+    ap.add_argument("--format", type=int, choices=(1, 2), default=fmt.VERSION,
+                    help="object format: 2 = keyed BLAKE3 MACs (default), 1 = xxh3 checksums only")
     args = ap.parse_args(argv)
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if unknown := set(args.rows) - set(ROWS):
@@ -986,6 +995,9 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_rounds": 1,
             "keys_per_set": {str(s): n_keys_for(s, args.concurrency) for s in args.sizes},
             "rows": args.rows,
+            "format_version": args.format,
+            "integrity": "keyed BLAKE3 MAC per namespace (header + 16-byte tag per layer)"
+            if args.format == 2 else "xxh3_64 checksums (format v1, no MAC)",
             "settings": {
                 "memory": {"capacity_bytes": MEMORY_CAPACITY, "eviction": "s3fifo (default)"},
                 "lmcache": {"capacity_bytes": LMCACHE_CAPACITY, "eviction": "lru (default)"},

@@ -73,11 +73,20 @@ def test_a_header_naming_a_file_is_refused_without_opening_it(kind: str, planted
     for path in planted:
         for codec_id, params in _headers_naming(kind, path):
             for reader in (None, configured):
-                started = time.perf_counter()
-                with pytest.raises(CodecError):
-                    codec_from_header(codec_id, params, reader)
-                assert time.perf_counter() - started < 0.010, (kind, codec_id, params)
+                assert _refusal_seconds(codec_id, params, reader) < 0.010, (kind, codec_id, params)
     assert _OPENED == []
+
+
+def _refusal_seconds(codec_id: str, params: dict, reader) -> float:
+    """Wall time of a refusal (CodecError), the best of 5: a stall of this shared machine is
+    not the code's time, a blocking read would be there in every try."""
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        with pytest.raises(CodecError):
+            codec_from_header(codec_id, params, reader)
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
 def test_the_issues_dev_zero_header_returns_at_once(planted) -> None:
@@ -91,11 +100,10 @@ def test_the_issues_dev_zero_header_returns_at_once(planted) -> None:
             outcome.append(exc)
         done.set()
 
-    started = time.perf_counter()
     threading.Thread(target=call, daemon=True).start()  # a hang must not hang the test run
     assert done.wait(5), "codec_from_header blocked on a path from a header"
-    assert time.perf_counter() - started < 0.010
     assert len(outcome) == 1 and _OPENED == []
+    assert _refusal_seconds("none", {"kind": "linear-ae", "checkpoint": "/dev/zero"}, None) < 0.010
 
 
 # -- the orchestrator: the reader's configuration decodes, the header confirms ------------------

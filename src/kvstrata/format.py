@@ -308,8 +308,9 @@ def header_length(prefix: bytes | memoryview, keyring: Keyring | None = None) ->
     magic, version, flags, header_len = _PREAMBLE.unpack_from(prefix)
     if magic != MAGIC:
         raise FormatError("not a kvstrata object (bad magic)")
-    if version not in VERSIONS:
-        raise Unsupported(f"unsupported format version {version} (this reader knows {VERSIONS})")
+    if version not in VERSIONS:  # a later version may be a newer writer's; an earlier one is damage
+        error = Unsupported if version > VERSION else FormatError
+        raise error(f"unsupported format version {version} (this reader knows {VERSIONS})")
     if version == 1 and not (keyring or auth.NO_SECRET).allow_unauthenticated:
         raise Unauthenticated("format v1 object: no MAC, and this reader does not allow "
                               "unauthenticated reads")
