@@ -47,8 +47,8 @@ def test_objects_verify_only_under_the_key_that_wrote_them() -> None:
 
 def test_keys_are_derived_per_namespace_and_never_shown() -> None:
     a, b = Namespace("m", "float16", "none", "tenant-a"), Namespace("m", "float16", "none", "tenant-b")
-    assert OURS.key(a.fingerprint) != OURS.key(b.fingerprint)
-    assert OURS.key(a.fingerprint) != auth.NO_SECRET.key(a.fingerprint)
+    assert set(OURS.keys(a.fingerprint)).isdisjoint(OURS.keys(b.fingerprint))
+    assert set(OURS.keys(a.fingerprint)).isdisjoint(auth.NO_SECRET.keys(a.fingerprint))
     assert SECRET not in repr(OURS) and "authenticated=True" in repr(OURS)
     with pytest.raises(ValueError, match="at least 16 bytes"):
         Keyring(b"short")
@@ -58,7 +58,7 @@ def test_keys_are_derived_per_namespace_and_never_shown() -> None:
     at = buf.index(a.fingerprint)
     buf[at : at + 32] = b.fingerprint
     header_len = fmt.header_length(buf)
-    buf[header_len - 32 : header_len] = auth.header_mac(OURS.key(a.fingerprint), bytes(buf[: header_len - 32]))
+    buf[header_len - 32 : header_len] = auth.header_mac(OURS.keys(a.fingerprint)[1], bytes(buf[: header_len - 32]))
     with pytest.raises(fmt.Unauthenticated):
         fmt.decode(bytes(buf), keyring=OURS)
 
@@ -92,7 +92,7 @@ def _forgeries(key, good: bytes, sections: list[bytes], rng: np.random.Generator
     out.append(("sections swapped", header.raw + b"".join(reversed(sections))))
     # the genuine header with its tags replaced by the planted sections' tags under a guessed key
     buf = bytearray(good)
-    guess = Keyring(rng.bytes(32)).key(NAMESPACE.fingerprint)
+    guess = Keyring(rng.bytes(32)).keys(NAMESPACE.fingerprint)[0]
     table = header.header_len - 32 - 32 * len(sections)
     for i, section in enumerate(planted):
         buf[table + 32 * i + 16 : table + 32 * i + 32] = auth.section_tag(guess, section)

@@ -154,7 +154,7 @@ class Header:
     sections: tuple[Section, ...]
     header_len: int
     raw: bytes = field(default=b"", repr=False, compare=False)
-    #: the namespace key that verified the header and verifies the sections (None: a v1 object)
+    #: the namespace's section key, that verifies the sections (None: a v1 object)
     section_key: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -166,7 +166,7 @@ class Header:
         expected = self.sections[layer].checksum
         if self.section_key is None:
             return _xxh3(section) == expected
-        return auth.same(auth.section_tag(self.section_key, section), expected)
+        return auth.same(auth.section_tag(self.section_key, section), expected)  # type: ignore[arg-type]
 
     @property
     def n_layers(self) -> int:
@@ -239,12 +239,12 @@ def encode(
     )
     head += params
     offset = header_len
-    key = None if version == 1 else (keyring or auth.NO_SECRET).key(meta.namespace)
+    keys = None if version == 1 else (keyring or auth.NO_SECRET).keys(meta.namespace)
     for data in sections:
-        check = checksum(data) if key is None else auth.section_tag(key, data)
+        check = checksum(data) if keys is None else auth.section_tag(keys[0], data)
         head += entry.pack(offset, len(data), check)
         offset += len(data)
-    head += _CHECKSUM_V1.pack(checksum(head)) if key is None else auth.header_mac(key, head)
+    head += _CHECKSUM_V1.pack(checksum(head)) if keys is None else auth.header_mac(keys[1], head)
     return b"".join([bytes(head), *sections])
 
 
@@ -259,8 +259,8 @@ def seal_header(buf: bytearray, keyring: Keyring | None = None) -> bytes:
         _CHECKSUM_V1.pack_into(buf, header_len - 8, checksum(bytes(buf[: header_len - 8])))
     else:
         namespace = bytes(buf[_NAMESPACE_AT : _NAMESPACE_AT + 32])
-        key = (keyring or auth.NO_SECRET).key(namespace)
-        buf[header_len - _MAC_BYTES : header_len] = auth.header_mac(key, bytes(buf[: header_len - _MAC_BYTES]))
+        header_key = (keyring or auth.NO_SECRET).keys(namespace)[1]
+        buf[header_len - _MAC_BYTES : header_len] = auth.header_mac(header_key, bytes(buf[: header_len - _MAC_BYTES]))
     return bytes(buf)
 
 
@@ -340,8 +340,8 @@ def decode_header(buf: bytes | memoryview, keyring: Keyring | None = None) -> He
             raise FormatError("header checksum mismatch")
     else:
         entry, trailer = _ENTRY, _MAC_BYTES
-        key = (keyring or auth.NO_SECRET).key(bytes(view[_NAMESPACE_AT : _NAMESPACE_AT + 32]))
-        expected = auth.header_mac(key, view[: header_len - trailer])
+        key, header_key = (keyring or auth.NO_SECRET).keys(bytes(view[_NAMESPACE_AT : _NAMESPACE_AT + 32]))
+        expected = auth.header_mac(header_key, view[: header_len - trailer])
         if not auth.same(expected, view[header_len - trailer : header_len]):
             raise Unauthenticated("header MAC does not verify (not written with this deployment's "
                                   "secret, or damaged)")
