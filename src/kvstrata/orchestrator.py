@@ -648,6 +648,8 @@ class Orchestrator:
 
 #: Miss reasons whose object is deleted: it can never be served here, and would block a rewrite.
 DROPPED_REASONS = frozenset({"corrupt", "unauthenticated", "foreign", "codec"})
+
+
 def _by_tier(chunks: Sequence[PlannedChunk]) -> dict[str, list[PlannedChunk]]:
     out: dict[str, list[PlannedChunk]] = {}
     for c in chunks:
