@@ -161,7 +161,7 @@ def codec_from_header(
         raise CodecError(f"codec {codec_id!r} is not configured here (a reader decodes with its own "
                          "configuration's codecs; a header cannot choose one)")
     cls = _CODECS[codec_id]
-    if cls.local_params:
+    if getattr(cls, "local_params", None) != frozenset():  # undeclared: assume it needs some
         raise CodecError(f"codec {codec_id!r} needs a checkpoint from this reader's configuration")
     return _build(cls, codec_id, params)
 
@@ -180,7 +180,8 @@ def confirm_header(name: str, codec: Codec, codec_id: str, params: Mapping[str, 
 def header_params(name: str, codec: Codec) -> dict[str, int | float | str | bool]:
     """What the header of an object written by ``codec`` under ``name`` records: its parameters
     minus the local ones (paths), plus ``kind`` when the name is not the registry id."""
-    params = {k: v for k, v in codec.params.items() if k not in type(codec).local_params}
+    local = getattr(type(codec), "local_params", frozenset())
+    params = {k: v for k, v in codec.params.items() if k not in local}
     if name != codec.id:
         params[KIND_PARAM] = codec.id
     return params
