@@ -24,6 +24,12 @@ s3-nixl     NIXL's OBJ plugin used directly: one agent, a registered buffer per
             op in flight, one OBJ registration per key, lengths known
 =========== ==============================================================
 
+Objects are format v2: keyed BLAKE3 MACs (a deployment secret, per-namespace
+keys), verified on every get (once per object in ``memory``). Rows with a
+``-v1`` suffix (``memory-v1``, ``redis-v1``, ``s3-obstore-v1``, ...; not in the
+default set) store the same sections as format v1 objects (xxh3 checksums, no
+MAC) in the same rounds: the MAC's cost on the hit path is the difference.
+
 Operations, each with ``--concurrency`` (8) tasks in flight and one object per call:
 
 * ``put``: ``tier.put([(key, obj)])`` vs the raw write of the same bytes;
@@ -74,6 +80,7 @@ except ImportError:  # pragma: no cover
     from benchmarks import _common as common
 
 from kvstrata import format as fmt
+from kvstrata.auth import Keyring
 from kvstrata.keys import ChunkKey, Namespace, chunk_keys
 from kvstrata.testing import services
 from kvstrata.tiers.base import Hit, Tier, create_tier
@@ -82,9 +89,12 @@ SIZES = (256 << 10, 1 << 20, 4 << 20)
 N_LAYERS = 32
 OPS = ("put", "get", "get_layers")
 ROWS = ("memory", "lmcache", "disk", "redis", "s3-obstore", "s3-aioboto3", "s3-nixl")
+V1 = "-v1"  # a row's suffix: the same tier, format v1 objects (checksums, no MAC)
 ACCEPT_SIZE = 1 << 20
 ACCEPT_RATIO = 0.8
 NAMESPACE = Namespace("bench-tiers", "float16")
+# A deployment secret, as with ``KVSTRATA_SECRET`` set; v1 objects readable for --format 1.
+KEYRING = Keyring(b"kvstrata-benchmark-secret-not-for-production", allow_unauthenticated=True)
 PACKAGES = (
     "numpy", "obstore", "redis", "hiredis", "aioboto3", "aiobotocore", "botocore", "xxhash", "rich",
     "lmcache", "nixl-cu12", "torch",
@@ -126,6 +136,7 @@ class Workload:
     put_keys: list[ChunkKey]
     objects: dict[ChunkKey, bytes]
     sections: list[bytes]
+    objects_v1: dict[ChunkKey, bytes]
     object_len: int
     layers: range
     layer_lo: int
@@ -145,24 +156,28 @@ def build_workload(target: int, n_keys: int, seed: int) -> Workload:
 
     Meta is a realistic fp16 geometry (8 KV heads x 128 dims: 4 KiB per token per
     layer); the sections are random bytes (KV does not compress well either).
+    ``objects`` are format v2 (keyed BLAKE3 MACs, :data:`KEYRING`), ``objects_v1`` the same
+    sections as format v1 (xxh3 checksums), for the ``-v1`` rows.
     """
     rng = np.random.default_rng(seed)
     keys = chunk_keys(rng.integers(0, 50_000, size=16 * 2 * n_keys), NAMESPACE, 16)
     probe = fmt.ObjectMeta("none", "float16", 1, 8, 128, NAMESPACE.fingerprint, keys[0].digest)
-    header_len = fmt.decode_header(fmt.encode(probe, [b"x"] * N_LAYERS)).header_len
+    header_len = fmt.decode_header(fmt.encode(probe, [b"x"] * N_LAYERS, KEYRING), KEYRING).header_len
     section = (target - header_len) // N_LAYERS
     sections = [rng.bytes(section) for _ in range(N_LAYERS)]
-    objects = {}
+    objects, objects_v1 = {}, {}
     for key in keys:
         meta = fmt.ObjectMeta(
             "none", "float16", max(1, section // 4096), 8, 128, NAMESPACE.fingerprint, key.digest
         )
-        objects[key] = fmt.encode(meta, sections)
-    header = fmt.decode_header(objects[keys[0]])
+        objects[key] = fmt.encode(meta, sections, KEYRING)
+        objects_v1[key] = fmt.encode(meta, sections, version=1)
+    header = fmt.decode_header(objects[keys[0]], KEYRING)
     layers = range(0, N_LAYERS // 2)
     lo, hi = header.byte_range(layers)
     return Workload(
-        target, keys[:n_keys], keys[n_keys:], objects, sections, header.object_len, layers, lo, hi
+        target, keys[:n_keys], keys[n_keys:], objects, sections, objects_v1, header.object_len, layers,
+        lo, hi,
     )
 
 
@@ -189,11 +204,12 @@ class Side:
 
 
 class TierSide(Side):
-    def __init__(self, tier: Tier):
-        self.tier = tier
+    def __init__(self, tier: Tier, version: int = fmt.VERSION):
+        self.tier, self.version = tier, version
+        tier.use_keyring(KEYRING)
 
     async def put(self, wl: Workload, key: ChunkKey) -> int:
-        data = wl.objects[key]
+        data = (wl.objects if self.version == fmt.VERSION else wl.objects_v1)[key]
         result = await self.tier.put([(key, data)])
         if result.stored != 1:
             raise RuntimeError(f"{self.tier.name}: put stored {result.stored}")
@@ -651,27 +667,29 @@ async def build_rows(args, redis_server, s3_server, workdir: Path) -> dict[str, 
     run_id = uuid.uuid4().hex[:8]
     rows: dict[str, tuple[Side, Side]] = {}
     for row in args.rows:
-        if row == "memory":
+        kind, version = row.removesuffix(V1), 1 if row.endswith(V1) else fmt.VERSION
+        tag = f"{run_id}-{row}"  # each row stores under its own names
+        if kind == "memory":
             tier = create_tier("memory", capacity_bytes=MEMORY_CAPACITY)
-            rows[row] = (TierSide(tier), RawMemory())
-        elif row == "lmcache":
+            rows[row] = (TierSide(tier, version), RawMemory())
+        elif kind == "lmcache":
             tier = create_tier("lmcache", capacity_bytes=LMCACHE_CAPACITY)
-            rows[row] = (TierSide(tier), RawLMCache(LMCACHE_CAPACITY))
-        elif row == "disk":
-            tier = create_tier("disk", path=workdir / "disk-tier", capacity_bytes=DISK_CAPACITY)
-            rows[row] = (TierSide(tier), RawDisk(workdir / "disk-raw"))
-        elif row == "redis":
+            rows[row] = (TierSide(tier, version), RawLMCache(LMCACHE_CAPACITY))
+        elif kind == "disk":
+            tier = create_tier("disk", path=workdir / f"disk-tier-{row}", capacity_bytes=DISK_CAPACITY)
+            rows[row] = (TierSide(tier, version), RawDisk(workdir / f"disk-raw-{row}"))
+        elif kind == "redis":
             tier = create_tier(
                 "redis",
                 url=redis_server.url,
-                key_prefix=f"bench-{run_id}:",
+                key_prefix=f"bench-{tag}:",
                 max_connections=REDIS_MAX_CONNECTIONS,
                 timeout_s=TIMEOUT_S,
             )
             ttl = tier.settings.ttl_s  # type: ignore[attr-defined]
-            rows[row] = (TierSide(tier), RawRedis(redis_server.url, f"raw-{run_id}:", ttl))
-        elif row.startswith("s3-"):
-            transport = row[3:]
+            rows[row] = (TierSide(tier, version), RawRedis(redis_server.url, f"raw-{tag}:", ttl))
+        elif kind.startswith("s3-"):
+            transport = kind[3:]
             tier = create_tier(
                 "s3",
                 name=row,
@@ -681,12 +699,12 @@ async def build_rows(args, redis_server, s3_server, workdir: Path) -> dict[str, 
                 secret_access_key=s3_server.secret_key,
                 region=services.REGION,
                 transport=transport,
-                prefix=f"bench-{run_id}/{transport}/",
+                prefix=f"bench-{tag}/",
                 timeout_s=TIMEOUT_S,
                 max_retries=S3_MAX_RETRIES,
                 max_concurrency=S3_MAX_CONCURRENCY,
             )
-            raw_prefix = f"raw-{run_id}/{transport}/"
+            raw_prefix = f"raw-{tag}/"
             if transport == "obstore":
                 raw: Side = RawObstore(s3_store(s3_server), raw_prefix)
             elif transport == "nixl":
@@ -694,7 +712,7 @@ async def build_rows(args, redis_server, s3_server, workdir: Path) -> dict[str, 
                 raw = RawNixl(s3_server, raw_prefix, args.concurrency, max_bytes)
             else:
                 raw = await RawAioboto3(s3_server, raw_prefix).open()
-            rows[row] = (TierSide(tier), raw)
+            rows[row] = (TierSide(tier, version), raw)
         else:
             raise ValueError(row)
     return rows
@@ -899,7 +917,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--out", type=Path, default=None,
         help="JSON output (default benchmarks/results/tiers.json, tiers-quick.json with --quick)",
     )
-    ap.add_argument("--rows", default=",".join(ROWS), help=f"subset of {','.join(ROWS)}")
+    ap.add_argument("--rows", default=",".join(ROWS),
+                    help=f"subset of {','.join(ROWS)}, each also with a {V1} suffix (format v1 objects)")
     ap.add_argument("--sizes", default=None, help="object sizes in KiB (default 256,1024,4096)")
     ap.add_argument("--concurrency", type=int, default=8, help="operations in flight")
     ap.add_argument("--rounds", type=int, default=None, help="override the measured rounds")
@@ -907,7 +926,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="the S3 server the s3-* rows run against (rgw: scripts/rgw.sh, Ceph memstore)")
     args = ap.parse_args(argv)
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    if unknown := set(args.rows) - set(ROWS):
+    if unknown := {r.removesuffix(V1) for r in args.rows} - set(ROWS):
         ap.error(f"unknown rows {sorted(unknown)}")
     args.sizes = [int(s) << 10 for s in args.sizes.split(",")] if args.sizes else list(SIZES)
     if args.out is None:
@@ -947,7 +966,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     date = common.utc_now()
     machine = common.machine_info(PACKAGES)
-    needs_redis = "redis" in args.rows
+    needs_redis = any(r.removesuffix(V1) == "redis" for r in args.rows)
     needs_s3 = any(r.startswith("s3-") for r in args.rows)
     redis_server = s3_server = None
     ready: dict[str, float] = {}
@@ -993,6 +1012,8 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_rounds": 1,
             "keys_per_set": {str(s): n_keys_for(s, args.concurrency) for s in args.sizes},
             "rows": args.rows,
+            "integrity": "format v2: keyed BLAKE3 MACs per namespace (header MAC + a 16-byte tag per "
+                         f"layer); rows ending {V1}: format v1 (xxh3_64 checksums, no MAC)",
             "settings": {
                 "memory": {"capacity_bytes": MEMORY_CAPACITY, "eviction": "s3fifo (default)"},
                 "lmcache": {"capacity_bytes": LMCACHE_CAPACITY, "eviction": "lru (default)"},

@@ -203,8 +203,8 @@ def test_round_trip_within_stated_bound(name: str, seed: int, ckpt_path, lae_pat
     y = codec.decode(section, GEOM)
     assert y.shape == GEOM.shape and y.dtype == np.float32
     check_within_bound(codec, x, y)
-    # the header alone rebuilds an equivalent codec
-    again = codec_from_header(name, header_params(name, codec))
+    # the header confirms the reader's configured codec
+    again = codec_from_header(name, header_params(name, codec), {name: codec})
     np.testing.assert_array_equal(again.decode(section, GEOM), y)
 
 
@@ -247,10 +247,12 @@ def test_bad_sections_and_params_are_codec_errors(ckpt_path) -> None:
     x = realistic_kv(0)
     int4 = codec_from_header("int4", {"group_size": 32})
     section = int4.encode(x)
-    with pytest.raises(CodecError, match="unknown codec 'nosuch'"):
+    with pytest.raises(CodecError, match="codec 'nosuch' is not configured"):
         codec_from_header("nosuch", {})
-    with pytest.raises(CodecError, match="unknown codec 'nosuch'"):
-        codec_from_header("myname", {"kind": "nosuch"})
+    with pytest.raises(CodecError, match="codec 'myname' is not configured"):  # a header cannot name a kind
+        codec_from_header("myname", {"kind": "int4"})
+    with pytest.raises(CodecError, match="unknown codec kind 'nosuch'"):
+        codec_from_config("myname", "nosuch", {})
     with pytest.raises(CodecError, match="does not understand parameter 'bits'"):
         codec_from_header("int4", {"bits": 3})
     with pytest.raises(CodecError, match="must be int"):
@@ -266,12 +268,15 @@ def test_bad_sections_and_params_are_codec_errors(ckpt_path) -> None:
     with pytest.raises(CodecError, match="non-finite"):
         codec_from_header("fp8", {}).decode(bytes(bad_scales), GEOM)
     ae = make_codec("ae-int8", ckpt_path)
+    configured = {"ae": ae}
     with pytest.raises(CodecError, match="sha256"):
-        codec_from_header("ae", {**header_params("ae", ae), "sha256": "0" * 64})
-    with pytest.raises(CodecError, match="cannot read checkpoint"):
-        codec_from_header("ae", {**header_params("ae", ae), "checkpoint": "/nonexistent/ae.safetensors"})
+        codec_from_header("ae", {**header_params("ae", ae), "sha256": "0" * 64}, configured)
+    with pytest.raises(CodecError, match="checkpoint"):  # a path in a header is refused, never opened
+        codec_from_header("ae", {**header_params("ae", ae), "checkpoint": "/nonexistent/ae.safetensors"}, configured)
     with pytest.raises(CodecError, match="reuse"):
-        codec_from_header("ae", {**header_params("ae", ae), "reuse": True})
+        codec_from_header("ae", {**header_params("ae", ae), "reuse": True}, configured)
+    with pytest.raises(CodecError, match="checkpoint from this reader's configuration"):
+        codec_from_header("autoencoder", {k: v for k, v in ae.params.items()})
     with pytest.raises(CodecError, match="head_dim"):
         ae.encode(x[..., :24])
     with pytest.raises(CodecError, match="flags"):  # int8-latent section read as fp16-latent object
@@ -397,14 +402,15 @@ def test_lae_refuses_what_it_cannot_decode(lae_path, ckpt_path, tmp_path) -> Non
     codec = make_codec("lae", None, lae_path)
     x = realistic_kv(0)
     section = codec.encode(x, 0)
-    with pytest.raises(CodecError, match="does not understand parameter 'latent_int8'"):
-        codec_from_header("lae", {**header_params("lae", codec), "latent_int8": True})
-    with pytest.raises(CodecError, match="section is"):  # another exact_tokens than the writer's
-        codec_from_header("lae", {**header_params("lae", codec), "exact_tokens": 2}).decode(section, GEOM)
+    configured = {"lae": codec}
+    with pytest.raises(CodecError, match="latent_int8"):
+        codec_from_header("lae", {**header_params("lae", codec), "latent_int8": True}, configured)
+    with pytest.raises(CodecError, match="exact_tokens"):  # another exact_tokens than the writer's
+        codec_from_header("lae", {**header_params("lae", codec), "exact_tokens": 2}, configured)
     with pytest.raises(CodecError, match="sha256"):
-        codec_from_header("lae", {**header_params("lae", codec), "sha256": "0" * 64})
-    with pytest.raises(CodecError, match="not a kvstrata linear-ae checkpoint"):  # an MLP checkpoint
-        codec_from_header("lae", {"kind": "linear-ae", "checkpoint": str(ckpt_path)})
+        codec_from_header("lae", {**header_params("lae", codec), "sha256": "0" * 64}, configured)
+    with pytest.raises(CodecError, match="differ"):  # a header naming a checkpoint: refused, not opened
+        codec_from_header("lae", {"kind": "linear-ae", "checkpoint": str(ckpt_path)}, configured)
     with pytest.raises(CodecError, match="section is"):
         codec.decode(section[:-1], GEOM)
     with pytest.raises(CodecError, match="KV heads"):
@@ -472,7 +478,7 @@ async def test_every_codec_through_every_tier(tier: Tier, name: str, ckpt_path, 
         for k, got in zip(keys, fetched):
             assert isinstance(got, Hit), got
             m = got.obj.meta
-            reader = codec_from_header(m.codec, m.codec_params)  # from the header alone
+            reader = codec_from_header(m.codec, m.codec_params, {name: codec})  # confirmed by the header
             for layer in layers or range(N_LAYERS):
                 y = reader.decode(got.obj.layers[layer], GEOM)
                 if codec.id == "autoencoder":

@@ -267,7 +267,7 @@ ERRORS = {
     # top level
     "unknown section, close": (HEAD + "polcy: {}\n", "strata.yaml:5: polcy: unknown key 'polcy' (did you mean 'policy'?)"),
     "unknown section, far": (HEAD + "servers: {}\n", "strata.yaml:5: servers: unknown key 'servers' (valid: version, "
-                             "chunk_tokens, tiers, engine, orchestrator, reuse, telemetry, bandwidth, policy, codecs, documents)"),
+                             "chunk_tokens, tiers, engine, orchestrator, reuse, telemetry, bandwidth, policy, codecs, documents, auth)"),
     "no version": ("tiers:\n  dram: {kind: memory}\n", "strata.yaml:1: version: required key missing"),
     "version 2": ("version: 2\ntiers: {dram: {kind: memory}}\n",
                   "strata.yaml:1: version: unsupported version 2 (this kvstrata reads version 1)"),

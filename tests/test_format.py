@@ -1,4 +1,4 @@
-"""Object format v1: layout, validation, and property-based corruption tests."""
+"""Object format v2: layout, validation, and property-based corruption tests (MACs: test_auth.py)."""
 
 from __future__ import annotations
 
@@ -69,10 +69,8 @@ def test_encode_refuses_bad_metadata(change, message) -> None:
 
 
 def _resign(buf: bytearray) -> bytes:
-    """Recompute the header checksum, to test validation behind it."""
-    header_len = fmt.header_length(buf)
-    struct.pack_into("<Q", buf, header_len - 8, fmt.checksum(bytes(buf[: header_len - 8])))
-    return bytes(buf)
+    """Recompute the header MAC (with the keyring that wrote it), to test validation behind it."""
+    return fmt.seal_header(buf)
 
 
 @pytest.mark.parametrize(
@@ -99,8 +97,8 @@ def test_decode_names_what_is_wrong(offset: int, value: bytes, message: str) -> 
 def test_sections_must_be_contiguous() -> None:
     buf = bytearray(BLOB)
     header = fmt.decode_header(BLOB)
-    table_start = header.header_len - 8 - 24 * header.n_layers
-    struct.pack_into("<Q", buf, table_start + 24, header.sections[1].offset + 1)
+    table_start = header.header_len - 32 - 32 * header.n_layers
+    struct.pack_into("<Q", buf, table_start + 32, header.sections[1].offset + 1)
     with pytest.raises(fmt.FormatError, match="not contiguous"):
         fmt.decode(_resign(buf))
 

@@ -221,7 +221,7 @@ def test_corrupt_object_in_a_tier_is_a_miss_and_dropped(make_orch) -> None:
     assert handle.wait_all(30)
     assert handle.failed == {1}
     np.testing.assert_array_equal(handle.wait_layer(0)[0], kv_for(0, seed=8)[0])
-    assert orch.telemetry.value("kvstrata_bad_objects_total", tier="shared", reason="corrupt") == 1
+    assert orch.telemetry.value("kvstrata_bad_objects_total", tier="shared", reason="unauthenticated") == 1
     time.sleep(0.5)
     assert rt.run(orch.tiers["shared"].contains([key])) == [False]  # dropped
 

@@ -93,7 +93,7 @@ async def test_corrupt_foreign_and_future_objects_are_misses(tier: Tier) -> None
     header_flip = bytearray(good_b)
     header_flip[40] ^= 0x80
     future = bytearray(make_object(e, N_LAYERS)[0])
-    future[8] = 2  # version 2
+    future[8] = 3  # version 3
     await tier.put(
         [
             (a, bytes(body_flip)),
@@ -105,8 +105,8 @@ async def test_corrupt_foreign_and_future_objects_are_misses(tier: Tier) -> None
     )
     whole = await tier.get([a, b, c, d, e])
     assert [(type(f), getattr(f, "reason", None)) for f in whole] == [
-        (Miss, "corrupt"),
-        (Miss, "corrupt"),
+        (Miss, "unauthenticated"),  # a section's tag does not verify
+        (Miss, "unauthenticated"),  # the header's MAC does not verify
         (Miss, "foreign"),
         (Miss, "corrupt"),
         (Miss, "unsupported"),
@@ -114,12 +114,12 @@ async def test_corrupt_foreign_and_future_objects_are_misses(tier: Tier) -> None
     # a range that avoids the damaged section is still served, verified
     assert isinstance((await tier.get([a], layers=range(0, 2)))[0], Hit)
     (last,) = await tier.get([a], layers=range(N_LAYERS - 1, N_LAYERS))
-    assert isinstance(last, Miss) and last.reason == "corrupt"
+    assert isinstance(last, Miss) and last.reason == "unauthenticated"
 
 
 async def test_garbage_is_a_miss_not_a_crash(tier: Tier) -> None:
     keys = make_keys(3)
-    await tier.put([(keys[0], b"x"), (keys[1], b"KVSTRATA\x01\x00" + b"\xff" * 50), (keys[2], bytes(9000))])
+    await tier.put([(keys[0], b"x"), (keys[1], b"KVSTRATA\x02\x00" + b"\xff" * 50), (keys[2], bytes(9000))])
     for layers in (None, range(0, 1)):
         fetched = await tier.get(keys, layers=layers)
         assert all(isinstance(f, Miss) and f.reason == "corrupt" for f in fetched), fetched
@@ -246,9 +246,9 @@ async def test_a_cached_header_never_vouches_for_changed_bytes(make_tier, kind: 
     body_flip = bytearray(good)
     body_flip[-10] ^= 0x01
     future = bytearray(good)
-    future[8] = 2
+    future[8] = 3
     cases = [
-        (bytes(body_flip), "corrupt"),
+        (bytes(body_flip), "unauthenticated"),  # a section tag fails
         (good[:-1], "corrupt"),  # truncated by one byte: the header is still intact
         (good + b"\0", "corrupt"),  # one byte too long
         (make_object(other, N_LAYERS)[0], "foreign"),

@@ -174,10 +174,11 @@ def test_corrupt_chunk_in_a_shared_store_is_recomputed(llm, reference, redis_ser
     keys = chunk_keys(ids, orch.model.namespace(), 256)
     client = redis.Redis.from_url(redis_server.url)
     assert client.setrange(f"e2e:{keys[2]}", 40_000, b"\x00garbage\x00")  # chunk 2's body damaged
-    before = orch.telemetry.value("kvstrata_bad_objects_total", tier="shared", reason="corrupt")
+    # a damaged body fails its section's tag: an "unauthenticated" miss
+    before = orch.telemetry.value("kvstrata_bad_objects_total", tier="shared", reason="unauthenticated")
     again = generate(llm, ids, 16, kv_params={"tier": "shared"})
     assert again.token_ids == expected
-    assert orch.telemetry.value("kvstrata_bad_objects_total", tier="shared", reason="corrupt") == before + 1
+    assert orch.telemetry.value("kvstrata_bad_objects_total", tier="shared", reason="unauthenticated") == before + 1
 
 
 def test_a_disk_hit_is_promoted_into_dram(llm, reference) -> None:

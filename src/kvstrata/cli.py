@@ -36,10 +36,17 @@ def version() -> None:
 
 @app.command()
 def inspect(path: Path) -> None:
-    """Verify a stored object file (e.g. from a disk tier) and print its header."""
+    """Verify a stored object file (e.g. from a disk tier) and print its header.
+
+    MACs are verified with the secret in $KVSTRATA_SECRET (none: the well-known key);
+    format v1 objects (no MAC) are shown too.
+    """
+    from kvstrata.auth import keyring_from_env
+
+    keyring = keyring_from_env(allow_unauthenticated=True)
     data = path.read_bytes()
     try:
-        obj = fmt.decode(data)
+        obj = fmt.decode(data, keyring=keyring)
     except fmt.FormatError as exc:
         console.print(f"[red]invalid object[/red]: {exc}")
         raise typer.Exit(1) from None
@@ -48,6 +55,8 @@ def inspect(path: Path) -> None:
     table.add_column("field")
     table.add_column("value")
     for field, value in [
+        ("format", f"v{obj.header.version}" + ("" if obj.header.version == 1 else
+                   " (MAC verified, " + ("$KVSTRATA_SECRET)" if keyring.authenticated else "well-known key)"))),
         ("codec", f"{m.codec} {dict(m.codec_params) or ''}"),
         ("dtype", m.dtype),
         ("layers", str(obj.header.n_layers)),

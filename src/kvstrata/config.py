@@ -164,6 +164,19 @@ class DocumentsConfig(_Frozen):
                                             "even when the request does not name them")
 
 
+class AuthConfig(_Frozen):
+    """``auth:`` -- object MACs (docs/storage.md, "Authenticated objects"; :mod:`kvstrata.auth`).
+
+    The secret itself is never in the file: it is read from the environment
+    variable ``secret_env`` when the orchestrator starts. No secret there means
+    the well-known key (integrity only, a warning when a shared tier is configured).
+    """
+
+    secret_env: str = Field("KVSTRATA_SECRET", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                            description="environment variable holding the deployment's object secret")
+    allow_unauthenticated_reads: bool = Field(False, description="also serve format v1 objects (no MAC)")
+
+
 #: Codec names every configuration has (kind = name, default parameters) unless ``codecs:`` redefines them.
 BUILTIN_CODECS = ("none", "fp8", "int8", "int4")
 
@@ -185,6 +198,7 @@ class StrataConfig(_Frozen):
     policy: Policy
     codecs: Mapping[str, CodecSpec] = MappingProxyType({})
     documents: DocumentsConfig = DocumentsConfig()
+    auth: AuthConfig = AuthConfig()
 
     @field_validator("tiers", "codecs", mode="after")
     @classmethod
@@ -221,6 +235,7 @@ class _FileSpec(_Frozen):
     policy: PolicySpec = PolicySpec()
     codecs: dict[str, dict[str, Any]] = {}
     documents: DocumentsConfig = DocumentsConfig()
+    auth: AuthConfig = AuthConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -254,7 +269,8 @@ class _FileSpec(_Frozen):
         return tiers
 
 
-_SECTIONS = ("engine", "orchestrator", "reuse", "telemetry", "bandwidth", "policy", "codecs", "documents")
+_SECTIONS = ("engine", "orchestrator", "reuse", "telemetry", "bandwidth", "policy", "codecs", "documents",
+             "auth")
 
 # -- public API -------------------------------------------------------------------
 
@@ -299,7 +315,7 @@ def _parse(text: str, source: str, path: Path | None) -> StrataConfig:
     return StrataConfig(
         path=path, version=spec.version, chunk_tokens=spec.chunk_tokens, tiers=tiers, engine=spec.engine,
         orchestrator=spec.orchestrator, reuse=spec.reuse, telemetry=spec.telemetry, policy=policy,
-        codecs=codecs, bandwidth=spec.bandwidth, documents=spec.documents,
+        codecs=codecs, bandwidth=spec.bandwidth, documents=spec.documents, auth=spec.auth,
     )
 
 

@@ -1,29 +1,41 @@
-"""Object format v1: one object per chunk, layer-major, self-describing.
+"""Object format v2: one object per chunk, layer-major, self-describing, authenticated.
 
 ::
 
-    preamble  magic "KVSTRATA" | version u16 | flags u16 (0) | header_len u32
+    preamble  magic "KVSTRATA" | version u16 (2) | flags u16 (0) | header_len u32
     fixed     codec id (16 B, ASCII, NUL-padded) | dtype u8 | reserved u8 |
               n_layers u16 | n_tokens u32 | kv_heads u16 | head_dim u16 |
               namespace (32 B) | chunk key (32 B) | params_len u16
     params    codec parameters: a JSON object of scalars, params_len bytes
-    table     n_layers x (offset u64, length u64, xxh3_64 u64)
-    checksum  xxh3_64 of everything above
+    table     n_layers x (offset u64, length u64, tag 16 B)
+    mac       32 B: keyed BLAKE3 of everything above
     body      layer 0 | layer 1 | ... | layer L-1
+
+The tags and the MAC are keyed with the namespace's key, derived from the
+deployment's secret (:mod:`kvstrata.auth`): only holders of the secret can
+write an object a reader accepts, and they replace v1's xxh3 checksums (a MAC
+catches every accident a checksum does). Format v1 -- the same layout with
+``(offset, length, xxh3_64 u64)`` entries and an xxh3_64 of the header instead
+of the MAC -- is still read, but only by a keyring that allows unauthenticated
+reads; otherwise it is :class:`Unauthenticated`.
 
 All integers are little-endian. Offsets are absolute and the sections are
 contiguous and in layer order, so layers [a, b) are the one byte range
 ``[table[a].offset, table[b-1].offset + table[b-1].length)``: a ranged read
-fetches exactly the layers it needs.
+fetches exactly the layers it needs, and verifies them with the header's MAC
+and their own tags.
 
 What a section holds is the codec's business (``compression/``); for the
 identity codec it is K then V in canonical ``[token][kv_head][head_dim]``
-order.
+order. The header is untrusted input: no field names a file, a codec kind or
+any other local resource that a reader would act on (a reader's configuration
+chooses the codec; the header only confirms it).
 
 Decoding trusts nothing: every field and length is checked before use, the
-header has its own checksum and every section has one. Anything wrong raises
-:class:`FormatError`, which tiers turn into a miss. There is no pickle and no
-code path that evaluates stored data.
+MAC before anything else is parsed. Anything wrong raises :class:`FormatError`
+(:class:`Unauthenticated` for a MAC that does not verify or an object without
+one, :class:`Unsupported` for a future version), which tiers turn into a miss.
+There is no pickle and no code path that evaluates stored data.
 
 Two shortcuts give the same answers for less work: ``decode(buf, known=h)``
 skips parsing a header whose exact bytes were verified before (the sections
@@ -33,6 +45,7 @@ then serves any layer range from them.
 
 from __future__ import annotations
 
+import hmac
 import json
 import struct
 from collections.abc import Mapping, Sequence
@@ -40,10 +53,15 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
 
+import blake3
 import xxhash
 
+from kvstrata import auth
+from kvstrata.auth import Keyring
+
 MAGIC = b"KVSTRATA"
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)
 MAX_HEADER_BYTES = 1 << 20
 MAX_PARAMS_BYTES = 4096
 MAX_LAYERS = 4096
@@ -58,8 +76,11 @@ HEADER_PROBE_BYTES = 8192
 
 _PREAMBLE = struct.Struct("<8sHHI")
 _FIXED = struct.Struct("<16sBBHIHH32s32sH")
-_ENTRY = struct.Struct("<QQQ")
-_CHECKSUM = struct.Struct("<Q")
+_ENTRY_V1 = struct.Struct("<QQQ")
+_CHECKSUM_V1 = struct.Struct("<Q")
+_ENTRY = struct.Struct(f"<QQ{auth.SECTION_TAG_BYTES}s")
+_MAC_BYTES = auth.HEADER_MAC_BYTES
+_NAMESPACE_AT = _PREAMBLE.size + 28  # offset of the namespace in the fixed part
 
 DTYPES: Mapping[int, str] = MappingProxyType(
     {
@@ -78,8 +99,24 @@ _DTYPE_CODES = {name: code for code, name in DTYPES.items()}
 class FormatError(ValueError):
     """A stored object is corrupt, truncated, foreign or from a future version."""
 
+    reason = "corrupt"
+
+
+class Unauthenticated(FormatError):
+    """A MAC that does not verify (a forgery, another secret, or damage), or an object without one."""
+
+    reason = "unauthenticated"
+
+
+class Unsupported(FormatError):
+    """A format version this reader does not know (a newer writer's): not damaged, not ours."""
+
+    reason = "unsupported"
+
 
 _xxh3 = xxhash.xxh3_64_intdigest
+_blake3 = blake3.blake3
+_compare = hmac.compare_digest
 
 
 def checksum(data: bytes | memoryview) -> int:
@@ -87,11 +124,12 @@ def checksum(data: bytes | memoryview) -> int:
 
 
 class Section(NamedTuple):
-    """One layer's entry in the table: absolute byte offset, length, xxh3_64 of the bytes."""
+    """One layer's entry in the table: absolute byte offset, length, and its check: the 16-byte
+    keyed tag (v2) or the xxh3_64 of the bytes (v1)."""
 
     offset: int
     length: int
-    checksum: int
+    checksum: bytes | int
 
     @property
     def end(self) -> int:
@@ -120,6 +158,20 @@ class Header:
     sections: tuple[Section, ...]
     header_len: int
     raw: bytes = field(default=b"", repr=False, compare=False)
+    #: the namespace's section key, that verifies the sections (None: a v1 object)
+    section_key: bytes | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def version(self) -> int:
+        return 1 if self.section_key is None else VERSION
+
+    def section_ok(self, layer: int, section: bytes | memoryview) -> bool:
+        """Whether ``section`` is layer ``layer``'s bytes as the header's table states them."""
+        expected = self.sections[layer].checksum
+        if self.section_key is None:
+            return _xxh3(section) == expected
+        # the hot path of every get: the tag computed inline, compared in constant time
+        return _compare(_blake3(section, key=self.section_key).digest(auth.SECTION_TAG_BYTES), expected)
 
     @property
     def n_layers(self) -> int:
@@ -161,14 +213,23 @@ class ChunkObject:
 # -- encoding ---------------------------------------------------------------
 
 
-def encode(meta: ObjectMeta, sections: Sequence[bytes | memoryview]) -> bytes:
-    """Serialize one chunk. ``sections[l]`` is layer l's codec output."""
+def encode(
+    meta: ObjectMeta, sections: Sequence[bytes | memoryview], keyring: Keyring | None = None,
+    *, version: int = VERSION,
+) -> bytes:
+    """Serialize one chunk, MAC'd with ``keyring`` (default: :data:`kvstrata.auth.NO_SECRET`).
+
+    ``sections[l]`` is layer l's codec output. ``version=1`` writes the old,
+    unauthenticated format (for tests and migrations; readers accept it only
+    where their keyring allows unauthenticated reads).
+    """
     _check_meta(meta, len(sections))
+    if version not in VERSIONS:
+        raise ValueError(f"cannot write format version {version}")
     params = _encode_params(meta.codec_params)
-    header_len = (
-        _PREAMBLE.size + _FIXED.size + len(params) + _ENTRY.size * len(sections) + _CHECKSUM.size
-    )
-    head = bytearray(_PREAMBLE.pack(MAGIC, VERSION, 0, header_len))
+    entry, trailer = (_ENTRY_V1, _CHECKSUM_V1.size) if version == 1 else (_ENTRY, _MAC_BYTES)
+    header_len = _PREAMBLE.size + _FIXED.size + len(params) + entry.size * len(sections) + trailer
+    head = bytearray(_PREAMBLE.pack(MAGIC, version, 0, header_len))
     head += _FIXED.pack(
         meta.codec.encode("ascii"),
         _DTYPE_CODES[meta.dtype],
@@ -183,11 +244,29 @@ def encode(meta: ObjectMeta, sections: Sequence[bytes | memoryview]) -> bytes:
     )
     head += params
     offset = header_len
+    keys = None if version == 1 else (keyring or auth.NO_SECRET).keys(meta.namespace)
     for data in sections:
-        head += _ENTRY.pack(offset, len(data), checksum(data))
+        check = checksum(data) if keys is None else auth.section_tag(keys[0], data)
+        head += entry.pack(offset, len(data), check)
         offset += len(data)
-    head += _CHECKSUM.pack(checksum(head))
+    head += _CHECKSUM_V1.pack(checksum(head)) if keys is None else auth.header_mac(keys[1], head)
     return b"".join([bytes(head), *sections])
+
+
+def seal_header(buf: bytearray, keyring: Keyring | None = None) -> bytes:
+    """``buf`` with its header's MAC (v2) or checksum (v1) recomputed after an edit.
+
+    For tests and tools of key holders: sealing needs the keyring, as writing does.
+    """
+    header_len = header_length(buf, Keyring(None, allow_unauthenticated=True))
+    version = _PREAMBLE.unpack_from(buf)[1]
+    if version == 1:
+        _CHECKSUM_V1.pack_into(buf, header_len - 8, checksum(bytes(buf[: header_len - 8])))
+    else:
+        namespace = bytes(buf[_NAMESPACE_AT : _NAMESPACE_AT + 32])
+        header_key = (keyring or auth.NO_SECRET).keys(namespace)[1]
+        buf[header_len - _MAC_BYTES : header_len] = auth.header_mac(header_key, bytes(buf[: header_len - _MAC_BYTES]))
+    return bytes(buf)
 
 
 def _check_meta(meta: ObjectMeta, n_layers: int) -> None:
@@ -223,40 +302,60 @@ def _encode_params(params: Mapping[str, object]) -> bytes:
 # -- decoding ---------------------------------------------------------------
 
 
-def header_length(prefix: bytes | memoryview) -> int:
-    """How many leading bytes hold the header, from the first 16 bytes."""
+def header_length(prefix: bytes | memoryview, keyring: Keyring | None = None) -> int:
+    """How many leading bytes hold the header, from the first 16 bytes.
+
+    A v1 preamble is :class:`Unauthenticated` unless ``keyring`` allows
+    unauthenticated reads; a later version is :class:`Unsupported`.
+    """
     if len(prefix) < _PREAMBLE.size:
         raise FormatError(f"truncated: {len(prefix)} bytes is shorter than the preamble")
     magic, version, flags, header_len = _PREAMBLE.unpack_from(prefix)
     if magic != MAGIC:
         raise FormatError("not a kvstrata object (bad magic)")
-    if version != VERSION:
-        raise FormatError(f"unsupported format version {version} (this reader knows {VERSION})")
+    if version not in VERSIONS:  # a later version may be a newer writer's; an earlier one is damage
+        error = Unsupported if version > VERSION else FormatError
+        raise error(f"unsupported format version {version} (this reader knows {VERSIONS})")
+    if version == 1 and not (keyring or auth.NO_SECRET).allow_unauthenticated:
+        raise Unauthenticated("format v1 object: no MAC, and this reader does not allow "
+                              "unauthenticated reads")
     if flags != 0:
         raise FormatError(f"unknown flags {flags:#x}")
-    minimum = _PREAMBLE.size + _FIXED.size + _ENTRY.size + _CHECKSUM.size
+    entry, trailer = (_ENTRY_V1, _CHECKSUM_V1.size) if version == 1 else (_ENTRY, _MAC_BYTES)
+    minimum = _PREAMBLE.size + _FIXED.size + entry.size + trailer
     if not minimum <= header_len <= MAX_HEADER_BYTES:
         raise FormatError(f"header length {header_len} out of range")
     return header_len
 
 
-def decode_header(buf: bytes | memoryview) -> Header:
-    """Parse and verify the header at the start of ``buf`` (the body may be absent)."""
+def decode_header(buf: bytes | memoryview, keyring: Keyring | None = None) -> Header:
+    """Parse and verify the header at the start of ``buf`` (the body may be absent).
+
+    The MAC (v2) or checksum (v1) is checked before any other field is parsed.
+    """
     view = memoryview(buf)
-    header_len = header_length(view)
+    header_len = header_length(view, keyring)
     if len(view) < header_len:
         raise FormatError(f"truncated header: need {header_len} bytes, have {len(view)}")
-    (stored,) = _CHECKSUM.unpack_from(view, header_len - _CHECKSUM.size)
-    if checksum(view[: header_len - _CHECKSUM.size]) != stored:
-        raise FormatError("header checksum mismatch")
-    (codec, dtype, reserved, n_layers, n_tokens, kv_heads, head_dim, namespace, key, params_len) = (
+    version = _PREAMBLE.unpack_from(view)[1]
+    if version == 1:
+        key, entry, trailer = None, _ENTRY_V1, _CHECKSUM_V1.size
+        (stored,) = _CHECKSUM_V1.unpack_from(view, header_len - trailer)
+        if checksum(view[: header_len - trailer]) != stored:
+            raise FormatError("header checksum mismatch")
+    else:
+        entry, trailer = _ENTRY, _MAC_BYTES
+        key, header_key = (keyring or auth.NO_SECRET).keys(bytes(view[_NAMESPACE_AT : _NAMESPACE_AT + 32]))
+        expected = auth.header_mac(header_key, view[: header_len - trailer])
+        if not auth.same(expected, view[header_len - trailer : header_len]):
+            raise Unauthenticated("header MAC does not verify (not written with this deployment's "
+                                  "secret, or damaged)")
+    (codec, dtype, reserved, n_layers, n_tokens, kv_heads, head_dim, namespace, key_digest, params_len) = (
         _FIXED.unpack_from(view, _PREAMBLE.size)
     )
     if reserved != 0:
         raise FormatError("reserved header byte is not zero")
-    expected_len = (
-        _PREAMBLE.size + _FIXED.size + params_len + _ENTRY.size * n_layers + _CHECKSUM.size
-    )
+    expected_len = _PREAMBLE.size + _FIXED.size + params_len + entry.size * n_layers + trailer
     if expected_len != header_len or params_len > MAX_PARAMS_BYTES:
         raise FormatError("header length does not match its layer table")
     start = _PREAMBLE.size + _FIXED.size
@@ -267,16 +366,16 @@ def decode_header(buf: bytes | memoryview) -> Header:
         kv_heads=_in_range("kv_heads", kv_heads, MAX_HEADS),
         head_dim=_in_range("head_dim", head_dim, MAX_HEAD_DIM),
         namespace=bytes(namespace),
-        key=bytes(key),
+        key=bytes(key_digest),
         codec_params=_decode_params(view[start : start + params_len]),
     )
     _in_range("n_layers", n_layers, MAX_LAYERS)
     table = start + params_len
     sections = tuple(
-        map(Section._make, _ENTRY.iter_unpack(view[table : table + n_layers * _ENTRY.size]))
+        map(Section._make, entry.iter_unpack(view[table : table + n_layers * entry.size]))
     )
     _check_table(sections, header_len)
-    return Header(meta, sections, header_len, bytes(view[:header_len]))
+    return Header(meta, sections, header_len, bytes(view[:header_len]), key)
 
 
 def read_layers(header: Header, data: bytes | memoryview, start: int, layers: range) -> ChunkObject:
@@ -295,17 +394,24 @@ def read_layers(header: Header, data: bytes | memoryview, start: int, layers: ra
     sections = header.sections
     out: dict[int, memoryview] = {}
     for layer in layers:
-        offset, length, expected = sections[layer]
+        offset, length, _ = sections[layer]
         offset -= start
         section = view[offset : offset + length]
-        if _xxh3(section) != expected:
-            raise FormatError(f"layer {layer} checksum mismatch")
+        if not header.section_ok(layer, section):
+            raise _section_error(header, layer)
         out[layer] = section
     return ChunkObject(header, MappingProxyType(out))
 
 
+def _section_error(header: Header, layer: int) -> FormatError:
+    if header.section_key is None:
+        return FormatError(f"layer {layer} checksum mismatch")
+    return Unauthenticated(f"layer {layer} tag does not verify (forged or damaged)")
+
+
 def decode(
-    buf: bytes | memoryview, layers: range | None = None, known: Header | None = None
+    buf: bytes | memoryview, layers: range | None = None, known: Header | None = None,
+    keyring: Keyring | None = None,
 ) -> ChunkObject:
     """Verify a whole object (or a prefix holding ``layers``) and return its sections.
 
@@ -314,8 +420,9 @@ def decode(
     (:meth:`Header.heads`) the header is not parsed again -- it would decode to
     the same thing -- and only the sections are verified. Otherwise ``known``
     is ignored. The result is the same either way, and so is any FormatError.
+    ``known`` must have been verified with the same ``keyring``.
     """
-    header = known if known is not None and known.heads(buf) else decode_header(buf)
+    header = known if known is not None and known.heads(buf) else decode_header(buf, keyring)
     if layers is None:
         if len(buf) != header.object_len:
             raise FormatError(f"object is {len(buf)} bytes, header says {header.object_len}")
@@ -337,19 +444,19 @@ class Verified:
 
     __slots__ = ("data", "header", "_damaged")
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, keyring: Keyring | None = None):
         if not isinstance(data, bytes):
             raise TypeError(f"Verified needs immutable bytes, not {type(data).__name__}")
         self.data = data
-        self.header = header = decode_header(data)
+        self.header = header = decode_header(data, keyring)
         view = memoryview(data)
         # Layers present in full whose checksum fails, in layer order. A layer cut
         # off by truncation is not listed: any range holding it fails the coverage
         # check first, as in read_layers.
         self._damaged = tuple(
             layer
-            for layer, (offset, length, expected) in enumerate(header.sections)
-            if offset + length <= len(data) and _xxh3(view[offset : offset + length]) != expected
+            for layer, (offset, length, _) in enumerate(header.sections)
+            if offset + length <= len(data) and not header.section_ok(layer, view[offset : offset + length])
         )
 
     def read(self, layers: range | None = None) -> ChunkObject:
@@ -367,7 +474,7 @@ class Verified:
             )
         for layer in self._damaged:
             if layer in layers:
-                raise FormatError(f"layer {layer} checksum mismatch")
+                raise _section_error(header, layer)
         view, sections = memoryview(self.data), header.sections
         out = {}
         for layer in layers:

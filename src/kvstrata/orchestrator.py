@@ -37,8 +37,9 @@ import numpy as np
 
 from kvstrata import format as fmt
 from kvstrata import runtime
+from kvstrata.auth import keyring_for
 from kvstrata.breaker import Breaker
-from kvstrata.compression.base import KIND_PARAM, Codec, CodecError, codec_from_header, header_params
+from kvstrata.compression.base import Codec, CodecError, codec_from_config, confirm_header, header_params
 from kvstrata.keys import ChunkKey, chunk_keys
 from kvstrata.plan import LoadHandle, ModelSpec, Plan, PlannedChunk
 from kvstrata.policy import pipeline
@@ -84,6 +85,9 @@ class Orchestrator:
         self.tiers: dict[str, Tier] = dict(tiers) if tiers is not None else {
             name: tier_class(spec.kind).from_settings(name, spec.settings) for name, spec in config.tiers.items()
         }
+        self.keyring = keyring_for(config)
+        for tier in self.tiers.values():
+            tier.use_keyring(self.keyring)
         self.breakers = {name: Breaker(b.failures, b.cooldown_s) for name in self.tiers}
         self.timeouts = {name: spec.timeout_ms / 1e3 for name, spec in config.tiers.items()}
         self.geometry = model.geometry(self.chunk_tokens)
@@ -465,8 +469,9 @@ class Orchestrator:
         if (meta.kv_heads, meta.head_dim, meta.dtype, meta.n_tokens, n, meta.codec, meta.namespace) != expected:
             self._bad_object(tier, chunk.key, "foreign")
             return None
-        try:
-            codec = self._codec(meta.codec, meta.codec_params)
+        try:  # the reader's own codec; the header may only confirm it
+            codec = self._codec(chunk.codec)
+            confirm_header(chunk.codec, codec, meta.codec, meta.codec_params)
             out = {layer: codec.decode(result.obj.layers[layer], self.geometry) for layer in layers}
         except CodecError as exc:
             log.warning("tier %s chunk %s undecodable: %s", tier, chunk.key, exc)
@@ -476,21 +481,21 @@ class Orchestrator:
         return out
 
     def _bad_object(self, tier: str, key: ChunkKey, reason: str) -> None:
+        """Count a bad object and drop it, so nobody trips on it again and a save can replace it
+        (saves skip present keys). A newer format's object ("unsupported") is left to its owner."""
         self.telemetry.bad_object(tier, reason)
         log.warning("tier %s: %s object %s is a miss", tier, reason, key)
-        if reason == "corrupt":  # drop it so nobody trips on it again
+        if reason in DROPPED_REASONS:
             asyncio.ensure_future(self._call(tier, "delete", self.tiers[tier].delete([key])))
 
-    def _codec(self, codec_id: str, params=None) -> Codec:
-        """The codec of an object header (its id and ``params``), or with ``params`` None the
-        configuration's codec named ``codec_id`` (``codecs:`` or a built-in), for writing."""
-        if params is None:
-            spec = self.config.codec(codec_id)
-            params = {**spec.params, KIND_PARAM: spec.kind}
-        cache_key = f"{codec_id}:{sorted(params.items())}"
-        if cache_key not in self._codecs:
-            self._codecs[cache_key] = codec_from_header(codec_id, params)
-        return self._codecs[cache_key]
+    def _codec(self, name: str) -> Codec:
+        """The configuration's codec named ``name`` (``codecs:`` or a built-in), for writing and
+        reading alike: an object's header never chooses a codec (see :func:`confirm_header`)."""
+        codec = self._codecs.get(name)
+        if codec is None:
+            spec = self.config.codec(name)
+            codec = self._codecs[name] = codec_from_config(name, spec.kind, spec.params)
+        return codec
 
     def _account_load(self, handle: LoadHandle) -> None:
         plan = handle.plan
@@ -628,7 +633,7 @@ class Orchestrator:
         if kv.shape != (self.model.n_layers, *self.geometry.shape):
             raise ValueError(f"chunk KV shaped {kv.shape}, expected {(self.model.n_layers, *self.geometry.shape)}")
         return fmt.encode(meta, [codec.encode(kv[layer], layer, first_position=item.first_position)
-                                 for layer in range(self.model.n_layers)])
+                                 for layer in range(self.model.n_layers)], self.keyring)
 
     async def _put(self, tier: str, item: _SaveItem, blob: bytes) -> None:
         key = item.keys[item.route.codec_for(tier)]
@@ -652,6 +657,10 @@ class Orchestrator:
                 if moved is not None:
                     self.telemetry.moved("demote", tier, dst)
                     self.telemetry.moved_bytes(dst, "write", len(ev.data))
+
+
+#: Miss reasons whose object is deleted: it can never be served here, and would block a rewrite.
+DROPPED_REASONS = frozenset({"corrupt", "unauthenticated", "foreign", "codec"})
 
 
 def _by_tier(chunks: Sequence[PlannedChunk]) -> dict[str, list[PlannedChunk]]:

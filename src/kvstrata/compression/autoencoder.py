@@ -14,9 +14,10 @@ Checkpoints are one safetensors file (tensors ``{k|v}{layer}.{name}``,
 float32) whose metadata says what it is (``format``, ``version``, geometry,
 the model it was trained on, training settings and its measured held-out
 error). Loading never unpickles: safetensors is plain tensors + JSON. The
-codec's params are the checkpoint's path and its sha256; a reader whose file
-at that path differs refuses (CodecError -> a miss), never decodes with the
-wrong weights.
+codec's params are the checkpoint's path (configuration only: a local
+resource, never written to an object's header) and its sha256 (in the
+header); a reader whose configured checkpoint has another sha256 refuses the
+object (CodecError -> a miss), never decodes with the wrong weights.
 
 Cross-layer reuse (KV-CAR reuses a layer's KV for the next when they are
 close enough) is a *stub*: the ``reuse`` flag is recorded in every object's
@@ -141,6 +142,7 @@ class AutoencoderCodec:
 
     id: ClassVar[str] = "autoencoder"
     lossless: ClassVar[bool] = False
+    local_params: ClassVar[frozenset[str]] = frozenset({"checkpoint"})
 
     def __init__(self, checkpoint: str, sha256: str | None = None, latent_int8: bool = True,
                  reuse: bool = False):

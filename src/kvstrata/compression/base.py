@@ -26,10 +26,17 @@ Contract:
 Names and kinds: a configuration names codecs (``codecs:`` in the YAML, e.g.
 ``int4-g32: {kind: int4, group_size: 32}``); the object header's codec id is
 that *name* (it is also in the key namespace) and, when the name is not the
-registry id itself, the header params carry ``kind`` as well. So an object
-describes itself fully: :func:`codec_from_header` rebuilds its codec from the
-header alone, or raises :class:`CodecError` (unknown kind, parameters it does
-not understand, a learned codec whose checkpoint is missing or different).
+registry id itself, the header params carry ``kind`` as well.
+
+The header is untrusted input (it comes from a shared store). A reader never
+builds a codec from it: the reader's own configuration chooses the codec
+(:func:`codec_from_config`) and the header may only *confirm* it
+(:func:`confirm_header`: same name, exactly the parameters this codec would
+write, which for a learned codec includes its checkpoint's sha256). Parameters
+that name a local resource (a checkpoint's path: ``Codec.local_params``) are
+never written to a header (:func:`header_params`), so no header field can lead
+to opening a file. :func:`codec_from_header` without a configuration only
+builds codecs that need no local resource, from their registry id.
 """
 
 from __future__ import annotations
@@ -75,6 +82,8 @@ class Geometry:
 class Codec(Protocol):
     id: ClassVar[str]
     lossless: ClassVar[bool]
+    #: parameters that name a local resource (a file): configuration only, never in a header
+    local_params: ClassVar[frozenset[str]]
 
     @property
     def params(self) -> Mapping[str, int | float | str | bool]: ...
@@ -87,6 +96,7 @@ class IdentityCodec:
 
     id: ClassVar[str] = "none"
     lossless: ClassVar[bool] = True
+    local_params: ClassVar[frozenset[str]] = frozenset()
 
     @property
     def params(self) -> Mapping[str, int | float | str | bool]:
@@ -129,36 +139,70 @@ def codec_kinds() -> dict[str, type]:
     return dict(_CODECS)
 
 
-def codec_from_header(codec_id: str, params: Mapping[str, object]) -> Codec:
-    """The codec that can decode an object, or CodecError if this build has none.
+def codec_from_header(
+    codec_id: str, params: Mapping[str, object], configured: Mapping[str, Codec] | None = None
+) -> Codec:
+    """The reader's codec for an object whose header says ``(codec_id, params)``, or CodecError.
 
-    ``codec_id`` is the header's codec id: a registry id, or a configured name
-    with the registry id in ``params["kind"]``.
+    With ``configured`` (the reader's codecs by name), the codec is
+    ``configured[codec_id]`` and the header must confirm it (:func:`confirm_header`).
+    Without, only a registry id whose kind needs no local resource is built, from
+    the header's parameters (no ``kind`` other than the id itself). Never opens a
+    file, whatever the header says; pure CPU work bounded by the parameters' size.
     """
+    if configured is not None and codec_id in configured:
+        codec = configured[codec_id]
+        confirm_header(codec_id, codec, codec_id, params)
+        return codec
     _load_builtins()
     params = dict(params)
     kind = params.pop(KIND_PARAM, codec_id)
-    if not isinstance(kind, str) or kind not in _CODECS:
-        raise CodecError(f"unknown codec {kind!r}" + (f" (object codec {codec_id!r})" if kind != codec_id else ""))
-    try:
-        return _CODECS[kind].from_params(params)
-    except CodecError:
-        raise
-    except (TypeError, ValueError, KeyError, OSError) as exc:
-        raise CodecError(f"codec {codec_id!r} ({kind}): bad parameters: {exc}") from None
+    if kind != codec_id or codec_id not in _CODECS:
+        raise CodecError(f"codec {codec_id!r} is not configured here (a reader decodes with its own "
+                         "configuration's codecs; a header cannot choose one)")
+    cls = _CODECS[codec_id]
+    if getattr(cls, "local_params", None) != frozenset():  # undeclared: assume it needs some
+        raise CodecError(f"codec {codec_id!r} needs a checkpoint from this reader's configuration")
+    return _build(cls, codec_id, params)
+
+
+def confirm_header(name: str, codec: Codec, codec_id: str, params: Mapping[str, object]) -> None:
+    """CodecError unless a header's ``(codec_id, params)`` are exactly what ``codec``, configured
+    as ``name``, writes (:func:`header_params`). A comparison only: no I/O, nothing built."""
+    if codec_id != name:
+        raise CodecError(f"object codec {codec_id!r}, this reader expects {name!r}")
+    expected = header_params(name, codec)
+    if dict(params) != expected or any(type(params[k]) is not type(v) for k, v in expected.items()):
+        differ = sorted(k for k in {*params, *expected} if params.get(k) != expected.get(k)) or sorted(expected)
+        raise CodecError(f"codec {name!r}: the object's parameters differ from this reader's ({', '.join(differ)})")
 
 
 def header_params(name: str, codec: Codec) -> dict[str, int | float | str | bool]:
-    """What the header of an object written by ``codec`` under ``name`` records."""
-    params = dict(codec.params)
+    """What the header of an object written by ``codec`` under ``name`` records: its parameters
+    minus the local ones (paths), plus ``kind`` when the name is not the registry id."""
+    local = getattr(type(codec), "local_params", frozenset())
+    params = {k: v for k, v in codec.params.items() if k not in local}
     if name != codec.id:
         params[KIND_PARAM] = codec.id
     return params
 
 
 def codec_from_config(name: str, kind: str, params: Mapping[str, object]) -> Codec:
-    """A writer's codec: ``kind`` built from configured ``params`` (CodecError if it cannot be)."""
-    return codec_from_header(name, {**params, KIND_PARAM: kind})
+    """A codec from trusted configuration: ``kind`` built from ``params`` (CodecError if it cannot be)."""
+    _load_builtins()
+    if not isinstance(kind, str) or kind not in _CODECS:
+        raise CodecError(f"unknown codec kind {kind!r} (codec {name!r})")
+    params = {k: v for k, v in params.items() if k != KIND_PARAM}
+    return _build(_CODECS[kind], name, params)
+
+
+def _build(cls: type, name: str, params: Mapping[str, object]) -> Codec:
+    try:
+        return cls.from_params(params)
+    except CodecError:
+        raise
+    except (TypeError, ValueError, KeyError, OSError) as exc:
+        raise CodecError(f"codec {name!r} ({cls.id}): bad parameters: {exc}") from None
 
 
 # -- helpers shared by the lossy codecs ----------------------------------------------

@@ -54,8 +54,9 @@ Checkpoints: one safetensors file (float32 tensors ``{k|v}{layer}.{mean,enc,
 dec,bias,scale,clip,bits}``; metadata ``format`` = ``kvstrata-linear-ae``,
 ``version``, geometry, bit budgets, RoPE settings, the model and training
 settings, and the held-out relative error per layer). Same hashing, caching
-and refusal rules as the autoencoder codec: a reader whose file differs from
-the object's recorded sha256 refuses (CodecError -> a miss).
+and refusal rules as the autoencoder codec: the path is configuration only
+(never in a header), and a reader whose configured checkpoint differs from the
+object's recorded sha256 refuses (CodecError -> a miss).
 
 Cross-layer reuse (KV-CAR) is not implemented here (see the autoencoder
 codec's note: it needs the previous layer's section to decode a layer).
@@ -340,6 +341,7 @@ class LinearAECodec:
 
     id: ClassVar[str] = "linear-ae"
     lossless: ClassVar[bool] = False
+    local_params: ClassVar[frozenset[str]] = frozenset({"checkpoint"})
 
     def __init__(self, checkpoint: str, sha256: str | None = None, exact_tokens: int = 1):
         if not 0 <= exact_tokens <= 4096:

@@ -80,6 +80,7 @@ class Fp8Codec:
 
     id: ClassVar[str] = "fp8"
     lossless: ClassVar[bool] = False
+    local_params: ClassVar[frozenset[str]] = frozenset()
 
     @property
     def params(self) -> Mapping[str, int | float | str | bool]:
@@ -181,6 +182,7 @@ class _GroupQuant:
     id: ClassVar[str]
     bits: ClassVar[int]
     lossless: ClassVar[bool] = False
+    local_params: ClassVar[frozenset[str]] = frozenset()
     default_group: ClassVar[int] = 32
 
     def __init__(self, group_size: int | None = None):

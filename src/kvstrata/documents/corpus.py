@@ -139,7 +139,7 @@ class Corpus:
         raw = manifest.to_json()
         meta = fmt.ObjectMeta(_MANIFEST_CODEC, "uint8", 1, 1, 1, self.namespace.fingerprint,
                               self.manifest_key.digest)
-        await self.tiers[0].put([(self.manifest_key, fmt.encode(meta, [raw]))])
+        await self.tiers[0].put([(self.manifest_key, fmt.encode(meta, [raw], self.tiers[0].keyring))])
 
     # -- document KV --------------------------------------------------------------
 
@@ -151,7 +151,8 @@ class Corpus:
         kv = np.ascontiguousarray(kv, dtype=m.dtype)
         meta = fmt.ObjectMeta("none", m.dtype, kv.shape[2], m.kv_heads, m.head_dim,
                               self.namespace.fingerprint, key.digest)
-        blob = await asyncio.to_thread(fmt.encode, meta, [kv[layer].tobytes() for layer in range(m.n_layers)])
+        blob = await asyncio.to_thread(fmt.encode, meta, [kv[layer].tobytes() for layer in range(m.n_layers)],
+                                       self.tiers[0].keyring)
         await self.tiers[0].put([(key, blob)])
 
     async def contains(self, key: ChunkKey) -> bool:

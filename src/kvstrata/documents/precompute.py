@@ -150,6 +150,7 @@ def _add_one(corpus: Corpus, manifest: Manifest, computer: Precomputer, doc_id: 
 def open_corpus(config, model_dir: str | Path, model_id: str | None = None, name: str | None = None,
                 threads: int | None = None):
     """(corpus, precomputer) for a configuration and a checkpoint directory: the CLI's and benchmarks' entry."""
+    from kvstrata.auth import keyring_for
     from kvstrata.compression.capture import load_model
     from kvstrata.documents.corpus import corpus_tiers
     from kvstrata.tiers.base import tier_class
@@ -157,6 +158,9 @@ def open_corpus(config, model_dir: str | Path, model_id: str | None = None, name
     model, tokenizer = load_model(model_dir)
     spec = model_spec_for(model_dir, model.config, model_id)
     tiers = {n: tier_class(s.kind).from_settings(n, s.settings) for n, s in config.tiers.items()}
+    keyring = keyring_for(config)
+    for tier in tiers.values():
+        tier.use_keyring(keyring)
     rope = Rope.from_config(model.config)
     corpus = Corpus(name or config.documents.corpus, spec, corpus_tiers(config, tiers), rope.describe())
     return corpus, Precomputer(model, tokenizer, threads)

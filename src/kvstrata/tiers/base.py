@@ -16,10 +16,18 @@ Contract (every tier, every method):
 * Failure: a backend that cannot answer (connection refused, timeout, server
   error) raises :class:`TierError`. A missing object is a :class:`Miss` with
   reason ``"absent"``; a stored object that fails verification is a ``Miss``
-  with reason ``"corrupt"`` (checksums, truncation), ``"foreign"`` (another
-  key's object under this key) or ``"unsupported"`` (a format version this
-  reader does not know). Deciding what to do about a bad object (count it,
-  drop it) is the orchestrator's job, not the tier's.
+  with reason ``"corrupt"`` (structure, truncation), ``"unauthenticated"`` (a
+  MAC or tag that does not verify under this tier's keyring -- forged, written
+  with another secret, or damaged -- or a v1 object where those are not
+  allowed), ``"foreign"`` (another key's object under this key) or
+  ``"unsupported"`` (a format version this reader does not know). One bad
+  object is a miss for that object only, never an error for its batch: a
+  backend answer about one object (a truncated object's ranged read past its
+  end, say) is that object's ``Miss``, not a :class:`TierError`. Deciding what
+  to do about a bad object (count it, drop it) is the orchestrator's job.
+* Keys: a tier verifies with its :attr:`Tier.keyring` (default: no secret,
+  see :mod:`kvstrata.auth`); the orchestrator sets it with :meth:`Tier.use_keyring`
+  before the first call.
 * Tiers store opaque object bytes (see :mod:`kvstrata.format`); they parse
   headers only to serve layer ranges and to verify what they return (before
   returning it, or once per object where the stored bytes cannot change).
@@ -36,6 +44,7 @@ from typing import ClassVar, Literal
 
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from kvstrata import auth
 from kvstrata import format as fmt
 from kvstrata.keys import ChunkKey
 
@@ -48,7 +57,7 @@ class TierError(Exception):
         super().__init__(f"tier {tier!r} {op} failed: {cause}")
 
 
-MissReason = Literal["absent", "corrupt", "foreign", "unsupported"]
+MissReason = Literal["absent", "corrupt", "unauthenticated", "foreign", "unsupported"]
 
 
 @dataclass(frozen=True)
@@ -104,9 +113,16 @@ class Tier(abc.ABC):
 
     kind: ClassVar[str]
     settings_class: ClassVar[type[TierSettings]]
+    #: what verifies (and what writers MAC with): see :mod:`kvstrata.auth`
+    keyring: auth.Keyring = auth.NO_SECRET
 
     def __init__(self, name: str):
         self.name = name
+
+    def use_keyring(self, keyring: auth.Keyring) -> None:
+        """Verify with ``keyring`` from now on (called before the tier is used; tiers that
+        remember verdicts forget them)."""
+        self.keyring = keyring
 
     @classmethod
     def from_settings(cls, name: str, settings: TierSettings) -> Tier:
@@ -173,6 +189,11 @@ class RangedTier(Tier):
         self._headers: OrderedDict[ChunkKey, fmt.Header] = OrderedDict()
         self._headers_lock = threading.Lock()
 
+    def use_keyring(self, keyring: auth.Keyring) -> None:
+        super().use_keyring(keyring)
+        with self._headers_lock:  # verified under another keyring
+            self._headers.clear()
+
     @abc.abstractmethod
     async def _read(self, requests: Sequence[ReadRequest]) -> list[bytes | memoryview | None]:
         """Read byte ranges; ``None`` for an absent object. Raise TierError on backend failure.
@@ -211,7 +232,7 @@ class RangedTier(Tier):
         if blob is None:
             return Miss(key)
         try:
-            obj = fmt.decode(blob, known=known)
+            obj = fmt.decode(blob, known=known, keyring=self.keyring)
         except fmt.FormatError as exc:
             return _miss_for(key, exc)
         if obj.header is not known:  # parsed afresh: check it, then remember it
@@ -268,7 +289,7 @@ class RangedTier(Tier):
                 found[key] = Miss(key)
                 continue
             try:
-                if fmt.header_length(probe) > len(probe):
+                if fmt.header_length(probe, self.keyring) > len(probe):
                     long_headers.append(key)
                     continue
             except fmt.FormatError as exc:
@@ -283,7 +304,7 @@ class RangedTier(Tier):
 
     def _parse_header(self, key: ChunkKey, blob: bytes | memoryview) -> fmt.Header | Miss:
         try:
-            header = fmt.decode_header(blob)
+            header = fmt.decode_header(blob, self.keyring)
         except fmt.FormatError as exc:
             return _miss_for(key, exc)
         if header.meta.key != key.digest:
@@ -335,8 +356,7 @@ def _layer_requests(
 
 
 def _miss_for(key: ChunkKey, exc: fmt.FormatError) -> Miss:
-    reason: MissReason = "unsupported" if "version" in str(exc) else "corrupt"
-    return Miss(key, reason, str(exc))
+    return Miss(key, exc.reason, str(exc))  # type: ignore[arg-type]
 
 
 # -- registry ---------------------------------------------------------------

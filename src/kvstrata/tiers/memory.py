@@ -52,16 +52,16 @@ class _Entry:
 
     def __init__(self, data: bytes):
         self.data = data
-        # None until first read; then the Verified object, or the header's FormatError message.
-        self._verdict: fmt.Verified | str | None = None
+        # None until first read; then the Verified object, or the header's FormatError.
+        self._verdict: fmt.Verified | fmt.FormatError | None = None
 
-    def fetch(self, key: ChunkKey, layers: range | None) -> Fetch:
+    def fetch(self, key: ChunkKey, layers: range | None, keyring) -> Fetch:
         """What verifying ``data`` now would give, with the checks in the same order."""
         verdict = self._verdict
         if verdict is None:  # two first reads at once both verify: same answer, no harm
-            verdict = self._verdict = _verify(self.data)
-        if isinstance(verdict, str):
-            return _miss_for(key, fmt.FormatError(verdict))
+            verdict = self._verdict = _verify(self.data, keyring)
+        if isinstance(verdict, fmt.FormatError):
+            return _miss_for(key, verdict)
         try:
             obj = verdict.read(layers)
         except fmt.FormatError as exc:
@@ -71,11 +71,11 @@ class _Entry:
         return Hit(key, obj)
 
 
-def _verify(data: bytes) -> fmt.Verified | str:
+def _verify(data: bytes, keyring) -> fmt.Verified | fmt.FormatError:
     try:
-        return fmt.Verified(data)
+        return fmt.Verified(data, keyring)
     except fmt.FormatError as exc:
-        return str(exc)
+        return exc
 
 
 class MemorySettings(TierSettings):
@@ -109,6 +109,12 @@ class MemoryTier(Tier):
     def __len__(self) -> int:
         return len(self._objects)
 
+    def use_keyring(self, keyring) -> None:
+        super().use_keyring(keyring)
+        with self._lock:  # verdicts were reached under another keyring
+            for entry in self._objects.values():
+                entry._verdict = None
+
     async def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
         with self._lock:
             return [k in self._objects for k in keys]
@@ -117,7 +123,7 @@ class MemoryTier(Tier):
         """Fresh views of sections verified once (on the first read of each object)."""
         with self._lock:
             entries = [self._objects.get(k) for k in keys]
-        results = [Miss(k) if e is None else e.fetch(k, layers) for k, e in zip(keys, entries)]
+        results = [Miss(k) if e is None else e.fetch(k, layers, self.keyring) for k, e in zip(keys, entries)]
         with self._lock:
             for r in results:
                 if isinstance(r, Hit):

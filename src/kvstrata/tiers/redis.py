@@ -183,9 +183,17 @@ class RedisTier(RangedTier):
         else:
             blobs = await self._pipeline("get", [self._name(r.key) for r in requests],
                                          lambda p, i: self._read_command(p, requests[i]))
-        # GETRANGE of a missing key is b"": objects are never empty, so that is "absent";
-        # so is a key whose cluster node is down.
-        return [b if b and b is not _DOWN else None for b in blobs]  # type: ignore[union-attr]
+        blobs = [None if b is _DOWN else b for b in blobs]  # its cluster node is down: absent
+        # GETRANGE gives b"" both for a missing key and for a range past the end of a present
+        # (truncated) one; objects are never empty. The rare empty ranged answers are told
+        # apart with one EXISTS round trip: b"" (present, too short) is that object's miss.
+        empty = [i for i, (r, blob) in enumerate(zip(requests, blobs)) if blob == b"" and not _whole(r)]
+        present = set()
+        if empty:
+            names = [self._name(requests[i].key) for i in empty]
+            found = await self._pipeline("get", names, lambda p, j: p.exists(names[j]))
+            present = {i for i, n in zip(empty, found) if n is not _DOWN and n}
+        return [b"" if i in present else (b or None) for i, b in enumerate(blobs)]
 
     def _read_command(self, client, r: ReadRequest):
         """GET or GETRANGE of ``r`` on a client (returns the awaitable) or a pipeline (queues it)."""

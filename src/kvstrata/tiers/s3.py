@@ -50,7 +50,12 @@ class S3Settings(TierSettings):
 
 
 class Transport(Protocol):
-    """Moves whole objects and byte ranges. Raises its library's errors; the tier maps them."""
+    """Moves whole objects and byte ranges. Raises its library's errors; the tier maps them.
+
+    ``read`` answers ``None`` for an absent object and ``b""`` for a range that starts at
+    or past the end of a present one (HTTP 416: a truncated object is that object's
+    problem, not the backend's).
+    """
 
     async def read(self, path: str, start: int, end: int | None) -> bytes | memoryview | None: ...
     async def write(self, path: str, data: bytes) -> None: ...
@@ -96,6 +101,10 @@ class ObstoreTransport:
             return memoryview(await self._ob.get_range_async(self._store, path, start=start, end=stop))
         except FileNotFoundError:
             return None
+        except self._ob.exceptions.BaseError as exc:
+            if _RANGE_NOT_SATISFIABLE in str(exc):  # obstore keeps the status only in its message
+                return b""
+            raise
 
     async def write(self, path: str, data: bytes) -> None:
         await self._ob.put_async(self._store, path, data, use_multipart=False)
@@ -160,6 +169,11 @@ class Aioboto3Transport:
         code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
         return code in ("NoSuchKey", "404", "NotFound")
 
+    def _past_the_end(self, exc: Exception) -> bool:
+        response = getattr(exc, "response", {})
+        return (response.get("Error", {}).get("Code") == "InvalidRange"
+                or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 416)
+
     async def read(self, path: str, start: int, end: int | None) -> bytes | None:
         client = await self._c()
         kwargs = {} if start == 0 and end is None else {"Range": f"bytes={start}-{'' if end is None else end - 1}"}
@@ -170,6 +184,8 @@ class Aioboto3Transport:
         except Exception as exc:
             if self._absent(exc):
                 return None
+            if self._past_the_end(exc):
+                return b""
             raise
 
     async def write(self, path: str, data: bytes) -> None:
@@ -277,6 +293,9 @@ def _s3_session():
     core.get_component("endpoint_resolver")
     importlib.import_module("aioboto3.s3.inject")
     return session
+
+
+_RANGE_NOT_SATISFIABLE = "416 Range Not Satisfiable"
 
 
 def _describe(exc: BaseException) -> str:
