@@ -2,6 +2,9 @@
 
 Mounted by :mod:`kvstrata.cli` as ``app.add_typer(policy_app, name="policy")``.
 Exit status: 0 when the file is valid, 1 with the ConfigError's lines otherwise.
+No input prints a traceback: an unexpected exception while checking a file
+(a bug in kvstrata, never the file's fault alone) is one ``file:1: internal
+error`` line and exit status 1 too.
 """
 
 from __future__ import annotations
@@ -13,15 +16,28 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kvstrata.config import ConfigError, StrataConfig, load_config
+from kvstrata.config import ConfigError, Problem, StrataConfig, load_config
 from kvstrata.policy.route import Decision, RequestContext, Route
 
 policy_app = typer.Typer(help="Check routing policies and explain their decisions.", no_args_is_help=True)
 
 
-def _load(path: Path) -> StrataConfig:
+INTERNAL_ERROR = "internal error while checking this file (please report it)"
+
+
+def _checked(path: Path) -> StrataConfig:
+    """``load_config(path)``, every failure a ConfigError (the unexpected ones as an internal error)."""
     try:
         return load_config(path)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- the one place a bug must not become a traceback
+        raise ConfigError(str(path), [Problem(1, "", f"{INTERNAL_ERROR}: {type(exc).__name__}")]) from exc
+
+
+def _load(path: Path) -> StrataConfig:
+    try:
+        return _checked(path)
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
@@ -33,7 +49,7 @@ def check(files: list[Path] = typer.Argument(..., help="configuration files (YAM
     failed = False
     for path in files:
         try:
-            cfg = load_config(path)
+            cfg = _checked(path)
         except ConfigError as exc:
             typer.echo(str(exc), err=True)
             failed = True

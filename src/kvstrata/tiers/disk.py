@@ -24,6 +24,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from kvstrata.keys import ChunkKey
+from kvstrata.sizes import MAX_BYTES, ByteCount
 from kvstrata.tiers.base import (
     Evicted,
     Fetch,
@@ -44,7 +45,7 @@ class DiskSettings(TierSettings):
     model_config = SettingsConfigDict(env_prefix="KVSTRATA_DISK_", frozen=True, extra="forbid")
 
     path: Path = Path("~/.cache/kvstrata/kv")
-    capacity_bytes: int = Field(default=64 << 30, gt=0)
+    capacity_bytes: ByteCount = Field(default=64 << 30, gt=0, le=MAX_BYTES)
 
 
 @register
