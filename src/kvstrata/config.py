@@ -324,7 +324,7 @@ def _codecs(raw: dict[str, Any], path: Path | None, report: _Report) -> dict[str
             report.add(at, "'none' is the uncompressed codec and cannot be redefined")
             continue
         if not isinstance(entry, dict):
-            report.add(at, f"must be a mapping like {{kind: int4, group_size: 32}} (got {entry!r})")
+            report.add(at, f"must be a mapping like {{kind: int4, group_size: 32}} (got {shown(entry)})")
             continue
         params = dict(entry)
         kind = params.pop("kind", None)
@@ -332,7 +332,7 @@ def _codecs(raw: dict[str, Any], path: Path | None, report: _Report) -> dict[str
             report.add((*at, "kind"), "required key missing")
             continue
         if kind not in kinds:
-            report.add((*at, "kind"), f"unknown codec kind {kind!r} (known: {', '.join(kinds)})")
+            report.add((*at, "kind"), f"unknown codec kind {shown(kind)} (known: {', '.join(kinds)})")
             continue
         bad = [k for k, v in params.items() if not isinstance(v, str | int | float | bool)]
         for key in bad:
@@ -510,12 +510,23 @@ def _find_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, path: Fiel
         first.setdefault(key, line)
 
 
+_MAX_MESSAGE = 600
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` for a message, cut at ``limit`` characters (a value may be 8 KiB long)."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**limit else f"a {len(str(value))}-digit number"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def format_path(path: FieldPath) -> str:
     """``('policy', 'rules', 1, 'route')`` -> ``policy.rules[1].route``."""
     out = ""
     for part in path:
         if isinstance(part, int) and not isinstance(part, bool):
             out += f"[{part}]"
+        elif not isinstance(part, str) or not part.isprintable() or not part or len(part) > 60:
+            out += f"[{shown(part)}]"  # a control character never reaches the terminal or splits a line
         else:
             out += f".{part}" if out else str(part)
     return out
@@ -539,6 +550,8 @@ class _Report:
         return self.lines.get(path, 1)
 
     def add(self, path: FieldPath, message: str) -> None:
+        if len(message) > _MAX_MESSAGE:  # a value echoed from the file; its line says where to look
+            message = message[:_MAX_MESSAGE] + "..."
         self.problems.append(Problem(self.line(path), format_path(path), message))
 
     def raise_if_any(self) -> None:
@@ -574,7 +587,7 @@ def _message(err: Mapping[str, Any], valid_keys: list[str], secret: bool) -> str
     msg = msg[:1].lower() + msg[1:]
     value = err.get("input")
     if not secret and kind != "value_error" and isinstance(value, str | int | float):
-        msg += f" (got {value!r})"
+        msg += f" (got {shown(value)})"
     return msg
 
 
@@ -641,15 +654,15 @@ def _tier(name: str, raw: dict, report: _Report) -> TierSpec | None:
     kind = raw.pop("kind", None)
     if not isinstance(kind, str):
         report.add((*at, "kind"), "required key missing" if kind is None else
-                   f"input should be a valid string (got {kind!r})")
+                   f"input should be a valid string (got {shown(kind)})")
         return None
     try:
         settings_class = tier_class(kind).settings_class
     except ValueError:
-        report.add((*at, "kind"), f"unknown tier kind {kind!r} (known: {', '.join(sorted(BUILTIN_KINDS))})")
+        report.add((*at, "kind"), f"unknown tier kind {shown(kind)} (known: {', '.join(sorted(BUILTIN_KINDS))})")
         return None
     except ImportError as exc:
-        report.add((*at, "kind"), f"tier kind {kind!r} cannot be loaded: {exc}")
+        report.add((*at, "kind"), f"tier kind {shown(kind)} cannot be loaded: {exc}")
         return None
     cost = _cost(kind, raw.pop("cost", {}), (*at, "cost"), report)
     timeout = _timeout(kind, raw.pop("timeout_ms", None), (*at, "timeout_ms"), report)
@@ -662,7 +675,7 @@ def _tier(name: str, raw: dict, report: _Report) -> TierSpec | None:
 def _cost(kind: str, raw: Any, at: FieldPath, report: _Report) -> CostPrior | None:
     prior = DEFAULT_COST.get(kind, UNKNOWN_KIND_COST)
     if not isinstance(raw, dict):
-        report.add(at, f"must be a mapping like {{latency_ms: 0.5, bandwidth_mbps: 800}} (got {raw!r})")
+        report.add(at, f"must be a mapping like {{latency_ms: 0.5, bandwidth_mbps: 800}} (got {shown(raw)})")
         return None
     try:
         return CostPrior.model_validate({**prior.model_dump(), **raw})

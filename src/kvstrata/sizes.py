@@ -29,15 +29,20 @@ def parse_bytes(text: str) -> int:
     """
     found = _SIZE.match(text)
     if not found:
-        raise ValueError(f"invalid size {text[:40]!r}: use bytes or a number with a unit "
+        raise ValueError(f"invalid size {_shown(text)}: use bytes or a number with a unit "
                          "(B, KB, KiB, MB, MiB, GB, GiB, TB, TiB)")
     whole, _, frac = found[1].partition(".")
     unit = _UNITS[(found[2] or "").lower()]
     # exact integer arithmetic: no float rounding, no overflow
     value = int(whole) * unit + (int(frac) * unit) // 10 ** len(frac) if frac else int(whole) * unit
     if value > MAX_BYTES:
-        raise ValueError(f"size {text.strip()[:40]!r} is over the 1 PiB limit")
+        raise ValueError(f"size {_shown(text.strip())} is over the 1 PiB limit")
     return value
+
+
+def _shown(text: str) -> str:
+    """``text`` quoted for a message, cut at 40 characters."""
+    return repr(text) if len(text) <= 40 else f"{text[:40]!r}..."
 
 
 def _size(value: Any) -> Any:
