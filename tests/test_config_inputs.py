@@ -264,3 +264,13 @@ def test_environment_sizes_parse_like_the_file(monkeypatch) -> None:
     monkeypatch.setenv("KVSTRATA_MEMORY_CAPACITY_BYTES", "65TiB")
     with pytest.raises(ConfigError, match=r"capacity_bytes: input should be less than or equal to 70368744177664"):
         parse_config(HEAD, "strata.yaml")
+
+
+@pytest.mark.parametrize("option, value", [("--context-tokens", "9" * 30), ("--budget-ms", "inf"),
+                                           ("--budget-ms", "nan"), ("--kv-bytes-per-token", "9" * 30)])
+def test_explain_bounds_its_request_options(tmp_path: Path, option: str, value: str) -> None:
+    path = tmp_path / "strata.yaml"
+    path.write_text(HEAD)
+    result = runner.invoke(policy_app, ["explain", str(path), option, value])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert f"Invalid value for '{option}'" in result.output

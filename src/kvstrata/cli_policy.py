@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kvstrata.config import ConfigError, Problem, StrataConfig, load_config
+from kvstrata.policy.engine import MAX_BUDGET_MS, MAX_TOKENS
 from kvstrata.policy.route import Decision, RequestContext, Route
 
 policy_app = typer.Typer(help="Check routing policies and explain their decisions.", no_args_is_help=True)
@@ -63,15 +64,15 @@ def check(files: list[Path] = typer.Argument(..., help="configuration files (YAM
 @policy_app.command()
 def explain(
     file: Path = typer.Argument(..., help="configuration file (YAML)"),
-    context_tokens: int = typer.Option(0, min=0, help="prompt length in tokens"),
+    context_tokens: int = typer.Option(0, min=0, max=MAX_TOKENS, help="prompt length in tokens"),
     reuse: float = typer.Option(0.0, min=0.0, max=1.0, help="predicted prefix reuse, 0..1"),
-    budget_ms: float | None = typer.Option(None, min=0.0, help="latency budget (default: the file's)"),
+    budget_ms: float | None = typer.Option(None, min=0.0, max=MAX_BUDGET_MS, help="latency budget (default: the file's)"),
     tenant: str = typer.Option("", help="tenant"),
     model: str = typer.Option("", help="model name"),
     tag: list[str] = typer.Option([], help="request tag (repeatable)"),
     hint: list[str] = typer.Option([], help="request hint key=value (repeatable)"),
     kv_bytes_per_token: int = typer.Option(
-        46 * 1024, min=1, help="KV bytes per token (default: SmolLM2-135M in fp32; Llama-3.1-8B bf16: 131072)"
+        46 * 1024, min=1, max=1 << 30, help="KV bytes per token (default: SmolLM2-135M in fp32; Llama-3.1-8B bf16: 131072)"
     ),
 ) -> None:
     """Show which rule a request matches, its route, why, and what the cost model expects."""
