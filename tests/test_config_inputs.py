@@ -99,6 +99,9 @@ def structural_mutations() -> list[bytes]:
     out.append(raw + b"k" * 8000 + b": 1\n")  # a long unknown key
     out.append(raw.replace(b"  q4:", b"  " + b"\x1b[2J" * 3 + b"q4:"))  # terminal escapes in a key
     out.append(b"\xef\xbb\xbf" + raw)  # a BOM is fine
+    out += [raw.replace(b"eviction:", b"evicton:"), raw + b"enigne: {}\n", raw + b"tiers2: {}\n",  # unknown keys
+            raw.replace(b"kind: disk", b"kind: tape"), raw.replace(b"read: [dram, local]", b"read: dram"),
+            raw.replace(b"q4", b"q5", 1), raw.replace(b"shared: 2", b"dram: 2")]  # meaning: names, routes
     out += [b"", b"\n", b"- a\n- b\n", b"just text\n", b"{", b"version: [1\n", b"? [a]\n: b\n"]
     return out
 
