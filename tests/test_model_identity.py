@@ -161,3 +161,29 @@ def test_hub_models_are_named_by_their_snapshot_commit(tmp_path, monkeypatch) ->
     other = "f" * 40  # an explicit commit is its own answer
     assert model_identity("acme/tiny", hf, other) == f"LlamaForCausalLM/h64/v100/rev:{other}"
     assert model_identity("acme/absent", hf, "v2") == "LlamaForCausalLM/h64/v100/hub:acme/absent@v2"
+
+
+@pytest.mark.slow
+def test_a_shared_store_never_serves_one_checkpoints_kv_to_another(checkpoints, tmp_path) -> None:
+    """The issue's scenario, through vLLM: three engines in turn on one disk store, 1,000-token prompt.
+
+    ``same/smollm2`` writes; ``kv/smollm2`` (same directory name, k/v projections scaled) must load
+    nothing; the original (another directory name, the same weights) must load every whole chunk.
+    """
+    from kvstrata.engine import generate, running_llm, text_tokens
+    from kvstrata.orchestrator import flush_shared
+
+    config = tmp_path / "strata.yaml"
+    config.write_text(f'version: 1\nchunk_tokens: 256\ntiers:\n  local: {{kind: disk, path: "{tmp_path / "kv"}"}}\n'
+                      "policy:\n  default: {read: [local], write: [local]}\n")
+    runs = {}
+    for name in ("same", "kv", "original"):
+        with running_llm(checkpoints[name], config, kv_cache_gib=1) as llm:
+            ids = text_tokens(llm.get_tokenizer(), 1000, offset=3000)
+            runs[name] = generate(llm, ids, 8)
+            assert flush_shared(60)
+    hit = 999 // 256 * 256  # whole chunks; vLLM computes the last token itself
+    assert runs["same"].num_cached_tokens == 0
+    assert runs["kv"].num_cached_tokens == 0, runs["kv"].kvstrata  # the old, name-based keys loaded 768
+    assert runs["original"].num_cached_tokens == hit and runs["original"].kvstrata["loaded_tokens"] == {"local": hit}
+    assert runs["original"].token_ids == runs["same"].token_ids
