@@ -161,6 +161,8 @@ def test_hub_models_are_named_by_their_snapshot_commit(tmp_path, monkeypatch) ->
     other = "f" * 40  # an explicit commit is its own answer
     assert model_identity("acme/tiny", hf, other) == f"LlamaForCausalLM/h64/v100/rev:{other}"
     assert model_identity("acme/absent", hf, "v2") == "LlamaForCausalLM/h64/v100/hub:acme/absent@v2"
+    # the snapshot directory given as a path is the same model as the hub id
+    assert model_identity(str(repo / "snapshots" / commit), hf) == f"LlamaForCausalLM/h64/v100/rev:{commit}"
 
 
 @pytest.mark.slow

@@ -11,7 +11,10 @@ content, never by its path:
 * a **hub model** (``org/name``): the commit its revision resolves to in the
   local Hugging Face cache (``snapshots/<commit>/``, present once vLLM has
   read ``config.json``), plus the architecture and sizes. A hub snapshot is
-  immutable, so the commit names the weights exactly.
+  immutable, so the commit names the weights exactly; a snapshot directory
+  given by path is named by its commit too, so both spellings share KV. The
+  weight files themselves are not read here: vLLM's worker builds its
+  connector before it downloads them, and both roles must agree.
 
 Identical copies (any directory name, any host) get the same identity, so
 cross-host sharing still works; a fine-tune saved under the same name, or a
@@ -82,6 +85,9 @@ def model_identity(model: str, hf_config: Any, revision: str | None = None) -> s
     """
     shape = _shape(hf_config)
     path = Path(model).expanduser()
+    snapshot = _snapshot_commit(path)
+    if snapshot is not None:  # a hub snapshot given by path: named as the hub id would be
+        return f"{shape}/rev:{snapshot}"
     if path.exists():
         try:
             return f"{shape}/w:{checkpoint_fingerprint(path)}"
@@ -110,6 +116,17 @@ def hub_commit(repo_id: str, revision: str | None = None) -> str | None:
     if isinstance(found, str):
         commit = Path(found).parent.name  # .../snapshots/<commit>/config.json
         return commit if _COMMIT.match(commit) else None
+    return None
+
+
+def _snapshot_commit(path: Path) -> str | None:
+    """``<commit>`` if ``path`` is a Hugging Face cache snapshot (``models--org--name/snapshots/<commit>``)."""
+    try:
+        parts = path.resolve().parts
+    except OSError:
+        return None
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--") and _COMMIT.match(parts[-1]):
+        return parts[-1]
     return None
 
 
