@@ -101,7 +101,8 @@ def structural_mutations() -> list[bytes]:
     out.append(b"\xef\xbb\xbf" + raw)  # a BOM is fine
     out += [raw.replace(b"eviction:", b"evicton:"), raw + b"enigne: {}\n", raw + b"tiers2: {}\n",  # unknown keys
             raw.replace(b"kind: disk", b"kind: tape"), raw.replace(b"read: [dram, local]", b"read: dram"),
-            raw.replace(b"q4", b"q5", 1), raw.replace(b"shared: 2", b"dram: 2")]  # meaning: names, routes
+            raw.replace(b"q4", b"q5", 1), raw.replace(b"shared: 2", b"dram: 2"),  # meaning: names, routes
+            raw.replace(b"kind: int4, group_size: 32", b"kind: linear-ae, checkpoint: /dev/zero")]  # never read
     out += [b"", b"\n", b"- a\n- b\n", b"just text\n", b"{", b"version: [1\n", b"? [a]\n: b\n"]
     return out
 
@@ -218,6 +219,10 @@ BOUNDS = {
             "policy.default.ttl_s.dram: input should be a finite number (got inf)"),
     "priority": ("policy: {rules: [{name: a, priority: 10000000000000, route: {read: [dram]}}]}",
                  "policy.rules[0].priority: input should be less than or equal to 1000000 (got 10000000000000)"),
+    "codec checkpoint is a device": ("codecs: {q: {kind: linear-ae, checkpoint: /dev/zero}}",
+                                     "codecs.q.checkpoint: checkpoint '/dev/zero' is not a regular file"),
+    "codec checkpoint is a directory": ("codecs: {q: {kind: autoencoder, checkpoint: /tmp}}",
+                                        "codecs.q.checkpoint: checkpoint '/tmp' is not a regular file"),
     "context": ("policy: {rules: [{name: a, match: {context_tokens: {min: 10000000000000}}, route: {read: [dram]}}]}",
                 "policy.rules[0].match.context_tokens.min: input should be less than or equal to 1073741824"),
 }

@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import stat
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -341,6 +342,9 @@ def _codecs(raw: dict[str, Any], path: Path | None, report: _Report) -> dict[str
             continue
         if kind in ("autoencoder", "linear-ae") and isinstance(params.get("checkpoint"), str) and path is not None:
             params["checkpoint"] = str((path.parent / Path(params["checkpoint"]).expanduser()).resolve())
+        if isinstance(params.get("checkpoint"), str) and (problem := _not_a_checkpoint(params["checkpoint"])):
+            report.add((*at, "checkpoint"), problem)
+            continue
         try:
             codec = codec_from_config(name, kind, params)
         except CodecError as exc:
@@ -348,6 +352,26 @@ def _codecs(raw: dict[str, Any], path: Path | None, report: _Report) -> dict[str
             continue
         out[name] = CodecSpec(name=name, kind=kind, params=MappingProxyType(dict(codec.params)))
     return out
+
+
+#: A codec checkpoint is a few MiB of weights; anything past this is not one (and is never read whole).
+MAX_CODEC_CHECKPOINT_BYTES = 1 << 30
+
+
+def _not_a_checkpoint(name: str) -> str | None:
+    """Why the file ``name`` cannot be a codec checkpoint (a device, a FIFO, too big), or None to go on.
+
+    A missing file is left to the codec, which says so in its own words.
+    """
+    try:
+        st = os.stat(Path(name).expanduser())
+    except (OSError, ValueError):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return f"checkpoint {shown(name)} is not a regular file"
+    if st.st_size > MAX_CODEC_CHECKPOINT_BYTES:
+        return f"checkpoint {shown(name)} is over {MAX_CODEC_CHECKPOINT_BYTES >> 30} GiB"
+    return None
 
 
 def _check_route_codecs(spec: PolicySpec, codecs: Mapping[str, CodecSpec], report: _Report) -> None:
