@@ -38,7 +38,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic import field_validator, model_validator
 
 from kvstrata.policy.engine import FieldPath, Policy, PolicySpec, compile_policy, known_tier
-from kvstrata.sizes import MAX_BYTES, parse_bytes
+from kvstrata.sizes import parse_bytes
 from kvstrata.tiers.base import BUILTIN_KINDS, TierSettings, tier_class
 
 # -- errors -------------------------------------------------------------------
