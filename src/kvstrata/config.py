@@ -4,8 +4,12 @@ Loading runs three passes; the first pass that finds problems raises one
 :class:`ConfigError` listing all of that pass's problems, sorted by line,
 each as ``file:line: field.path: message``:
 
-1. YAML: syntax and duplicate keys (PyYAML's safe composer; plain scalars only).
-2. Shape: the sections' pydantic models and each tier's own settings class
+1. YAML: UTF-8, syntax, duplicate keys (PyYAML's safe composer; plain scalars only) and
+   limits -- 1 MiB of text, 32 levels of nesting, 8,192 characters per scalar,
+   100,000 values after alias expansion; a scalar PyYAML cannot build is a problem
+   on its line, never an exception.
+2. Shape: the sections' pydantic models (every number finite and bounded; see
+   docs/policies.md "Limits") and each tier's own settings class
    (``tier_class(kind).settings_class``), which also reads ``KVSTRATA_<KIND>_<FIELD>``
    environment variables -- they override the file.
 3. Meaning (:func:`kvstrata.policy.engine.compile_policy`): tier names in
