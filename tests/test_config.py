@@ -186,7 +186,8 @@ def test_unreadable_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^.*missing\.yaml: cannot read: No such file or directory$"):
         load_config(tmp_path / "missing.yaml")
     (tmp_path / "latin1.yaml").write_bytes(b"version: 1\n# caf\xe9\n")
-    with pytest.raises(ConfigError, match=r"latin1\.yaml: cannot read: not UTF-8 text$"):
+    with pytest.raises(ConfigError, match=r"latin1\.yaml:2: not UTF-8 text \(byte 0xe9 at column 6\); "
+                                          r"save the file as UTF-8$"):
         load_config(tmp_path / "latin1.yaml")
 
 

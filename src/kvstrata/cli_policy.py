@@ -2,6 +2,9 @@
 
 Mounted by :mod:`kvstrata.cli` as ``app.add_typer(policy_app, name="policy")``.
 Exit status: 0 when the file is valid, 1 with the ConfigError's lines otherwise.
+No input prints a traceback: an unexpected exception while checking a file
+(a bug in kvstrata, never the file's fault alone) is one ``file:1: internal
+error`` line and exit status 1 too.
 """
 
 from __future__ import annotations
@@ -13,15 +16,29 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kvstrata.config import ConfigError, StrataConfig, load_config
+from kvstrata.config import ConfigError, Problem, StrataConfig, load_config
+from kvstrata.policy.engine import MAX_BUDGET_MS, MAX_TOKENS
 from kvstrata.policy.route import Decision, RequestContext, Route
 
 policy_app = typer.Typer(help="Check routing policies and explain their decisions.", no_args_is_help=True)
 
 
-def _load(path: Path) -> StrataConfig:
+INTERNAL_ERROR = "internal error while checking this file (please report it)"
+
+
+def _checked(path: Path) -> StrataConfig:
+    """``load_config(path)``, every failure a ConfigError (the unexpected ones as an internal error)."""
     try:
         return load_config(path)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- the one place a bug must not become a traceback
+        raise ConfigError(str(path), [Problem(1, "", f"{INTERNAL_ERROR}: {type(exc).__name__}")]) from exc
+
+
+def _load(path: Path) -> StrataConfig:
+    try:
+        return _checked(path)
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
@@ -33,7 +50,7 @@ def check(files: list[Path] = typer.Argument(..., help="configuration files (YAM
     failed = False
     for path in files:
         try:
-            cfg = load_config(path)
+            cfg = _checked(path)
         except ConfigError as exc:
             typer.echo(str(exc), err=True)
             failed = True
@@ -47,15 +64,15 @@ def check(files: list[Path] = typer.Argument(..., help="configuration files (YAM
 @policy_app.command()
 def explain(
     file: Path = typer.Argument(..., help="configuration file (YAML)"),
-    context_tokens: int = typer.Option(0, min=0, help="prompt length in tokens"),
+    context_tokens: int = typer.Option(0, min=0, max=MAX_TOKENS, help="prompt length in tokens"),
     reuse: float = typer.Option(0.0, min=0.0, max=1.0, help="predicted prefix reuse, 0..1"),
-    budget_ms: float | None = typer.Option(None, min=0.0, help="latency budget (default: the file's)"),
+    budget_ms: float | None = typer.Option(None, min=0.0, max=MAX_BUDGET_MS, help="latency budget (default: the file's)"),
     tenant: str = typer.Option("", help="tenant"),
     model: str = typer.Option("", help="model name"),
     tag: list[str] = typer.Option([], help="request tag (repeatable)"),
     hint: list[str] = typer.Option([], help="request hint key=value (repeatable)"),
     kv_bytes_per_token: int = typer.Option(
-        46 * 1024, min=1, help="KV bytes per token (default: SmolLM2-135M in fp32; Llama-3.1-8B bf16: 131072)"
+        46 * 1024, min=1, max=1 << 30, help="KV bytes per token (default: SmolLM2-135M in fp32; Llama-3.1-8B bf16: 131072)"
     ),
 ) -> None:
     """Show which rule a request matches, its route, why, and what the cost model expects."""

@@ -4,8 +4,12 @@ Loading runs three passes; the first pass that finds problems raises one
 :class:`ConfigError` listing all of that pass's problems, sorted by line,
 each as ``file:line: field.path: message``:
 
-1. YAML: syntax and duplicate keys (PyYAML's safe composer; plain scalars only).
-2. Shape: the sections' pydantic models and each tier's own settings class
+1. YAML: UTF-8, syntax, duplicate keys (PyYAML's safe composer; plain scalars only) and
+   limits -- 1 MiB of text, 32 levels of nesting, 8,192 characters per scalar,
+   100,000 values after alias expansion; a scalar PyYAML cannot build is a problem
+   on its line, never an exception.
+2. Shape: the sections' pydantic models (every number finite and bounded; see
+   docs/policies.md "Limits") and each tier's own settings class
    (``tier_class(kind).settings_class``), which also reads ``KVSTRATA_<KIND>_<FIELD>``
    environment variables -- they override the file.
 3. Meaning (:func:`kvstrata.policy.engine.compile_policy`): tier names in
@@ -24,6 +28,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import stat
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +42,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic import field_validator, model_validator
 
 from kvstrata.policy.engine import FieldPath, Policy, PolicySpec, compile_policy, known_tier
+from kvstrata.sizes import parse_bytes
 from kvstrata.tiers.base import BUILTIN_KINDS, TierSettings, tier_class
 
 # -- errors -------------------------------------------------------------------
@@ -68,14 +74,15 @@ class ConfigError(ValueError):
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # no .inf / .nan anywhere: every bound below is finite
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class CostPrior(_Frozen):
     """What the cost model assumes about a tier until it has measured it."""
 
-    latency_ms: float = Field(gt=0)
-    bandwidth_mbps: float = Field(gt=0)
+    latency_ms: float = Field(gt=0, le=600_000)  # 10 min
+    bandwidth_mbps: float = Field(gt=0, le=10_000_000)  # 10 TB/s
 
 
 DEFAULT_COST: Mapping[str, CostPrior] = MappingProxyType({
@@ -90,6 +97,8 @@ DEFAULT_TIMEOUT_MS: Mapping[str, float] = MappingProxyType(
     {"memory": 1000, "lmcache": 1000, "disk": 2000, "redis": 2000, "s3": 5000}
 )
 UNKNOWN_KIND_TIMEOUT_MS = 5000.0
+#: One hour: the longest tier timeout or request budget a file may set.
+MAX_TIMEOUT_MS = 3_600_000
 
 
 class TierSpec(_Frozen):
@@ -99,27 +108,27 @@ class TierSpec(_Frozen):
     kind: str
     settings: TierSettings
     cost: CostPrior
-    timeout_ms: float = Field(gt=0)
+    timeout_ms: float = Field(gt=0, le=MAX_TIMEOUT_MS)
 
 
 class EngineConfig(_Frozen):
-    prefill_tokens_per_s: float = Field(150.0, gt=0, description="prior for recompute cost; learned later")
+    prefill_tokens_per_s: float = Field(150.0, gt=0, le=1e8, description="prior for recompute cost; learned later")
 
 
 class BreakerConfig(_Frozen):
-    failures: int = Field(3, ge=1)
-    cooldown_s: float = Field(10.0, gt=0)
+    failures: int = Field(3, ge=1, le=1_000_000)
+    cooldown_s: float = Field(10.0, gt=0, le=86_400)
 
 
 class OrchestratorConfig(_Frozen):
-    save_queue_chunks: int = Field(256, ge=1)
+    save_queue_chunks: int = Field(256, ge=1, le=1 << 20)
     breaker: BreakerConfig = BreakerConfig()
-    default_budget_ms: float = Field(2000.0, gt=0)
+    default_budget_ms: float = Field(2000.0, gt=0, le=MAX_TIMEOUT_MS)
 
 
 class ReuseConfig(_Frozen):
-    half_life_s: float = Field(600.0, gt=0)
-    sketch_width: int = Field(65536, ge=1)
+    half_life_s: float = Field(600.0, gt=0, le=30 * 86_400)
+    sketch_width: int = Field(65536, ge=1, le=1 << 24)  # <= 64 MiB per row (float32)
     sketch_depth: int = Field(4, ge=1, le=8)
 
 
@@ -225,7 +234,7 @@ def _tier_name(name: str) -> str:
 
 class _FileSpec(_Frozen):
     version: int
-    chunk_tokens: int = Field(256, gt=0)
+    chunk_tokens: int = Field(256, gt=0, le=1 << 16)
     tiers: dict[Annotated[str, AfterValidator(_tier_name)], dict[str, Any]]
     engine: EngineConfig = EngineConfig()
     orchestrator: OrchestratorConfig = OrchestratorConfig()
@@ -278,12 +287,11 @@ _SECTIONS = ("engine", "orchestrator", "reuse", "telemetry", "bandwidth", "polic
 def load_config(path: str | os.PathLike[str]) -> StrataConfig:
     """Load and validate the YAML file at ``path``; ConfigError if it cannot be read or is invalid."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)  # a device or a huge file is never read whole
     except OSError as exc:
         raise ConfigError(str(path), [Problem(0, "", f"cannot read: {exc.strerror or exc}")]) from None
-    except UnicodeDecodeError:
-        raise ConfigError(str(path), [Problem(0, "", "cannot read: not UTF-8 text")]) from None
-    return _parse(text, str(path), Path(path))
+    return _parse(_decode(raw, str(path)), str(path), Path(path))
 
 
 def parse_config(text: str, source: str = "<string>") -> StrataConfig:
@@ -337,7 +345,7 @@ def _codecs(raw: dict[str, Any], path: Path | None, report: _Report) -> dict[str
             report.add(at, "'none' is the uncompressed codec and cannot be redefined")
             continue
         if not isinstance(entry, dict):
-            report.add(at, f"must be a mapping like {{kind: int4, group_size: 32}} (got {entry!r})")
+            report.add(at, f"must be a mapping like {{kind: int4, group_size: 32}} (got {shown(entry)})")
             continue
         params = dict(entry)
         kind = params.pop("kind", None)
@@ -345,7 +353,7 @@ def _codecs(raw: dict[str, Any], path: Path | None, report: _Report) -> dict[str
             report.add((*at, "kind"), "required key missing")
             continue
         if kind not in kinds:
-            report.add((*at, "kind"), f"unknown codec kind {kind!r} (known: {', '.join(kinds)})")
+            report.add((*at, "kind"), f"unknown codec kind {shown(kind)} (known: {', '.join(kinds)})")
             continue
         bad = [k for k, v in params.items() if not isinstance(v, str | int | float | bool)]
         for key in bad:
@@ -354,6 +362,9 @@ def _codecs(raw: dict[str, Any], path: Path | None, report: _Report) -> dict[str
             continue
         if kind in ("autoencoder", "linear-ae") and isinstance(params.get("checkpoint"), str) and path is not None:
             params["checkpoint"] = str((path.parent / Path(params["checkpoint"]).expanduser()).resolve())
+        if isinstance(params.get("checkpoint"), str) and (problem := _not_a_checkpoint(params["checkpoint"])):
+            report.add((*at, "checkpoint"), problem)
+            continue
         try:
             codec = codec_from_config(name, kind, params)
         except CodecError as exc:
@@ -361,6 +372,26 @@ def _codecs(raw: dict[str, Any], path: Path | None, report: _Report) -> dict[str
             continue
         out[name] = CodecSpec(name=name, kind=kind, params=MappingProxyType(dict(codec.params)))
     return out
+
+
+#: A codec checkpoint is a few MiB of weights; anything past this is not one (and is never read whole).
+MAX_CODEC_CHECKPOINT_BYTES = 1 << 30
+
+
+def _not_a_checkpoint(name: str) -> str | None:
+    """Why the file ``name`` cannot be a codec checkpoint (a device, a FIFO, too big), or None to go on.
+
+    A missing file is left to the codec, which says so in its own words.
+    """
+    try:
+        st = os.stat(Path(name).expanduser())
+    except (OSError, ValueError):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return f"checkpoint {shown(name)} is not a regular file"
+    if st.st_size > MAX_CODEC_CHECKPOINT_BYTES:
+        return f"checkpoint {shown(name)} is over {MAX_CODEC_CHECKPOINT_BYTES >> 30} GiB"
+    return None
 
 
 def _check_route_codecs(spec: PolicySpec, codecs: Mapping[str, CodecSpec], report: _Report) -> None:
@@ -379,10 +410,41 @@ def _check_route_codecs(spec: PolicySpec, codecs: Mapping[str, CodecSpec], repor
 # -- pass 1: YAML -------------------------------------------------------------------
 
 
+#: Limits on what pass 1 reads: a configuration file is small, flat text written by a person.
+MAX_FILE_BYTES = 1 << 20
+_MAX_DEPTH = 32
+_MAX_SCALAR = 8192
+_MAX_VALUES = 100_000
+_PLAIN_TAGS = {yaml.MappingNode: "tag:yaml.org,2002:map", yaml.SequenceNode: "tag:yaml.org,2002:seq"}
+
+
+def _decode(raw: bytes, source: str) -> str:
+    """``raw`` as text; ConfigError at the line of the first offending byte if it is too big or not UTF-8."""
+    if len(raw) > MAX_FILE_BYTES:
+        line = raw[:MAX_FILE_BYTES].count(b"\n") + 1
+        raise ConfigError(source, [Problem(line, "", f"the file is over {MAX_FILE_BYTES >> 20} MiB "
+                                                     "(a configuration file is a few KiB)")])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(source, [Problem(line, "", f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                                     f"{column}); save the file as UTF-8")]) from None
+
+
 def _read_yaml(text: str, source: str) -> tuple[Any, dict[FieldPath, int]]:
-    """The document as plain data, and the 1-based line of every field path in it."""
+    """The document as plain data, and the 1-based line of every field path in it.
+
+    Never raises anything but ConfigError: nesting deeper than ``_MAX_DEPTH``,
+    scalars over ``_MAX_SCALAR`` characters, documents expanding (through
+    aliases) to over ``_MAX_VALUES`` values and values PyYAML cannot construct
+    (a 5,000-digit integer, a 13th month) are problems on their line.
+    """
     lines: dict[FieldPath, int] = {}
     problems: list[Problem] = []
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigError(source, [Problem(1, "", f"the text is over {MAX_FILE_BYTES >> 20} MiB")])
     try:
         data = _compose(text, lines, problems)
     except yaml.MarkedYAMLError as exc:
@@ -390,6 +452,8 @@ def _read_yaml(text: str, source: str) -> tuple[Any, dict[FieldPath, int]]:
     except yaml.reader.ReaderError as exc:  # a control character: no mark, a position
         line = text[: exc.position].count("\n") + 1
         raise ConfigError(source, [Problem(line, "", f"invalid YAML: {exc.reason}")]) from None
+    except RecursionError:  # a safety net: _MAX_DEPTH keeps every recursion far below the limit
+        raise ConfigError(source, [Problem(1, "", "invalid YAML: nested too deeply")]) from None
     if problems:
         raise ConfigError(source, problems)
     if not isinstance(data, dict):
@@ -399,8 +463,30 @@ def _read_yaml(text: str, source: str) -> tuple[Any, dict[FieldPath, int]]:
     return data, lines
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with its recursive composer bounded in depth and scalar size."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.ScalarEvent) and len(event.value) > _MAX_SCALAR:
+            raise yaml.MarkedYAMLError(problem=f"a value over {_MAX_SCALAR} characters",
+                                       problem_mark=event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > _MAX_DEPTH:
+                raise yaml.MarkedYAMLError(problem=f"nested deeper than {_MAX_DEPTH} levels",
+                                           problem_mark=event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def _compose(text: str, lines: dict[FieldPath, int], problems: list[Problem]) -> Any:
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         return None if node is None else _plain(loader, node, (), lines, problems)
@@ -417,26 +503,25 @@ def _yaml_problem(exc: yaml.MarkedYAMLError) -> Problem:
     return Problem(mark.line + 1 if mark else 1, "", f"invalid YAML: {exc.problem}{where}")
 
 
-_MAX_VALUES = 100_000
-_PLAIN_TAGS = {yaml.MappingNode: "tag:yaml.org,2002:map", yaml.SequenceNode: "tag:yaml.org,2002:seq"}
-
-
 def _plain(loader: yaml.SafeLoader, node: yaml.Node, path: FieldPath, lines: dict, problems: list) -> Any:
     lines.setdefault(path, node.start_mark.line + 1)
     if len(lines) > _MAX_VALUES:  # aliases of aliases can expand exponentially
         raise yaml.MarkedYAMLError(problem=f"the document expands to over {_MAX_VALUES} values",
+                                   problem_mark=node.start_mark)
+    if len(path) > _MAX_DEPTH:  # aliases of nested nodes inside nested nodes
+        raise yaml.MarkedYAMLError(problem=f"the document expands to over {_MAX_DEPTH} levels of nesting",
                                    problem_mark=node.start_mark)
     if type(node) in _PLAIN_TAGS and node.tag != _PLAIN_TAGS[type(node)]:
         raise yaml.MarkedYAMLError(problem=f"unsupported tag {node.tag!r}", problem_mark=node.start_mark)
     if isinstance(node, yaml.SequenceNode):
         return [_plain(loader, item, (*path, i), lines, problems) for i, item in enumerate(node.value)]
     if not isinstance(node, yaml.MappingNode):
-        return loader.construct_object(node, deep=True)
+        return _scalar(loader, node)
     _find_duplicates(loader, node, path, problems)
     loader.flatten_mapping(node)  # resolve `<<: *anchor` merges; later keys win
     out = {}
     for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
+        key = _scalar(loader, key_node) if isinstance(key_node, yaml.ScalarNode) else None
         if not isinstance(key, str | int | float | bool):
             raise yaml.MarkedYAMLError(problem="a key must be a plain scalar",
                                        problem_mark=key_node.start_mark)
@@ -445,18 +530,37 @@ def _plain(loader: yaml.SafeLoader, node: yaml.Node, path: FieldPath, lines: dic
     return out
 
 
+def _scalar(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    """One scalar's value; MarkedYAMLError at the node for what PyYAML cannot construct."""
+    try:
+        return loader.construct_object(node, deep=True)
+    except (ValueError, OverflowError) as exc:  # 5,000-digit ints, 2024-13-01, bad base64
+        what = "number" if node.tag.endswith((":int", ":float")) else node.tag.rsplit(":", 1)[-1]
+        reason = "over 4300 digits" if "digits" in str(exc) else "out of range or malformed"
+        raise yaml.MarkedYAMLError(problem=f"invalid {what}: {reason}", problem_mark=node.start_mark) from None
+
+
 def _find_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, path: FieldPath,
                      problems: list[Problem]) -> None:
     first: dict[Any, int] = {}
     for key_node, _ in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
             continue
-        key = loader.construct_object(key_node)
+        key = _scalar(loader, key_node)
         line = key_node.start_mark.line + 1
         if key in first:
             message = f"duplicate key {key!r} (first at line {first[key]})"
             problems.append(Problem(line, format_path((*path, key)), message))
         first.setdefault(key, line)
+
+
+_MAX_MESSAGE = 600
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` for a message, cut at ``limit`` characters (a value may be 8 KiB long)."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**limit else f"a {len(str(value))}-digit number"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def format_path(path: FieldPath) -> str:
@@ -465,6 +569,8 @@ def format_path(path: FieldPath) -> str:
     for part in path:
         if isinstance(part, int) and not isinstance(part, bool):
             out += f"[{part}]"
+        elif not isinstance(part, str) or not part.isprintable() or not part or len(part) > 60:
+            out += f"[{shown(part)}]"  # a control character never reaches the terminal or splits a line
         else:
             out += f".{part}" if out else str(part)
     return out
@@ -488,6 +594,8 @@ class _Report:
         return self.lines.get(path, 1)
 
     def add(self, path: FieldPath, message: str) -> None:
+        if len(message) > _MAX_MESSAGE:  # a value echoed from the file; its line says where to look
+            message = message[:_MAX_MESSAGE] + "..."
         self.problems.append(Problem(self.line(path), format_path(path), message))
 
     def raise_if_any(self) -> None:
@@ -523,7 +631,7 @@ def _message(err: Mapping[str, Any], valid_keys: list[str], secret: bool) -> str
     msg = msg[:1].lower() + msg[1:]
     value = err.get("input")
     if not secret and kind != "value_error" and isinstance(value, str | int | float):
-        msg += f" (got {value!r})"
+        msg += f" (got {shown(value)})"
     return msg
 
 
@@ -590,15 +698,15 @@ def _tier(name: str, raw: dict, report: _Report) -> TierSpec | None:
     kind = raw.pop("kind", None)
     if not isinstance(kind, str):
         report.add((*at, "kind"), "required key missing" if kind is None else
-                   f"input should be a valid string (got {kind!r})")
+                   f"input should be a valid string (got {shown(kind)})")
         return None
     try:
         settings_class = tier_class(kind).settings_class
     except ValueError:
-        report.add((*at, "kind"), f"unknown tier kind {kind!r} (known: {', '.join(sorted(BUILTIN_KINDS))})")
+        report.add((*at, "kind"), f"unknown tier kind {shown(kind)} (known: {', '.join(sorted(BUILTIN_KINDS))})")
         return None
     except ImportError as exc:
-        report.add((*at, "kind"), f"tier kind {kind!r} cannot be loaded: {exc}")
+        report.add((*at, "kind"), f"tier kind {shown(kind)} cannot be loaded: {exc}")
         return None
     cost = _cost(kind, raw.pop("cost", {}), (*at, "cost"), report)
     timeout = _timeout(kind, raw.pop("timeout_ms", None), (*at, "timeout_ms"), report)
@@ -611,7 +719,7 @@ def _tier(name: str, raw: dict, report: _Report) -> TierSpec | None:
 def _cost(kind: str, raw: Any, at: FieldPath, report: _Report) -> CostPrior | None:
     prior = DEFAULT_COST.get(kind, UNKNOWN_KIND_COST)
     if not isinstance(raw, dict):
-        report.add(at, f"must be a mapping like {{latency_ms: 0.5, bandwidth_mbps: 800}} (got {raw!r})")
+        report.add(at, f"must be a mapping like {{latency_ms: 0.5, bandwidth_mbps: 800}} (got {shown(raw)})")
         return None
     try:
         return CostPrior.model_validate({**prior.model_dump(), **raw})
@@ -621,7 +729,7 @@ def _cost(kind: str, raw: Any, at: FieldPath, report: _Report) -> CostPrior | No
 
 
 class _Timeout(_Frozen):
-    timeout_ms: float = Field(gt=0)
+    timeout_ms: float = Field(gt=0, le=MAX_TIMEOUT_MS)
 
 
 def _timeout(kind: str, raw: Any, at: FieldPath, report: _Report) -> float | None:
@@ -673,30 +781,22 @@ def _from_env(prefix: str, loc: FieldPath) -> str:
     return f" (from environment variable {name})" if name in os.environ else ""
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20,
-          "gb": 10**9, "gib": 2**30, "tb": 10**12, "tib": 2**40}
+#: The fastest link a rate may name: 10 TB/s (beyond HBM; anything larger is a typo).
+MAX_RATE = 10**13
 
 
 def _rate(value: Any) -> float | str:
     """A link capacity: bytes/s as a number, ``"1.25GB/s"`` / ``"800 MiB/s"``, or ``"auto"``
-    (the tier's read bandwidth as the cost model measures it)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
-        raise ValueError(f"a rate must be positive (got {value})")
+    (the tier's read bandwidth as the cost model measures it). Finite, in (0, 10 TB/s]."""
     if isinstance(value, str):
         text = value.strip()
         if text == "auto":
             return text
         if not text.lower().endswith("/s"):
-            raise ValueError(f"invalid rate {value!r}: use bytes/s, a size per second (e.g. '1.25GB/s'), or 'auto'")
-        return float(parse_bytes(text[:-2]))
-    return value
-
-
-def parse_bytes(text: str) -> int:
-    """``"4GiB"`` -> 4294967296; ``"1.5 KB"`` -> 1500. ValueError naming the accepted units otherwise."""
-    found = _SIZE.match(text)
-    if not found:
-        raise ValueError(f"invalid size {text!r}: use bytes or a number with a unit "
-                         "(B, KB, KiB, MB, MiB, GB, GiB, TB, TiB)")
-    return round(float(found[1]) * _UNITS[(found[2] or "").lower()])
+            raise ValueError(f"invalid rate {value[:40]!r}: use bytes/s, a size per second (e.g. '1.25GB/s'), "
+                             "or 'auto'")
+        value = parse_bytes(text[:-2])
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 < value <= MAX_RATE:
+        shown = f"{value:.3g}" if isinstance(value, float) or abs(value) < 10**30 else "a number that large"
+        raise ValueError(f"a rate must be positive and at most 10 TB/s (got {shown})")
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value

@@ -17,16 +17,23 @@ from kvstrata.policy.route import Decision, RequestContext
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What KV of one model looks like. ``name`` should identify the weights, not just the family."""
+    """What KV of one model looks like, and which weights it belongs to.
+
+    ``name`` is the label policies match (``match: model:``) and logs show;
+    ``identity`` is what keys are derived from: the weights' fingerprint
+    (:func:`kvstrata.fingerprint.model_identity`), or "" to key by ``name``
+    (an operator's explicit ``model_id``, tests).
+    """
 
     name: str
     n_layers: int
     kv_heads: int
     head_dim: int
     dtype: str
+    identity: str = ""
 
     def namespace(self, tenant: str = "", codec: str = "none") -> Namespace:
-        model = f"{self.name}/L{self.n_layers}/H{self.kv_heads}/D{self.head_dim}"
+        model = f"{self.identity or self.name}/L{self.n_layers}/H{self.kv_heads}/D{self.head_dim}"
         return Namespace(model, self.dtype, codec, tenant)
 
     def geometry(self, chunk_tokens: int) -> Geometry:

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kvstrata.config import StrataConfig, default_config, load_config
+from kvstrata.fingerprint import model_identity, model_label
 from kvstrata.plan import ModelSpec
 from kvstrata.policy.route import RequestContext
 
@@ -38,10 +39,14 @@ def _default() -> StrataConfig:
 def model_spec(vllm_config, extra: Mapping[str, Any]) -> ModelSpec:
     """The KV geometry and identity of the served model.
 
-    The identity is ``extra["model_id"]`` if given, else the model directory's
-    or hub name's last component plus the architecture and sizes, so the same
-    checkpoint under different paths on two hosts shares KV, and two
-    different checkpoints never do unless an operator says they are the same.
+    ``name`` (what policies match) is ``extra["model_id"]`` if given, else the
+    model directory's or hub name's last component plus the architecture and
+    sizes. Keys follow ``identity``: the weights themselves
+    (:func:`kvstrata.fingerprint.model_identity`: a content fingerprint of a
+    local checkpoint, the commit of a hub snapshot), so the same checkpoint
+    under any path on any host shares KV and two checkpoints that differ in
+    weights never do -- unless an operator's ``model_id`` says they are the same
+    (then keys follow ``model_id`` alone).
     """
     mc, pc = vllm_config.model_config, vllm_config.parallel_config
     hf = mc.hf_config
@@ -49,10 +54,8 @@ def model_spec(vllm_config, extra: Mapping[str, Any]) -> ModelSpec:
     dtype = _DTYPES.get(str(mc.dtype) if kv_dtype == "auto" else kv_dtype)
     if dtype is None:
         raise ValueError(f"kvstrata does not know the KV dtype {kv_dtype!r}/{mc.dtype}")
-    name = extra.get("model_id") or "/".join(
-        [os.path.basename(str(mc.model).rstrip("/")), ",".join(getattr(hf, "architectures", None) or []),
-         f"h{getattr(hf, 'hidden_size', 0)}", f"v{getattr(hf, 'vocab_size', 0)}"]
-    )
+    name = extra.get("model_id") or model_label(str(mc.model), hf)
+    identity = "" if extra.get("model_id") else model_identity(str(mc.model), hf, getattr(mc, "revision", None))
     if pc.tensor_parallel_size > 1 or pc.pipeline_parallel_size > 1:
         log.warning("kvstrata: tensor/pipeline parallelism is not supported yet; keys are not per rank")
     return ModelSpec(
@@ -61,6 +64,7 @@ def model_spec(vllm_config, extra: Mapping[str, Any]) -> ModelSpec:
         kv_heads=mc.get_num_kv_heads(pc),
         head_dim=mc.get_head_size(),
         dtype=dtype,
+        identity=identity,
     )
 
 

@@ -34,11 +34,12 @@ class Added:
 
 def model_spec_for(model_dir: str | Path, config, model_id: str | None = None, dtype: str = "float32") -> ModelSpec:
     """The ModelSpec vLLM's connector derives for this checkpoint (kvstrata.connectors.vllm_setup)."""
-    name = model_id or "/".join([
-        Path(str(model_dir).rstrip("/")).name, ",".join(getattr(config, "architectures", None) or []),
-        f"h{getattr(config, 'hidden_size', 0)}", f"v{getattr(config, 'vocab_size', 0)}"])
+    from kvstrata.fingerprint import model_identity, model_label
+
+    name = model_id or model_label(str(model_dir), config)
+    identity = "" if model_id else model_identity(str(model_dir), config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return ModelSpec(name, config.num_hidden_layers, config.num_key_value_heads, head_dim, dtype)
+    return ModelSpec(name, config.num_hidden_layers, config.num_key_value_heads, head_dim, dtype, identity)
 
 
 def read_documents(paths: Iterable[str | Path]) -> list[tuple[str, str]]:

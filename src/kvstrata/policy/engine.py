@@ -83,14 +83,21 @@ class Policy:
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+#: Bounds of what a policy may say (finite, and far beyond any real request or store).
+MAX_BUDGET_MS = 1e9  # ~11 days
+MAX_TOKENS = 1 << 30
+MAX_TTL_S = 10 * 365 * 86_400
+MAX_COUNT = 1_000_000  # admission counts, |priority|
 
 
 class _Range(_Frozen):
     """``min <= value < max``; at least one bound."""
 
-    min: float | None = Field(None, ge=0)
-    max: float | None = Field(None, ge=0)
+    min: float | None = Field(None, ge=0, le=MAX_BUDGET_MS)
+    max: float | None = Field(None, ge=0, le=MAX_BUDGET_MS)
 
     @model_validator(mode="after")
     def _not_empty(self) -> _Range:
@@ -102,8 +109,8 @@ class _Range(_Frozen):
 
 
 class _TokenRange(_Range):
-    min: int | None = Field(None, ge=0)
-    max: int | None = Field(None, ge=0)
+    min: int | None = Field(None, ge=0, le=MAX_TOKENS)
+    max: int | None = Field(None, ge=0, le=MAX_TOKENS)
 
 
 class _ReuseRange(_Range):
@@ -141,10 +148,10 @@ class RouteSpec(_Frozen):
 
     read: list[str] = []
     write: list[str] = []
-    admission: dict[str, Annotated[int, Field(ge=1)]] = {}
+    admission: dict[str, Annotated[int, Field(ge=1, le=MAX_COUNT)]] = {}
     codec: dict[str, str] = {}
     retrieval: Literal["layerwise", "whole"] = "whole"
-    ttl_s: dict[str, Annotated[int, Field(gt=0)]] = {}
+    ttl_s: dict[str, Annotated[int, Field(gt=0, le=MAX_TTL_S)]] = {}
     promote: bool = True
     demote: dict[str, str] = {}
     load: Literal["cost", "always", "never"] = "cost"
@@ -154,7 +161,7 @@ class RuleSpec(_Frozen):
     """One entry of ``rules:``."""
 
     name: str = Field(min_length=1)
-    priority: int = 0
+    priority: int = Field(0, ge=-MAX_COUNT, le=MAX_COUNT)
     match: MatchSpec = MatchSpec()
     route: RouteSpec
 

@@ -93,7 +93,7 @@ class PutResult:
 class TierSettings(BaseSettings):
     """Base of every tier's settings: frozen, and ``KVSTRATA_<KIND>_*`` variables beat the YAML file."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="forbid")
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     @classmethod
     def settings_customise_sources(

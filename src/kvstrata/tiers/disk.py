@@ -40,6 +40,7 @@ from pydantic_settings import SettingsConfigDict
 
 from kvstrata import format as fmt
 from kvstrata.keys import ChunkKey
+from kvstrata.sizes import MAX_BYTES, ByteCount
 from kvstrata.tiers.base import (
     Evicted,
     Fetch,
@@ -67,9 +68,9 @@ class DiskSettings(TierSettings):
     model_config = SettingsConfigDict(env_prefix="KVSTRATA_DISK_", frozen=True, extra="forbid")
 
     path: Path = Path("~/.cache/kvstrata/kv")
-    capacity_bytes: int = Field(default=64 << 30, gt=0)
-    threads: int = Field(default=8, ge=1, description="this tier's I/O threads (its own pool)")
-    max_queued: int = Field(default=256, ge=0, description="calls waiting for a thread before one fails fast")
+    capacity_bytes: ByteCount = Field(default=64 << 30, gt=0, le=MAX_BYTES)
+    threads: int = Field(default=8, ge=1, le=1024, description="this tier's I/O threads (its own pool)")
+    max_queued: int = Field(default=256, ge=0, le=1_000_000, description="calls waiting for a thread before one fails fast")
 
 
 class _NotAnObject(Exception):

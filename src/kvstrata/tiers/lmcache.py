@@ -49,6 +49,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from kvstrata.keys import KEY_BYTES, ChunkKey
+from kvstrata.sizes import ByteCount
 from kvstrata.tiers.base import (
     Evicted,
     PutResult,
@@ -65,8 +66,8 @@ MODEL_NAME = "kvstrata"  # the CacheEngineKey model name; our keys already carry
 class LMCacheSettings(TierSettings):
     model_config = SettingsConfigDict(env_prefix="KVSTRATA_LMCACHE_", frozen=True, extra="forbid")
 
-    capacity_bytes: int = Field(
-        default=1 << 30, ge=1 << 20, description="LMCache CPU pool size, allocated at start"
+    capacity_bytes: ByteCount = Field(
+        default=1 << 30, ge=1 << 20, le=1 << 46, description="LMCache CPU pool size, allocated at start"
     )
     eviction: Literal["lru", "lfu", "fifo", "mru"] = Field(
         default="lru", description="LMCache's cache policy"

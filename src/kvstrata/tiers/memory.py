@@ -31,6 +31,7 @@ from pydantic_settings import SettingsConfigDict
 
 from kvstrata import format as fmt
 from kvstrata.keys import ChunkKey
+from kvstrata.sizes import ByteCount
 from kvstrata.tiers.base import (
     Evicted,
     Fetch,
@@ -81,7 +82,7 @@ def _verify(data: bytes, keyring) -> fmt.Verified | fmt.FormatError:
 class MemorySettings(TierSettings):
     model_config = SettingsConfigDict(env_prefix="KVSTRATA_MEMORY_", frozen=True, extra="forbid")
 
-    capacity_bytes: int = Field(default=4 << 30, gt=0, description="bytes of encoded KV to hold")
+    capacity_bytes: ByteCount = Field(default=4 << 30, gt=0, le=1 << 46, description="bytes of encoded KV to hold")
     eviction: Literal["lru", "s3fifo"] = "s3fifo"
 
 

@@ -51,9 +51,9 @@ class RedisSettings(TierSettings):
     url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     cluster: bool = False
     key_prefix: str = "kvstrata:"
-    ttl_s: int | None = Field(default=24 * 3600, gt=0, description="None keeps objects forever")
-    max_connections: int = Field(default=64, gt=0)
-    timeout_s: float = Field(default=5.0, gt=0)
+    ttl_s: int | None = Field(default=24 * 3600, gt=0, le=10 * 365 * 86400, description="None keeps objects forever")
+    max_connections: int = Field(default=64, gt=0, le=100_000)
+    timeout_s: float = Field(default=5.0, gt=0, le=3600)
 
 
 _DOWN = object()  # the result of a command whose cluster node did not answer

@@ -44,9 +44,9 @@ class S3Settings(TierSettings):
     secret_access_key: SecretStr | None = None
     addressing: Literal["path", "virtual"] = "path"
     transport: Literal["obstore", "aioboto3", "nixl"] = "obstore"
-    timeout_s: float = Field(default=10.0, gt=0)
-    max_retries: int = Field(default=2, ge=0)
-    max_concurrency: int = Field(default=32, gt=0, description="requests in flight per tier")
+    timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    max_retries: int = Field(default=2, ge=0, le=100)
+    max_concurrency: int = Field(default=32, gt=0, le=100_000, description="requests in flight per tier")
 
 
 class Transport(Protocol):
