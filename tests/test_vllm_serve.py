@@ -1,0 +1,187 @@
+"""``kvstrata serve`` end to end: vLLM's OpenAI server, multiprocess (its default), real HTTP.
+
+One server per module, started as docs/serving.md documents it (the
+``kvstrata`` console script next to this Python), with vLLM's prefix cache
+off so that a repeated prompt can only be served by kvstrata. The embedded
+shape of tiers (a DRAM pool, then a local directory), in a temporary
+directory.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)")
+httpx = pytest.importorskip("httpx")
+
+from kvstrata.engine import text_tokens  # noqa: E402
+from kvstrata.models import prepare_smollm2  # noqa: E402
+
+PROMPT_TOKENS = 1500
+HIT = (PROMPT_TOKENS - 1) // 256 * 256  # whole chunks; vLLM computes the last token itself
+START_TIMEOUT_S = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path):
+        self.argv, self.env, self.log = argv, env, log
+        self.port = int(argv[argv.index("--port") + 1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise AssertionError(f"server not ready in {START_TIMEOUT_S}s:\n{self.tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()  # vLLM's API server stops its engine core and workers on SIGTERM
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, 9)  # our own session only (start_new_session)
+            self.proc.wait(10)
+
+    def tail(self, n: int = 4000) -> str:
+        text = self.log.read_text(errors="replace")
+        errors = [line for line in text.splitlines() if "Error" in line and "ulimit" not in line][:20]
+        return "\n".join(errors) + "\n...\n" + text[-n:]
+
+    def complete(self, ids: list[int], max_tokens: int = 16) -> dict:
+        r = httpx.post(f"{self.url}/v1/completions", timeout=300, json={
+            "model": "smollm2", "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0,
+            "return_token_ids": True})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def metrics(self) -> str:
+        r = httpx.get(f"{self.url}/metrics", timeout=30)
+        assert r.status_code == 200
+        return r.text
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    return prepare_smollm2(progress=False)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    config = tmp / "strata.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        version: 1
+        chunk_tokens: 256
+        tiers:
+          dram: {{kind: memory, capacity_bytes: 1GiB}}
+          local: {{kind: disk, path: "{tmp / 'kv'}"}}
+        policy:
+          default: {{read: [dram, local], write: [dram, local]}}
+        """))
+    kvstrata = Path(sys.executable).with_name("kvstrata")  # the console script setup installs
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # vLLM's default
+    env.update(VLLM_CPU_KVCACHE_SPACE="1")
+    srv = Server([str(kvstrata), "serve", str(model_dir), "--strata-config", str(config),
+                  "--port", str(_free_port()), "--served-model-name", "smollm2",
+                  "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
+                  "--no-enable-prefix-caching", "--seed", "0"],
+                 env, tmp / "server.log")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def _kvstrata(out: dict) -> dict:
+    params = out.get("kv_transfer_params") or {}
+    assert "kvstrata" in params, out
+    return params["kvstrata"]
+
+
+def test_served_through_the_connector(server, tokenizer) -> None:
+    """The documented command starts vLLM's multiprocess server with the connector in it."""
+    out = server.complete(text_tokens(tokenizer, 300, offset=1000), max_tokens=4)
+    assert out["choices"][0]["text"]
+    info = _kvstrata(out)
+    assert info["rule"] == "default"
+    assert info["loaded_tokens"] == {}  # nothing stored yet
+
+
+def test_repeated_prompt_is_served_from_dram_in_multiprocess_mode(server, tokenizer) -> None:
+    """The worker's DRAM pool is visible to the scheduler (engine core), another process."""
+    ids = text_tokens(tokenizer, PROMPT_TOKENS, offset=5000)
+    cold = server.complete(ids)
+    assert _kvstrata(cold)["loaded_tokens"] == {}
+    warm = server.complete(ids)
+    assert _kvstrata(warm)["loaded_tokens"] == {"dram": HIT}
+    assert warm["choices"][0]["token_ids"] == cold["choices"][0]["token_ids"]  # greedy: identical with a hit
+
+
+def _samples(text: str, name: str) -> dict[str, float]:
+    """``{source or tier label: value}`` of one family on vLLM's /metrics (summed over other labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name:
+                label = s.labels.get("source") or s.labels.get("tier") or ""
+                out[label] = out.get(label, 0) + s.value
+    return out
+
+
+def test_kvstrata_metrics_are_on_vllms_metrics(server, tokenizer) -> None:
+    ids = text_tokens(tokenizer, PROMPT_TOKENS, offset=5000)  # stored by the test above, or now
+    server.complete(ids, max_tokens=2)
+    server.complete(ids, max_tokens=2)
+    deadline = time.monotonic() + 30  # vLLM forwards stats with its engine steps
+    while True:
+        text = server.metrics()
+        tokens = _samples(text, "kvstrata_tokens_total")
+        if tokens.get("dram", 0) >= 2 * HIT or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert tokens.get("dram", 0) >= 2 * HIT, tokens
+    assert tokens.get("recompute", 0) >= PROMPT_TOKENS  # the first, cold request
+    assert _samples(text, "kvstrata_requests_total").get("dram", 0) >= 2
+    assert _samples(text, "kvstrata_tier_bytes_total").get("dram", 0) > 0
+    assert _samples(text, "kvstrata_tier_bytes_total").get("local", 0) > 0  # written through
+    assert _samples(text, "kvstrata_tier_latency_seconds_count").get("dram", 0) > 0
+    lookups = [line for line in text.splitlines() if line.startswith("kvstrata_tier_ops_total{")
+               and 'op="lookup"' in line and 'tier="dram"' in line and 'result="hit"' in line]
+    assert lookups and 'model_name="smollm2"' in lookups[0], lookups  # vLLM's labels on kvstrata's families
