@@ -25,6 +25,10 @@ httpx = pytest.importorskip("httpx")
 from kvstrata.engine import text_tokens  # noqa: E402
 from kvstrata.models import prepare_smollm2  # noqa: E402
 
+# a server start (1-2 minutes here, more on a busy machine) counts towards the first test, a restart
+# towards the last
+pytestmark = pytest.mark.timeout(900)
+
 PROMPT_TOKENS = 1500
 HIT = (PROMPT_TOKENS - 1) // 256 * 256  # whole chunks; vLLM computes the last token itself
 START_TIMEOUT_S = 600
@@ -185,3 +189,29 @@ def test_kvstrata_metrics_are_on_vllms_metrics(server, tokenizer) -> None:
     lookups = [line for line in text.splitlines() if line.startswith("kvstrata_tier_ops_total{")
                and 'op="lookup"' in line and 'tier="dram"' in line and 'result="hit"' in line]
     assert lookups and 'model_name="smollm2"' in lookups[0], lookups  # vLLM's labels on kvstrata's families
+
+
+def _puts(server, tier: str) -> float:
+    text = server.metrics()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "kvstrata_tier_ops_total" and s.labels.get("tier") == tier
+               and s.labels.get("op") == "put" and s.labels.get("result") == "ok")
+
+
+def test_a_restarted_server_is_served_from_disk(server, tokenizer) -> None:
+    """DRAM is gone after a restart; the chunks written through to the local directory are not."""
+    ids = text_tokens(tokenizer, PROMPT_TOKENS, offset=9000)
+    before = _puts(server, "local")
+    cold = server.complete(ids)
+    deadline = time.monotonic() + 60
+    while _puts(server, "local") < before + HIT // 256 and time.monotonic() < deadline:
+        server.complete(ids[:8], max_tokens=1)  # an engine step carries the worker's latest stats
+        time.sleep(0.5)
+    assert _puts(server, "local") >= before + HIT // 256
+    server.stop()
+    server.start()
+    warm = server.complete(ids)
+    assert _kvstrata(warm)["loaded_tokens"] == {"local": HIT}
+    assert warm["choices"][0]["token_ids"] == cold["choices"][0]["token_ids"]
