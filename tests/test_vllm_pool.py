@@ -71,3 +71,50 @@ def test_worker_changes_aggregate_across_steps() -> None:
     b = PoolChanges({"dram": {key(1).digest: False, key(2).digest: True}, "other": {key(3).digest: True}})
     assert a.aggregate(b).pools == {"dram": {key(1).digest: False, key(2).digest: True},
                                     "other": {key(3).digest: True}}
+
+
+def test_journal_of_a_shared_store_notes_puts_without_asking_it_again(tmp_path) -> None:
+    from kvstrata.tiers.disk import DiskTier
+
+    class Counting(DiskTier):
+        asked = 0
+
+        async def contains(self, keys):
+            Counting.asked += 1
+            return await super().contains(keys)
+
+    async def go():
+        journal = Journal(Counting("local", tmp_path))
+        await journal.put([(key(1), b"x" * 10)])
+        await journal.delete([key(1)])
+        assert journal.drain() == {key(1).digest: False} and Counting.asked == 0
+        await journal.put([(key(2), b"y" * 10)])
+        assert journal.drain() == {key(2).digest: True}
+
+    asyncio.run(go())
+
+
+def test_events_name_the_engines_blocks_and_the_tier() -> None:
+    from types import SimpleNamespace
+
+    from vllm.distributed.kv_events import BlockRemoved, BlockStored
+    from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash as external
+
+    from kvstrata.connectors.vllm_events import EventLog
+
+    log = EventLog(block_size=4, enabled=True)
+    request = SimpleNamespace(block_hashes=[bytes([i]) * 32 for i in range(4)], all_token_ids=list(range(16)))
+    log.remember({b"chunk-1"}, request, first_block=2, n_blocks=2)
+    log.changed({"dram": {b"chunk-1": True, b"unknown": True}, "local": {b"chunk-1": True}})
+    log.changed({"dram": {b"chunk-1": False}})
+    stored_dram, stored_local, removed = log.take()
+    assert isinstance(stored_dram, BlockStored) and isinstance(removed, BlockRemoved)
+    assert (stored_dram.medium, stored_local.medium, removed.medium) == ("dram", "local", "dram")
+    assert stored_dram.block_hashes == removed.block_hashes == [external(bytes([i]) * 32) for i in (2, 3)]
+    assert stored_dram.parent_block_hash == external(bytes([1]) * 32)  # vLLM's own hashes, as it publishes them
+    assert stored_dram.token_ids == list(range(8, 16))
+    assert stored_dram.block_size == 4 and log.take() == []
+    off = EventLog(block_size=4, enabled=False)
+    off.remember({b"chunk-1"}, request, 0, 2)
+    off.changed({"dram": {b"chunk-1": True}})
+    assert off.take() == []

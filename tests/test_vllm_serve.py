@@ -9,6 +9,7 @@ directory.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -112,11 +113,15 @@ def server(model_dir, tmp_path_factory):
     kvstrata = Path(sys.executable).with_name("kvstrata")  # the console script setup installs
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # vLLM's default
     env.update(VLLM_CPU_KVCACHE_SPACE="1")
+    events_port = _free_port()
     srv = Server([str(kvstrata), "serve", str(model_dir), "--strata-config", str(config),
                   "--port", str(_free_port()), "--served-model-name", "smollm2",
                   "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
-                  "--no-enable-prefix-caching", "--seed", "0"],
+                  "--no-enable-prefix-caching", "--seed", "0",
+                  "--kv-events-config", json.dumps({"enable_kv_cache_events": True, "publisher": "zmq",
+                                                    "endpoint": f"tcp://127.0.0.1:{events_port}"})],
                  env, tmp / "server.log")
+    srv.events_port = events_port
     srv.start()
     try:
         yield srv
@@ -189,6 +194,48 @@ def test_kvstrata_metrics_are_on_vllms_metrics(server, tokenizer) -> None:
     lookups = [line for line in text.splitlines() if line.startswith("kvstrata_tier_ops_total{")
                and 'op="lookup"' in line and 'tier="dram"' in line and 'result="hit"' in line]
     assert lookups and 'model_name="smollm2"' in lookups[0], lookups  # vLLM's labels on kvstrata's families
+
+
+def test_kv_events_name_kvstratas_tier_as_medium(server, tokenizer) -> None:
+    """BlockStored events for the prompt's blocks, one per chunk and tier, with vLLM's block hashes."""
+    import msgspec
+    import zmq
+    from vllm.distributed.kv_events import BlockStored, KVEventBatch
+
+    ids = text_tokens(tokenizer, PROMPT_TOKENS, offset=13000)
+    context = zmq.Context()
+    sub = context.socket(zmq.SUB)
+    try:
+        # the server's endpoint names a host, so vLLM's publisher connects (and reconnects) to it: bind here
+        sub.bind(f"tcp://127.0.0.1:{server.events_port}")
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        time.sleep(2)  # the publisher reconnects; what it sent before is not for us
+        server.complete(ids, max_tokens=2)
+        decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+        blocks: dict[str, list] = {}
+        block_size = 128  # vLLM's CPU build; checked against the events below
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and min(len(blocks.get(t, ())) for t in ("dram", "local")) < HIT // 128:
+            if not sub.poll(1000):
+                server.complete(ids[:8], max_tokens=1)  # an engine step carries the worker's report
+                continue
+            _, _, payload = sub.recv_multipart()
+            for event in decoder.decode(payload).events:
+                if isinstance(event, BlockStored) and _is_slice(event.token_ids, ids, block_size):
+                    blocks.setdefault(event.medium, []).extend(event.block_hashes)
+                    assert event.block_size == block_size
+                    assert len(event.token_ids) == block_size * len(event.block_hashes)
+    finally:
+        sub.close(linger=0)
+        context.term()
+    assert {t: len(b) for t, b in blocks.items()} == {"dram": HIT // block_size, "local": HIT // block_size}
+    assert set(blocks["dram"]) == set(blocks["local"]) and len(set(blocks["dram"])) == HIT // block_size
+
+
+def _is_slice(part: list[int], whole: list[int], step: int) -> bool:
+    """``part`` is ``whole[i:i + len(part)]`` for a block boundary ``i``."""
+    n = len(part)
+    return any(whole[i:i + n] == part for i in range(0, len(whole) - n + 1, step))
 
 
 def _puts(server, tier: str) -> float:

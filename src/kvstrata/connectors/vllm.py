@@ -1,15 +1,21 @@
 """StrataConnector: kvstrata behind vLLM's KV connector API (v1).
 
-Use::
+Use ``kvstrata serve MODEL --strata-config strata.yaml [vllm serve options]``
+(docs/serving.md), or in any vLLM entry point::
 
-    vllm serve MODEL --kv-transfer-config '{"kv_connector": "StrataConnector",
+    --kv-transfer-config '{"kv_connector": "StrataConnector",
         "kv_connector_module_path": "kvstrata.connectors.vllm", "kv_role": "kv_both",
         "kv_connector_extra_config": {"config": "strata.yaml"}}'
 
 A thin facade: vLLM makes one instance per role; the scheduler role
 delegates to :class:`~kvstrata.connectors.vllm_scheduler.SchedulerSide`, the
 worker role to :class:`~kvstrata.connectors.vllm_worker.WorkerSide`, each
-over its own :class:`~kvstrata.orchestrator.Orchestrator`.
+over its process's :class:`~kvstrata.orchestrator.Orchestrator` (one shared
+by both roles when they share a process). In vLLM's default multiprocess
+mode the worker's DRAM pool is made visible to the scheduler through worker
+metadata (:mod:`~kvstrata.connectors.vllm_pool`); metrics reach vLLM's
+``/metrics`` (:mod:`~kvstrata.connectors.vllm_metrics`); KV cache events name
+the tier as ``medium`` (:mod:`~kvstrata.connectors.vllm_events`).
 
 Loads are synchronous from vLLM's point of view (the step that uses them
 starts them), layer-wise inside: attention of layer l waits only for layer l.
@@ -33,7 +39,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvstrata import exporter, layout
 from kvstrata.connectors.vllm_metrics import StrataPromMetrics, StrataStats
-from kvstrata.connectors import vllm_pool
+from kvstrata.connectors import vllm_events, vllm_pool
 from kvstrata.connectors.vllm_meta import StrataMetadata
 from kvstrata.connectors.vllm_scheduler import SchedulerSide
 from kvstrata.connectors.vllm_setup import model_spec, strata_config
@@ -65,6 +71,8 @@ class StrataConnector(KVConnectorBase_V1):
         self.orch = Orchestrator.shared(config, self.model)
         vllm_pool.attach(self.orch, worker=role == KVConnectorRole.WORKER)  # one DRAM pool, seen by both roles
         self.scheduler = SchedulerSide(self.orch, self.block_size, self.model.name)
+        self.events = vllm_events.EventLog(self.block_size, vllm_events.enabled(vllm_config))
+        self.scheduler.events = self.events
         self.worker = WorkerSide(self.orch, self.block_size)
         documents.attach(self)  # the documents branch of both sides (kvstrata.documents.connector)
         self._errors_reported = 0
@@ -98,11 +106,15 @@ class StrataConnector(KVConnectorBase_V1):
         return self.scheduler.build_connector_meta(scheduler_output)
 
     def update_connector_output(self, connector_output) -> None:
-        vllm_pool.apply(self.orch, connector_output.kv_connector_worker_meta)
+        self.events.changed(vllm_pool.apply(self.orch, connector_output.kv_connector_worker_meta))
         stats = connector_output.kv_connector_stats
         # a worker in this process shares our orchestrator: its reads are already counted
         if stats is not None and stats.data.get("reads") and self.orch.users == 1:
             self.scheduler.observe(stats.data["reads"])
+
+    def take_events(self):
+        """KV cache events with the tier as ``medium`` (see :mod:`kvstrata.connectors.vllm_events`)."""
+        return self.events.take()
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return False, self.scheduler.request_finished(request)

@@ -5,10 +5,12 @@ worker are two processes, each with its own orchestrator. A ``memory`` tier
 lives in one process only: the worker's, which loads and saves. The
 scheduler must still know what that pool holds to plan a DRAM hit, so:
 
-* the worker wraps each memory tier in a :class:`Journal`, which notes every
-  key the pool gains or loses (puts, evictions, deletes, promotions) and hands
-  the net changes to vLLM each step as worker metadata
-  (``build_connector_worker_meta``, :class:`PoolChanges`);
+* the worker wraps each tier in a :class:`Journal`, which notes every key the
+  tier gains or loses (puts, evictions, deletes, promotions, demotions) and
+  hands the net changes to vLLM each step as worker metadata
+  (``build_connector_worker_meta``, :class:`PoolChanges`); the memory tiers'
+  changes feed the index below, every tier's feed the KV cache events
+  (:mod:`kvstrata.connectors.vllm_events`);
 * the scheduler replaces each memory tier with a :class:`PoolIndex`: a set of
   the keys the worker holds, updated from that metadata
   (``update_connector_output``), which answers ``contains`` and nothing else.
@@ -24,7 +26,8 @@ orchestrator. That wait happens on the background loop while the scheduler
 is answered ``None`` ("ask again"), so it never stalls vLLM's scheduler.
 
 When both roles share one process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) they
-share one orchestrator and its real pool: nothing is wrapped.
+share one orchestrator and its real pool: the scheduler reads the pool
+(through its journal) and keeps no index.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ class PoolChanges(KVConnectorWorkerMetadata):
 
 
 class Journal(Tier):
-    """The worker's memory tier, noting which keys it gains and loses. Everything else is the pool's."""
+    """A worker's tier, noting which keys it gains and loses. Everything else is the tier's own."""
 
     def __init__(self, pool: Tier):
         super().__init__(pool.name)
@@ -70,7 +73,6 @@ class Journal(Tier):
         self.kind = getattr(pool, "kind", "memory")
         self._changes: dict[bytes, bool] = {}
         self._lock = threading.Lock()
-        self.recording = True  # False when the scheduler shares this process (it reads the pool itself)
 
     def __getattr__(self, name):  # capacity_bytes, used_bytes, ...: the pool's
         return getattr(self.pool, name)
@@ -79,10 +81,9 @@ class Journal(Tier):
         return len(self.pool)
 
     def _note(self, keys: Sequence[ChunkKey], held: Sequence[bool]) -> None:
-        if self.recording:
-            with self._lock:
-                for key, present in zip(keys, held):
-                    self._changes[key.digest] = present
+        with self._lock:  # drained every engine step (build_connector_worker_meta)
+            for key, present in zip(keys, held):
+                self._changes[key.digest] = present
 
     def drain(self) -> dict[bytes, bool]:
         with self._lock:
@@ -100,7 +101,10 @@ class Journal(Tier):
         evicted = [e.key for e in result.evicted]
         self._note(evicted, [False] * len(evicted))
         keys = [k for k, _ in items]
-        self._note(keys, await self.pool.contains(keys))  # what the put really left (too large: not stored)
+        if result.stored == len(keys):
+            self._note(keys, [True] * len(keys))
+        else:  # some were not admitted (larger than the pool): ask what the put really left
+            self._note(keys, await self.pool.contains(keys))
         return result
 
     async def delete(self, keys: Sequence[ChunkKey]) -> None:
@@ -172,37 +176,38 @@ class PoolIndex(Tier):
 
 
 def attach(orch, worker: bool) -> None:
-    """Set up ``orch``'s process-local tiers for one role (call once per role, after construction)."""
+    """Set up ``orch``'s tiers for one role (call once per role, after construction).
+
+    Worker: every tier gets a :class:`Journal`. Scheduler: each memory tier is
+    replaced by a :class:`PoolIndex`, unless a worker in this process already
+    journals it (one process, one shared pool).
+    """
     for name, spec in orch.config.tiers.items():
-        if spec.kind not in PROCESS_LOCAL_KINDS:
-            continue
         tier = orch.tiers[name]
         if worker:
             if isinstance(tier, PoolIndex):  # the scheduler came first in this process: the pool is shared
                 orch.tiers[name] = Journal(tier.pool)
-                orch.tiers[name].recording = False
             elif not isinstance(tier, Journal):
                 orch.tiers[name] = Journal(tier)
-        elif isinstance(tier, Journal):  # a worker in this process: the scheduler reads the pool itself
-            tier.recording = False
-        elif not isinstance(tier, PoolIndex):
+        elif spec.kind in PROCESS_LOCAL_KINDS and not isinstance(tier, (Journal, PoolIndex)):
             orch.tiers[name] = PoolIndex(tier, orch.inflight_wait_s)
 
 
 def changes(orch) -> PoolChanges | None:
-    """What the worker's pools gained and lost since the last call (None if nothing)."""
+    """What the worker's tiers gained and lost since the last call (None if nothing)."""
     pools = {name: c for name, t in orch.tiers.items() if isinstance(t, Journal) and (c := t.drain())}
     return PoolChanges(pools) if pools else None
 
 
-def apply(orch, meta) -> None:
-    """Apply a worker's :class:`PoolChanges` to this scheduler's indexes."""
+def apply(orch, meta) -> dict[str, dict[bytes, bool]]:
+    """Apply a worker's :class:`PoolChanges` to this scheduler's indexes; returns the changes."""
     if not isinstance(meta, PoolChanges):
-        return
+        return {}
     for name, c in meta.pools.items():
         tier = orch.tiers.get(name)
         if isinstance(tier, PoolIndex):
             tier.apply(c)
+    return meta.pools
 
 
 def indexes(orch) -> dict[str, PoolIndex]:

@@ -68,6 +68,7 @@ class SchedulerSide:
         self._requests: dict[str, _Request] = {}
         self._lookups: dict[str, _Lookup] = {}
         self.inline_wait_s = INLINE_WAIT_S
+        self.events = None  # an EventLog (kvstrata.connectors.vllm_events), set by the facade
         self.documents = None  # a DocumentScheduler (kvstrata.documents.connector), set by the facade
 
     # -- admission --------------------------------------------------------------
@@ -216,6 +217,11 @@ class SchedulerSide:
                 ))
         state.next_save = max(state.next_save, done)
         self._expect(plan, specs)
+        if self.events is not None and self.events.enabled:
+            route = plan.decision.route
+            for spec in specs:
+                self.events.remember({spec.keys[route.codec_for(t)] for t in spec.tiers}, state.request,
+                                     spec.chunk_index * per_chunk, per_chunk)
         return specs
 
     def _expect(self, plan: Plan, specs: list[SaveSpec]) -> None:
