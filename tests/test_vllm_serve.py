@@ -121,12 +121,21 @@ def server(model_dir, tmp_path_factory):
                   "--kv-events-config", json.dumps({"enable_kv_cache_events": True, "publisher": "zmq",
                                                     "endpoint": f"tcp://127.0.0.1:{events_port}"})],
                  env, tmp / "server.log")
-    srv.events_port = events_port
-    srv.start()
+    # the KV events subscriber binds before the server starts: vLLM's publisher (its endpoint names a
+    # host, so it connects) finds it there from its first event on
+    import zmq
+
+    context = zmq.Context()
+    srv.events = context.socket(zmq.SUB)
+    srv.events.bind(f"tcp://127.0.0.1:{events_port}")
+    srv.events.setsockopt(zmq.SUBSCRIBE, b"")
     try:
+        srv.start()
         yield srv
     finally:
         srv.stop()
+        srv.events.close(linger=0)
+        context.term()
 
 
 @pytest.fixture(scope="module")
@@ -199,36 +208,32 @@ def test_kvstrata_metrics_are_on_vllms_metrics(server, tokenizer) -> None:
 def test_kv_events_name_kvstratas_tier_as_medium(server, tokenizer) -> None:
     """BlockStored events for the prompt's blocks, one per chunk and tier, with vLLM's block hashes."""
     import msgspec
-    import zmq
     from vllm.distributed.kv_events import BlockStored, KVEventBatch
 
     ids = text_tokens(tokenizer, PROMPT_TOKENS, offset=13000)
-    context = zmq.Context()
-    sub = context.socket(zmq.SUB)
-    try:
-        # the server's endpoint names a host, so vLLM's publisher connects (and reconnects) to it: bind here
-        sub.bind(f"tcp://127.0.0.1:{server.events_port}")
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        time.sleep(2)  # the publisher reconnects; what it sent before is not for us
-        server.complete(ids, max_tokens=2)
-        decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
-        blocks: dict[str, list] = {}
-        block_size = 128  # vLLM's CPU build; checked against the events below
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and min(len(blocks.get(t, ())) for t in ("dram", "local")) < HIT // 128:
-            if not sub.poll(1000):
-                server.complete(ids[:8], max_tokens=1)  # an engine step carries the worker's report
-                continue
-            _, _, payload = sub.recv_multipart()
-            for event in decoder.decode(payload).events:
-                if isinstance(event, BlockStored) and _is_slice(event.token_ids, ids, block_size):
-                    blocks.setdefault(event.medium, []).extend(event.block_hashes)
-                    assert event.block_size == block_size
-                    assert len(event.token_ids) == block_size * len(event.block_hashes)
-    finally:
-        sub.close(linger=0)
-        context.term()
-    assert {t: len(b) for t, b in blocks.items()} == {"dram": HIT // block_size, "local": HIT // block_size}
+    sub = server.events
+    while sub.poll(0):  # what earlier tests caused
+        sub.recv_multipart()
+    server.complete(ids, max_tokens=2)
+    decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+    blocks: dict[str, list] = {}
+    seen: list = []  # every event received (for the failure message)
+    block_size = 128  # vLLM's CPU build; checked against the events below
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and min(len(blocks.get(t, ())) for t in ("dram", "local")) < HIT // 128:
+        if not sub.poll(1000):
+            server.complete(ids[:8], max_tokens=1)  # an engine step carries the worker's report
+            continue
+        _, _, payload = sub.recv_multipart()
+        for event in decoder.decode(payload).events:
+            seen.append((type(event).__name__, getattr(event, "medium", None), list(event.token_ids[:3])
+                         if isinstance(event, BlockStored) else None))
+            if isinstance(event, BlockStored) and _is_slice(event.token_ids, ids, block_size):
+                blocks.setdefault(event.medium, []).extend(event.block_hashes)
+                assert event.block_size == block_size
+                assert len(event.token_ids) == block_size * len(event.block_hashes)
+    assert {t: len(b) for t, b in blocks.items()} == {"dram": HIT // block_size, "local": HIT // block_size}, \
+        (ids[:3], seen[:20], server.tail(2000))
     assert set(blocks["dram"]) == set(blocks["local"]) and len(set(blocks["dram"])) == HIT // block_size
 
 
