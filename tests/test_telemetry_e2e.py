@@ -114,9 +114,7 @@ def test_exporter_shows_hit_tokens_per_tier(served) -> None:
 
 
 def _table(output: str) -> dict[str, list[str]]:
-    rows = [[c.strip() for c in line.strip().strip("│").split("│")]
-            for line in output.splitlines() if line.startswith("│")]
-    return {row[0]: row for row in rows}
+    return {row[0]: row for row in map(str.split, output.splitlines()) if row}
 
 
 def test_stats_command_from_the_exporter_and_a_snapshot(served, setup) -> None:
@@ -135,16 +133,20 @@ def test_stats_command_from_the_exporter_and_a_snapshot(served, setup) -> None:
 def test_vllm_stats_hooks_carry_hit_tokens_per_tier(served) -> None:
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-    from kvstrata.connectors.vllm import StrataConnector, StrataStats
+    from kvstrata.connectors.vllm import StrataConnector
+    from kvstrata.connectors.vllm_metrics import StrataStats, tokens_by_source
 
     worker = get_kv_transfer_group()  # this process's worker-role connector
     assert isinstance(worker, StrataConnector)
     worker.get_kv_connector_stats()  # whatever the last steps had not reported yet
-    assert worker._tokens_seen == {"dram": HIT, "shared": HIT}  # recompute: the scheduler role reports it
-    a = StrataStats(data={"reads": [("dram", 0.01, 1000)], "load_error_blocks": 0, "tokens": {"dram": HIT}})
-    b = StrataConnector.build_kv_connector_stats(
-        {"reads": [], "load_error_blocks": 1, "tokens": {"shared": HIT, "recompute": 440, "engine": 0}})
+    assert worker.get_kv_connector_stats() is None  # nothing new: nothing sent
+    a = StrataStats(data={"reads": [["dram", 0.01, 1000]], "load_error_blocks": 0, "telemetry": {
+        "counters": [["kvstrata_tokens", ["dram"], HIT]], "gauges": [], "observations": []}})
+    b = StrataConnector.build_kv_connector_stats({"reads": [], "load_error_blocks": 1, "telemetry": {
+        "counters": [["kvstrata_tokens", ["shared"], HIT], ["kvstrata_tokens", ["recompute"], 440]],
+        "gauges": [], "observations": []}})
     reduced = a.aggregate(b).reduce()
+    assert tokens_by_source(a.data["telemetry"]) == {"dram": HIT, "shared": HIT, "recompute": 440}
     assert reduced["kvstrata_tokens_dram"] == HIT and reduced["kvstrata_tokens_shared"] == HIT
     assert reduced["kvstrata_tokens_recompute"] == 440 and reduced["kvstrata_load_error_blocks"] == 1
     assert reduced["kvstrata_hit_rate"] == round(1 - 440 / (2 * HIT + 440), 3)

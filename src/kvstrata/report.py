@@ -50,7 +50,9 @@ def load(sources: Iterable[str]) -> list[dict]:
     """Snapshots from URLs and files (``.json``: one, ``.jsonl``: a series), oldest first.
 
     Several sources read at the same moment (one URL per vLLM process) are
-    one snapshot: their samples add up.
+    one snapshot: their samples add up. Files of several processes (vLLM's
+    scheduler and worker each write their own) are merged into one series:
+    see :func:`merge_processes`.
     """
     docs: list[dict] = []
     scraped: list[dict] = []
@@ -58,10 +60,38 @@ def load(sources: Iterable[str]) -> list[dict]:
         if source.startswith(("http://", "https://")):
             scraped.append(scrape(source))
         else:
-            docs.extend(load_snapshots(source))
+            docs.extend({**d, "_source": source} for d in load_snapshots(source))
+    docs = merge_processes(docs)
     if scraped:
         docs.append({"time": time.time(), "samples": [s for d in scraped for s in d["samples"]]})
     return sorted(docs, key=lambda d: d.get("time", 0))
+
+
+def merge_processes(docs: Sequence[dict]) -> list[dict]:
+    """One series out of several processes' snapshots: at each snapshot's time, the samples of
+    every process's latest snapshot so far, added up.
+
+    A process is known by its snapshot's ``pid`` and ``role`` (else by the file it came from).
+    Counters only grow within a process, so the merged series grows too: no sawtooth from
+    alternating between processes.
+    """
+    docs = sorted(docs, key=lambda d: d.get("time", 0))
+    processes = {_process(d) for d in docs}
+    if len(processes) <= 1:
+        return [{k: v for k, v in d.items() if k != "_source"} for d in docs]
+    latest: dict[tuple, dict] = {}
+    merged = []
+    for doc in docs:
+        latest[_process(doc)] = doc
+        merged.append({"version": 1, "time": doc.get("time", 0), "processes": len(latest),
+                       "samples": [s for d in latest.values() for s in d["samples"]]})
+    return merged
+
+
+def _process(doc: dict) -> tuple:
+    if "pid" in doc or "role" in doc:
+        return (doc.get("pid"), doc.get("role"))
+    return (doc.get("_source"),)
 
 
 class _Samples:

@@ -1,15 +1,21 @@
 """StrataConnector: kvstrata behind vLLM's KV connector API (v1).
 
-Use::
+Use ``kvstrata serve MODEL --strata-config strata.yaml [vllm serve options]``
+(docs/serving.md), or in any vLLM entry point::
 
-    vllm serve MODEL --kv-transfer-config '{"kv_connector": "StrataConnector",
+    --kv-transfer-config '{"kv_connector": "StrataConnector",
         "kv_connector_module_path": "kvstrata.connectors.vllm", "kv_role": "kv_both",
         "kv_connector_extra_config": {"config": "strata.yaml"}}'
 
 A thin facade: vLLM makes one instance per role; the scheduler role
 delegates to :class:`~kvstrata.connectors.vllm_scheduler.SchedulerSide`, the
 worker role to :class:`~kvstrata.connectors.vllm_worker.WorkerSide`, each
-over its own :class:`~kvstrata.orchestrator.Orchestrator`.
+over its process's :class:`~kvstrata.orchestrator.Orchestrator` (one shared
+by both roles when they share a process). In vLLM's default multiprocess
+mode the worker's DRAM pool is made visible to the scheduler through worker
+metadata (:mod:`~kvstrata.connectors.vllm_pool`); metrics reach vLLM's
+``/metrics`` (:mod:`~kvstrata.connectors.vllm_metrics`); KV cache events name
+the tier as ``medium`` (:mod:`~kvstrata.connectors.vllm_events`).
 
 Loads are synchronous from vLLM's point of view (the step that uses them
 starts them), layer-wise inside: attention of layer l waits only for layer l.
@@ -23,7 +29,7 @@ and stays out of the way.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
 from typing import Any
 
 import torch
@@ -32,61 +38,18 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvstrata import exporter, layout
+from kvstrata.connectors.vllm_metrics import StrataPromMetrics, StrataStats
+from kvstrata.connectors import vllm_events, vllm_pool
 from kvstrata.connectors.vllm_meta import StrataMetadata
 from kvstrata.connectors.vllm_scheduler import SchedulerSide
 from kvstrata.connectors.vllm_setup import model_spec, strata_config
 from kvstrata.connectors.vllm_worker import WorkerSide
 from kvstrata.documents import connector as documents
 from kvstrata.orchestrator import Orchestrator
-from kvstrata.telemetry import ENGINE, RECOMPUTE
 
 log = logging.getLogger("vllm.kvstrata")  # under "vllm" so vLLM's logging shows it
 
 _SOURCES = {"memory": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
-
-
-@dataclass
-class StrataStats(KVConnectorStats):
-    """Worker -> scheduler -> front end: reads measured (for the cost model) and counters for vLLM's log.
-
-    ``data``: ``reads`` [(tier, seconds, bytes)], ``load_error_blocks`` int,
-    ``tokens`` {source: prompt tokens served since the last report} -- tiers
-    from the worker side, ``engine`` and ``recompute`` from the scheduler side.
-    vLLM prints ``reduce()`` as ``KV Transfer metrics: ...`` per log interval.
-    """
-
-    def reset(self) -> None:
-        self.data = {}
-
-    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
-        for key, value in other.data.items():
-            if key == "reads":
-                self.data.setdefault("reads", []).extend(value)
-            elif isinstance(value, dict):
-                mine = self.data.setdefault(key, {})
-                for k, v in value.items():
-                    mine[k] = mine.get(k, 0) + v
-            else:
-                self.data[key] = self.data.get(key, 0) + value
-        return self
-
-    def reduce(self) -> dict[str, int | float]:
-        reads = self.data.get("reads", [])
-        tokens = self.data.get("tokens", {})
-        out: dict[str, int | float] = {
-            "kvstrata_reads": len(reads),
-            "kvstrata_read_MB": round(sum(r[2] for r in reads) / 1e6, 3),
-            "kvstrata_load_error_blocks": self.data.get("load_error_blocks", 0),
-        }
-        for source in sorted(tokens, key=lambda s: (s in (ENGINE, RECOMPUTE), s)):
-            out[f"kvstrata_tokens_{source}"] = int(tokens[source])
-        prompt = sum(tokens.values())
-        if prompt:  # share of prompt tokens not recomputed: engine prefix cache plus kvstrata's tiers
-            out["kvstrata_hit_rate"] = round(1 - tokens.get(RECOMPUTE, 0) / prompt, 3)
-        return out
-
-    def is_empty(self) -> bool:
-        return not any(self.data.values())
 
 
 class StrataConnector(KVConnectorBase_V1):
@@ -106,12 +69,20 @@ class StrataConnector(KVConnectorBase_V1):
             log.info("kvstrata: setting kv_load_failure_policy=recompute (a failed load is a cache miss)")
             object.__setattr__(self._kv_transfer_config, "kv_load_failure_policy", "recompute")
         self.orch = Orchestrator.shared(config, self.model)
+        vllm_pool.attach(self.orch, worker=role == KVConnectorRole.WORKER)  # one DRAM pool, seen by both roles
         self.scheduler = SchedulerSide(self.orch, self.block_size, self.model.name)
+        self.events = vllm_events.EventLog(self.block_size, vllm_events.enabled(vllm_config))
+        self.scheduler.events = self.events
         self.worker = WorkerSide(self.orch, self.block_size)
         documents.attach(self)  # the documents branch of both sides (kvstrata.documents.connector)
         self._errors_reported = 0
-        self._tokens_seen: dict[str, float] = {}  # telemetry token counts already reported to vLLM
+        self.orch.telemetry.forward()  # every change goes to vLLM's /metrics through the connector stats
+        # opt-in extras (telemetry: in the YAML): a standalone exporter, for engines without vLLM's
+        # /metrics (offline LLM), and snapshot files for kvstrata stats/report
         self.telemetry_service = exporter.serve(self.orch.telemetry, config.telemetry, role.name.lower())
+        if self.telemetry_service is not None and self.telemetry_service.url:
+            log.info("kvstrata metrics (%s, pid %d): %s", self.telemetry_service.role, os.getpid(),
+                     self.telemetry_service.url)
         log.info("kvstrata %s: %s, tiers %s, enabled=%s", role.name, self.model, list(config.tiers), self.enabled)
 
     @property
@@ -135,10 +106,15 @@ class StrataConnector(KVConnectorBase_V1):
         return self.scheduler.build_connector_meta(scheduler_output)
 
     def update_connector_output(self, connector_output) -> None:
+        self.events.changed(vllm_pool.apply(self.orch, connector_output.kv_connector_worker_meta))
         stats = connector_output.kv_connector_stats
         # a worker in this process shares our orchestrator: its reads are already counted
         if stats is not None and stats.data.get("reads") and self.orch.users == 1:
             self.scheduler.observe(stats.data["reads"])
+
+    def take_events(self):
+        """KV cache events with the tier as ``medium`` (see :mod:`kvstrata.connectors.vllm_events`)."""
+        return self.events.take()
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return False, self.scheduler.request_finished(request)
@@ -190,36 +166,31 @@ class StrataConnector(KVConnectorBase_V1):
         self._errors_reported += len(errors)
         return errors
 
+    def build_connector_worker_meta(self) -> vllm_pool.PoolChanges | None:
+        return vllm_pool.changes(self.orch) if self._role == KVConnectorRole.WORKER else None
+
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """This role's changes since the last step: reads measured, load errors, the telemetry outbox.
+
+        When both roles share one orchestrator (one process), whichever asks
+        first takes the changes: each is reported once.
+        """
         reads = self.orch.drain_observations()
         errors, self._errors_reported = self._errors_reported, 0
-        tokens = self._new_tokens()
-        if not reads and not errors and not tokens:
+        telemetry = self.orch.telemetry.drain()
+        if not reads and not errors and not telemetry:
             return None
-        return StrataStats(data={"reads": reads, "load_error_blocks": errors, "tokens": tokens})
-
-    def _new_tokens(self) -> dict[str, int]:
-        """Tokens served since the last call, by source, for the sources this role records.
-
-        Loads (tiers, and recompute of failed chunks) are recorded on the
-        worker side, lookups (engine, recompute) on the scheduler side; when
-        both roles share one orchestrator, recompute is reported once, by the
-        scheduler.
-        """
-        if self._role == KVConnectorRole.WORKER:
-            mine = lambda s: s != ENGINE and (s != RECOMPUTE or self.orch.users == 1)  # noqa: E731
-        else:
-            mine = lambda s: s in (ENGINE, RECOMPUTE)  # noqa: E731
-        new: dict[str, int] = {}
-        for source, total in self.orch.telemetry.tokens_by_source().items():
-            if mine(source) and total > self._tokens_seen.get(source, 0):
-                new[source] = int(total - self._tokens_seen.get(source, 0))
-                self._tokens_seen[source] = total
-        return new
+        return StrataStats(data={"reads": [list(r) for r in reads], "load_error_blocks": errors,
+                                 "telemetry": telemetry})
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict | None = None) -> KVConnectorStats | None:
         return StrataStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        """The ``kvstrata_*`` families on vLLM's ``/metrics`` (see :mod:`kvstrata.connectors.vllm_metrics`)."""
+        return StrataPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         last = self.orch.users == 1  # the shared orchestrator's last user also stops its exporter

@@ -4,20 +4,48 @@ Runs in vLLM's engine-core process. Per request it keeps the lookup's plan,
 the request's blocks, and how far saving has got; each step it tells the
 worker which chunks to load into which blocks and which newly completed
 prompt chunks to copy out and store.
+
+The scheduler never waits on a tier: a lookup runs on the background loop
+(:meth:`Orchestrator.alookup`); ``get_num_new_matched_tokens`` waits for it
+at most :data:`INLINE_WAIT_S` (a DRAM-index and local-disk lookup finishes
+within that), else answers ``None`` -- vLLM's "ask again" -- and picks the
+plan up at a later step. A lookup not done by the request's latency budget
+(``budget_ms``, else ``orchestrator.default_budget_ms``) is abandoned: a
+miss, the prompt is recomputed (and still saved).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvstrata import runtime
+from kvstrata.connectors import vllm_pool
 from kvstrata.connectors.vllm_meta import LoadSpec, SaveSpec, StrataMetadata
 from kvstrata.connectors.vllm_setup import request_context
+from kvstrata.keys import chunk_keys
 from kvstrata.orchestrator import Orchestrator
 from kvstrata.plan import Plan
+from kvstrata.policy.route import RequestContext
+from kvstrata.telemetry import ENGINE, RECOMPUTE
 
 log = logging.getLogger(__name__)
+
+#: how long ``get_num_new_matched_tokens`` waits for a lookup before answering "ask again"
+INLINE_WAIT_S = 0.005
+
+
+@dataclass
+class _Lookup:
+    """A lookup running on the background loop for one request."""
+
+    future: concurrent.futures.Future
+    ctx: RequestContext
+    num_computed: int
+    give_up_at: float
 
 
 @dataclass
@@ -27,6 +55,7 @@ class _Request:
     num_computed: int  # the engine's own hit when the plan was made
     block_ids: list[int] = field(default_factory=list)
     load_pending: bool = False
+    loaded: bool = False  # a load of the plan was handed to the worker
     next_save: int = 0  # chunks before this index are stored, loaded or engine-held
 
 
@@ -37,27 +66,71 @@ class SchedulerSide:
         self.block_size = block_size
         self.model_id = model_id
         self._requests: dict[str, _Request] = {}
+        self._lookups: dict[str, _Lookup] = {}
+        self.inline_wait_s = INLINE_WAIT_S
+        self.events = None  # an EventLog (kvstrata.connectors.vllm_events), set by the facade
         self.documents = None  # a DocumentScheduler (kvstrata.documents.connector), set by the facade
 
     # -- admission --------------------------------------------------------------
 
-    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         if self.documents is not None:  # documents branch: a stitched prefix, no chunk lookup, no saves
             stitched = self.documents.match(request, num_computed_tokens)
             if stitched is not None:
                 return stitched, False
         state = self._requests.get(request.request_id)
         if state is None or state.num_computed != num_computed_tokens:
-            tokens = list(request.prompt_token_ids or ())
-            plan = self.orch.lookup(
-                tokens,
-                request_context(request, self.model_id),
-                skip_tokens=num_computed_tokens,
-                limit_tokens=len(tokens) - 1,  # vLLM computes at least the last prompt token
-            )
+            plan = self._plan(request, num_computed_tokens)
+            if plan is None:
+                return None, False  # still looking: vLLM asks again at a later step
             state = _Request(request, plan, num_computed_tokens)
             self._requests[request.request_id] = state
         return max(state.plan.end_token - num_computed_tokens, 0) if state.plan.chunks else 0, False
+
+    def _plan(self, request, num_computed: int) -> Plan | None:
+        """The lookup's plan for this request, None while it runs (started on the first call)."""
+        req_id = request.request_id
+        pending = self._lookups.get(req_id)
+        if pending is None or pending.num_computed != num_computed:
+            if pending is not None:  # the engine's own hit changed: that answer is for another question
+                pending.future.cancel()
+            tokens = list(request.prompt_token_ids or ())
+            ctx = request_context(request, self.model_id)
+            budget = ctx.budget_ms if ctx.budget_ms is not None else self.orch.config.orchestrator.default_budget_ms
+            future = runtime.submit(self.orch.alookup(
+                tokens, ctx, skip_tokens=num_computed,
+                limit_tokens=len(tokens) - 1,  # vLLM computes at least the last prompt token
+            ))
+            pending = self._lookups[req_id] = _Lookup(future, ctx, num_computed, time.monotonic() + budget / 1e3)
+            try:
+                future.result(self.inline_wait_s)
+            except Exception:  # not done yet, or failed: both handled below
+                pass
+        if not pending.future.done():
+            if time.monotonic() < pending.give_up_at:
+                return None
+            pending.future.cancel()
+            del self._lookups[req_id]
+            log.warning("kvstrata: lookup for %s not done within its budget; recomputing", req_id)
+            return self._miss(request, pending, "lookup over budget")
+        del self._lookups[req_id]
+        try:
+            return pending.future.result()
+        except Exception as exc:  # a lookup can always fall back to recompute
+            log.warning("kvstrata: lookup for %s failed, recomputing: %s", req_id, exc)
+            return self._miss(request, pending, f"lookup failed: {exc}")
+
+    def _miss(self, request, pending: _Lookup, reason: str) -> Plan:
+        """A plan that loads nothing but keeps the prompt's keys, so its chunks are still saved."""
+        tokens = list(request.prompt_token_ids or ())
+        ctx = pending.ctx
+        decision = self.orch.policy.decide(ctx)
+        route = decision.route
+        keys = {codec: tuple(chunk_keys(tokens, self.orch.model.namespace(ctx.tenant, codec), self.chunk))
+                for codec in {"none", *(route.codec_for(t) for t in (*route.read, *route.write))}}
+        self.orch.telemetry.lookup(decision.rule, "recompute")
+        self.orch.telemetry.served(RECOMPUTE, len(tokens) - pending.num_computed)
+        return Plan(ctx, decision, self.chunk, pending.num_computed, keys, reason=reason)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         if self.documents is not None and self.documents.after_alloc(request, blocks, num_external_tokens):
@@ -106,6 +179,7 @@ class SchedulerSide:
         if not state.load_pending:
             return
         state.load_pending = False
+        state.loaded = True
         plan = state.plan
         meta.loads.append(LoadSpec(
             req_id=state.request.request_id,
@@ -142,7 +216,20 @@ class SchedulerSide:
                     block_ids=blocks,
                 ))
         state.next_save = max(state.next_save, done)
+        self._expect(plan, specs)
+        if self.events is not None and self.events.enabled:
+            route = plan.decision.route
+            for spec in specs:
+                self.events.remember({spec.keys[route.codec_for(t)] for t in spec.tiers}, state.request,
+                                     spec.chunk_index * per_chunk, per_chunk)
         return specs
+
+    def _expect(self, plan: Plan, specs: list[SaveSpec]) -> None:
+        """Tell the worker-pool indexes which chunks are on their way (a lookup waits for them)."""
+        indexes = vllm_pool.indexes(self.orch) if specs else {}
+        route = plan.decision.route
+        for name, index in indexes.items():
+            index.expect([spec.keys[route.codec_for(name)] for spec in specs if name in spec.tiers])
 
     # -- end of a request -------------------------------------------------------
 
@@ -150,10 +237,16 @@ class SchedulerSide:
         """Forget the request; what kvstrata did for it goes back in ``kv_transfer_params``."""
         if self.documents is not None and self.documents.handles(request.request_id):
             return self.documents.finished(request)
+        pending = self._lookups.pop(request.request_id, None)
+        if pending is not None:
+            pending.future.cancel()
         state = self._requests.pop(request.request_id, None)
         if state is None:
             return None
         plan = state.plan
+        loaded = plan.tokens_by_tier() if state.loaded else {}
+        source = max(loaded, key=loaded.get) if loaded else ENGINE if plan.skip_tokens else RECOMPUTE
+        self.orch.telemetry.request(source)
         return {"kvstrata": {
             "rule": plan.decision.rule,
             "engine_tokens": plan.skip_tokens,
