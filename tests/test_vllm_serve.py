@@ -111,7 +111,10 @@ def server(model_dir, tmp_path_factory):
           default: {{read: [dram, local], write: [dram, local]}}
         """))
     kvstrata = Path(sys.executable).with_name("kvstrata")  # the console script setup installs
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # vLLM's default
+    # vLLM's defaults: not what an offline engine earlier in this process set (kvstrata.engine.make_llm:
+    # single-process mode, and a thread binding "all" that multiprocess mode cannot parse)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE")}
     env.update(VLLM_CPU_KVCACHE_SPACE="1")
     events_port = _free_port()
     srv = Server([str(kvstrata), "serve", str(model_dir), "--strata-config", str(config),
