@@ -234,7 +234,7 @@ def test_two_concurrent_engines_share_one_redis_cluster_and_one_s3(cluster, s3_s
                 for tier, n in r["loaded"].items():
                     loaded[tier] += n
         for tier, n in loaded.items():
-            row = next(line for line in stats.splitlines() if f" {tier} " in line)
+            row = next(line for line in stats.splitlines() if line.split()[:1] == [tier])
             assert f"{n:,}" in row, (tier, n, stats)
     finally:
         for engine in (a, b):
