@@ -221,11 +221,13 @@ class Orchestrator:
         """Wait for this prompt's chunks still queued for writing (the previous request's); the
         seconds waited, which the caller takes off the request's budget.
 
-        Bounded by the smallest of ``inflight_wait_s``, the budget and the time recomputing
-        ``tokens`` would take (waiting longer than recomputing never pays).
+        Bounded by the smallest of ``inflight_wait_s``, half the budget and the time recomputing
+        ``tokens`` would take (waiting longer than recomputing never pays). Half: the lookup
+        itself needs the rest, and vLLM's scheduler gives up on a lookup at the whole budget,
+        so a wait that took all of it made the request recompute what had just landed.
         """
         pending = [self._inflight[k] for k in logical if k in self._inflight]
-        limit = min(self.inflight_wait_s, budget_s, self.cost.recompute_s(tokens))
+        limit = min(self.inflight_wait_s, budget_s / 2, self.cost.recompute_s(tokens))
         if not pending or limit <= 0:
             return 0.0
         started = time.monotonic()
