@@ -80,10 +80,13 @@ def make_orch(redis_server, s3_server, tmp_path):
         orch.close()
 
 
-def save_all(orch: Orchestrator, tokens, seed: int = 0, ctx: RequestContext | None = None):
+def save_all(orch: Orchestrator, tokens, seed: int = 0, ctx: RequestContext | None = None,
+             one_by_one: bool = False):
     plan = orch.lookup(tokens, ctx or RequestContext())
     for i in range(len(tokens) // CHUNK):
         assert orch.save(plan, i, kv_for(i, seed))
+        if one_by_one:
+            assert orch.flush(30)
     assert orch.flush(30)
     return plan
 
@@ -179,7 +182,9 @@ def test_demotion_of_dram_evictions_to_disk(make_orch) -> None:
 
     orch.tiers["dram"] = MemoryTier("dram", capacity_bytes=cap, eviction="lru")
     tokens = prompt(4, seed=5)
-    plan = save_all(orch, tokens, seed=5)
+    # One chunk at a time: the save workers run concurrently, so chunks saved together may
+    # reach the LRU in any order, and this test is about which chunk goes where on eviction.
+    plan = save_all(orch, tokens, seed=5, one_by_one=True)
     keys = plan.keys["none"]
     assert rt.run(orch.tiers["dram"].contains(keys)) == [False, False, True, True]
     assert rt.run(orch.tiers["local"].contains(keys)) == [True, True, False, False]
