@@ -362,6 +362,9 @@ class Link:
                 flow.sent += step
                 self.served_bytes += step
                 if head.remaining <= rate * 1e-4:  # within 0.1 ms: timers are not finer
+                    flow.sent += head.remaining  # the read is done: all its bytes count as served
+                    self.served_bytes += head.remaining
+                    head.remaining = 0.0
                     flow.queue.popleft()
                     if not head.done.done():
                         head.done.set_result(None)
