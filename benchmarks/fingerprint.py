@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, machine_info, utc_now, write_json  # noqa: E402
 
 from kvstrata import fingerprint as fp  # noqa: E402
-from kvstrata.models import prepare_smollm2  # noqa: E402
+from kvstrata.offline.convert import prepare_smollm2  # noqa: E402
 
 
 def sampled_blocks(path: Path) -> int:
@@ -58,11 +58,17 @@ def llama8b_tensors() -> list[tuple[str, list[int]]]:
     out = [("model.embed_tokens.weight", [vocab, hidden])]
     for i in range(32):
         p = f"model.layers.{i}."
-        out += [(p + "self_attn.q_proj.weight", [hidden, hidden]), (p + "self_attn.k_proj.weight", [kv, hidden]),
-                (p + "self_attn.v_proj.weight", [kv, hidden]), (p + "self_attn.o_proj.weight", [hidden, hidden]),
-                (p + "mlp.gate_proj.weight", [inter, hidden]), (p + "mlp.up_proj.weight", [inter, hidden]),
-                (p + "mlp.down_proj.weight", [hidden, inter]), (p + "input_layernorm.weight", [hidden]),
-                (p + "post_attention_layernorm.weight", [hidden])]
+        out += [
+            (p + "self_attn.q_proj.weight", [hidden, hidden]),
+            (p + "self_attn.k_proj.weight", [kv, hidden]),
+            (p + "self_attn.v_proj.weight", [kv, hidden]),
+            (p + "self_attn.o_proj.weight", [hidden, hidden]),
+            (p + "mlp.gate_proj.weight", [inter, hidden]),
+            (p + "mlp.up_proj.weight", [inter, hidden]),
+            (p + "mlp.down_proj.weight", [hidden, inter]),
+            (p + "input_layernorm.weight", [hidden]),
+            (p + "post_attention_layernorm.weight", [hidden]),
+        ]
     return out + [("model.norm.weight", [hidden]), ("lm_head.weight", [vocab, hidden])]
 
 
@@ -73,7 +79,7 @@ def write_sparse_shards(directory: Path, shards: int = 4) -> int:
     total = 0
     for s in range(shards):
         header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape in tensors[s * per:(s + 1) * per]:
+        for name, shape in tensors[s * per : (s + 1) * per]:
             n = 2 * math.prod(shape)
             header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + n]}
             offset += n
@@ -107,9 +113,14 @@ def main() -> None:
         del data
         size, blocks = weights.stat().st_size, sampled_blocks(copy / "model.safetensors")
         rows["smollm2"] = {
-            "bytes": size, "sampled_blocks": blocks, "sampled_bytes": blocks * fp.SAMPLE_BYTES,
-            "warm_s": statistics.median(warm), "cold_s": statistics.median(cold),
-            "full_sha256_warm_s": full, "full_sha256_gb_per_s": size / full / 1e9}
+            "bytes": size,
+            "sampled_blocks": blocks,
+            "sampled_bytes": blocks * fp.SAMPLE_BYTES,
+            "warm_s": statistics.median(warm),
+            "cold_s": statistics.median(cold),
+            "full_sha256_warm_s": full,
+            "full_sha256_gb_per_s": size / full / 1e9,
+        }
         big = Path(tmp) / "llama8b"
         big.mkdir()
         total = write_sparse_shards(big)
@@ -117,14 +128,22 @@ def main() -> None:
         warm_big = [timed_fingerprint(big) for _ in range(3)]
         per_block_cold = statistics.median(cold) / blocks
         rows["llama8b_shape"] = {
-            "bytes": total, "tensors": len(llama8b_tensors()), "sampled_blocks": shard_blocks,
-            "sampled_bytes": shard_blocks * fp.SAMPLE_BYTES, "sampled_fraction": shard_blocks * fp.SAMPLE_BYTES / total,
+            "bytes": total,
+            "tensors": len(llama8b_tensors()),
+            "sampled_blocks": shard_blocks,
+            "sampled_bytes": shard_blocks * fp.SAMPLE_BYTES,
+            "sampled_fraction": shard_blocks * fp.SAMPLE_BYTES / total,
             "measured_sparse_s": statistics.median(warm_big),
             "extrapolated_cold_s": per_block_cold * shard_blocks,
             "extrapolated_full_sha256_s": total / (size / full),
         }
-    payload = {"benchmark": "fingerprint", "date": utc_now(), "command": command_line(),
-               "machine": machine_info(), "results": rows}
+    payload = {
+        "benchmark": "fingerprint",
+        "date": utc_now(),
+        "command": command_line(),
+        "machine": machine_info(),
+        "results": rows,
+    }
     out = write_json(Path(__file__).resolve().parent / "results" / "fingerprint.json", payload)
     print(json.dumps(rows, indent=2))
     print(f"wrote {out}")

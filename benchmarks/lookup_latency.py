@@ -18,8 +18,8 @@ import numpy as np
 from kvstrata import runtime
 from kvstrata.config import parse_config
 from kvstrata.connectors import vllm_pool
+from kvstrata.model import ModelSpec
 from kvstrata.orchestrator import Orchestrator
-from kvstrata.plan import ModelSpec
 from kvstrata.policy.route import RequestContext
 
 MODEL = ModelSpec("smollm2-135m", 30, 3, 64, "float32")
@@ -57,8 +57,10 @@ policy:
                 found = runtime.run(orch.alookup(tokens, ctx, limit_tokens=1499))
                 times.append(time.perf_counter() - started)
             times.sort()
-            print(f"{mode:32s} plan {found.tokens_by_tier()}  median {statistics.median(times) * 1e3:.3f} ms"
-                  f"  p90 {times[int(0.9 * n)] * 1e3:.3f} ms")
+            print(
+                f"{mode:32s} plan {found.tokens_by_tier()}  median {statistics.median(times) * 1e3:.3f} ms"
+                f"  p90 {times[int(0.9 * n)] * 1e3:.3f} ms"
+            )
         finally:
             orch.close()
 

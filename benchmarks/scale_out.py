@@ -53,7 +53,9 @@ def objects(n: int, tokens: int, seed: int):
     body = rng.bytes(section)
     out = []
     for k in keys:
-        meta = fmt.ObjectMeta("none", "float32", tokens, KV_HEADS, HEAD_DIM, NS.fingerprint, k.digest)
+        meta = fmt.ObjectMeta(
+            "none", "float32", tokens, KV_HEADS, HEAD_DIM, NS.fingerprint, k.digest
+        )
         out.append((k, fmt.encode(meta, [body] * LAYERS)))
     return out
 
@@ -81,9 +83,14 @@ async def measure(tier, items, batch: int, concurrency: int, seconds: float) -> 
         return 1
 
     n, s = await timed(put, items, None)
-    out = {"object_bytes": size, "objects": n, "put_objects_per_s": n / s, "put_mb_per_s": n * size / s / 1e6}
+    out = {
+        "object_bytes": size,
+        "objects": n,
+        "put_objects_per_s": n / s,
+        "put_mb_per_s": n * size / s / 1e6,
+    }
     keys = [k for k, _ in items]
-    batches = [keys[i:i + batch] for i in range(0, len(keys) - batch + 1, batch)] * 10000
+    batches = [keys[i : i + batch] for i in range(0, len(keys) - batch + 1, batch)] * 10000
 
     async def get(ks):
         got = await tier.get(ks)
@@ -106,13 +113,14 @@ def lookup_latency(cluster_url: str, tokens: int, batch: int, rounds: int) -> di
     """p50/p99 of GET /lookup on an exporter for a prompt whose ``batch`` chunks are cached."""
     import textwrap
 
-    from kvstrata import exporter
     from kvstrata.config import TelemetryConfig, parse_config
+    from kvstrata.model import ModelSpec
     from kvstrata.orchestrator import Orchestrator
-    from kvstrata.plan import ModelSpec
     from kvstrata.policy.route import RequestContext
+    from kvstrata.telemetry import exporter
 
-    cfg = parse_config(textwrap.dedent(f"""\
+    cfg = parse_config(
+        textwrap.dedent(f"""\
         version: 1
         chunk_tokens: {tokens}
         tiers:
@@ -120,7 +128,8 @@ def lookup_latency(cluster_url: str, tokens: int, batch: int, rounds: int) -> di
         engine: {{prefill_tokens_per_s: 200}}
         policy:
           default: {{read: [shared], write: [shared]}}
-        """))
+        """)
+    )
     model = ModelSpec("bench", LAYERS, KV_HEADS, HEAD_DIM, "float32")
     orch = Orchestrator.shared(cfg, model)
     try:
@@ -140,23 +149,33 @@ def lookup_latency(cluster_url: str, tokens: int, batch: int, rounds: int) -> di
             times.append(time.perf_counter() - t0)
         assert report["plan"]["tokens"] == {"shared": batch * tokens}, report
         exporter.stop(orch.telemetry)
-        return {"prompt_tokens": len(ids), "p50_ms": common.percentile(times, 50) * 1e3,
-                "p99_ms": common.percentile(times, 99) * 1e3, "rounds": rounds}
+        return {
+            "prompt_tokens": len(ids),
+            "p50_ms": common.percentile(times, 50) * 1e3,
+            "p99_ms": common.percentile(times, 99) * 1e3,
+            "rounds": rounds,
+        }
     finally:
         orch.close()
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="3 s per get/contains phase instead of 10")
     ap.add_argument("--rgw", action="store_true", help="also a Ceph RGW (scripts/rgw.sh)")
     ap.add_argument("--tokens", type=int, default=256, help="tokens per chunk object")
-    ap.add_argument("--batch", type=int, default=8, help="chunks per get call (one request's prefix)")
+    ap.add_argument(
+        "--batch", type=int, default=8, help="chunks per get call (one request's prefix)"
+    )
     ap.add_argument("--concurrency", type=int, default=4, help="calls in flight")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     seconds = 3.0 if args.quick else 10.0
-    out = args.out or common.RESULTS_DIR / ("scale_out-quick.json" if args.quick else "scale_out.json")
+    out = args.out or common.RESULTS_DIR / (
+        "scale_out-quick.json" if args.quick else "scale_out.json"
+    )
     started, date = time.perf_counter(), common.utc_now()
     rows, ready = {}, {}
     with tempfile.TemporaryDirectory(prefix="kvstrata-scale-") as tmp:
@@ -165,27 +184,47 @@ def main(argv=None) -> int:
         cluster = services.start_redis_cluster(tmp / "cluster")
         s3 = services.start_seaweedfs(tmp / "s3")
         rgw = services.start_rgw(tmp / "rgw") if args.rgw else None
-        ready = {"redis": redis.ready_seconds, "redis-cluster": cluster.ready_seconds,
-                 "seaweedfs": s3.ready_seconds, **({"rgw": rgw.ready_seconds} if rgw else {})}
+        ready = {
+            "redis": redis.ready_seconds,
+            "redis-cluster": cluster.ready_seconds,
+            "seaweedfs": s3.ready_seconds,
+            **({"rgw": rgw.ready_seconds} if rgw else {}),
+        }
         try:
             stores = {
-                "redis": lambda: create_tier("redis", url=redis.url, key_prefix="bench:", max_connections=16),
-                "redis-cluster": lambda: create_tier("redis", url=cluster.url, key_prefix="bench:",
-                                                     max_connections=16),
-                "seaweedfs": lambda: create_tier("s3", endpoint=s3.endpoint, bucket=s3.bucket, prefix="bench/",
-                                                 access_key_id=s3.access_key, secret_access_key=s3.secret_key),
+                "redis": lambda: create_tier(
+                    "redis", url=redis.url, key_prefix="bench:", max_connections=16
+                ),
+                "redis-cluster": lambda: create_tier(
+                    "redis", url=cluster.url, key_prefix="bench:", max_connections=16
+                ),
+                "seaweedfs": lambda: create_tier(
+                    "s3",
+                    endpoint=s3.endpoint,
+                    bucket=s3.bucket,
+                    prefix="bench/",
+                    access_key_id=s3.access_key,
+                    secret_access_key=s3.secret_key,
+                ),
             }
             if rgw:
-                stores["rgw"] = lambda: create_tier("s3", endpoint=rgw.endpoint, bucket=rgw.bucket,
-                                                    prefix="bench/", access_key_id=rgw.access_key,
-                                                    secret_access_key=rgw.secret_key)
+                stores["rgw"] = lambda: create_tier(
+                    "s3",
+                    endpoint=rgw.endpoint,
+                    bucket=rgw.bucket,
+                    prefix="bench/",
+                    access_key_id=rgw.access_key,
+                    secret_access_key=rgw.secret_key,
+                )
             items = objects(args.batch * args.concurrency, args.tokens, 0)
 
             async def run():
                 for name, make in stores.items():
                     tier = make()
                     try:
-                        rows[name] = await measure(tier, items, args.batch, args.concurrency, seconds)
+                        rows[name] = await measure(
+                            tier, items, args.batch, args.concurrency, seconds
+                        )
                     finally:
                         await tier.close()
                     print(name, {k: round(v, 1) for k, v in rows[name].items()}, flush=True)
@@ -197,13 +236,24 @@ def main(argv=None) -> int:
             for server in (rgw, s3, cluster, redis):
                 if server is not None:
                     server.stop()
-    payload = {"benchmark": "scale_out", "date": date, "command": common.command_line(),
-               "machine": common.machine_info(["redis", "obstore"]), "load_average_end": common.load_average(),
-               "parameters": {"tokens_per_object": args.tokens, "batch": args.batch,
-                              "concurrency": args.concurrency, "phase_seconds": seconds,
-                              "model": "SmolLM2-135M geometry, fp32"},
-               "servers": {"ready_seconds": ready}, "stores": rows, "lookup_http": lookup,
-               "total_seconds": time.perf_counter() - started}
+    payload = {
+        "benchmark": "scale_out",
+        "date": date,
+        "command": common.command_line(),
+        "machine": common.machine_info(["redis", "obstore"]),
+        "load_average_end": common.load_average(),
+        "parameters": {
+            "tokens_per_object": args.tokens,
+            "batch": args.batch,
+            "concurrency": args.concurrency,
+            "phase_seconds": seconds,
+            "model": "SmolLM2-135M geometry, fp32",
+        },
+        "servers": {"ready_seconds": ready},
+        "stores": rows,
+        "lookup_http": lookup,
+        "total_seconds": time.perf_counter() - started,
+    }
     print("wrote", common.write_json(out, common.round_floats(payload)))
     return 0
 

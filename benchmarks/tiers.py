@@ -96,8 +96,18 @@ NAMESPACE = Namespace("bench-tiers", "float16")
 # A deployment secret, as with ``KVSTRATA_SECRET`` set; v1 objects readable for --format 1.
 KEYRING = Keyring(b"kvstrata-benchmark-secret-not-for-production", allow_unauthenticated=True)
 PACKAGES = (
-    "numpy", "obstore", "redis", "hiredis", "aioboto3", "aiobotocore", "botocore", "xxhash", "rich",
-    "lmcache", "nixl-cu12", "torch",
+    "numpy",
+    "obstore",
+    "redis",
+    "hiredis",
+    "aioboto3",
+    "aiobotocore",
+    "botocore",
+    "xxhash",
+    "rich",
+    "lmcache",
+    "nixl-cu12",
+    "torch",
 )
 # One set of backend settings, given to the tier AND to its raw ceiling.
 MEMORY_CAPACITY = 4 << 30
@@ -162,7 +172,9 @@ def build_workload(target: int, n_keys: int, seed: int) -> Workload:
     rng = np.random.default_rng(seed)
     keys = chunk_keys(rng.integers(0, 50_000, size=16 * 2 * n_keys), NAMESPACE, 16)
     probe = fmt.ObjectMeta("none", "float16", 1, 8, 128, NAMESPACE.fingerprint, keys[0].digest)
-    header_len = fmt.decode_header(fmt.encode(probe, [b"x"] * N_LAYERS, KEYRING), KEYRING).header_len
+    header_len = fmt.decode_header(
+        fmt.encode(probe, [b"x"] * N_LAYERS, KEYRING), KEYRING
+    ).header_len
     section = (target - header_len) // N_LAYERS
     sections = [rng.bytes(section) for _ in range(N_LAYERS)]
     objects, objects_v1 = {}, {}
@@ -176,8 +188,16 @@ def build_workload(target: int, n_keys: int, seed: int) -> Workload:
     layers = range(0, N_LAYERS // 2)
     lo, hi = header.byte_range(layers)
     return Workload(
-        target, keys[:n_keys], keys[n_keys:], objects, sections, objects_v1, header.object_len, layers,
-        lo, hi,
+        target,
+        keys[:n_keys],
+        keys[n_keys:],
+        objects,
+        sections,
+        objects_v1,
+        header.object_len,
+        layers,
+        lo,
+        hi,
     )
 
 
@@ -458,7 +478,6 @@ class RawAioboto3(Side):
         await self._stack.aclose()
 
 
-
 class RawLMCache(Side):
     """LMCache's own CPU backend, used the way its storage manager does, with no kvstrata code:
     allocate (LMCache's eviction), copy in, ``submit_put_task``; ``get_blocking``, one copy out."""
@@ -485,7 +504,10 @@ class RawLMCache(Side):
         data = wl.objects[key]
         self._backend.remove(self._key(key))
         obj = self._backend.allocate(
-            self._torch.Size([1, 1, len(data), 1]), self._torch.uint8, fmt=self._fmt, busy_loop=False
+            self._torch.Size([1, 1, len(data), 1]),
+            self._torch.uint8,
+            fmt=self._fmt,
+            busy_loop=False,
         )
         obj.byte_array.cast("B")[:] = data
         self._backend.submit_put_task(self._key(key), obj)
@@ -524,12 +546,21 @@ class RawNixl(Side):
         from nixl_cu12._api import nixl_agent, nixl_agent_config
 
         self.prefix = prefix
-        self._agent = agent = nixl_agent(f"bench-raw-{uuid.uuid4().hex[:8]}", nixl_agent_config(backends=[]))
-        agent.create_backend("OBJ", {
-            "bucket": server.bucket, "region": services.REGION, "use_virtual_addressing": "false",
-            "endpoint_override": server.endpoint, "scheme": "http",
-            "access_key": server.access_key, "secret_key": server.secret_key,
-        })
+        self._agent = agent = nixl_agent(
+            f"bench-raw-{uuid.uuid4().hex[:8]}", nixl_agent_config(backends=[])
+        )
+        agent.create_backend(
+            "OBJ",
+            {
+                "bucket": server.bucket,
+                "region": services.REGION,
+                "use_virtual_addressing": "false",
+                "endpoint_override": server.endpoint,
+                "scheme": "http",
+                "access_key": server.access_key,
+                "secret_key": server.secret_key,
+            },
+        )
         self._bufs = [np.empty(max_bytes, dtype=np.uint8) for _ in range(concurrency)]
         self._reg = agent.register_memory(
             [(b.ctypes.data, b.nbytes, 0, "") for b in self._bufs], "DRAM", backends=["OBJ"]
@@ -542,16 +573,22 @@ class RawNixl(Side):
         dev = self._dev.get(path)
         if dev is None:
             dev = self._dev[path] = len(self._dev) + 1
-            self._obj_regs.append(self._agent.register_memory([(0, 0, dev, path)], "OBJ", backends=["OBJ"]))
+            self._obj_regs.append(
+                self._agent.register_memory([(0, 0, dev, path)], "OBJ", backends=["OBJ"])
+            )
         return dev
 
-    async def _xfer(self, op: str, key: ChunkKey, offset: int, n: int, data: bytes | None = None) -> int:
+    async def _xfer(
+        self, op: str, key: ChunkKey, offset: int, n: int, data: bytes | None = None
+    ) -> int:
         agent, buf = self._agent, self._bufs.pop()
         try:
             if data is not None:
                 buf[:n] = np.frombuffer(data, dtype=np.uint8)
             local = agent.get_xfer_descs([(buf.ctypes.data, n, 0)], "DRAM")
-            remote = agent.get_xfer_descs([(offset, n, self._dev_id(self.prefix + str(key)))], "OBJ")
+            remote = agent.get_xfer_descs(
+                [(offset, n, self._dev_id(self.prefix + str(key)))], "OBJ"
+            )
             handle = agent.initialize_xfer(op, local, remote, agent.name, backends=["OBJ"])
             state, delay = agent.transfer(handle), 0.0001
             while state == "PROC":
@@ -561,7 +598,9 @@ class RawNixl(Side):
             agent.release_xfer_handle(handle)
             if state != "DONE":
                 raise RuntimeError(f"raw NIXL {op} {key}: {state}")
-            return len(buf[:n].tobytes()) if data is None else n  # a read copies out, as the tier does
+            return (
+                len(buf[:n].tobytes()) if data is None else n
+            )  # a read copies out, as the tier does
         finally:
             self._bufs.append(buf)
 
@@ -676,7 +715,9 @@ async def build_rows(args, redis_server, s3_server, workdir: Path) -> dict[str, 
             tier = create_tier("lmcache", capacity_bytes=LMCACHE_CAPACITY)
             rows[row] = (TierSide(tier, version), RawLMCache(LMCACHE_CAPACITY))
         elif kind == "disk":
-            tier = create_tier("disk", path=workdir / f"disk-tier-{row}", capacity_bytes=DISK_CAPACITY)
+            tier = create_tier(
+                "disk", path=workdir / f"disk-tier-{row}", capacity_bytes=DISK_CAPACITY
+            )
             rows[row] = (TierSide(tier, version), RawDisk(workdir / f"disk-raw-{row}"))
         elif kind == "redis":
             tier = create_tier(
@@ -729,8 +770,10 @@ async def measure(args, profile: Profile, rows: dict[str, tuple[Side, Side]]) ->
     for size in args.sizes:
         n_keys = n_keys_for(size, args.concurrency)
         wl = build_workload(size, n_keys, seed=size)
-        log(f"size {common.human_bytes(size)}: object {wl.object_len} B, "
-            f"{n_keys}+{n_keys} keys, {profile.rounds} rounds")
+        log(
+            f"size {common.human_bytes(size)}: object {wl.object_len} B, "
+            f"{n_keys}+{n_keys} keys, {profile.rounds} rounds"
+        )
         # Store the get set on every side; check what comes back before timing anything.
         for row, sides in rows.items():
             for side in sides:
@@ -819,10 +862,15 @@ def transport_comparison(rows: list[dict]) -> list[dict]:
             a, o = by.get((f"s3-{transport}", size)), by.get(("s3-obstore", size))
             if not (a and o):
                 continue
-            item: dict = {"transport": transport, "size": size, "size_label": common.human_bytes(size)}
+            item: dict = {
+                "transport": transport,
+                "size": size,
+                "size_label": common.human_bytes(size),
+            }
             for op in OPS:
                 item[op] = {
-                    side: a[op][side]["mb_per_s"] / o[op][side]["mb_per_s"] for side in ("tier", "raw")
+                    side: a[op][side]["mb_per_s"] / o[op][side]["mb_per_s"]
+                    for side in ("tier", "raw")
                 }
             out.append(item)
     return out
@@ -864,8 +912,19 @@ def print_report(rows: list[dict], comparison: list[dict], accept: dict, concurr
         tput.append(cells)
     common.print_table(
         f"Tier vs raw ceiling: throughput, MB/s (10^6 B/s), {concurrency} ops in flight",
-        ["size", "tier", "put", "put raw", "put x", "get", "get raw", "get x",
-         "layers", "layers raw", "layers x"],
+        [
+            "size",
+            "tier",
+            "put",
+            "put raw",
+            "put x",
+            "get",
+            "get raw",
+            "get x",
+            "layers",
+            "layers raw",
+            "layers x",
+        ],
         tput,
         caption="x = tier/raw. layers = get of layers [0, L/2): MB/s of the layer bytes "
         "delivered, warm header cache",
@@ -887,11 +946,22 @@ def print_report(rows: list[dict], comparison: list[dict], accept: dict, concurr
     if comparison:
         common.print_table(
             "S3 transports: throughput / obstore throughput",
-            ["transport", "size", "put (tier)", "put (raw)", "get (tier)", "get (raw)",
-             "layers (tier)", "layers (raw)"],
             [
-                [c["transport"], c["size_label"],
-                 *(f2(c[op][side]) for op in OPS for side in ("tier", "raw"))]
+                "transport",
+                "size",
+                "put (tier)",
+                "put (raw)",
+                "get (tier)",
+                "get (raw)",
+                "layers (tier)",
+                "layers (raw)",
+            ],
+            [
+                [
+                    c["transport"],
+                    c["size_label"],
+                    *(f2(c[op][side]) for op in OPS for side in ("tier", "raw")),
+                ]
                 for c in comparison
             ],
         )
@@ -899,8 +969,15 @@ def print_report(rows: list[dict], comparison: list[dict], accept: dict, concurr
     for tier, v in accept["rows"].items():
         lo, hi = v["get_ratio_rounds_min_max"]
         verdict = "PASS" if v["pass"] else "FAIL"
-        table.append([tier, f2(v["get_ratio"]), f2(v["get_ratio_median_of_rounds"]),
-                      f"{f2(lo)}-{f2(hi)}", verdict])
+        table.append(
+            [
+                tier,
+                f2(v["get_ratio"]),
+                f2(v["get_ratio_median_of_rounds"]),
+                f"{f2(lo)}-{f2(hi)}",
+                verdict,
+            ]
+        )
     common.print_table(
         "Acceptance: " + accept["criterion"],
         ["tier", "get x (pooled)", "median of rounds", "rounds min-max", "verdict"],
@@ -914,16 +991,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--quick", action="store_true", help="fewer rounds, shorter phases (~2 min)")
     ap.add_argument(
-        "--out", type=Path, default=None,
+        "--out",
+        type=Path,
+        default=None,
         help="JSON output (default benchmarks/results/tiers.json, tiers-quick.json with --quick)",
     )
-    ap.add_argument("--rows", default=",".join(ROWS),
-                    help=f"subset of {','.join(ROWS)}, each also with a {V1} suffix (format v1 objects)")
+    ap.add_argument(
+        "--rows",
+        default=",".join(ROWS),
+        help=f"subset of {','.join(ROWS)}, each also with a {V1} suffix (format v1 objects)",
+    )
     ap.add_argument("--sizes", default=None, help="object sizes in KiB (default 256,1024,4096)")
     ap.add_argument("--concurrency", type=int, default=8, help="operations in flight")
     ap.add_argument("--rounds", type=int, default=None, help="override the measured rounds")
-    ap.add_argument("--s3", choices=["seaweedfs", "rgw"], default="seaweedfs",
-                    help="the S3 server the s3-* rows run against (rgw: scripts/rgw.sh, Ceph memstore)")
+    ap.add_argument(
+        "--s3",
+        choices=["seaweedfs", "rgw"],
+        default="seaweedfs",
+        help="the S3 server the s3-* rows run against (rgw: scripts/rgw.sh, Ceph memstore)",
+    )
     args = ap.parse_args(argv)
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if unknown := {r.removesuffix(V1) for r in args.rows} - set(ROWS):
@@ -1013,7 +1099,7 @@ def main(argv: list[str] | None = None) -> int:
             "keys_per_set": {str(s): n_keys_for(s, args.concurrency) for s in args.sizes},
             "rows": args.rows,
             "integrity": "format v2: keyed BLAKE3 MACs per namespace (header MAC + a 16-byte tag per "
-                         f"layer); rows ending {V1}: format v1 (xxh3_64 checksums, no MAC)",
+            f"layer); rows ending {V1}: format v1 (xxh3_64 checksums, no MAC)",
             "settings": {
                 "memory": {"capacity_bytes": MEMORY_CAPACITY, "eviction": "s3fifo (default)"},
                 "lmcache": {"capacity_bytes": LMCACHE_CAPACITY, "eviction": "lru (default)"},
@@ -1043,8 +1129,11 @@ def main(argv: list[str] | None = None) -> int:
             "redis_server": _version(["redis-server", "--version"]) if needs_redis else None,
             "s3_server": args.s3 if needs_s3 else None,
             "weed": _version([services._find_binary("weed"), "version"])
-            if needs_s3 and args.s3 == "seaweedfs" else None,
-            "radosgw": _version(["radosgw", "--version"]) if needs_s3 and args.s3 == "rgw" else None,
+            if needs_s3 and args.s3 == "seaweedfs"
+            else None,
+            "radosgw": _version(["radosgw", "--version"])
+            if needs_s3 and args.s3 == "rgw"
+            else None,
         },
         "machine": machine,
         "load_average_end": common.load_average(),

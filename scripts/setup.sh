@@ -50,7 +50,7 @@ phase packages sync
 
 if [ "$what" != "" ]; then
     # Converted once into ~/.cache/kvstrata/models (or $KVSTRATA_MODEL_DIR).
-    model() { .venv/bin/python -c "from kvstrata.models import prepare_smollm2; prepare_smollm2(progress=False)"; }
+    model() { .venv/bin/python -c "from kvstrata.offline.convert import prepare_smollm2; prepare_smollm2(progress=False)"; }
     phase model model
 fi
 

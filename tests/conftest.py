@@ -25,7 +25,16 @@ from kvstrata.keys import ChunkKey, Namespace, chunk_keys
 from kvstrata.testing import services as svc
 from kvstrata.tiers.base import Tier, create_tier
 
-TIER_KINDS = ["memory", "lmcache", "disk", "redis", "redis-cluster", "s3-obstore", "s3-aioboto3", "s3-nixl"]
+TIER_KINDS = [
+    "memory",
+    "lmcache",
+    "disk",
+    "redis",
+    "redis-cluster",
+    "s3-obstore",
+    "s3-aioboto3",
+    "s3-nixl",
+]
 
 # scripts/test.sh (and so CI) sets KVSTRATA_NO_SKIP=1: there, a skipped test -- a
 # missing vLLM, model or server -- is a failure, never a silent pass.
@@ -50,8 +59,14 @@ class LoopWatchdog:
             time.sleep(self.period_s)
             late = time.monotonic() - before - self.period_s
             if late > self.threshold_s:  # this thread did not run either: the whole process stalled
-                self.stalls.append({"test": self.test, "seconds": late, "stack": "(every thread stalled; "
-                                    "the GIL was held or the process got no CPU)"})
+                self.stalls.append(
+                    {
+                        "test": self.test,
+                        "seconds": late,
+                        "stack": "(every thread stalled; "
+                        "the GIL was held or the process got no CPU)",
+                    }
+                )
             loop = runtime._loop  # watch the loop once something started it; never start it
             if loop is None or loop.is_closed():
                 continue
@@ -61,10 +76,19 @@ class LoopWatchdog:
             while not done.done() and not loop.is_closed():
                 time.sleep(0.05)
                 if stall is None and time.monotonic() - started > self.threshold_s:
-                    frame = sys._current_frames().get(next(
-                        (t.ident for t in threading.enumerate() if t.name == "kvstrata-loop"), -1))
-                    stall = {"test": test, "stack": "".join(traceback.format_stack(frame)) if frame else "?"}
-                    self.stalls.append(stall)  # recorded at once: the session may end before the loop is back
+                    frame = sys._current_frames().get(
+                        next(
+                            (t.ident for t in threading.enumerate() if t.name == "kvstrata-loop"),
+                            -1,
+                        )
+                    )
+                    stall = {
+                        "test": test,
+                        "stack": "".join(traceback.format_stack(frame)) if frame else "?",
+                    }
+                    self.stalls.append(
+                        stall
+                    )  # recorded at once: the session may end before the loop is back
                 if stall is not None:
                     stall["seconds"] = time.monotonic() - started
 
@@ -78,8 +102,10 @@ def pytest_runtest_logstart(nodeid, location):
 
 def pytest_terminal_summary(terminalreporter):
     for stall in WATCHDOG.stalls:
-        terminalreporter.write_line(f"kvstrata loop stalled {stall['seconds']:.1f} s during {stall['test']}, "
-                                    f"its stack:\n{stall['stack']}")
+        terminalreporter.write_line(
+            f"kvstrata loop stalled {stall['seconds']:.1f} s during {stall['test']}, "
+            f"its stack:\n{stall['stack']}"
+        )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -165,7 +191,9 @@ def unique() -> str:
 
 
 @pytest.fixture
-async def make_tier(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Callable[..., Tier]]:
+async def make_tier(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Callable[..., Tier]]:
     """Build a fresh, isolated tier of a kind (own key prefix / directory); closed after the test."""
     made: list[Tier] = []
 
@@ -175,7 +203,9 @@ async def make_tier(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
         elif kind == "lmcache":  # a small pool: LMCache allocates all of it at start
             tier = create_tier("lmcache", **{"capacity_bytes": 64 << 20, **settings})
         elif kind == "disk":
-            tier = create_tier("disk", path=settings.pop("path", tmp_path / f"disk-{unique()}"), **settings)
+            tier = create_tier(
+                "disk", path=settings.pop("path", tmp_path / f"disk-{unique()}"), **settings
+            )
         elif kind == "redis":
             url = request.getfixturevalue("redis_server").url
             tier = create_tier("redis", url=url, key_prefix=f"t-{unique()}:", **settings)
@@ -185,7 +215,9 @@ async def make_tier(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
         elif kind.startswith("s3-"):
             server = request.getfixturevalue("s3_server")
             tier = create_tier(
-                "s3", name=kind, **s3_settings(server, kind[3:], prefix=f"t-{unique()}/", **settings)
+                "s3",
+                name=kind,
+                **s3_settings(server, kind[3:], prefix=f"t-{unique()}/", **settings),
             )
         else:
             raise ValueError(kind)
@@ -219,5 +251,7 @@ def make_object(
 
 
 def make_keys(n: int, seed: int | None = None) -> list[ChunkKey]:
-    rng = np.random.default_rng(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+    rng = np.random.default_rng(
+        seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+    )
     return chunk_keys(rng.integers(0, 50000, size=16 * n), NAMESPACE, 16)

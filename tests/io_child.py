@@ -20,8 +20,8 @@ import numpy as np
 
 from kvstrata import runtime
 from kvstrata.config import parse_config
+from kvstrata.model import ModelSpec
 from kvstrata.orchestrator import Orchestrator
-from kvstrata.plan import ModelSpec
 from kvstrata.policy.route import RequestContext
 
 CHUNK = 32
@@ -52,7 +52,9 @@ def tokens(seed: int, n_chunks: int = 1) -> np.ndarray:
 
 def kv(seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return rng.standard_normal((MODEL.n_layers, 2, CHUNK, MODEL.kv_heads, MODEL.head_dim), dtype=np.float32)
+    return rng.standard_normal(
+        (MODEL.n_layers, 2, CHUNK, MODEL.kv_heads, MODEL.head_dim), dtype=np.float32
+    )
 
 
 def save_rate(orch: Orchestrator, first_seed: int) -> dict:
@@ -71,15 +73,22 @@ def save_rate(orch: Orchestrator, first_seed: int) -> dict:
             break
         time.sleep(0.005)
     seconds = time.monotonic() - started
-    return {"landed": landed, "seconds": round(seconds, 4), "chunks_per_s": round(SAVES / seconds, 1)}
+    return {
+        "landed": landed,
+        "seconds": round(seconds, 4),
+        "chunks_per_s": round(SAVES / seconds, 1),
+    }
 
 
 def rates(orch: Orchestrator, first_seed: int, rounds: int = 3) -> dict:
     """save_rate ``rounds`` times: on a shared machine one round's rate varies 5x, the best of a
     few much less."""
     runs = [save_rate(orch, first_seed + 100 * r) for r in range(rounds)]
-    return {"landed": all(r["landed"] for r in runs), "best_chunks_per_s": max(r["chunks_per_s"] for r in runs),
-            "rounds": [r["chunks_per_s"] for r in runs]}
+    return {
+        "landed": all(r["landed"] for r in runs),
+        "best_chunks_per_s": max(r["chunks_per_s"] for r in runs),
+        "rounds": [r["chunks_per_s"] for r in runs],
+    }
 
 
 def plant_fifos(orch: Orchestrator, first_seed: int) -> list:
@@ -101,11 +110,14 @@ def main(redis_url: str, disk_dir: str) -> None:
     # Every FIFO read, directly through the orchestrator's call wrapper (timeout, breaker).
     disk = orch.tiers["local"]
     started = time.monotonic()
-    fetched = runtime.run(orch._call("local", "get", disk.get([p.logical_keys()[0] for p in fifo_plans])),
-                          timeout=10)
-    out["fifo_get"] = {"seconds": round(time.monotonic() - started, 4),
-                       "reasons": sorted({getattr(f, "reason", "hit") for f in fetched or ()}),
-                       "answered": fetched is not None}
+    fetched = runtime.run(
+        orch._call("local", "get", disk.get([p.logical_keys()[0] for p in fifo_plans])), timeout=10
+    )
+    out["fifo_get"] = {
+        "seconds": round(time.monotonic() - started, 4),
+        "reasons": sorted({getattr(f, "reason", "hit") for f in fetched or ()}),
+        "answered": fetched is not None,
+    }
     # And the same prompts looked up and loaded as an engine would (re-planted: the gets above
     # left the FIFOs in place, the orchestrator only deletes what a load finds corrupt).
     started = time.monotonic()

@@ -65,12 +65,22 @@ def main(state_dir: str) -> None:
         gc.collect()
         collect_s = time.monotonic() - freed_at
         time.sleep(0.2)
-        print(json.dumps({
-            "ops_s": ops, "running_at_close": parked, "close_s": round(close_s, 4),
-            "release": release.outcome, "release_s": round(release.seconds, 3),
-            "collect_s": round(collect_s, 3), "agent_alive": agent() is not None,
-            "max_late_s": round(max(LATE), 3), "samples": len(LATE),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "ops_s": ops,
+                    "running_at_close": parked,
+                    "close_s": round(close_s, 4),
+                    "release": release.outcome,
+                    "release_s": round(release.seconds, 3),
+                    "collect_s": round(collect_s, 3),
+                    "agent_alive": agent() is not None,
+                    "max_late_s": round(max(LATE), 3),
+                    "samples": len(LATE),
+                }
+            ),
+            flush=True,
+        )
     finally:
         server.stop()
     print("exiting", flush=True)

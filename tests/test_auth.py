@@ -15,8 +15,8 @@ from kvstrata import runtime as rt
 from kvstrata.auth import Keyring, keyring_from_env
 from kvstrata.config import parse_config
 from kvstrata.keys import Namespace
+from kvstrata.model import ModelSpec
 from kvstrata.orchestrator import Orchestrator
-from kvstrata.plan import ModelSpec
 from kvstrata.policy.route import RequestContext
 from kvstrata.tiers.base import Hit, Miss
 from kvstrata.tiers.memory import MemoryTier
@@ -46,7 +46,10 @@ def test_objects_verify_only_under_the_key_that_wrote_them() -> None:
 
 
 def test_keys_are_derived_per_namespace_and_never_shown() -> None:
-    a, b = Namespace("m", "float16", "none", "tenant-a"), Namespace("m", "float16", "none", "tenant-b")
+    a, b = (
+        Namespace("m", "float16", "none", "tenant-a"),
+        Namespace("m", "float16", "none", "tenant-b"),
+    )
     assert set(OURS.keys(a.fingerprint)).isdisjoint(OURS.keys(b.fingerprint))
     assert set(OURS.keys(a.fingerprint)).isdisjoint(auth.NO_SECRET.keys(a.fingerprint))
     assert SECRET not in repr(OURS) and "authenticated=True" in repr(OURS)
@@ -58,7 +61,9 @@ def test_keys_are_derived_per_namespace_and_never_shown() -> None:
     at = buf.index(a.fingerprint)
     buf[at : at + 32] = b.fingerprint
     header_len = fmt.header_length(buf)
-    buf[header_len - 32 : header_len] = auth.header_mac(OURS.keys(a.fingerprint)[1], bytes(buf[: header_len - 32]))
+    buf[header_len - 32 : header_len] = auth.header_mac(
+        OURS.keys(a.fingerprint)[1], bytes(buf[: header_len - 32])
+    )
     with pytest.raises(fmt.Unauthenticated):
         fmt.decode(bytes(buf), keyring=OURS)
 
@@ -77,7 +82,9 @@ def test_v1_objects_are_read_only_where_unauthenticated_reads_are_allowed() -> N
         fmt.decode(bytes(damaged), keyring=Keyring(None, allow_unauthenticated=True))
 
 
-def _forgeries(key, good: bytes, sections: list[bytes], rng: np.random.Generator) -> list[tuple[str, bytes]]:
+def _forgeries(
+    key, good: bytes, sections: list[bytes], rng: np.random.Generator
+) -> list[tuple[str, bytes]]:
     """Well-formed objects an attacker without the secret can write under ``key``."""
     header = fmt.decode_header(good, OURS)
     planted = [rng.bytes(len(s)) for s in sections]
@@ -150,7 +157,8 @@ MODEL = ModelSpec("tiny-auth-model", n_layers=2, kv_heads=2, head_dim=16, dtype=
 
 
 def _config(redis_url: str, extra: str = "") -> str:
-    return textwrap.dedent(f"""\
+    return (
+        textwrap.dedent(f"""\
         version: 1
         chunk_tokens: {CHUNK}
         tiers:
@@ -159,10 +167,14 @@ def _config(redis_url: str, extra: str = "") -> str:
         orchestrator: {{default_budget_ms: 60000}}
         policy:
           default: {{read: [shared], write: [shared], load: always}}
-        """) + extra
+        """)
+        + extra
+    )
 
 
-def test_the_secret_comes_from_the_environment_and_is_never_logged(redis_server, monkeypatch, caplog) -> None:
+def test_the_secret_comes_from_the_environment_and_is_never_logged(
+    redis_server, monkeypatch, caplog
+) -> None:
     monkeypatch.setenv("MY_KV_SECRET", SECRET)
     caplog.set_level(logging.DEBUG)
     config = parse_config(_config(redis_server.url, "auth: {secret_env: MY_KV_SECRET}\n"))
@@ -187,7 +199,9 @@ def test_no_secret_means_integrity_only_with_a_warning_for_shared_tiers(caplog) 
     assert caplog.text == ""  # nothing shared: nothing to warn about
 
 
-def test_an_attackers_object_in_a_shared_tier_is_recomputed_not_served(redis_server, monkeypatch) -> None:
+def test_an_attackers_object_in_a_shared_tier_is_recomputed_not_served(
+    redis_server, monkeypatch
+) -> None:
     """The orchestrator's view: an attacker with write access to Redis but no secret replaces a
     chunk with well-formed KV of its choosing; the reader recomputes it and drops the object."""
     monkeypatch.setenv("KVSTRATA_SECRET", SECRET)
@@ -201,14 +215,23 @@ def test_an_attackers_object_in_a_shared_tier_is_recomputed_not_served(redis_ser
         assert orch.flush(30)
         key = plan.keys["none"][1]
         planted = np.full_like(genuine[1], 666.0)
-        meta = fmt.ObjectMeta("none", "float32", CHUNK, 2, 16, MODEL.namespace("").fingerprint, key.digest)
-        forged = fmt.encode(meta, [planted[layer].tobytes() for layer in range(MODEL.n_layers)])  # no secret
+        meta = fmt.ObjectMeta(
+            "none", "float32", CHUNK, 2, 16, MODEL.namespace("").fingerprint, key.digest
+        )
+        forged = fmt.encode(
+            meta, [planted[layer].tobytes() for layer in range(MODEL.n_layers)]
+        )  # no secret
         rt.run(orch.tiers["shared"].put([(key, forged)]))
         handle = orch.load(orch.lookup(tokens, RequestContext()))
         assert handle.wait_all(30)
         assert handle.failed == {1} and handle.chunk_kv(1) is None
         np.testing.assert_array_equal(handle.chunk_kv(0), genuine[0])
-        assert orch.telemetry.value("kvstrata_bad_objects_total", tier="shared", reason="unauthenticated") == 1
+        assert (
+            orch.telemetry.value(
+                "kvstrata_bad_objects_total", tier="shared", reason="unauthenticated"
+            )
+            == 1
+        )
         time.sleep(0.3)
         assert rt.run(orch.tiers["shared"].contains([key])) == [False]
     finally:

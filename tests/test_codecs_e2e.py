@@ -20,12 +20,14 @@ from pathlib import Path
 
 import pytest
 
-vllm = pytest.importorskip("vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)")
+vllm = pytest.importorskip(
+    "vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)"
+)
 
 from kvstrata import runtime as rt
-from kvstrata.engine import generate, running_llm, text_tokens
 from kvstrata.keys import chunk_keys
-from kvstrata.models import prepare_smollm2
+from kvstrata.offline.convert import prepare_smollm2
+from kvstrata.offline.runner import generate, running_llm, text_tokens
 from kvstrata.orchestrator import flush_shared, shared_orchestrators
 
 PROMPT_TOKENS = 1100
@@ -34,22 +36,30 @@ NEW_TOKENS = 16
 # tier -> (codec name, its header params, text offset, minimum greedy agreement or None: reported only).
 # int4 is reported, not held to a rate: free-running greedy decoding diverges for good at the first
 # flipped token (teacher-forced top-1 agreement is in benchmarks/results/codecs.json).
-CASES = {"dram": ("q8", {"kind": "int8", "group_size": 32}, 7000, 0.5),
-         "local": ("q4", {"kind": "int4", "group_size": 32}, 12000, None),
-         "dram2": ("lae", {"kind": "linear-ae", "exact_tokens": 1}, 17000, None)}
+CASES = {
+    "dram": ("q8", {"kind": "int8", "group_size": 32}, 7000, 0.5),
+    "local": ("q4", {"kind": "int4", "group_size": 32}, 12000, None),
+    "dram2": ("lae", {"kind": "linear-ae", "exact_tokens": 1}, 17000, None),
+}
 
 
 def fit_linear_checkpoint(path: Path) -> str:
     """A linear-ae checkpoint for SmolLM2 (117 + 117 code bytes per token and layer: ~0.63 bytes per
     element), fitted on KV of 4 x 512 training tokens."""
-    from kvstrata.compression import capture, linear
+    from kvstrata.compression import linear
+    from kvstrata.offline import capture
 
     model, tok = capture.load_model()
     kvs = [capture.capture(model, ids) for ids in capture.sequences(tok, "train", 4, 512)]
     n_layers, _, _, heads, head_dim = kvs[0].shape
-    data = {("kv"[i], layer): [(0, kv[layer, i]) for kv in kvs] for layer in range(n_layers) for i in (0, 1)}
-    ckpt = linear.train_linear(data, {}, kv_heads=heads, head_dim=head_dim, k_bits=8 * 117, v_bits=8 * 117,
-                               derotate=False)
+    data = {
+        ("kv"[i], layer): [(0, kv[layer, i]) for kv in kvs]
+        for layer in range(n_layers)
+        for i in (0, 1)
+    }
+    ckpt = linear.train_linear(
+        data, {}, kv_heads=heads, head_dim=head_dim, k_bits=8 * 117, v_bits=8 * 117, derotate=False
+    )
     return ckpt.save(path)
 
 
@@ -58,17 +68,18 @@ def config_path(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("codecs-e2e")
     fit_linear_checkpoint(tmp / "lae.safetensors")
     path = tmp / "strata.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         version: 1
         chunk_tokens: 256
         codecs:
           q8: {{kind: int8, group_size: 32}}
           q4: {{kind: int4, group_size: 32}}
-          lae: {{kind: linear-ae, checkpoint: "{tmp / 'lae.safetensors'}"}}
+          lae: {{kind: linear-ae, checkpoint: "{tmp / "lae.safetensors"}"}}
         tiers:
           dram: {{kind: memory, capacity_bytes: 1GiB}}
           dram2: {{kind: memory, capacity_bytes: 1GiB}}
-          local: {{kind: disk, path: "{tmp / 'disk'}"}}
+          local: {{kind: disk, path: "{tmp / "disk"}"}}
         engine: {{prefill_tokens_per_s: 100}}
         policy:
           default: {{read: [dram], write: [dram], codec: {{dram: q8}}, load: always}}
@@ -79,7 +90,8 @@ def config_path(tmp_path_factory) -> Path:
             - name: via-dram2
               match: {{hints: {{tier: dram2}}}}
               route: {{read: [dram2], write: [dram2], codec: {{dram2: lae}}, load: always}}
-        """))
+        """)
+    )
     return path
 
 
@@ -102,16 +114,22 @@ def test_repeated_prompt_through_a_lossy_codec(llm, tier: str, capsys) -> None:
     assert second.kvstrata["loaded_tokens"] == {tier: HIT}
 
     (orch,) = shared_orchestrators()
-    key = chunk_keys(ids, orch.model.namespace("", name), 256)[0]  # the codec's name is in the namespace
+    key = chunk_keys(ids, orch.model.namespace("", name), 256)[
+        0
+    ]  # the codec's name is in the namespace
     (got,) = rt.run(orch.tiers[tier].get([key]))
     stored = dict(got.obj.meta.codec_params)
     stored.pop("checkpoint", None), stored.pop("sha256", None)
     assert got.obj.meta.codec == name and stored == params  # stored through the codec
 
     same = sum(a == b for a, b in zip(first.token_ids, second.token_ids))
-    prefix = next((i for i, (a, b) in enumerate(zip(first.token_ids, second.token_ids)) if a != b), NEW_TOKENS)
+    prefix = next(
+        (i for i, (a, b) in enumerate(zip(first.token_ids, second.token_ids)) if a != b), NEW_TOKENS
+    )
     with capsys.disabled():
-        print(f"\n[{tier} via {name} ({params['kind']})] greedy agreement with uncompressed: "
-              f"{same}/{NEW_TOKENS} tokens ({same / NEW_TOKENS:.0%}), identical prefix {prefix} tokens")
+        print(
+            f"\n[{tier} via {name} ({params['kind']})] greedy agreement with uncompressed: "
+            f"{same}/{NEW_TOKENS} tokens ({same / NEW_TOKENS:.0%}), identical prefix {prefix} tokens"
+        )
     if minimum is not None:
         assert same / NEW_TOKENS >= minimum

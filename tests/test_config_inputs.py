@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from kvstrata.cli_policy import INTERNAL_ERROR, policy_app
+from kvstrata.cli.policy import INTERNAL_ERROR, policy_app
 from kvstrata.config import ConfigError, load_config, parse_config
 from kvstrata.sizes import MAX_BYTES, parse_bytes
 
@@ -56,11 +56,32 @@ policy:
 EVIL = [
     "1" * 4301,  # over Python's 4,300-digit int limit
     "9" * 400,  # a float's infinity once parsed
-    "-1", "-0.0", ".inf", "-.inf", ".nan", "1.0e+400", "0x7fffffffffffffffffffffff",
-    "99999999999999999999999TiB", "1000000000000TiB", "9" * 400 + "GB/s", "-5GiB",
-    "100000000000", "2024-13-45", "1:30", "~", "true", "''", "[]", "{a: {b: [1]}}",
-    "!!binary AAAA", "!!python/object/apply:os.system [true]", "*nowhere",
-    '"' + "x" * 8193 + '"', '"\\x00\\x1e"', "sh\u00e9ll\u202e", "'" + "k" * 8000 + "'",
+    "-1",
+    "-0.0",
+    ".inf",
+    "-.inf",
+    ".nan",
+    "1.0e+400",
+    "0x7fffffffffffffffffffffff",
+    "99999999999999999999999TiB",
+    "1000000000000TiB",
+    "9" * 400 + "GB/s",
+    "-5GiB",
+    "100000000000",
+    "2024-13-45",
+    "1:30",
+    "~",
+    "true",
+    "''",
+    "[]",
+    "{a: {b: [1]}}",
+    "!!binary AAAA",
+    "!!python/object/apply:os.system [true]",
+    "*nowhere",
+    '"' + "x" * 8193 + '"',
+    '"\\x00\\x1e"',
+    "sh\u00e9ll\u202e",
+    "'" + "k" * 8000 + "'",
 ]
 
 _VALUE = re.compile(r"(?<=: )([^,{}\[\]\n]+)")
@@ -73,8 +94,8 @@ def value_mutations() -> list[tuple[int, str]]:
     for n, line in enumerate(lines):
         for found in _VALUE.finditer(line):
             for evil in EVIL:
-                changed = line[: found.start()] + evil + line[found.end():]
-                out.append((n + 1, "".join([*lines[:n], changed, *lines[n + 1:]])))
+                changed = line[: found.start()] + evil + line[found.end() :]
+                out.append((n + 1, "".join([*lines[:n], changed, *lines[n + 1 :]])))
     return out
 
 
@@ -82,9 +103,15 @@ def structural_mutations() -> list[bytes]:
     """Damage to the file as a whole: truncation, stray bytes, nesting, bombs, duplicates, huge text."""
     raw = BASE.encode()
     out = [raw[:cut] for cut in range(0, len(raw), 23)]
-    out += [raw[:at] + bad + raw[at:] for at in range(0, len(raw), 97)
-            for bad in (b"\xff", b"\xe9", b"\x00", b"\t", b"\x1b[31m", b"\xf0\x9f")]
-    out += [raw + f"x-deep: {'[' * depth}{']' * depth}\n".encode() for depth in (31, 33, 200, 5000, 100_000)]
+    out += [
+        raw[:at] + bad + raw[at:]
+        for at in range(0, len(raw), 97)
+        for bad in (b"\xff", b"\xe9", b"\x00", b"\t", b"\x1b[31m", b"\xf0\x9f")
+    ]
+    out += [
+        raw + f"x-deep: {'[' * depth}{']' * depth}\n".encode()
+        for depth in (31, 33, 200, 5000, 100_000)
+    ]
     out += [raw + f"x-deep: {'{a: ' * depth}1{'}' * depth}\n".encode() for depth in (33, 3000)]
     out.append(raw + b"".join(b"  " * i + b"- \n" for i in range(3000)))  # block-style depth
     chain = "".join(f"x-{i}: &n{i} [[[[[[[[[[*n{i - 1}]]]]]]]]]]\n" for i in range(1, 30))
@@ -99,10 +126,16 @@ def structural_mutations() -> list[bytes]:
     out.append(raw + b"k" * 8000 + b": 1\n")  # a long unknown key
     out.append(raw.replace(b"  q4:", b"  " + b"\x1b[2J" * 3 + b"q4:"))  # terminal escapes in a key
     out.append(b"\xef\xbb\xbf" + raw)  # a BOM is fine
-    out += [raw.replace(b"eviction:", b"evicton:"), raw + b"enigne: {}\n", raw + b"tiers2: {}\n",  # unknown keys
-            raw.replace(b"kind: disk", b"kind: tape"), raw.replace(b"read: [dram, local]", b"read: dram"),
-            raw.replace(b"q4", b"q5", 1), raw.replace(b"shared: 2", b"dram: 2"),  # meaning: names, routes
-            raw.replace(b"kind: int4, group_size: 32", b"kind: linear-ae, checkpoint: /dev/zero")]  # never read
+    out += [
+        raw.replace(b"eviction:", b"evicton:"),
+        raw + b"enigne: {}\n",
+        raw + b"tiers2: {}\n",  # unknown keys
+        raw.replace(b"kind: disk", b"kind: tape"),
+        raw.replace(b"read: [dram, local]", b"read: dram"),
+        raw.replace(b"q4", b"q5", 1),
+        raw.replace(b"shared: 2", b"dram: 2"),  # meaning: names, routes
+        raw.replace(b"kind: int4, group_size: 32", b"kind: linear-ae, checkpoint: /dev/zero"),
+    ]  # never read
     out += [b"", b"\n", b"- a\n- b\n", b"just text\n", b"{", b"version: [1\n", b"? [a]\n: b\n"]
     return out
 
@@ -130,16 +163,25 @@ def test_policy_check_never_prints_a_traceback(corpus: dict[Path, int | None]) -
     """>= 1,000 broken files through the real CLI: each broken one reported as file:line, nothing else."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "COLUMNS": "200"}
     env = {k: v for k, v in env.items() if not k.startswith("KVSTRATA_") or k == "KVSTRATA_NO_SKIP"}
-    result = subprocess.run([sys.executable, "-m", "kvstrata.cli", "policy", "check", *map(str, corpus)],
-                            capture_output=True, text=True, env=env, timeout=120)
-    assert "Traceback" not in result.stderr and INTERNAL_ERROR not in result.stderr, result.stderr[-3000:]
+    result = subprocess.run(
+        [sys.executable, "-m", "kvstrata.cli.main", "policy", "check", *map(str, corpus)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert "Traceback" not in result.stderr and INTERNAL_ERROR not in result.stderr, result.stderr[
+        -3000:
+    ]
     assert result.returncode == 1
     ok = {Path(line.split(": ok: ")[0]) for line in result.stdout.splitlines()}
     reported: dict[Path, list[int]] = {}
     for line in result.stderr.splitlines():
         where = WHERE.match(line)
         assert where, f"not a file:line message: {line[:300]!r}"
-        assert len(line) < len(where["file"]) + 800, f"a message quoting too much: {line[:300]!r}..."
+        assert len(line) < len(where["file"]) + 800, (
+            f"a message quoting too much: {line[:300]!r}..."
+        )
         reported.setdefault(Path(where["file"]), []).append(int(where["line"]))
     assert ok | reported.keys() == corpus.keys() and not ok & reported.keys()
     assert len(reported) >= 1000, f"only {len(reported)} broken files"
@@ -148,26 +190,90 @@ def test_policy_check_never_prints_a_traceback(corpus: dict[Path, int | None]) -
     # a bad value is reported on its own line (not somewhere near the top of the file)
     mutated = {p: n for p, n in corpus.items() if n is not None and p in reported}
     on_line = sum(n in reported[p] for p, n in mutated.items())
-    assert on_line == len(mutated), [(p.name, n, reported[p]) for p, n in mutated.items() if n not in reported[p]]
+    assert on_line == len(mutated), [
+        (p.name, n, reported[p]) for p, n in mutated.items() if n not in reported[p]
+    ]
 
 
 # -- hypothesis: generated YAML -----------------------------------------------------------
 
-SECTIONS = ["version", "chunk_tokens", "tiers", "engine", "orchestrator", "reuse", "telemetry",
-            "bandwidth", "codecs", "policy", "documents"]
-FIELDS = ["kind", "capacity_bytes", "eviction", "path", "cost", "latency_ms", "bandwidth_mbps", "timeout_ms",
-          "prefill_tokens_per_s", "breaker", "failures", "sketch_width", "sketch_depth", "half_life_s",
-          "links", "rules", "default", "read", "write", "match", "route", "name", "min", "max", "memory",
-          "disk", "dram", "ttl_s", "admission", "group_size", "priority", "context_tokens", "budget_ms"]
+SECTIONS = [
+    "version",
+    "chunk_tokens",
+    "tiers",
+    "engine",
+    "orchestrator",
+    "reuse",
+    "telemetry",
+    "bandwidth",
+    "codecs",
+    "policy",
+    "documents",
+]
+FIELDS = [
+    "kind",
+    "capacity_bytes",
+    "eviction",
+    "path",
+    "cost",
+    "latency_ms",
+    "bandwidth_mbps",
+    "timeout_ms",
+    "prefill_tokens_per_s",
+    "breaker",
+    "failures",
+    "sketch_width",
+    "sketch_depth",
+    "half_life_s",
+    "links",
+    "rules",
+    "default",
+    "read",
+    "write",
+    "match",
+    "route",
+    "name",
+    "min",
+    "max",
+    "memory",
+    "disk",
+    "dram",
+    "ttl_s",
+    "admission",
+    "group_size",
+    "priority",
+    "context_tokens",
+    "budget_ms",
+]
 scalars = st.one_of(
-    st.integers(min_value=-(10**30), max_value=10**30), st.floats(allow_nan=True, allow_infinity=True),
-    st.booleans(), st.none(), st.sampled_from(["memory", "disk", "redis", "s3", "int4", "4GiB", "1GB/s",
-                                               "auto", "dram", "s3fifo", "lru", "layerwise"]),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.none(),
+    st.sampled_from(
+        [
+            "memory",
+            "disk",
+            "redis",
+            "s3",
+            "int4",
+            "4GiB",
+            "1GB/s",
+            "auto",
+            "dram",
+            "s3fifo",
+            "lru",
+            "layerwise",
+        ]
+    ),
     st.text(max_size=20),
 )
 keys = st.one_of(st.sampled_from(FIELDS), st.text(max_size=8))
-trees = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                      st.dictionaries(keys, inner, max_size=4)), max_leaves=25)
+trees = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(keys, inner, max_size=4)),
+    max_leaves=25,
+)
 documents = st.dictionaries(st.sampled_from(SECTIONS), trees, max_size=6)
 runner = CliRunner()
 
@@ -180,7 +286,9 @@ def test_generated_yaml_gives_only_config_errors(doc: dict, tail: bytes, tmp_pat
     for data in (raw, raw + tail):
         path.write_bytes(data)
         result = runner.invoke(policy_app, ["check", str(path)])
-        assert result.exit_code in (0, 1) and isinstance(result.exception, SystemExit | None), result.output
+        assert result.exit_code in (0, 1) and isinstance(result.exception, SystemExit | None), (
+            result.output
+        )
         assert INTERNAL_ERROR not in result.output
         for line in result.stderr.splitlines():
             assert line.startswith(f"{path}:") and WHERE.match(line), line
@@ -191,40 +299,82 @@ def test_generated_yaml_gives_only_config_errors(doc: dict, tail: bytes, tmp_pat
 HEAD = "version: 1\ntiers:\n  dram: {kind: memory}\n"  # line 4 onwards is the case
 
 BOUNDS = {
-    "sketch width": ("reuse: {sketch_width: 100000000000}",
-                     "reuse.sketch_width: input should be less than or equal to 16777216 (got 100000000000)"),
-    "inf rate": ("bandwidth: {links: {dram: .inf}}",
-                 "bandwidth.links.dram: a rate must be positive and at most 10 TB/s (got inf)"),
-    "nan rate": ("bandwidth: {links: {dram: .nan}}",
-                 "bandwidth.links.dram: a rate must be positive and at most 10 TB/s (got nan)"),
-    "huge rate": (f"bandwidth: {{links: {{dram: {'9' * 400}GB/s}}}}",
-                  f"bandwidth.links.dram: invalid size '{'9' * 40}'...: use bytes or a number with a unit"),
-    "inf budget": ("orchestrator: {default_budget_ms: .inf}",
-                   "orchestrator.default_budget_ms: input should be a finite number (got inf)"),
-    "huge budget": ("orchestrator: {default_budget_ms: 1.0e+300}",
-                    "orchestrator.default_budget_ms: input should be less than or equal to 3600000 (got 1e+300)"),
-    "nan prefill": ("engine: {prefill_tokens_per_s: .nan}",
-                    "engine.prefill_tokens_per_s: input should be a finite number (got nan)"),
-    "inf latency": ("x-tiers: {dram: {kind: memory, cost: {latency_ms: .inf}}}",
-                    "tiers.dram.cost.latency_ms: input should be a finite number (got inf)"),
-    "capacity": ("x-tiers: {dram: {kind: memory, capacity_bytes: 1000000000000TiB}}",
-                 "tiers.dram.capacity_bytes: size '1000000000000TiB' is over the 1 PiB limit"),
-    "negative size": ("x-tiers: {dram: {kind: memory, capacity_bytes: -5GiB}}",
-                      "tiers.dram.capacity_bytes: invalid size '-5GiB'"),
-    "digits": ("chunk_tokens: " + "1" * 4301, "invalid YAML: invalid number: over 4300 digits (column 15)"),
-    "deep": ("x-a: " + "[" * 40 + "]" * 40, "invalid YAML: nested deeper than 32 levels (column 37)"),
-    "long scalar": ("x-a: '" + "a" * 9000 + "'", "invalid YAML: a value over 8192 characters (column 6)"),
-    "date": ("x-a: 2024-13-45", "invalid YAML: invalid timestamp: out of range or malformed (column 6)"),
-    "ttl": ("policy: {default: {read: [dram], write: [dram], ttl_s: {dram: .inf}}}",
-            "policy.default.ttl_s.dram: input should be a finite number (got inf)"),
-    "priority": ("policy: {rules: [{name: a, priority: 10000000000000, route: {read: [dram]}}]}",
-                 "policy.rules[0].priority: input should be less than or equal to 1000000 (got 10000000000000)"),
-    "codec checkpoint is a device": ("codecs: {q: {kind: linear-ae, checkpoint: /dev/zero}}",
-                                     "codecs.q.checkpoint: checkpoint '/dev/zero' is not a regular file"),
-    "codec checkpoint is a directory": ("codecs: {q: {kind: autoencoder, checkpoint: /tmp}}",
-                                        "codecs.q.checkpoint: checkpoint '/tmp' is not a regular file"),
-    "context": ("policy: {rules: [{name: a, match: {context_tokens: {min: 10000000000000}}, route: {read: [dram]}}]}",
-                "policy.rules[0].match.context_tokens.min: input should be less than or equal to 1073741824"),
+    "sketch width": (
+        "reuse: {sketch_width: 100000000000}",
+        "reuse.sketch_width: input should be less than or equal to 16777216 (got 100000000000)",
+    ),
+    "inf rate": (
+        "bandwidth: {links: {dram: .inf}}",
+        "bandwidth.links.dram: a rate must be positive and at most 10 TB/s (got inf)",
+    ),
+    "nan rate": (
+        "bandwidth: {links: {dram: .nan}}",
+        "bandwidth.links.dram: a rate must be positive and at most 10 TB/s (got nan)",
+    ),
+    "huge rate": (
+        f"bandwidth: {{links: {{dram: {'9' * 400}GB/s}}}}",
+        f"bandwidth.links.dram: invalid size '{'9' * 40}'...: use bytes or a number with a unit",
+    ),
+    "inf budget": (
+        "orchestrator: {default_budget_ms: .inf}",
+        "orchestrator.default_budget_ms: input should be a finite number (got inf)",
+    ),
+    "huge budget": (
+        "orchestrator: {default_budget_ms: 1.0e+300}",
+        "orchestrator.default_budget_ms: input should be less than or equal to 3600000 (got 1e+300)",
+    ),
+    "nan prefill": (
+        "engine: {prefill_tokens_per_s: .nan}",
+        "engine.prefill_tokens_per_s: input should be a finite number (got nan)",
+    ),
+    "inf latency": (
+        "x-tiers: {dram: {kind: memory, cost: {latency_ms: .inf}}}",
+        "tiers.dram.cost.latency_ms: input should be a finite number (got inf)",
+    ),
+    "capacity": (
+        "x-tiers: {dram: {kind: memory, capacity_bytes: 1000000000000TiB}}",
+        "tiers.dram.capacity_bytes: size '1000000000000TiB' is over the 1 PiB limit",
+    ),
+    "negative size": (
+        "x-tiers: {dram: {kind: memory, capacity_bytes: -5GiB}}",
+        "tiers.dram.capacity_bytes: invalid size '-5GiB'",
+    ),
+    "digits": (
+        "chunk_tokens: " + "1" * 4301,
+        "invalid YAML: invalid number: over 4300 digits (column 15)",
+    ),
+    "deep": (
+        "x-a: " + "[" * 40 + "]" * 40,
+        "invalid YAML: nested deeper than 32 levels (column 37)",
+    ),
+    "long scalar": (
+        "x-a: '" + "a" * 9000 + "'",
+        "invalid YAML: a value over 8192 characters (column 6)",
+    ),
+    "date": (
+        "x-a: 2024-13-45",
+        "invalid YAML: invalid timestamp: out of range or malformed (column 6)",
+    ),
+    "ttl": (
+        "policy: {default: {read: [dram], write: [dram], ttl_s: {dram: .inf}}}",
+        "policy.default.ttl_s.dram: input should be a finite number (got inf)",
+    ),
+    "priority": (
+        "policy: {rules: [{name: a, priority: 10000000000000, route: {read: [dram]}}]}",
+        "policy.rules[0].priority: input should be less than or equal to 1000000 (got 10000000000000)",
+    ),
+    "codec checkpoint is a device": (
+        "codecs: {q: {kind: linear-ae, checkpoint: /dev/zero}}",
+        "codecs.q.checkpoint: checkpoint '/dev/zero' is not a regular file",
+    ),
+    "codec checkpoint is a directory": (
+        "codecs: {q: {kind: autoencoder, checkpoint: /tmp}}",
+        "codecs.q.checkpoint: checkpoint '/tmp' is not a regular file",
+    ),
+    "context": (
+        "policy: {rules: [{name: a, match: {context_tokens: {min: 10000000000000}}, route: {read: [dram]}}]}",
+        "policy.rules[0].match.context_tokens.min: input should be less than or equal to 1073741824",
+    ),
 }
 
 
@@ -245,7 +395,10 @@ def test_non_utf8_names_the_line_and_byte(tmp_path: Path) -> None:
     path.write_bytes(HEAD.encode() + b"x-a: ok\nx-b: caf\xc3\xa9 \xff\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert str(err.value) == f"{path}:5: not UTF-8 text (byte 0xff at column 12); save the file as UTF-8"
+    assert (
+        str(err.value)
+        == f"{path}:5: not UTF-8 text (byte 0xff at column 12); save the file as UTF-8"
+    )
 
 
 def test_sizes_are_exact_and_bounded() -> None:
@@ -266,16 +419,27 @@ def test_environment_sizes_parse_like_the_file(monkeypatch) -> None:
     monkeypatch.setenv("KVSTRATA_MEMORY_CAPACITY_BYTES", "8 GiBs")
     with pytest.raises(ConfigError) as err:
         parse_config(HEAD, "strata.yaml")
-    assert str(err.value) == ("strata.yaml:3: tiers.dram.capacity_bytes: invalid size '8 GiBs': use bytes or a "
-                              "number with a unit (B, KB, KiB, MB, MiB, GB, GiB, TB, TiB) "
-                              "(from environment variable KVSTRATA_MEMORY_CAPACITY_BYTES)")
+    assert str(err.value) == (
+        "strata.yaml:3: tiers.dram.capacity_bytes: invalid size '8 GiBs': use bytes or a "
+        "number with a unit (B, KB, KiB, MB, MiB, GB, GiB, TB, TiB) "
+        "(from environment variable KVSTRATA_MEMORY_CAPACITY_BYTES)"
+    )
     monkeypatch.setenv("KVSTRATA_MEMORY_CAPACITY_BYTES", "65TiB")
-    with pytest.raises(ConfigError, match=r"capacity_bytes: input should be less than or equal to 70368744177664"):
+    with pytest.raises(
+        ConfigError, match=r"capacity_bytes: input should be less than or equal to 70368744177664"
+    ):
         parse_config(HEAD, "strata.yaml")
 
 
-@pytest.mark.parametrize("option, value", [("--context-tokens", "9" * 30), ("--budget-ms", "inf"),
-                                           ("--budget-ms", "nan"), ("--kv-bytes-per-token", "9" * 30)])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--context-tokens", "9" * 30),
+        ("--budget-ms", "inf"),
+        ("--budget-ms", "nan"),
+        ("--kv-bytes-per-token", "9" * 30),
+    ],
+)
 def test_explain_bounds_its_request_options(tmp_path: Path, option: str, value: str) -> None:
     path = tmp_path / "strata.yaml"
     path.write_text(HEAD)

@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 
 from kvstrata.config import parse_config
+from kvstrata.model import ModelSpec
 from kvstrata.orchestrator import Orchestrator
-from kvstrata.plan import ModelSpec
 from kvstrata.policy.route import RequestContext
 from kvstrata.testing.throttle import ThrottledProxy
 
 CHUNK = 64
-MODEL = ModelSpec("flip-model", n_layers=8, kv_heads=4, head_dim=64, dtype="float32")  # 1 MiB per chunk
+MODEL = ModelSpec(
+    "flip-model", n_layers=8, kv_heads=4, head_dim=64, dtype="float32"
+)  # 1 MiB per chunk
 PREFILL_TPS = 1000.0  # recomputing one chunk costs 64 ms
 
 
@@ -36,7 +38,9 @@ policy:
     return Orchestrator(cfg, MODEL)
 
 
-@pytest.mark.parametrize("rate_mbps, expect_load", [(2, False), (6, False), (60, True), (None, True)])
+@pytest.mark.parametrize(
+    "rate_mbps, expect_load", [(2, False), (6, False), (60, True), (None, True)]
+)
 def test_decision_follows_the_measured_link(redis_server, rate_mbps, expect_load) -> None:
     host, port = redis_server.url.split("//")[1].split("/")[0].split(":")
     proxy = ThrottledProxy(host, int(port), bytes_per_s=(rate_mbps or 0) * 1e6)

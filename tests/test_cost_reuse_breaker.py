@@ -38,12 +38,16 @@ def test_choose_the_best_prefix(latency_ms, mbps, budget_s, expected) -> None:
 
 def test_a_compressed_tier_costs_the_bytes_its_codec_stores() -> None:
     m = model(1, 3.5)  # 0.29 s per uncompressed chunk vs 0.256 s of compute: recompute
-    assert m.choose(["t"] * 4, 256, MB, 4 * 256, None, False, codecs={"t": "int8"}).chunks == 0  # not measured yet
+    assert (
+        m.choose(["t"] * 4, 256, MB, 4 * 256, None, False, codecs={"t": "int8"}).chunks == 0
+    )  # not measured yet
     m.observe_stored("int8", 0.25)
     assert m.stored_fraction("int8") == 0.25 and m.stored_fraction("none") == 1.0
     choice = m.choose(["t"] * 4, 256, MB, 4 * 256, None, False, codecs={"t": "int8"})
     assert choice.chunks == 4 and choice.load_s == pytest.approx(0.001 + 4 * 0.25 / 3.5, rel=1e-6)
-    assert m.choose(["t"] * 4, 256, MB, 4 * 256, None, False).chunks == 0  # uncompressed: still dearer
+    assert (
+        m.choose(["t"] * 4, 256, MB, 4 * 256, None, False).chunks == 0
+    )  # uncompressed: still dearer
 
 
 def test_layerwise_hides_transfer_behind_compute() -> None:
@@ -105,7 +109,7 @@ def test_breaker_opens_after_failures_and_closes_after_a_good_trial() -> None:
     assert b.is_open and not b.allow()
     now[0] = 5.0
     assert b.allow() and not b.allow()  # one trial at a time
-    assert b.record(False)  is False  # trial failed: open again (state unchanged: still open)
+    assert b.record(False) is False  # trial failed: open again (state unchanged: still open)
     assert not b.allow()
     now[0] = 10.0
     assert b.allow()

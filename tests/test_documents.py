@@ -16,11 +16,16 @@ import torch
 from kvstrata import runtime
 from kvstrata.config import parse_config
 from kvstrata.documents import Corpus, Rope, plan_stitch, tokens_hash
-from kvstrata.documents.precompute import Precomputer, add_documents, model_spec_for
+from kvstrata.offline.precompute import Precomputer, add_documents, model_spec_for
 from kvstrata.tiers.base import tier_class
 
-SMOLLM2 = {"architectures": ["LlamaForCausalLM"], "head_dim": 64, "hidden_size": 576, "num_attention_heads": 9,
-           "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
+SMOLLM2 = {
+    "architectures": ["LlamaForCausalLM"],
+    "head_dim": 64,
+    "hidden_size": 576,
+    "num_attention_heads": 9,
+    "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+}
 
 
 # -- the rotation itself ----------------------------------------------------------------
@@ -37,14 +42,18 @@ def test_rerotation_moves_keys_exactly(arch: str) -> None:
         direct = rope.apply(x, positions + shift)
         assert torch.allclose(moved, direct, rtol=0, atol=1e-10), shift
     # and the rotation is not the identity (the test could fail)
-    assert not torch.allclose(rope.rotate(rope.apply(x, positions), 5), rope.apply(x, positions), atol=1e-3)
+    assert not torch.allclose(
+        rope.rotate(rope.apply(x, positions), 5), rope.apply(x, positions), atol=1e-3
+    )
 
 
 def test_rope_refuses_what_it_cannot_move_exactly() -> None:
     from kvstrata.documents import UnsupportedRope
 
     with pytest.raises(UnsupportedRope):
-        Rope.from_config({**SMOLLM2, "rope_parameters": {"rope_theta": 1e4, "rope_type": "dynamic", "factor": 2}})
+        Rope.from_config(
+            {**SMOLLM2, "rope_parameters": {"rope_theta": 1e4, "rope_type": "dynamic", "factor": 2}}
+        )
     with pytest.raises(UnsupportedRope):
         Rope.from_config({**SMOLLM2, "architectures": ["SomethingElse"]})
 
@@ -54,8 +63,8 @@ def test_rope_refuses_what_it_cannot_move_exactly() -> None:
 
 @pytest.fixture(scope="module")
 def hf():
-    from kvstrata.compression.capture import load_model
-    from kvstrata.models import prepare_smollm2
+    from kvstrata.offline.capture import load_model
+    from kvstrata.offline.convert import prepare_smollm2
 
     model_dir = prepare_smollm2(progress=False)
     model, tokenizer = load_model(model_dir)
@@ -63,7 +72,7 @@ def hf():
 
 
 def text(tokenizer, n_tokens: int, offset: int) -> list[int]:
-    from kvstrata.engine import text_tokens
+    from kvstrata.offline.runner import text_tokens
 
     return text_tokens(tokenizer, n_tokens, offset=offset)
 
@@ -89,7 +98,7 @@ def corpus_config(tmp: Path) -> str:
         version: 1
         tiers:
           dram: {{kind: memory, capacity_bytes: 1GiB}}
-          corpus_disk: {{kind: disk, path: "{tmp / 'corpus'}"}}
+          corpus_disk: {{kind: disk, path: "{tmp / "corpus"}"}}
         documents: {{tiers: [corpus_disk], corpus: test}}
         """)
 
@@ -101,7 +110,9 @@ def open_test_corpus(tmp: Path, hf) -> tuple[Corpus, Precomputer]:
 
     tiers = {n: tier_class(s.kind).from_settings(n, s.settings) for n, s in config.tiers.items()}
     spec = model_spec_for(model_dir, model.config)
-    corpus = Corpus("test", spec, corpus_tiers(config, tiers), Rope.from_config(model.config).describe())
+    corpus = Corpus(
+        "test", spec, corpus_tiers(config, tiers), Rope.from_config(model.config).describe()
+    )
     return corpus, Precomputer(model, tokenizer, threads=1)
 
 
@@ -112,9 +123,17 @@ def test_precompute_is_resumable_and_recomputes_only_changed_documents(tmp_path,
     assert [r.status for r in add_documents(corpus, docs[:2], computer)] == ["added", "added"]
     # a new process (new tier objects): the first two are found, the third is added
     corpus, computer = open_test_corpus(tmp_path, hf)
-    assert [r.status for r in add_documents(corpus, docs, computer)] == ["unchanged", "unchanged", "added"]
+    assert [r.status for r in add_documents(corpus, docs, computer)] == [
+        "unchanged",
+        "unchanged",
+        "added",
+    ]
     changed = [docs[0], (docs[1][0], docs[1][1] + " One more sentence."), docs[2]]
-    assert [r.status for r in add_documents(corpus, changed, computer)] == ["unchanged", "changed", "unchanged"]
+    assert [r.status for r in add_documents(corpus, changed, computer)] == [
+        "unchanged",
+        "changed",
+        "unchanged",
+    ]
     manifest = runtime.run(corpus.load_manifest())
     assert sorted(manifest.documents) == ["doc0", "doc1", "doc2"]
     entry = manifest.documents["doc1"]
@@ -122,7 +141,9 @@ def test_precompute_is_resumable_and_recomputes_only_changed_documents(tmp_path,
     assert entry.tokens_hash == tokens_hash(ids) and entry.n_tokens == len(ids)
     (obj,) = runtime.run(corpus.get([corpus.doc_key(entry.tokens_hash)]))
     stored = np.stack([corpus.layer(obj, layer) for layer in range(corpus.model.n_layers)])
-    assert np.array_equal(stored, computer.kv(ids))  # what was stored is the model's KV, bit for bit
+    assert np.array_equal(
+        stored, computer.kv(ids)
+    )  # what was stored is the model's KV, bit for bit
     # context variants: computed once for every other document, then skipped
     statuses = [r.status for r in add_documents(corpus, changed, computer, context_id="doc0")]
     assert statuses == ["unchanged", "context", "context"]
@@ -135,9 +156,15 @@ def test_precompute_is_resumable_and_recomputes_only_changed_documents(tmp_path,
 
 def test_stitch_plan_verifies_documents_and_never_guesses(tmp_path, hf) -> None:
     _, _, tokenizer = hf
-    docs = {"sys": text(tokenizer, 40, 100), "a": text(tokenizer, 150, 8000), "b": text(tokenizer, 140, 16000)}
+    docs = {
+        "sys": text(tokenizer, 40, 100),
+        "a": text(tokenizer, 150, 8000),
+        "b": text(tokenizer, 140, 16000),
+    }
     corpus, computer = open_test_corpus(tmp_path, hf)
-    add_documents(corpus, [(k, tokenizer.decode(v)) for k, v in docs.items()], computer, context_id="sys")
+    add_documents(
+        corpus, [(k, tokenizer.decode(v)) for k, v in docs.items()], computer, context_id="sys"
+    )
     manifest = runtime.run(corpus.load_manifest())
     ids = {k: computer.tokens(tokenizer.decode(v)) for k, v in docs.items()}
     question = text(tokenizer, 50, 50000)
@@ -147,19 +174,30 @@ def test_stitch_plan_verifies_documents_and_never_guesses(tmp_path, hf) -> None:
     plan = plan_stitch(prompt, manifest, ["sys", "a", "b"], corpus, 128)
     assert plan.documents == ["sys", "a", "b"]
     assert plan.end == (n_sys + n_a + n_b) // 128 * 128
-    assert [(s.start, s.shift) for s in plan.segments] == [(0, 0), (n_sys, n_sys), (n_sys + n_a, n_sys + n_a)]
-    assert plan_stitch(prompt, manifest, None, corpus, 128).end == plan.end  # detection finds the same
+    assert [(s.start, s.shift) for s in plan.segments] == [
+        (0, 0),
+        (n_sys, n_sys),
+        (n_sys + n_a, n_sys + n_a),
+    ]
+    assert (
+        plan_stitch(prompt, manifest, None, corpus, 128).end == plan.end
+    )  # detection finds the same
     # context repair: later documents use their variant computed after "sys", shifted by start - len(sys)
     ctx = plan_stitch(prompt, manifest, ["sys", "a", "b"], corpus, 128, repair="context")
     assert [s.shift for s in ctx.segments] == [0, 0, n_a]
     assert ctx.segments[1].key != plan.segments[1].key
     # tail repair: the last document is left to the engine
-    assert plan_stitch(prompt, manifest, ["sys", "a", "b"], corpus, 128, repair="tail").end == (n_sys + n_a) // 128 * 128
+    assert (
+        plan_stitch(prompt, manifest, ["sys", "a", "b"], corpus, 128, repair="tail").end
+        == (n_sys + n_a) // 128 * 128
+    )
     # wrong order, unknown names, tokens between documents: the prefix ends there
     assert plan_stitch(prompt, manifest, ["sys", "b", "a"], corpus, 128).end == 0
     assert plan_stitch(prompt, manifest, ["nope"], corpus, 128).end == 0
     gap = ids["sys"] + ids["a"] + [198] + ids["b"] + question
-    assert plan_stitch(gap, manifest, ["sys", "a", "b"], corpus, 128).end == (n_sys + n_a) // 128 * 128
+    assert (
+        plan_stitch(gap, manifest, ["sys", "a", "b"], corpus, 128).end == (n_sys + n_a) // 128 * 128
+    )
     assert plan_stitch(gap, manifest, None, corpus, 128).documents == ["sys", "a"]
     # a prompt that is only documents: the last token is left to the engine (block size 1 to see it)
     only = ids["sys"] + ids["a"]
@@ -169,24 +207,39 @@ def test_stitch_plan_verifies_documents_and_never_guesses(tmp_path, hf) -> None:
 def test_cli_corpus_add_and_list(tmp_path, hf) -> None:
     from typer.testing import CliRunner
 
-    from kvstrata.cli import app
+    from kvstrata.cli.main import app
 
     model_dir, _, tokenizer = hf
     (tmp_path / "docs").mkdir()
     for i in range(2):
-        (tmp_path / "docs" / f"d{i}.txt").write_text(tokenizer.decode(text(tokenizer, 100, 3000 * (i + 1))))
+        (tmp_path / "docs" / f"d{i}.txt").write_text(
+            tokenizer.decode(text(tokenizer, 100, 3000 * (i + 1)))
+        )
     config = tmp_path / "strata.yaml"
     config.write_text(corpus_config(tmp_path))
     runner = CliRunner()
-    args = ["corpus", "add", str(tmp_path / "docs"), "--config", str(config), "--model-dir", str(model_dir),
-            "--threads", "1"]
+    args = [
+        "corpus",
+        "add",
+        str(tmp_path / "docs"),
+        "--config",
+        str(config),
+        "--model-dir",
+        str(model_dir),
+        "--threads",
+        "1",
+    ]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
     assert "2 added" in first.output
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "2 unchanged" in again.output, again.output
-    listing = runner.invoke(app, ["corpus", "list", "--config", str(config), "--model-dir", str(model_dir)])
-    assert listing.exit_code == 0 and "d0.txt" in listing.output and "d1.txt" in listing.output, listing.output
+    listing = runner.invoke(
+        app, ["corpus", "list", "--config", str(config), "--model-dir", str(model_dir)]
+    )
+    assert listing.exit_code == 0 and "d0.txt" in listing.output and "d1.txt" in listing.output, (
+        listing.output
+    )
 
 
 def test_scheduler_branch_plans_stitches_and_ignores_malformed_requests(tmp_path, hf) -> None:
@@ -198,7 +251,10 @@ def test_scheduler_branch_plans_stitches_and_ignores_malformed_requests(tmp_path
 
     _, _, tokenizer = hf
     corpus, computer = open_test_corpus(tmp_path, hf)
-    docs = [("sys", tokenizer.decode(text(tokenizer, 60, 100))), ("a", tokenizer.decode(text(tokenizer, 150, 9000)))]
+    docs = [
+        ("sys", tokenizer.decode(text(tokenizer, 60, 100))),
+        ("a", tokenizer.decode(text(tokenizer, 150, 9000))),
+    ]
     add_documents(corpus, docs, computer)
     ids = {k: computer.tokens(v) for k, v in docs}
     prompt = ids["sys"] + ids["a"] + text(tokenizer, 40, 60000)
@@ -212,9 +268,18 @@ def test_scheduler_branch_plans_stitches_and_ignores_malformed_requests(tmp_path
     assert sched.handles("r1")
     assert sched.finished(named)["kvstrata"]["documents"] == ["sys", "a"]
     assert not sched.handles("r1")
-    for bad in (None, {}, {"kvstrata": "x"}, {"kvstrata": {"documents": "sys"}}, {"kvstrata": {"documents": []}},
-                {"kvstrata": {"documents": ["sys"], "repair": "magic"}}, {"kvstrata": {"documents": ["nope"]}}):
-        assert sched.match(request("r2", bad), 0) is None, bad  # exact computation, never an exception
+    for bad in (
+        None,
+        {},
+        {"kvstrata": "x"},
+        {"kvstrata": {"documents": "sys"}},
+        {"kvstrata": {"documents": []}},
+        {"kvstrata": {"documents": ["sys"], "repair": "magic"}},
+        {"kvstrata": {"documents": ["nope"]}},
+    ):
+        assert sched.match(request("r2", bad), 0) is None, (
+            bad
+        )  # exact computation, never an exception
     assert not sched.handles("r2")
     # the engine already holds the stitched part: still a document request (never saved), nothing to load
     assert sched.match(request("r3", {"kvstrata": {"documents": ["sys", "a"]}}), 256) == 0

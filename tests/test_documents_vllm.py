@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-vllm = pytest.importorskip("vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)")
+vllm = pytest.importorskip(
+    "vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)"
+)
 
 from kvstrata import runtime
 from kvstrata.config import load_config
-from kvstrata.engine import generate, running_llm, text_tokens
-from kvstrata.models import prepare_smollm2
+from kvstrata.offline.convert import prepare_smollm2
+from kvstrata.offline.runner import generate, running_llm, text_tokens
 
 BLOCK = 128
 
@@ -45,7 +47,7 @@ def config_text(s3) -> str:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, s3_server):
     """The corpus precomputed into S3 (the default documents tier), then one engine with the connector."""
-    from kvstrata.documents.precompute import add_documents, open_corpus
+    from kvstrata.offline.precompute import add_documents, open_corpus
 
     model_dir = prepare_smollm2(progress=False)
     path = tmp_path_factory.mktemp("docs-e2e") / "strata.yaml"
@@ -85,10 +87,12 @@ def test_two_documents_are_stitched_and_repairs_change_what_is_loaded(setup) -> 
     assert tail.kvstrata["documents"] == ["alpha"] and tail.kvstrata["repair"] == "tail"
 
 
-def transformers_greedy(computer, segments: list[tuple[list[int], int, np.ndarray]], rest: list[int], n: int):
+def transformers_greedy(
+    computer, segments: list[tuple[list[int], int, np.ndarray]], rest: list[int], n: int
+):
     """Greedy tokens of transformers continuing from stitched KV: (tokens, start, KV computed at 0..) per segment."""
-    from kvstrata.compression.capture import numpy_to_cache
     from kvstrata.documents import Rope
+    from kvstrata.offline.capture import numpy_to_cache
 
     rope = Rope.from_config(computer.model.config)
     parts = []
@@ -103,7 +107,9 @@ def transformers_greedy(computer, segments: list[tuple[list[int], int, np.ndarra
     torch.set_num_threads(1)  # much faster than two threads fighting over a shared machine's cores
     with torch.no_grad():
         for _ in range(n):
-            logits = computer.model(torch.tensor([feed]), past_key_values=cache, use_cache=True).logits
+            logits = computer.model(
+                torch.tensor([feed]), past_key_values=cache, use_cache=True
+            ).logits
             feed = [int(logits[0, -1].argmax())]
             out.append(feed[0])
     torch.set_num_threads(threads)
@@ -111,7 +117,9 @@ def transformers_greedy(computer, segments: list[tuple[list[int], int, np.ndarra
 
 
 @pytest.mark.parametrize("repair", ["none", "context"])
-def test_two_stitched_documents_give_what_transformers_gives_from_the_same_kv(setup, repair: str) -> None:
+def test_two_stitched_documents_give_what_transformers_gives_from_the_same_kv(
+    setup, repair: str
+) -> None:
     """Re-rotation and placement at a non-zero offset, through vLLM: the reference is transformers
     continuing from the very KV the stitch should produce (alpha alone; beta alone moved to its
     place, or beta computed after alpha)."""
@@ -122,9 +130,12 @@ def test_two_stitched_documents_give_what_transformers_gives_from_the_same_kv(se
     kv_a = computer.kv(a)
     kv_b = computer.kv(b, context=a) if repair == "context" else computer.kv(b)
     shift_b = 0 if repair == "context" else len(a)
-    expected = transformers_greedy(computer, [(a, 0, kv_a), (b, shift_b, kv_b[:, :, :end - len(a)])],
-                                   prompt[end:], 8)
-    got = generate(llm, prompt, 8, kv_params={"kvstrata": {"documents": ["alpha", "beta"], "repair": repair}})
+    expected = transformers_greedy(
+        computer, [(a, 0, kv_a), (b, shift_b, kv_b[:, :, : end - len(a)])], prompt[end:], 8
+    )
+    got = generate(
+        llm, prompt, 8, kv_params={"kvstrata": {"documents": ["alpha", "beta"], "repair": repair}}
+    )
     assert got.num_cached_tokens == end
     assert got.token_ids == expected
 
@@ -140,7 +151,9 @@ def beta_full(setup):
 def test_documents_not_where_named_are_computed_normally(setup, beta_full) -> None:
     llm, ids, question, *_ = setup
     prompt, full = beta_full
-    wrong = generate(llm, prompt, 8, kv_params={"kvstrata": {"documents": ["alpha"]}})  # alpha is not at 0
+    wrong = generate(
+        llm, prompt, 8, kv_params={"kvstrata": {"documents": ["alpha"]}}
+    )  # alpha is not at 0
     assert wrong.num_cached_tokens == 0 and wrong.token_ids == full.token_ids
     unnamed = generate(llm, ids["alpha"] + question, 1)  # detection is off by default
     assert unnamed.num_cached_tokens == 0
@@ -154,9 +167,16 @@ def test_a_missing_document_object_is_recomputed(setup, beta_full) -> None:
     from kvstrata.orchestrator import shared_orchestrators
 
     (orch,) = shared_orchestrators()
-    before = orch.telemetry.value("kvstrata_tier_ops_total", tier="documents", op="stitch", result="error")
+    before = orch.telemetry.value(
+        "kvstrata_tier_ops_total", tier="documents", op="stitch", result="error"
+    )
     runtime.run(corpus.tiers[0].delete([ChunkKey.from_hex(manifest.documents["beta"].key)]))
     again = generate(llm, prompt, 8, kv_params={"kvstrata": {"documents": ["beta"]}})
     assert again.token_ids == full.token_ids
     # the stitch failed and was reported (vLLM recomputed the blocks), it did not just happen to work
-    assert orch.telemetry.value("kvstrata_tier_ops_total", tier="documents", op="stitch", result="error") == before + 1
+    assert (
+        orch.telemetry.value(
+            "kvstrata_tier_ops_total", tier="documents", op="stitch", result="error"
+        )
+        == before + 1
+    )

@@ -35,7 +35,14 @@ def test_read_layers_from_a_ranged_read() -> None:
 
 def test_header_fields_round_trip() -> None:
     meta = fmt.ObjectMeta(
-        "int4", "bfloat16", 256, 8, 128, NAMESPACE.fingerprint, KEY.digest, {"group": 32, "scheme": "kivi"}
+        "int4",
+        "bfloat16",
+        256,
+        8,
+        128,
+        NAMESPACE.fingerprint,
+        KEY.digest,
+        {"group": 32, "scheme": "kivi"},
     )
     obj = fmt.decode(fmt.encode(meta, [b"ab", b"", b"cde"]))
     assert obj.meta == fmt.ObjectMeta(
@@ -60,8 +67,13 @@ def test_header_fields_round_trip() -> None:
 )
 def test_encode_refuses_bad_metadata(change, message) -> None:
     fields = dict(
-        codec="none", dtype="float32", n_tokens=16, kv_heads=2, head_dim=8,
-        namespace=NAMESPACE.fingerprint, key=KEY.digest,
+        codec="none",
+        dtype="float32",
+        n_tokens=16,
+        kv_heads=2,
+        head_dim=8,
+        namespace=NAMESPACE.fingerprint,
+        key=KEY.digest,
     )
     fields.update(change)
     with pytest.raises(ValueError, match=message):

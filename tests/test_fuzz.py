@@ -17,12 +17,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvstrata import auth
 from kvstrata import format as fmt
 from kvstrata import runtime as rt
 from kvstrata.auth import Keyring
-from kvstrata.compression.base import CodecError, codec_from_config, codec_from_header, codec_kinds, header_params
-from kvstrata.tiers.base import Hit, Miss, create_tier
+from kvstrata.compression.base import (
+    CodecError,
+    codec_from_config,
+    codec_from_header,
+    codec_kinds,
+    header_params,
+)
+from kvstrata.tiers.base import Miss, create_tier
 from tests.conftest import NAMESPACE, make_keys, s3_settings
 from tests.test_codecs import random_checkpoint
 
@@ -30,9 +35,16 @@ EXAMPLES = int(os.environ.get("KVSTRATA_FUZZ_EXAMPLES", "10000")) * (
     20 if os.environ.get("KVSTRATA_FUZZ_LONG") == "1" else 1
 )
 TIER_EXAMPLES = max(50, EXAMPLES // 50)
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
 
 OURS = Keyring(b"the fuzzing deployment's secret key")
 THEIRS = Keyring(b"an attacker's guess at the secret")
@@ -43,7 +55,9 @@ N_LAYERS = 4
 def _object(key, seed: int, keyring: Keyring = OURS) -> tuple[bytes, list[bytes]]:
     rng = np.random.default_rng(seed)
     sections = [rng.bytes(int(n)) for n in rng.integers(1, 96, size=N_LAYERS)]
-    meta = fmt.ObjectMeta("int4", "float16", 16, 2, 8, NAMESPACE.fingerprint, key.digest, {"group_size": 32})
+    meta = fmt.ObjectMeta(
+        "int4", "float16", 16, 2, 8, NAMESPACE.fingerprint, key.digest, {"group_size": 32}
+    )
     return fmt.encode(meta, sections, keyring), sections
 
 
@@ -58,8 +72,11 @@ HEADER = fmt.decode_header(GOOD, OURS)
 def damaged(draw) -> tuple[str, bytes]:
     """(kind, bytes): GOOD after bit flips, truncation, extension, a section swap, a forged or
     resealed header, another object, or plain random bytes."""
-    kind = draw(st.sampled_from(["flip", "truncate", "extend", "swap", "forge", "reseal", "foreign",
-                                 "random", "v1"]))
+    kind = draw(
+        st.sampled_from(
+            ["flip", "truncate", "extend", "swap", "forge", "reseal", "foreign", "random", "v1"]
+        )
+    )
     buf = bytearray(GOOD)
     if kind == "flip":
         for _ in range(draw(st.integers(1, 8))):
@@ -70,13 +87,17 @@ def damaged(draw) -> tuple[str, bytes]:
     elif kind == "extend":
         buf += draw(st.binary(min_size=1, max_size=64))
     elif kind == "swap":  # two sections exchanged, the table left as it was
-        a, b = draw(st.sampled_from([(i, j) for i in range(N_LAYERS) for j in range(i + 1, N_LAYERS)]))
+        a, b = draw(
+            st.sampled_from([(i, j) for i in range(N_LAYERS) for j in range(i + 1, N_LAYERS)])
+        )
         body = list(SECTIONS)
         body[a], body[b] = body[b], body[a]
         buf = bytearray(HEADER.raw + b"".join(body))
     elif kind == "forge":  # a well-formed object written without the secret
         return kind, _object(KEY, draw(st.integers(1, 1 << 30)), THEIRS)[0]
-    elif kind == "reseal":  # header bytes edited, then MAC'd by a key holder: parsing is all that is left
+    elif (
+        kind == "reseal"
+    ):  # header bytes edited, then MAC'd by a key holder: parsing is all that is left
         for _ in range(draw(st.integers(1, 4))):
             pos = draw(st.integers(fmt._PREAMBLE.size, HEADER.header_len - 33))
             buf[pos] = draw(st.integers(0, 255))
@@ -84,23 +105,34 @@ def damaged(draw) -> tuple[str, bytes]:
     elif kind == "foreign":  # a genuine object of another key
         buf = bytearray(_object(OTHER, draw(st.integers(0, 3)))[0])
     elif kind == "v1":
-        meta = fmt.ObjectMeta("int4", "float16", 16, 2, 8, NAMESPACE.fingerprint, KEY.digest, {"group_size": 32})
+        meta = fmt.ObjectMeta(
+            "int4", "float16", 16, 2, 8, NAMESPACE.fingerprint, KEY.digest, {"group_size": 32}
+        )
         buf = bytearray(fmt.encode(meta, SECTIONS, version=1))
     else:
-        buf = bytearray(draw(st.sampled_from([b"", fmt.MAGIC, GOOD[:16]])) + draw(st.binary(max_size=512)))
+        buf = bytearray(
+            draw(st.sampled_from([b"", fmt.MAGIC, GOOD[:16]])) + draw(st.binary(max_size=512))
+        )
     return kind, bytes(buf)
 
 
-LAYER_RANGES = st.one_of(st.none(), st.integers(0, N_LAYERS - 1).flatmap(
-    lambda a: st.integers(a + 1, N_LAYERS).map(lambda b: range(a, b))))
+LAYER_RANGES = st.one_of(
+    st.none(),
+    st.integers(0, N_LAYERS - 1).flatmap(
+        lambda a: st.integers(a + 1, N_LAYERS).map(lambda b: range(a, b))
+    ),
+)
 
 
 def _genuine(obj: fmt.ChunkObject, layers: range | None, key=KEY) -> bool:
     """Whether a decoded object is exactly what the key holder wrote for ``key``."""
     expected = SECTIONS if key == KEY else None
     wanted = layers or range(N_LAYERS)
-    return expected is not None and obj.meta.key == key.digest and all(
-        bytes(obj.layers[i]) == expected[i] for i in wanted)
+    return (
+        expected is not None
+        and obj.meta.key == key.digest
+        and all(bytes(obj.layers[i]) == expected[i] for i in wanted)
+    )
 
 
 @FUZZ
@@ -108,9 +140,11 @@ def _genuine(obj: fmt.ChunkObject, layers: range | None, key=KEY) -> bool:
 def test_decoding_never_serves_bytes_the_key_holder_did_not_write(case, layers) -> None:
     """Any damage or forgery: FormatError (nothing else), or exactly the genuine sections."""
     kind, blob = case
-    for decode in (lambda: fmt.decode(blob, layers, keyring=OURS),
-                   lambda: fmt.decode(blob, layers, known=HEADER, keyring=OURS),
-                   lambda: fmt.Verified(blob, OURS).read(layers)):
+    for decode in (
+        lambda: fmt.decode(blob, layers, keyring=OURS),
+        lambda: fmt.decode(blob, layers, known=HEADER, keyring=OURS),
+        lambda: fmt.Verified(blob, OURS).read(layers),
+    ):
         try:
             obj = decode()
         except fmt.FormatError as exc:
@@ -120,10 +154,15 @@ def test_decoding_never_serves_bytes_the_key_holder_did_not_write(case, layers) 
         if kind == "foreign":
             assert obj.meta.key == OTHER.digest  # a genuine object; the tier calls it foreign
             continue
-        if kind == "reseal":  # a key holder may write any well-formed header: only parsing is tested
+        if (
+            kind == "reseal"
+        ):  # a key holder may write any well-formed header: only parsing is tested
             continue
         # damage outside the layers read leaves them genuine; nothing else may decode
-        assert kind in ("flip", "truncate", "extend", "swap") and _genuine(obj, layers), (kind, layers)
+        assert kind in ("flip", "truncate", "extend", "swap") and _genuine(obj, layers), (
+            kind,
+            layers,
+        )
 
 
 # -- codec headers: random ids and parameters, never a file, never a foreign exception -------------
@@ -152,17 +191,42 @@ def _audit(event: str, args: tuple) -> None:
 
 sys.addaudithook(_audit)
 
-_IDS = st.sampled_from(["none", "int4", "int8", "fp8", "q8", "ae", "autoencoder", "linear-ae", "nosuch", ""])
-_NAMES = st.sampled_from(["kind", "checkpoint", "sha256", "group_size", "latent_int8", "reuse", "exact_tokens",
-                          "path", "file", "x"])
-_VALUES = st.one_of(st.sampled_from([*_PATHS, *sorted(codec_kinds()), "0" * 64]), st.booleans(),
-                    st.integers(-(2**63), 2**63), st.floats(allow_nan=True), st.text(max_size=40))
+_IDS = st.sampled_from(
+    ["none", "int4", "int8", "fp8", "q8", "ae", "autoencoder", "linear-ae", "nosuch", ""]
+)
+_NAMES = st.sampled_from(
+    [
+        "kind",
+        "checkpoint",
+        "sha256",
+        "group_size",
+        "latent_int8",
+        "reuse",
+        "exact_tokens",
+        "path",
+        "file",
+        "x",
+    ]
+)
+_VALUES = st.one_of(
+    st.sampled_from([*_PATHS, *sorted(codec_kinds()), "0" * 64]),
+    st.booleans(),
+    st.integers(-(2**63), 2**63),
+    st.floats(allow_nan=True),
+    st.text(max_size=40),
+)
 
 
 @FUZZ
-@given(codec_id=st.one_of(_IDS, st.text(max_size=16)), params=st.dictionaries(_NAMES, _VALUES, max_size=6),
-       use_config=st.booleans(), genuine=st.booleans())
-def test_codec_headers_only_confirm_the_readers_codec(configured, codec_id, params, use_config, genuine) -> None:
+@given(
+    codec_id=st.one_of(_IDS, st.text(max_size=16)),
+    params=st.dictionaries(_NAMES, _VALUES, max_size=6),
+    use_config=st.booleans(),
+    genuine=st.booleans(),
+)
+def test_codec_headers_only_confirm_the_readers_codec(
+    configured, codec_id, params, use_config, genuine
+) -> None:
     """Random header codec ids and parameters (paths, kinds, wrong types): a CodecError or the
     reader's own configured codec (only for exactly its parameters), at once, no file opened."""
     if genuine and codec_id in configured:
@@ -188,7 +252,9 @@ def _tier(kind: str, redis_server, s3_server):
     if kind == "memory":
         tier = create_tier("memory")
     elif kind == "redis":
-        tier = create_tier("redis", url=redis_server.url, key_prefix=f"fuzz-{uuid.uuid4().hex[:8]}:")
+        tier = create_tier(
+            "redis", url=redis_server.url, key_prefix=f"fuzz-{uuid.uuid4().hex[:8]}:"
+        )
     else:
         tier = create_tier("s3", **s3_settings(s3_server, prefix=f"fuzz-{uuid.uuid4().hex[:8]}/"))
     tier.use_keyring(OURS)
@@ -204,8 +270,12 @@ def test_damaged_and_forged_objects_in_tiers_are_misses_never_wrong_kv(kind, req
     tier = _tier(kind, redis_server, s3_server)
     seen: set[str] = set()
 
-    @settings(max_examples=TIER_EXAMPLES, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=TIER_EXAMPLES,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=damaged(), layers=LAYER_RANGES)
     def check(case, layers) -> None:
         kind_of_damage, blob = case

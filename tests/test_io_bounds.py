@@ -43,7 +43,9 @@ def exists(path: Path) -> bool:
 
 
 @pytest.mark.parametrize("kind", SPECIALS)
-async def test_disk_special_file_is_a_miss_for_its_object_only(make_tier, tmp_path, kind: str) -> None:
+async def test_disk_special_file_is_a_miss_for_its_object_only(
+    make_tier, tmp_path, kind: str
+) -> None:
     """A FIFO, directory, symlink or device under a chunk's name: that chunk is a corrupt miss
     (whole and layer gets, at once -- a FIFO's open never blocks), its neighbours in the batch
     are hits, it is never indexed, a delete removes the name (a directory stays), and a put
@@ -65,8 +67,12 @@ async def test_disk_special_file_is_a_miss_for_its_object_only(make_tier, tmp_pa
             got = await asyncio.wait_for(reader.get([a, victim, b], layers), timeout=5)
             assert isinstance(got[0], Hit) and isinstance(got[2], Hit)
             assert isinstance(got[1], Miss) and got[1].reason == "corrupt", got[1]
-            assert {"fifo": "FIFO", "directory": "directory", "symlink": "symlink",
-                    "device": "character device"}[kind] in got[1].detail
+            assert {
+                "fifo": "FIFO",
+                "directory": "directory",
+                "symlink": "symlink",
+                "device": "character device",
+            }[kind] in got[1].detail
 
     await fresh.delete([victim])  # what the orchestrator does with a corrupt object
     assert exists(name) == (kind == "directory")
@@ -82,15 +88,26 @@ async def test_disk_put_skips_only_the_objects_whose_names_are_taken(make_tier, 
     root = tmp_path / "kv"
     tier = make_tier("disk", path=root)
     keys = make_keys(6)
-    blocked_dir, blocked_parent = keys[0], next(k for k in keys[1:] if str(k)[:2] != str(keys[0])[:2])
+    blocked_dir, blocked_parent = (
+        keys[0],
+        next(k for k in keys[1:] if str(k)[:2] != str(keys[0])[:2]),
+    )
     plant(Path(tier._file(blocked_dir)), "directory")
     fanout = root / str(blocked_parent)[:2]
     fanout.parent.mkdir(parents=True, exist_ok=True)
     fanout.write_bytes(b"not a directory")
-    others = [k for k in keys if k not in (blocked_dir, blocked_parent) and str(k)[:2] != str(blocked_parent)[:2]]
-    result = await tier.put([(k, make_object(k)[0]) for k in [blocked_dir, blocked_parent, *others]])
+    others = [
+        k
+        for k in keys
+        if k not in (blocked_dir, blocked_parent) and str(k)[:2] != str(blocked_parent)[:2]
+    ]
+    result = await tier.put(
+        [(k, make_object(k)[0]) for k in [blocked_dir, blocked_parent, *others]]
+    )
     assert result.stored == len(others)
-    assert await tier.contains([blocked_dir, blocked_parent, *others]) == [False, False] + [True] * len(others)
+    assert await tier.contains([blocked_dir, blocked_parent, *others]) == [False, False] + [
+        True
+    ] * len(others)
 
 
 async def test_disk_file_larger_than_the_tier_is_a_miss_not_a_read(make_tier, tmp_path) -> None:
@@ -103,10 +120,14 @@ async def test_disk_file_larger_than_the_tier_is_a_miss_not_a_read(make_tier, tm
     with open(name, "wb") as f:
         f.truncate(8 << 30)  # 8 GiB, sparse: reading it would take the memory
     (got,) = await asyncio.wait_for(tier.get([key]), timeout=5)
-    assert isinstance(got, Miss) and got.reason == "corrupt" and "larger than the tier" in got.detail
+    assert (
+        isinstance(got, Miss) and got.reason == "corrupt" and "larger than the tier" in got.detail
+    )
 
 
-def test_fifos_in_the_disk_directory_stall_nothing_and_the_process_exits(redis_server, tmp_path) -> None:
+def test_fifos_in_the_disk_directory_stall_nothing_and_the_process_exits(
+    redis_server, tmp_path
+) -> None:
     """A process with dram + disk + redis and 20 FIFOs planted under chunk names
     (tests/io_child.py): reading them answers at once (corrupt misses), saves land in memory and
     Redis at their normal rate (best of 3 rounds against the best of 3 before, a shared machine
@@ -117,7 +138,9 @@ def test_fifos_in_the_disk_directory_stall_nothing_and_the_process_exits(redis_s
     lines, exit_s, rc = _run_child("tests.io_child", redis_server.url, str(tmp_path / "disk"))
     out = json.loads(lines[-2])
     close_s = json.loads(lines[-1])["close_s"]
-    print(json.dumps({**out, "close_s": close_s, "exit_s": round(exit_s, 3)}))  # the numbers, for the docs
+    print(
+        json.dumps({**out, "close_s": close_s, "exit_s": round(exit_s, 3)})
+    )  # the numbers, for the docs
     assert out["fifo_get"]["answered"] and out["fifo_get"]["reasons"] == ["corrupt"]
     assert out["fifo_get"]["seconds"] < 2
     before = out["before"]["best_chunks_per_s"]
@@ -135,7 +158,7 @@ CHUNK = 32
 
 
 def _model():
-    from kvstrata.plan import ModelSpec
+    from kvstrata.model import ModelSpec
 
     return ModelSpec("io-bounds-model", n_layers=4, kv_heads=2, head_dim=16, dtype="float32")
 
@@ -144,7 +167,9 @@ def _kv(seed: int):
     import numpy as np
 
     m = _model()
-    return np.random.default_rng(seed).standard_normal((m.n_layers, 2, CHUNK, m.kv_heads, m.head_dim), dtype=np.float32)
+    return np.random.default_rng(seed).standard_normal(
+        (m.n_layers, 2, CHUNK, m.kv_heads, m.head_dim), dtype=np.float32
+    )
 
 
 def _tokens(seed: int, n_chunks: int = 1):
@@ -164,10 +189,14 @@ def orchestrator():
     made = []
 
     def build(tiers: str, policy: str):
-        text = (f"version: 1\nchunk_tokens: {CHUNK}\nengine: {{prefill_tokens_per_s: 1.0}}\n"
-                "orchestrator: {save_queue_chunks: 256, breaker: {failures: 3, cooldown_s: 1.0}}\n"
-                "tiers:\n" + textwrap.indent(textwrap.dedent(tiers), "  ")
-                + "policy:\n" + textwrap.indent(textwrap.dedent(policy), "  "))
+        text = (
+            f"version: 1\nchunk_tokens: {CHUNK}\nengine: {{prefill_tokens_per_s: 1.0}}\n"
+            "orchestrator: {save_queue_chunks: 256, breaker: {failures: 3, cooldown_s: 1.0}}\n"
+            "tiers:\n"
+            + textwrap.indent(textwrap.dedent(tiers), "  ")
+            + "policy:\n"
+            + textwrap.indent(textwrap.dedent(policy), "  ")
+        )
         orch = Orchestrator(parse_config(text), _model())
         made.append(orch)
         return orch
@@ -187,11 +216,14 @@ def test_lookup_waits_for_inflight_saves_only_within_its_budget(redis_server, or
     host, port = redis_server.url.split("//")[1].split("/")[0].split(":")
     proxy = ThrottledProxy(host, int(port), bytes_per_s=16_000)
     try:
-        orch = orchestrator(f"""\
+        orch = orchestrator(
+            f"""\
             dram: {{kind: memory, capacity_bytes: 64MiB, timeout_ms: 10000}}
             slow: {{kind: redis, url: "redis://127.0.0.1:{proxy.port}/0", key_prefix: "io-{time.time_ns()}:",
                     timeout_ms: 20000, timeout_s: 20}}
-            """, "default: {read: [dram], write: [dram, slow], load: always}\n")
+            """,
+            "default: {read: [dram], write: [dram, slow], load: always}\n",
+        )
         for seed, budget_ms, waits in ((1, 200, False), (2, 5000, True)):
             tokens = _tokens(seed)
             first = orch.lookup(tokens, RequestContext())
@@ -202,24 +234,42 @@ def test_lookup_waits_for_inflight_saves_only_within_its_budget(redis_server, or
             took = time.monotonic() - started
             print(f"lookup with a {budget_ms} ms budget, its chunk in flight: {took * 1e3:.0f} ms")
             if waits:  # the save finished within the wait: the chunk is found in dram
-                assert 0.5 < took < 5.0 and [c.tier for c in plan.chunks] == ["dram"], (took, plan.reason)
+                assert 0.5 < took < 5.0 and [c.tier for c in plan.chunks] == ["dram"], (
+                    took,
+                    plan.reason,
+                )
             else:
-                assert took < budget_ms / 1e3 + 0.15, f"lookup took {took:.3f} s on a {budget_ms} ms budget"
+                assert took < budget_ms / 1e3 + 0.15, (
+                    f"lookup took {took:.3f} s on a {budget_ms} ms budget"
+                )
             assert orch.flush(30)
     finally:
         proxy.close()
 
 
-def _run_child(module: str, *args: str, limit_s: float = 180, exit_s: float = 15) -> tuple[list[str], float, int]:
+def _run_child(
+    module: str, *args: str, limit_s: float = 180, exit_s: float = 15
+) -> tuple[list[str], float, int]:
     """Run ``python -m module args``: its stdout lines up to ``exiting``, how long it took to
     exit after that, and its return code. Fails the test if it never gets there, or hangs there."""
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.Popen([sys.executable, "-m", module, *args], cwd=root, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         lines, exiting_at = [], None
         deadline = time.monotonic() + limit_s
@@ -228,7 +278,9 @@ def _run_child(module: str, *args: str, limit_s: float = 180, exit_s: float = 15
                 exiting_at = time.monotonic()
                 break
             lines.append(line)
-        assert exiting_at is not None, f"{module} never finished its work (rc={child.poll()}): {lines}"
+        assert exiting_at is not None, (
+            f"{module} never finished its work (rc={child.poll()}): {lines}"
+        )
         child.wait(timeout=exit_s)  # raises TimeoutExpired if exit waits on a stuck thread
         return lines, time.monotonic() - exiting_at, child.returncode
     finally:
@@ -291,10 +343,14 @@ class LoopProbe:
         self.schedstat = f"/proc/self/task/{thread.native_id}/schedstat"
         self.stacks: dict[float, str] = {}  # posted -> the loop thread's stack, for slow samples
         self.period_s = period_s
-        self.samples: list[tuple[float, float, float, float]] = []  # (posted, latency, loop cpu s, run-queue s)
+        self.samples: list[
+            tuple[float, float, float, float]
+        ] = []  # (posted, latency, loop cpu s, run-queue s)
         self.late: list[tuple[float, float]] = []  # (woke, lateness) of the reference thread
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=f, daemon=True) for f in (self._probe, self._reference)]
+        self._threads = [
+            threading.Thread(target=f, daemon=True) for f in (self._probe, self._reference)
+        ]
 
     def __enter__(self) -> LoopProbe:
         for t in self._threads:
@@ -302,7 +358,9 @@ class LoopProbe:
         return self
 
     def __exit__(self, *exc) -> None:
-        ended = time.monotonic()  # one more sample posted after the block: a stall at its end counts
+        ended = (
+            time.monotonic()
+        )  # one more sample posted after the block: a stall at its end counts
         while not any(sample[0] > ended for sample in self.samples) and self._threads[0].is_alive():
             time.sleep(self.period_s)
         self._stop.set()
@@ -317,9 +375,15 @@ class LoopProbe:
                 ran.append((time.monotonic(), time.clock_gettime(self.cpu_clock), self._queued()))
                 done.set()
 
-            queued0, cpu0, posted = self._queued(), time.clock_gettime(self.cpu_clock), time.monotonic()
+            queued0, cpu0, posted = (
+                self._queued(),
+                time.clock_gettime(self.cpu_clock),
+                time.monotonic(),
+            )
             self.loop.call_soon_threadsafe(noop)
-            if not done.wait(LOOP_STALL_S):  # what the loop is doing instead, for the failure message
+            if not done.wait(
+                LOOP_STALL_S
+            ):  # what the loop is doing instead, for the failure message
                 frame = sys._current_frames().get(self.loop_thread)
                 self.stacks[posted] = "".join(traceback.format_stack(frame)[-12:]) if frame else "?"
                 done.wait()
@@ -340,10 +404,14 @@ class LoopProbe:
             queued, before = self._queued(own), time.monotonic()
             time.sleep(self.period_s)
             woke = time.monotonic()
-            self.late.append((woke, max(woke - before - self.period_s - (self._queued(own) - queued), 0.0)))
+            self.late.append(
+                (woke, max(woke - before - self.period_s - (self._queued(own) - queued), 0.0))
+            )
 
     def _process_late(self, start: float, end: float) -> float:
-        return max((late for woke, late in self.late if start <= woke <= end + self.period_s), default=0.0)
+        return max(
+            (late for woke, late in self.late if start <= woke <= end + self.period_s), default=0.0
+        )
 
     def loop_stalls(self) -> list[dict]:
         out = []
@@ -351,13 +419,21 @@ class LoopProbe:
             if latency <= LOOP_STALL_S:
                 continue
             process = self._process_late(posted, posted + latency)
-            blocked = latency - max(process, queued)  # neither the machine's nor the whole process's
+            blocked = latency - max(
+                process, queued
+            )  # neither the machine's nor the whole process's
             # Blocked with (almost) no CPU: a syscall or a lock. Blocked while running Python
             # (CPU > 10% of it): waits for the GIL between steps, other threads' doing.
             if cpu > LOOP_STALL_S or (blocked > LOOP_STALL_S and cpu < 0.1 * blocked):
-                out.append({"latency_s": round(latency, 3), "process_late_s": round(process, 3),
-                            "loop_cpu_s": round(cpu, 3), "loop_run_queue_s": round(queued, 3),
-                            "loop_stack": self.stacks.get(posted, "?")})
+                out.append(
+                    {
+                        "latency_s": round(latency, 3),
+                        "process_late_s": round(process, 3),
+                        "loop_cpu_s": round(cpu, 3),
+                        "loop_run_queue_s": round(queued, 3),
+                        "loop_stack": self.stacks.get(posted, "?"),
+                    }
+                )
         return out
 
     def process_stalls(self) -> list[float]:
@@ -365,11 +441,15 @@ class LoopProbe:
 
     def check(self, what: str) -> None:
         assert self.samples, f"{what}: the probe took no sample"
-        print(f"loop probe, {what}: {len(self.samples)} samples, max latency {max(s[1] for s in self.samples) * 1e3:.0f} ms, "
-              f"max loop CPU per sample {max(s[2] for s in self.samples) * 1e3:.0f} ms, "
-              f"max process lateness {max((x for _, x in self.late), default=0) * 1e3:.0f} ms")
+        print(
+            f"loop probe, {what}: {len(self.samples)} samples, max latency {max(s[1] for s in self.samples) * 1e3:.0f} ms, "
+            f"max loop CPU per sample {max(s[2] for s in self.samples) * 1e3:.0f} ms, "
+            f"max process lateness {max((x for _, x in self.late), default=0) * 1e3:.0f} ms"
+        )
         assert not self.loop_stalls(), f"{what}: kvstrata's loop stalled: {self.loop_stalls()}"
-        assert not self.process_stalls(), f"{what}: the whole process stalled: {self.process_stalls()}"
+        assert not self.process_stalls(), (
+            f"{what}: the whole process stalled: {self.process_stalls()}"
+        )
 
 
 def _on_loop(coro, timeout: float = 60):
@@ -378,19 +458,25 @@ def _on_loop(coro, timeout: float = 60):
     return runtime.run(coro, timeout=timeout)
 
 
-async def _every_op(tier, keys, blobs, expect_failure: bool = False, limit_s: float | None = None) -> dict:
+async def _every_op(
+    tier, keys, blobs, expect_failure: bool = False, limit_s: float | None = None
+) -> dict:
     """put, contains, get, get of layers, delete: each op's outcome ("ok", or the error's type)."""
     from kvstrata.tiers.base import TierError
 
     outcomes = {}
-    ops = (("put", lambda: tier.put(list(zip(keys, blobs)))), ("contains", lambda: tier.contains(keys)),
-           ("get", lambda: tier.get(keys)), ("get-layers", lambda: tier.get(keys, range(1, 3))),
-           ("delete", lambda: tier.delete(keys)))
+    ops = (
+        ("put", lambda: tier.put(list(zip(keys, blobs)))),
+        ("contains", lambda: tier.contains(keys)),
+        ("get", lambda: tier.get(keys)),
+        ("get-layers", lambda: tier.get(keys, range(1, 3))),
+        ("delete", lambda: tier.delete(keys)),
+    )
     for op, call in ops:
         try:
             await asyncio.wait_for(call(), limit_s)
             outcomes[op] = "ok"
-        except (TierError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, TierError) as exc:
             outcomes[op] = type(exc).__name__
     if not expect_failure:
         assert set(outcomes.values()) == {"ok"}, outcomes
@@ -399,8 +485,10 @@ async def _every_op(tier, keys, blobs, expect_failure: bool = False, limit_s: fl
 
 def _objects(n: int, section_bytes: int, layers: int = 8):
     keys = make_keys(n)
-    return keys, [make_object(k, layers, section_bytes=section_bytes, ragged=False, seed=i)[0]
-                  for i, k in enumerate(keys)]
+    return keys, [
+        make_object(k, layers, section_bytes=section_bytes, ragged=False, seed=i)[0]
+        for i, k in enumerate(keys)
+    ]
 
 
 def _build(kind: str, request, tmp_path, **settings):
@@ -411,17 +499,25 @@ def _build(kind: str, request, tmp_path, **settings):
     if kind == "disk":
         return create_tier("disk", path=tmp_path / f"disk-{unique()}", **settings)
     if kind == "redis":
-        return create_tier("redis", url=settings.pop("url", None) or request.getfixturevalue("redis_server").url,
-                           key_prefix=f"io-{unique()}:", **settings)
+        return create_tier(
+            "redis",
+            url=settings.pop("url", None) or request.getfixturevalue("redis_server").url,
+            key_prefix=f"io-{unique()}:",
+            **settings,
+        )
     if kind.startswith("s3-"):
         server = settings.pop("server", None) or request.getfixturevalue("s3_server")
-        return create_tier("s3", name=kind, **s3_settings(server, kind[3:], prefix=f"io-{unique()}/", **settings))
+        return create_tier(
+            "s3", name=kind, **s3_settings(server, kind[3:], prefix=f"io-{unique()}/", **settings)
+        )
     if kind == "lmcache":
         return create_tier("lmcache", capacity_bytes=64 << 20, **settings)
     return create_tier(kind, **settings)
 
 
-@pytest.mark.parametrize("kind", ["memory", "lmcache", "disk", "redis", "s3-obstore", "s3-aioboto3", "s3-nixl"])
+@pytest.mark.parametrize(
+    "kind", ["memory", "lmcache", "disk", "redis", "s3-obstore", "s3-aioboto3", "s3-nixl"]
+)
 def test_no_tier_call_stalls_the_loop(request, tmp_path, kind: str) -> None:
     """Every operation of every tier kind, on kvstrata's own loop, with 16 objects of 1 MiB:
     the loop never stalls more than 100 ms (see LoopProbe), the process never more than 1 s."""
@@ -464,7 +560,8 @@ def test_no_tier_call_stalls_the_loop_when_servers_die(tmp_path) -> None:
     try:
         tiers = [_build("redis", None, tmp_path, url=redis.url, timeout_s=1.0)] + [
             _build(kind, None, tmp_path, server=s3, timeout_s=2.0, max_retries=1)
-            for kind in ("s3-obstore", "s3-aioboto3", "s3-nixl")]
+            for kind in ("s3-obstore", "s3-aioboto3", "s3-nixl")
+        ]
         for tier in tiers:
             _on_loop(tier.put(list(zip(keys, blobs))))
         redis.kill()
@@ -472,7 +569,10 @@ def test_no_tier_call_stalls_the_loop_when_servers_die(tmp_path) -> None:
         with LoopProbe() as probe:
             for tier in tiers:
                 outcomes = _on_loop(_every_op(tier, keys, blobs, expect_failure=True), timeout=120)
-                assert "ok" not in {outcomes[op] for op in ("put", "get", "get-layers")}, (tier.name, outcomes)
+                assert "ok" not in {outcomes[op] for op in ("put", "get", "get-layers")}, (
+                    tier.name,
+                    outcomes,
+                )
         probe.check("servers killed")
     finally:
         for tier in tiers:
@@ -483,7 +583,9 @@ def test_no_tier_call_stalls_the_loop_when_servers_die(tmp_path) -> None:
 
 @pytest.mark.parametrize("kind", ["redis", "s3-obstore", "s3-nixl"])
 @pytest.mark.parametrize("link", ["slow", "stuck"])
-def test_no_tier_call_stalls_the_loop_behind_a_slow_or_stuck_link(request, tmp_path, kind: str, link: str) -> None:
+def test_no_tier_call_stalls_the_loop_behind_a_slow_or_stuck_link(
+    request, tmp_path, kind: str, link: str
+) -> None:
     """The real server behind the throttling proxy: 2 MB/s (slow: calls finish, late) or
     1 B/s (stuck: every call hits its 1.5 s limit). The loop goes on either way."""
     from kvstrata.testing.throttle import ThrottledProxy
@@ -497,14 +599,18 @@ def test_no_tier_call_stalls_the_loop_behind_a_slow_or_stuck_link(request, tmp_p
     proxy = ThrottledProxy(host, int(port), bytes_per_s=2_000_000 if link == "slow" else 1)
     keys, blobs = _objects(4, 16 << 10)
     if kind == "redis":
-        tier = _build("redis", None, tmp_path, url=f"redis://127.0.0.1:{proxy.port}/0", timeout_s=30)
+        tier = _build(
+            "redis", None, tmp_path, url=f"redis://127.0.0.1:{proxy.port}/0", timeout_s=30
+        )
     else:
         via = _with_endpoint(server, proxy.port)
         tier = _build(kind, None, tmp_path, server=via, timeout_s=30, max_retries=0)
     try:
         with LoopProbe() as probe:
             started = time.monotonic()
-            outcomes = _on_loop(_every_op(tier, keys, blobs, expect_failure=True, limit_s=1.5), timeout=120)
+            outcomes = _on_loop(
+                _every_op(tier, keys, blobs, expect_failure=True, limit_s=1.5), timeout=120
+            )
             seconds = time.monotonic() - started
         if link == "slow":
             assert outcomes["put"] == "ok" and outcomes["get"] == "ok", outcomes
@@ -520,6 +626,7 @@ def test_no_tier_call_stalls_the_loop_behind_a_slow_or_stuck_link(request, tmp_p
 
 def _with_endpoint(server, port: int):
     """The S3 server's settings with the proxy as endpoint."""
+
     class Via:
         endpoint = f"http://127.0.0.1:{port}"
         bucket, access_key, secret_key = server.bucket, server.access_key, server.secret_key
@@ -546,19 +653,27 @@ def test_the_probe_sees_a_blocked_a_busy_and_a_gil_holding_loop() -> None:
     async def awaits():
         await asyncio.sleep(0.3)
 
-    for coro, loop_stall, process_stall in ((blocked, True, False), (busy, True, False),
-                                            (gil, None, True), (awaits, False, False)):
+    for coro, loop_stall, process_stall in (
+        (blocked, True, False),
+        (busy, True, False),
+        (gil, None, True),
+        (awaits, False, False),
+    ):
         with LoopProbe() as probe:
             time.sleep(0.05)
             _on_loop(coro())
         if loop_stall is not None:
             assert bool(probe.loop_stalls()) == loop_stall, (coro.__name__, probe.loop_stalls())
-        if process_stall:  # how long a 30M-item sort holds the GIL depends on the machine: > 1 s here
+        if (
+            process_stall
+        ):  # how long a 30M-item sort holds the GIL depends on the machine: > 1 s here
             assert probe.process_stalls() or probe.loop_stalls(), coro.__name__
 
 
 @pytest.mark.parametrize("link", ["slow", "stuck"])
-def test_a_slow_or_stuck_tier_costs_the_others_nothing(redis_server, orchestrator, link: str) -> None:
+def test_a_slow_or_stuck_tier_costs_the_others_nothing(
+    redis_server, orchestrator, link: str
+) -> None:
     """The orchestrator with dram and a Redis behind the throttling proxy (slow: 2 MB/s; stuck:
     1 B/s) and a 300 ms timeout for it. Saves land in dram at once and flush within a bound
     (stuck: each Redis call ends at its timeout, then its breaker skips it); every lookup
@@ -570,11 +685,14 @@ def test_a_slow_or_stuck_tier_costs_the_others_nothing(redis_server, orchestrato
     host, port = redis_server.url.split("//")[1].split("/")[0].split(":")
     proxy = ThrottledProxy(host, int(port), bytes_per_s=2_000_000 if link == "slow" else 1)
     try:
-        orch = orchestrator(f"""\
+        orch = orchestrator(
+            f"""\
             dram: {{kind: memory, capacity_bytes: 64MiB, timeout_ms: 2000}}
             shared: {{kind: redis, url: "redis://127.0.0.1:{proxy.port}/0", key_prefix: "io-{time.time_ns()}:",
                       timeout_ms: 300, timeout_s: 30}}
-            """, "default: {read: [dram, shared], write: [dram, shared], load: always}\n")
+            """,
+            "default: {read: [dram, shared], write: [dram, shared], load: always}\n",
+        )
         prompts = [_tokens(100 + i, n_chunks=2) for i in range(16)]
         with LoopProbe() as probe:
             started = time.monotonic()
@@ -591,8 +709,10 @@ def test_a_slow_or_stuck_tier_costs_the_others_nothing(redis_server, orchestrato
                 assert [c.tier for c in plan.chunks] == ["dram", "dram"], plan.reason
         probe.check(f"{link} redis")
         t = orch.telemetry
-        print(f"{link}: flush {flushed:.3f} s, lookups max {max(lookups) * 1e3:.1f} ms, "
-              f"loop samples {len(probe.samples)}, max loop latency {max(s[1] for s in probe.samples) * 1e3:.1f} ms")
+        print(
+            f"{link}: flush {flushed:.3f} s, lookups max {max(lookups) * 1e3:.1f} ms, "
+            f"loop samples {len(probe.samples)}, max loop latency {max(s[1] for s in probe.samples) * 1e3:.1f} ms"
+        )
         assert flushed < 5, flushed
         assert max(lookups) < 0.3 + 0.5, lookups
         written = t.value("kvstrata_tier_ops_total", tier="shared", op="put", result="ok")
@@ -600,7 +720,10 @@ def test_a_slow_or_stuck_tier_costs_the_others_nothing(redis_server, orchestrato
             assert written == 32
         else:
             assert not written
-            assert t.value("kvstrata_tier_ops_total", tier="shared", op="contains", result="skipped") > 0
+            assert (
+                t.value("kvstrata_tier_ops_total", tier="shared", op="contains", result="skipped")
+                > 0
+            )
     finally:
         proxy.set_rate(0)
         proxy.close()

@@ -71,7 +71,9 @@ def test_same_keys_in_another_process_with_another_hash_seed() -> None:
     outputs = set()
     for seed in ("1", "2", "random"):
         env = dict(os.environ, PYTHONHASHSEED=seed)
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
         outputs.add(out.stdout.strip())
     assert outputs == {",".join(str(k) for k in chunk_keys(TOKENS, NS))}
 

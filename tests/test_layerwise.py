@@ -10,20 +10,24 @@ import numpy as np
 import pytest
 
 from kvstrata.config import parse_config
+from kvstrata.model import ModelSpec
 from kvstrata.orchestrator import Orchestrator
-from kvstrata.plan import ModelSpec
 from kvstrata.policy import pipeline
+from kvstrata.policy.bandwidth import Deadline, Demand, EqualShare, Link, StallAware
 from kvstrata.policy.route import RequestContext
-from kvstrata.policy.scheduler import Deadline, Demand, EqualShare, Link, StallAware
 from kvstrata.testing.throttle import ThrottledProxy
 
 from .conftest import unique
 
 CHUNK = 64
-MODEL = ModelSpec("layerwise-model", n_layers=8, kv_heads=4, head_dim=64, dtype="float32")  # 128 KiB/layer/chunk
+MODEL = ModelSpec(
+    "layerwise-model", n_layers=8, kv_heads=4, head_dim=64, dtype="float32"
+)  # 128 KiB/layer/chunk
 
 
-def orchestrator(endpoint: str, server, bandwidth: str = "", retrieval: str = "layerwise") -> Orchestrator:
+def orchestrator(
+    endpoint: str, server, bandwidth: str = "", retrieval: str = "layerwise"
+) -> Orchestrator:
     cfg = parse_config(f"""
 version: 1
 chunk_tokens: {CHUNK}
@@ -45,7 +49,9 @@ policy:
 
 def kv_for(i: int) -> np.ndarray:
     rng = np.random.default_rng(i)
-    return rng.standard_normal((MODEL.n_layers, 2, CHUNK, MODEL.kv_heads, MODEL.head_dim)).astype(np.float32)
+    return rng.standard_normal((MODEL.n_layers, 2, CHUNK, MODEL.kv_heads, MODEL.head_dim)).astype(
+        np.float32
+    )
 
 
 def stored_plan(orch: Orchestrator, n_chunks: int, seed: int):
@@ -67,9 +73,13 @@ def test_each_layer_arrives_before_the_next_and_waits_never_wait_for_later_layer
     url = urlparse(s3_server.endpoint)
     proxy = ThrottledProxy(url.hostname, url.port)
     if slow == "scheduler-link":
-        orch = orchestrator(s3_server.endpoint, s3_server, "bandwidth: {links: {cold: 256KB/s}, read_window: 2}")
+        orch = orchestrator(
+            s3_server.endpoint, s3_server, "bandwidth: {links: {cold: 256KB/s}, read_window: 2}"
+        )
     else:
-        orch = orchestrator(f"http://127.0.0.1:{proxy.port}", s3_server, "bandwidth: {read_window: 1}")
+        orch = orchestrator(
+            f"http://127.0.0.1:{proxy.port}", s3_server, "bandwidth: {read_window: 1}"
+        )
     try:
         plan = stored_plan(orch, 1, seed=1)
         proxy.set_rate(256e3)
@@ -77,7 +87,7 @@ def test_each_layer_arrives_before_the_next_and_waits_never_wait_for_later_layer
         for layer in range(MODEL.n_layers):
             got = handle.wait_layer(layer, timeout=60)
             # layer l is usable now, and layer l+1 (let alone the last) has not arrived yet
-            later = handle.ready_at[layer + 1:]
+            later = handle.ready_at[layer + 1 :]
             assert all(t is None for t in later), f"waiting on layer {layer} waited for a later one"
             np.testing.assert_array_equal(got[plan.chunks[0].index], kv_for(10)[layer])
         ready = handle.ready_at
@@ -98,7 +108,10 @@ def test_adaptive_groups_cut_gets_and_whole_retrieval_is_one_get_per_chunk(s3_se
         # the engine computes 50 ms per layer; a layer's transfer is far shorter: few, growing groups
         handle = orch.load(plan, compute_s_per_layer=0.05)
         assert handle.wait_all(60) and not handle.failed
-        assert handle.groups[0] == range(0, len(handle.groups[0])) and len(handle.groups) < MODEL.n_layers
+        assert (
+            handle.groups[0] == range(0, len(handle.groups[0]))
+            and len(handle.groups) < MODEL.n_layers
+        )
         assert sum(len(g) for g in handle.groups) == MODEL.n_layers
         assert handle.gets == 3 * len(handle.groups) <= 3 * MODEL.n_layers // 2
         for c in plan.chunks:
@@ -106,7 +119,9 @@ def test_adaptive_groups_cut_gets_and_whole_retrieval_is_one_get_per_chunk(s3_se
 
         plan = stored_plan(whole, 2, seed=3)
         handle = whole.load(plan)
-        assert handle.wait_all(60) and handle.groups == (range(MODEL.n_layers),) and handle.gets == 2
+        assert (
+            handle.wait_all(60) and handle.groups == (range(MODEL.n_layers),) and handle.gets == 2
+        )
     finally:
         orch.close()
         whole.close()
@@ -124,7 +139,9 @@ def test_a_paced_load_through_the_link_is_exact_and_takes_the_links_time(s3_serv
         assert 0.4 < took < 5.0, took  # 2 MiB at 4 MB/s is 0.52 s
         for c in plan.chunks:
             np.testing.assert_array_equal(handle.chunk_kv(c.index), kv_for(40 + c.index))
-        assert orch.links["cold"].served_bytes == pytest.approx(2 * MODEL.chunk_bytes(CHUNK), rel=1e-3)
+        assert orch.links["cold"].served_bytes == pytest.approx(
+            2 * MODEL.chunk_bytes(CHUNK), rel=1e-3
+        )
         assert orch.links["cold"].open_flows == 0
     finally:
         orch.close()
@@ -147,7 +164,9 @@ policy:
         first = link.served_bytes
         # the first read reserves the uncompressed size for its first layer, then what int8 stores
         assert nominal / 4 < first < nominal / 2, (first, nominal)
-        assert orch.cost.stored_fraction("int8") == pytest.approx(0.27, abs=0.03)  # 1 byte + scales per 4
+        assert orch.cost.stored_fraction("int8") == pytest.approx(
+            0.27, abs=0.03
+        )  # 1 byte + scales per 4
         handle = orch.load(plan, layers_per_read=1)
         assert handle.wait_all(30) and not handle.failed
         again = link.served_bytes - first
@@ -166,7 +185,9 @@ def test_simulated_pipeline_matches_the_bound_for_uniform_layers():
         n = int(rng.integers(1, 40))
         x, c = [float(rng.uniform(0, 1))] * n, [float(rng.uniform(0, 1))] * n
         one_per_get = pipeline.uniform(n, 1)
-        assert pipeline.simulate(one_per_get, x, c, 0.0, window=n) == pytest.approx(pipeline.bound(x, c))
+        assert pipeline.simulate(one_per_get, x, c, 0.0, window=n) == pytest.approx(
+            pipeline.bound(x, c)
+        )
         for g in pipeline.candidates(n):  # no grouping beats it
             assert pipeline.simulate(g, x, c, 0.0, window=n) >= pipeline.bound(x, c) - 1e-9
         # non-uniform layers: back-to-back transfers do at least as well as the lockstep formula,
@@ -199,13 +220,19 @@ def test_equal_share_splits_evenly():
 
 
 def test_stall_aware_caps_at_the_no_stall_rate_and_splits_the_rest_by_square_root_of_size():
-    ds = [demand(1, 100, no_stall=5.0), demand(2, 400, no_stall=1000.0), demand(3, 1600, no_stall=1000.0)]
+    ds = [
+        demand(1, 100, no_stall=5.0),
+        demand(2, 400, no_stall=1000.0),
+        demand(3, 1600, no_stall=1000.0),
+    ]
     rates = StallAware().rates(ds, 35.0, 0.0)
     assert rates[1] == pytest.approx(5.0)
     assert rates[3] / rates[2] == pytest.approx(2.0)  # sqrt(1600) / sqrt(400)
     assert sum(rates.values()) == pytest.approx(35.0)
     # everyone capped: the spare capacity is spread (work conserving)
-    rates = StallAware().rates([demand(1, 100, no_stall=1.0), demand(2, 100, no_stall=2.0)], 13.0, 0.0)
+    rates = StallAware().rates(
+        [demand(1, 100, no_stall=1.0), demand(2, 100, no_stall=2.0)], 13.0, 0.0
+    )
     assert rates == pytest.approx({1: 6.0, 2: 7.0})
 
 
@@ -277,7 +304,9 @@ def test_steady_demand_hides_each_read_behind_the_compute_of_the_one_before():
     link = Link(1e9, "stall_aware", sharing="fixed")
     one = link.open(32e6, 1e6, 0.01)  # one layer per read: a layer's bytes per layer of compute
     assert one.steady_demand().no_stall_bps == pytest.approx(1e8)
-    growing = link.open(32e6, 1e6, 0.01, group_layers=[1, 2, 4, 8, 16, 1])  # each read twice the one before
+    growing = link.open(
+        32e6, 1e6, 0.01, group_layers=[1, 2, 4, 8, 16, 1]
+    )  # each read twice the one before
     assert growing.steady_demand().no_stall_bps == pytest.approx(2e8)
     assert growing.steady_demand().started and not growing.steady_demand().behind
 
@@ -304,7 +333,9 @@ tiers: {{cold: {{kind: memory}}}}
 bandwidth: {body}
 policy: {{default: {{read: [cold], write: [cold]}}}}
 """
-    cfg = parse_config(text.format(body="{policy: stall_aware, links: {cold: 1.25GB/s}, read_window: 3}"))
+    cfg = parse_config(
+        text.format(body="{policy: stall_aware, links: {cold: 1.25GB/s}, read_window: 3}")
+    )
     assert cfg.bandwidth.links == {"cold": 1.25e9} and cfg.bandwidth.read_window == 3
     with pytest.raises(ConfigError, match=r"x.yaml:4: bandwidth.links.warm: unknown tier 'warm'"):
         parse_config(text.format(body="{links: {warm: 1GB/s}}"), "x.yaml")

@@ -23,7 +23,9 @@ def test_cpu_layout_matches_vllms_cache_write_kernel() -> None:
     by_kernel = torch.zeros(NB, H, BS, 2 * D)
     key_cache, value_cache = by_kernel.view(NB, H, 2 * BS, D).chunk(2, dim=2)
     slots = torch.tensor([b * BS + o for b in blocks for o in range(BS)], dtype=torch.int64)
-    ops.cpu_attn_reshape_and_cache(kv[0].contiguous(), kv[1].contiguous(), key_cache, value_cache, slots, "vec")
+    ops.cpu_attn_reshape_and_cache(
+        kv[0].contiguous(), kv[1].contiguous(), key_cache, value_cache, slots, "vec"
+    )
     layout = CpuVecLayout(BS, H, D)
     assert torch.equal(layout.read(by_kernel, blocks), kv)  # reading what vLLM wrote
     ours = torch.zeros(NB, H, BS, 2 * D)
@@ -31,10 +33,13 @@ def test_cpu_layout_matches_vllms_cache_write_kernel() -> None:
     assert torch.equal(ours, by_kernel)  # writing what vLLM would write
 
 
-@pytest.mark.parametrize("layout_cls, shape", [
-    (CpuVecLayout, (NB, H, BS, 2 * D)),
-    (FlashLayout, (2, NB, BS, H, D)),  # GPU builds; a CPU tensor of the same shape here
-])
+@pytest.mark.parametrize(
+    "layout_cls, shape",
+    [
+        (CpuVecLayout, (NB, H, BS, 2 * D)),
+        (FlashLayout, (2, NB, BS, H, D)),  # GPU builds; a CPU tensor of the same shape here
+    ],
+)
 def test_round_trip_touches_only_its_blocks(layout_cls, shape) -> None:
     layout = layout_cls(BS, H, D)
     pages = torch.full(shape, 7.0)

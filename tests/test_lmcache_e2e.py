@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
-vllm = pytest.importorskip("vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)")
+vllm = pytest.importorskip(
+    "vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)"
+)
 
-from kvstrata.engine import generate, running_llm, text_tokens  # noqa: E402
 from kvstrata.keys import chunk_keys  # noqa: E402
-from kvstrata.models import prepare_smollm2  # noqa: E402
+from kvstrata.offline.convert import prepare_smollm2  # noqa: E402
+from kvstrata.offline.runner import generate, running_llm, text_tokens  # noqa: E402
 from kvstrata.orchestrator import flush_shared, shared_orchestrators  # noqa: E402
 from tests.test_vllm_e2e import HIT, PROMPT_TOKENS, REFERENCE, run_script  # noqa: E402
 

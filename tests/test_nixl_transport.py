@@ -33,7 +33,10 @@ async def test_objects_are_interchangeable_with_obstore(s3_server) -> None:
         assert await nixl.contains([a, b]) == [True, True]
         for reader, (key, sections) in ((nixl, (a, sections_a)), (obstore, (b, sections_b))):
             (got,) = await reader.get([key], layers=range(2, 5))
-            assert isinstance(got, Hit) and [bytes(got.obj.layers[i]) for i in range(2, 5)] == sections[2:5]
+            assert (
+                isinstance(got, Hit)
+                and [bytes(got.obj.layers[i]) for i in range(2, 5)] == sections[2:5]
+            )
         await nixl.delete([a, b])  # NIXL's OBJ plugin has no DELETE: obstore does it
         assert await obstore.contains([a, b]) == [False, False]
         assert await nixl.contains([a, b]) == [False, False]
@@ -59,7 +62,10 @@ async def test_buffers_and_registrations_are_made_once_and_reused(make_tier) -> 
     tier = make_tier("s3-nixl")
     transport = tier._transport
     keys = make_keys(20)
-    objects = [(k, make_object(k, 4, section_bytes=20_000, ragged=False, seed=i)[0]) for i, k in enumerate(keys)]
+    objects = [
+        (k, make_object(k, 4, section_bytes=20_000, ragged=False, seed=i)[0])
+        for i, k in enumerate(keys)
+    ]
     await tier.put(objects[:2])
     await tier.get(keys[:2])
     before = len(transport._registered)

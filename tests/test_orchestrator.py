@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from kvstrata.config import parse_config
+from kvstrata.model import ModelSpec
 from kvstrata.orchestrator import Orchestrator
-from kvstrata.plan import ModelSpec
 from kvstrata.policy.route import RequestContext
 from kvstrata.testing import services as svc
 from kvstrata.testing.throttle import ThrottledProxy
@@ -34,7 +34,7 @@ def config_text(redis_url: str, s3, tmp_path, policy: str, extra: str = "") -> s
         chunk_tokens: {CHUNK}
         tiers:
           dram: {{kind: memory, capacity_bytes: 64MiB, timeout_ms: 15000}}
-          local: {{kind: disk, path: {tmp_path / 'disk'}, timeout_ms: 15000}}
+          local: {{kind: disk, path: {tmp_path / "disk"}, timeout_ms: 15000}}
           shared: {{kind: redis, url: "{redis_url}", key_prefix: "orch-{time.time_ns()}:", timeout_ms: 15000, timeout_s: 15}}
           cold:
             kind: s3
@@ -62,7 +62,9 @@ def prompt(n_chunks: int, seed: int = 0) -> np.ndarray:
 
 def kv_for(index: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed * 1000 + index)
-    return rng.standard_normal((MODEL.n_layers, 2, CHUNK, MODEL.kv_heads, MODEL.head_dim), dtype=np.float32)
+    return rng.standard_normal(
+        (MODEL.n_layers, 2, CHUNK, MODEL.kv_heads, MODEL.head_dim), dtype=np.float32
+    )
 
 
 @pytest.fixture
@@ -70,7 +72,9 @@ def make_orch(redis_server, s3_server, tmp_path):
     made = []
 
     def build(policy: str, redis_url: str | None = None, extra: str = "", **kw) -> Orchestrator:
-        cfg = parse_config(config_text(redis_url or redis_server.url, s3_server, tmp_path, policy, extra))
+        cfg = parse_config(
+            config_text(redis_url or redis_server.url, s3_server, tmp_path, policy, extra)
+        )
         orch = Orchestrator(cfg, MODEL, **kw)
         made.append(orch)
         return orch
@@ -80,8 +84,13 @@ def make_orch(redis_server, s3_server, tmp_path):
         orch.close()
 
 
-def save_all(orch: Orchestrator, tokens, seed: int = 0, ctx: RequestContext | None = None,
-             one_by_one: bool = False):
+def save_all(
+    orch: Orchestrator,
+    tokens,
+    seed: int = 0,
+    ctx: RequestContext | None = None,
+    one_by_one: bool = False,
+):
     plan = orch.lookup(tokens, ctx or RequestContext())
     for i in range(len(tokens) // CHUNK):
         assert orch.save(plan, i, kv_for(i, seed))
@@ -105,7 +114,11 @@ def _settle(redis_server, s3_server, tmp_path_factory):
     """One-off costs (a full garbage collection after the engines of earlier modules, every
     tier's settings built once) paid before any test here times a tier operation."""
     gc.collect()
-    parse_config(config_text(redis_server.url, s3_server, tmp_path_factory.mktemp("settle"), ONLY % ("dram", "dram")))
+    parse_config(
+        config_text(
+            redis_server.url, s3_server, tmp_path_factory.mktemp("settle"), ONLY % ("dram", "dram")
+        )
+    )
 
 
 @pytest.mark.parametrize("tier", ["dram", "local", "shared", "cold"])
@@ -156,7 +169,10 @@ def test_hits_in_a_slower_tier_are_promoted(make_orch) -> None:
     load_all(orch, plan)
     assert orch.flush(10)
     assert [c.tier for c in orch.lookup(tokens, RequestContext()).chunks] == ["dram", "dram"]
-    assert orch.telemetry.value("kvstrata_chunk_moves_total", kind="promote", src="cold", dst="dram") == 2
+    assert (
+        orch.telemetry.value("kvstrata_chunk_moves_total", kind="promote", src="cold", dst="dram")
+        == 2
+    )
 
 
 def test_admission_writes_to_s3_only_after_two_sightings(make_orch) -> None:
@@ -226,7 +242,10 @@ def test_corrupt_object_in_a_tier_is_a_miss_and_dropped(make_orch) -> None:
     assert handle.wait_all(30)
     assert handle.failed == {1}
     np.testing.assert_array_equal(handle.wait_layer(0)[0], kv_for(0, seed=8)[0])
-    assert orch.telemetry.value("kvstrata_bad_objects_total", tier="shared", reason="unauthenticated") == 1
+    assert (
+        orch.telemetry.value("kvstrata_bad_objects_total", tier="shared", reason="unauthenticated")
+        == 1
+    )
     time.sleep(0.5)
     assert rt.run(orch.tiers["shared"].contains([key])) == [False]  # dropped
 
@@ -247,7 +266,12 @@ def test_tier_stopped_mid_run_means_misses_and_breaker_cycle(make_orch, tmp_path
         for _ in range(3):
             assert orch.lookup(tokens, RequestContext()).chunks == ()
         assert orch.breakers["shared"].is_open
-        assert orch.telemetry.value("kvstrata_tier_ops_total", tier="shared", op="contains", result="skipped") >= 1
+        assert (
+            orch.telemetry.value(
+                "kvstrata_tier_ops_total", tier="shared", op="contains", result="skipped"
+            )
+            >= 1
+        )
         # saves are dropped and counted, never raised
         assert orch.save(plan, 0, kv_for(0))
         assert orch.flush(10)
@@ -277,7 +301,9 @@ def test_save_queue_never_blocks(make_orch, redis_server) -> None:
         elapsed = time.perf_counter() - started
         assert elapsed < 0.5, f"100 saves took {elapsed:.2f}s"
         assert results.count(False) > 0  # the queue (64) filled up: the rest were dropped
-        assert orch.telemetry.value("kvstrata_save_dropped_total", reason="queue_full") == results.count(False)
+        assert orch.telemetry.value(
+            "kvstrata_save_dropped_total", reason="queue_full"
+        ) == results.count(False)
     finally:
         proxy.set_rate(0)  # let the queue drain quickly for teardown
         proxy.close()
@@ -285,7 +311,9 @@ def test_save_queue_never_blocks(make_orch, redis_server) -> None:
 
 def test_lookup_waits_for_chunks_still_being_written(make_orch, redis_server) -> None:
     host, port = redis_server.url.split("//")[1].split("/")[0].split(":")
-    proxy = ThrottledProxy(host, int(port), bytes_per_s=2_000_000)  # each chunk takes ~0.1 s to write
+    proxy = ThrottledProxy(
+        host, int(port), bytes_per_s=2_000_000
+    )  # each chunk takes ~0.1 s to write
     try:
         orch = make_orch(ONLY % ("shared", "shared"), redis_url=f"redis://127.0.0.1:{proxy.port}/0")
         tokens = prompt(3, seed=11)

@@ -21,13 +21,22 @@ def test_plain_pip_installs_the_core_package_in_a_fresh_venv(tmp_path: Path) -> 
     python = env_dir / "bin" / "python"
     install = subprocess.run(
         [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(ROOT)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert install.returncode == 0, install.stderr[-3000:]
     probe = subprocess.run(
-        [python, "-c", "import kvstrata, kvstrata.orchestrator, kvstrata.cli; "
-         "import importlib.util as u; print(u.find_spec('torch') is None, u.find_spec('vllm') is None)"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        [
+            python,
+            "-c",
+            "import kvstrata, kvstrata.orchestrator, kvstrata.cli.main; "
+            "import importlib.util as u; print(u.find_spec('torch') is None, u.find_spec('vllm') is None)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert probe.returncode == 0, probe.stderr[-3000:]
     assert probe.stdout.split() == ["True", "True"], "the core install pulled torch or vLLM"
@@ -36,8 +45,13 @@ def test_plain_pip_installs_the_core_package_in_a_fresh_venv(tmp_path: Path) -> 
 def test_the_lock_is_up_to_date_with_pyproject() -> None:
     """scripts/lock.sh --check is `uv lock --check`: exit 0 only if re-resolving would
     change nothing. CI runs the same check before set-up."""
-    check = subprocess.run([ROOT / "scripts" / "lock.sh", "--check"], capture_output=True,
-                           text=True, timeout=300, cwd=ROOT)
+    check = subprocess.run(
+        [ROOT / "scripts" / "lock.sh", "--check"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert check.returncode == 0, check.stderr[-3000:]
 
 

@@ -22,7 +22,9 @@ def _owner(clients: dict[int, redis.Redis], name: str) -> int:
     """The port of the master serving ``name``'s slot, as the cluster itself says."""
     client = next(iter(clients.values()))
     slot = int(client.cluster("keyslot", name))
-    return next(int(master[1]) for lo, hi, master, *_ in client.cluster("slots") if lo <= slot <= hi)
+    return next(
+        int(master[1]) for lo, hi, master, *_ in client.cluster("slots") if lo <= slot <= hi
+    )
 
 
 def _stats(clients: dict[int, redis.Redis]) -> dict[int, tuple[int, int]]:
@@ -75,7 +77,9 @@ async def test_a_killed_master_is_a_miss_for_its_slots_until_failover(make_tier,
         layer = await tier.get(keys, layers=range(1, 3))
         assert {f.key for f in layer if isinstance(f, Miss)} == lost
         assert await tier.contains(keys) == [k not in lost for k in keys]
-        (alone,) = await tier.get([sorted(lost)[0]])  # a batch of one dead key: a miss, not an error
+        (alone,) = await tier.get(
+            [sorted(lost)[0]]
+        )  # a batch of one dead key: a miss, not an error
         assert isinstance(alone, Miss)
         fresh = make_keys(30)
         stored = (await tier.put([(k, make_object(k, 4)[0]) for k in fresh])).stored
@@ -104,7 +108,11 @@ async def test_a_whole_cluster_down_is_a_tier_error(make_tier, tmp_path) -> None
         await tier.put([(k, make_object(k, 2)[0]) for k in keys])
         for port in cluster.master_ports():
             cluster.node(port).kill()
-        for call in (tier.get(keys), tier.contains(keys), tier.put([(keys[0], make_object(keys[0], 2)[0])])):
+        for call in (
+            tier.get(keys),
+            tier.contains(keys),
+            tier.put([(keys[0], make_object(keys[0], 2)[0])]),
+        ):
             try:
                 await call
             except TierError:

@@ -29,8 +29,11 @@ pytestmark = pytest.mark.rgw
 @pytest.fixture(params=["obstore", "aioboto3"])
 async def tier(request, rgw_server):
     """An S3 tier on the RGW (overrides conftest's ``tier`` for this module)."""
-    t = create_tier("s3", name=f"rgw-{request.param}",
-                    **s3_settings(rgw_server, request.param, prefix=f"t-{unique()}/"))
+    t = create_tier(
+        "s3",
+        name=f"rgw-{request.param}",
+        **s3_settings(rgw_server, request.param, prefix=f"t-{unique()}/"),
+    )
     yield t
     await t.close()
 

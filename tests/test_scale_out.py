@@ -30,20 +30,25 @@ pytest.importorskip("vllm", reason="needs vLLM's CPU build (scripts/setup.sh tes
 
 import redis  # noqa: E402
 
-from kvstrata.models import prepare_smollm2  # noqa: E402
+from kvstrata.offline.convert import prepare_smollm2  # noqa: E402
 from kvstrata.testing import services as svc  # noqa: E402
 
 PROMPT_TOKENS = 1100
 CHUNK = 256
 HIT = (PROMPT_TOKENS - 1) // CHUNK * CHUNK
 # name -> (text offset, tier hint); a* computed by engine A, b* by B, c by both at once
-PROMPTS = {"a0": (81000, "cold"), "a1": (84000, "shared"), "b0": (87000, "cold"), "b1": (90000, "shared"),
-           "c": (93000, "shared")}
+PROMPTS = {
+    "a0": (81000, "cold"),
+    "a1": (84000, "shared"),
+    "b0": (87000, "cold"),
+    "b1": (90000, "shared"),
+    "c": (93000, "shared"),
+}
 
 ENGINE = """
 import json, sys
-from kvstrata import exporter
-from kvstrata.engine import generate, make_llm, text_tokens
+from kvstrata.telemetry import exporter
+from kvstrata.offline.runner import generate, make_llm, text_tokens
 from kvstrata.orchestrator import flush_shared, shared_orchestrators
 
 def bad_objects(orch):
@@ -107,18 +112,25 @@ class Engine:
     def __init__(self, script: Path, model: Path, config: Path, log: Path, cpu: str):
         env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=cpu)
         self.log = log.open("w")
-        self.proc = subprocess.Popen([sys.executable, str(script), str(model), str(config), json.dumps(PROMPTS)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), str(model), str(config), json.dumps(PROMPTS)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+        )
         self.log_path = log
         self.ready = self._reply("READY ")
 
     def _reply(self, prefix: str = "RESULT "):
         for line in self.proc.stdout:
             if line.startswith(prefix):
-                return json.loads(line[len(prefix):])
-        raise AssertionError(f"engine exited ({self.proc.wait()}); log tail:\n"
-                             f"{self.log_path.read_text(errors='replace')[-3000:]}")
+                return json.loads(line[len(prefix) :])
+        raise AssertionError(
+            f"engine exited ({self.proc.wait()}); log tail:\n"
+            f"{self.log_path.read_text(errors='replace')[-3000:]}"
+        )
 
     def ask(self, **cmd):
         self.proc.stdin.write(json.dumps(cmd) + "\n")
@@ -140,8 +152,10 @@ class Engine:
 def both(a: Engine, b: Engine, cmd_a: dict, cmd_b: dict) -> tuple[dict, dict]:
     """Send one command to each engine and wait for both: the two run at the same time."""
     out: dict = {}
-    threads = [threading.Thread(target=lambda k=k, e=e, c=c: out.__setitem__(k, e.ask(**c)))
-               for k, e, c in (("a", a, cmd_a), ("b", b, cmd_b))]
+    threads = [
+        threading.Thread(target=lambda k=k, e=e, c=c: out.__setitem__(k, e.ask(**c)))
+        for k, e, c in (("a", a, cmd_a), ("b", b, cmd_b))
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -150,8 +164,13 @@ def both(a: Engine, b: Engine, cmd_a: dict, cmd_b: dict) -> tuple[dict, dict]:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "kvstrata.cli", *args], capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, COLUMNS="200"))
+    done = subprocess.run(
+        [sys.executable, "-m", "kvstrata.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, COLUMNS="200"),
+    )
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     return done
 
@@ -169,7 +188,9 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-def test_two_concurrent_engines_share_one_redis_cluster_and_one_s3(cluster, s3_server, tmp_path) -> None:
+def test_two_concurrent_engines_share_one_redis_cluster_and_one_s3(
+    cluster, s3_server, tmp_path
+) -> None:
     model = prepare_smollm2(progress=False)
     config = tmp_path / "strata.yaml"
     config.write_text(strata_yaml(cluster.url, s3_server))
@@ -182,20 +203,40 @@ def test_two_concurrent_engines_share_one_redis_cluster_and_one_s3(cluster, s3_s
         ids = a.ready["ids"]
         assert ids == b.ready["ids"]
 
-        one_a, one_b = both(a, b, {"op": "generate", "names": ["c", "a0", "a1"]},
-                            {"op": "generate", "names": ["c", "b0", "b1"]})
-        produced = {**{n: r["tokens"] for n, r in one_a["results"].items()},
-                    **{n: r["tokens"] for n, r in one_b["results"].items() if n != "c"}}
+        one_a, one_b = both(
+            a,
+            b,
+            {"op": "generate", "names": ["c", "a0", "a1"]},
+            {"op": "generate", "names": ["c", "b0", "b1"]},
+        )
+        produced = {
+            **{n: r["tokens"] for n, r in one_a["results"].items()},
+            **{n: r["tokens"] for n, r in one_b["results"].items() if n != "c"},
+        }
         assert one_b["results"]["c"]["tokens"] == produced["c"]  # both wrote c, same answer
 
         # a third process asks engine B's exporter what it would load for A's prompt
         (tmp_path / "a0.json").write_text(json.dumps(ids["a0"]))
-        hint = json.loads(cli("lookup", "--url", b.ready["url"], "--tokens-file", str(tmp_path / "a0.json"),
-                              "--param", "tier=cold", "--json").stdout)
+        hint = json.loads(
+            cli(
+                "lookup",
+                "--url",
+                b.ready["url"],
+                "--tokens-file",
+                str(tmp_path / "a0.json"),
+                "--param",
+                "tier=cold",
+                "--json",
+            ).stdout
+        )
         assert [(t["tier"], t["tokens"]) for t in hint["tiers"]] == [("cold", HIT)]
 
-        two_a, two_b = both(a, b, {"op": "generate", "names": ["b0", "b1", "c"]},
-                            {"op": "generate", "names": ["a0", "a1", "c"]})
+        two_a, two_b = both(
+            a,
+            b,
+            {"op": "generate", "names": ["b0", "b1", "c"]},
+            {"op": "generate", "names": ["a0", "a1", "c"]},
+        )
         assert two_b["results"]["a0"]["loaded"] == hint["plan"]["tokens"] == {"cold": HIT}
         could = hit = 0
         for results in (two_a["results"], two_b["results"]):
@@ -206,7 +247,13 @@ def test_two_concurrent_engines_share_one_redis_cluster_and_one_s3(cluster, s3_s
                 assert r["tokens"] == produced[name], name  # the producer's greedy tokens
         print(f"phase 2: {hit}/{could} prefix tokens of the other engine loaded")
         assert hit >= 0.9 * could
-        assert one_a["bad_objects"] == one_b["bad_objects"] == two_a["bad_objects"] == two_b["bad_objects"] == 0
+        assert (
+            one_a["bad_objects"]
+            == one_b["bad_objects"]
+            == two_a["bad_objects"]
+            == two_b["bad_objects"]
+            == 0
+        )
 
         # kill the master holding a1's chunk 1: a1's prefix now stops at its first chunk there
         names = b.ask(op="keys", name="a1")[: HIT // CHUNK]
@@ -217,12 +264,24 @@ def test_two_concurrent_engines_share_one_redis_cluster_and_one_s3(cluster, s3_s
         print(f"killed master {victim}: a1's chunks on masters {owners}, prefix cut at chunk {cut}")
         cluster.kill_master(victim)
         (tmp_path / "a1.json").write_text(json.dumps(ids["a1"]))
-        hint = json.loads(cli("lookup", "--url", b.ready["url"], "--tokens-file", str(tmp_path / "a1.json"),
-                              "--param", "tier=shared", "--json").stdout)
+        hint = json.loads(
+            cli(
+                "lookup",
+                "--url",
+                b.ready["url"],
+                "--tokens-file",
+                str(tmp_path / "a1.json"),
+                "--param",
+                "tier=shared",
+                "--json",
+            ).stdout
+        )
         expected = {"shared": cut * CHUNK} if cut else {}
         assert hint["plan"]["tokens"] == expected
         three = b.ask(op="generate", names=["a1"])
-        assert three["results"]["a1"]["loaded"] == expected  # a miss from the dead master on, no error
+        assert (
+            three["results"]["a1"]["loaded"] == expected
+        )  # a miss from the dead master on, no error
         assert three["results"]["a1"]["tokens"] == produced["a1"]
         assert three["bad_objects"] == 0
 

@@ -17,18 +17,20 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from kvstrata import exporter
-from kvstrata import report as rp
-from kvstrata.cli_stats import stats_app
+from kvstrata.cli.stats import stats_app
 from kvstrata.config import parse_config
+from kvstrata.model import ModelSpec
 from kvstrata.orchestrator import Orchestrator
-from kvstrata.plan import ModelSpec
 from kvstrata.policy.route import RequestContext
-from kvstrata.telemetry import Telemetry, load_snapshots
+from kvstrata.telemetry import exporter
+from kvstrata.telemetry import report as rp
+from kvstrata.telemetry.metrics import Telemetry, load_snapshots
 
 CHUNK = 32
 MODEL = ModelSpec("telemetry-test-model", n_layers=4, kv_heads=2, head_dim=16, dtype="float32")
-RAW_CHUNK = MODEL.n_layers * 2 * CHUNK * MODEL.kv_heads * MODEL.head_dim * 4  # 32768 bytes read per chunk
+RAW_CHUNK = (
+    MODEL.n_layers * 2 * CHUNK * MODEL.kv_heads * MODEL.head_dim * 4
+)  # 32768 bytes read per chunk
 READ = "[dram, shared, cold]"
 
 
@@ -63,7 +65,9 @@ def prompt(n_chunks: int, seed: int) -> np.ndarray:
 
 def kv_for(index: int) -> np.ndarray:
     rng = np.random.default_rng(index)
-    return rng.standard_normal((MODEL.n_layers, 2, CHUNK, MODEL.kv_heads, MODEL.head_dim), dtype=np.float32)
+    return rng.standard_normal(
+        (MODEL.n_layers, 2, CHUNK, MODEL.kv_heads, MODEL.head_dim), dtype=np.float32
+    )
 
 
 def eventually(check, timeout: float = 10.0):
@@ -97,12 +101,23 @@ def workload(redis_server, s3_server):
     store(orch, c, "cold")
     assert serve(orch, a) == {"dram": 96}
     assert serve(orch, b) == {"shared": 64}  # promoted to dram
-    eventually(lambda: orch.telemetry.value("kvstrata_chunk_moves_total", kind="promote", src="shared", dst="dram") == 2)
-    assert serve(orch, c, skip_tokens=CHUNK) == {"cold": 96}  # the engine held chunk 0; promoted to dram
+    eventually(
+        lambda: (
+            orch.telemetry.value(
+                "kvstrata_chunk_moves_total", kind="promote", src="shared", dst="dram"
+            )
+            == 2
+        )
+    )
+    assert serve(orch, c, skip_tokens=CHUNK) == {
+        "cold": 96
+    }  # the engine held chunk 0; promoted to dram
     t = orch.telemetry
     # a load's accounting and promotions run after the engine got its data: wait for them to be queued
     eventually(lambda: t.value("kvstrata_tokens_total", source="cold") == 96)
-    eventually(lambda: t.value("kvstrata_chunk_moves_total", kind="promote", src="cold", dst="dram") == 3)
+    eventually(
+        lambda: t.value("kvstrata_chunk_moves_total", kind="promote", src="cold", dst="dram") == 3
+    )
     assert orch.flush(30)  # promotions written
     yield orch
     orch.close()
@@ -120,10 +135,19 @@ def test_counters_are_exact(workload: Orchestrator) -> None:
     # lookups: chunks each read tier was asked about, found or not
     # stores: 3 + 2 + 4 misses everywhere; A: dram 3 hits; B: dram 2 misses, shared 2 hits;
     # C (from chunk 1): dram and shared 3 misses each, cold 3 hits
-    expect = {("dram", "hit"): 3, ("dram", "miss"): 9 + 2 + 3, ("shared", "hit"): 2,
-              ("shared", "miss"): 9 + 3, ("cold", "hit"): 3, ("cold", "miss"): 9}
+    expect = {
+        ("dram", "hit"): 3,
+        ("dram", "miss"): 9 + 2 + 3,
+        ("shared", "hit"): 2,
+        ("shared", "miss"): 9 + 3,
+        ("cold", "hit"): 3,
+        ("cold", "miss"): 9,
+    }
     for (tier, result), n in expect.items():
-        assert v("kvstrata_tier_ops_total", tier=tier, op="lookup", result=result) == n, (tier, result)
+        assert v("kvstrata_tier_ops_total", tier=tier, op="lookup", result=result) == n, (
+            tier,
+            result,
+        )
     assert v("kvstrata_lookups_total", rule="default", outcome="load") == 3
     assert v("kvstrata_lookups_total", rule="default", outcome="recompute") == 1
     assert v("kvstrata_lookups_total", rule="to-shared", outcome="recompute") == 1
@@ -139,15 +163,24 @@ def test_counters_are_exact(workload: Orchestrator) -> None:
     for src, n in promoted.items():
         assert v("kvstrata_chunk_moves_total", kind="promote", src=src, dst="dram") == n
     written = {"dram": 3 + 5, "shared": 2, "cold": 4}
-    sizes = {tier: v("kvstrata_tier_bytes_total", tier=tier, direction="write") / n for tier, n in written.items()}
+    sizes = {
+        tier: v("kvstrata_tier_bytes_total", tier=tier, direction="write") / n
+        for tier, n in written.items()
+    }
     size = sizes["dram"]
     assert sizes == {"dram": size, "shared": size, "cold": size}
-    assert size == int(size) and RAW_CHUNK < size < RAW_CHUNK + 4096  # raw KV plus the object's header
+    assert (
+        size == int(size) and RAW_CHUNK < size < RAW_CHUNK + 4096
+    )  # raw KV plus the object's header
     for tier, n in written.items():
         assert v("kvstrata_tier_ops_total", tier=tier, op="put", result="ok") == n
     # nothing went wrong
     snap = t.snapshot()
-    bad = {k: x for k, x in snap.items() if any(r in k for r in ("result=error", "result=timeout", "skipped"))}
+    bad = {
+        k: x
+        for k, x in snap.items()
+        if any(r in k for r in ("result=error", "result=timeout", "skipped"))
+    }
     assert bad == {}
     assert v("kvstrata_save_dropped_total", reason="queue_full") == 0
     assert v("kvstrata_save_queue_depth") == 0
@@ -157,8 +190,9 @@ def test_counters_are_exact(workload: Orchestrator) -> None:
 def test_summary_derives_hit_rates(workload: Orchestrator) -> None:
     s = rp.summarize({"time": 0, "samples": workload.telemetry.samples()})
     rows = {t.tier: t for t in s.tiers}
-    assert [(r.lookups, r.hits, r.hit_tokens) for r in (rows["dram"], rows["shared"], rows["cold"])] == [
-        (17, 3, 96), (14, 2, 64), (12, 3, 96)]
+    assert [
+        (r.lookups, r.hits, r.hit_tokens) for r in (rows["dram"], rows["shared"], rows["cold"])
+    ] == [(17, 3, 96), (14, 2, 64), (12, 3, 96)]
     assert rows["shared"].hit_rate == 2 / 14
     assert rows["cold"].bytes_read == 3 * RAW_CHUNK
     assert rows["dram"].p50_s is not None and rows["dram"].p50_s <= rows["dram"].p99_s
@@ -170,7 +204,9 @@ def test_snapshot_file_and_stats_command(workload: Orchestrator, tmp_path) -> No
     path = workload.telemetry.save_snapshot(tmp_path / "snap.json", role="test")
     (doc,) = load_snapshots(path)
     assert doc["role"] == "test" and doc["samples"]
-    result = CliRunner().invoke(stats_app, ["stats", "--snapshot", str(path)], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(
+        stats_app, ["stats", "--snapshot", str(path)], env={"COLUMNS": "200"}
+    )
     assert result.exit_code == 0, result.output
     cells = {row[0]: row for row in map(str.split, result.output.splitlines()) if row}
     # tier, lookups, hit rate, hit tokens, bytes in, bytes out, p50, p99, errors
@@ -184,14 +220,24 @@ def test_exporter_serves_the_same_numbers_with_process_labels(workload: Orchestr
     url = service.start_exporter("127.0.0.1", 0)
     try:
         text = urllib.request.urlopen(url, timeout=5).read().decode()
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for f in text_string_to_metric_families(text) for s in f.samples}
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
         import os
 
-        key = ("kvstrata_tokens_total", (("pid", str(os.getpid())), ("role", "worker"), ("source", "cold")))
+        key = (
+            "kvstrata_tokens_total",
+            (("pid", str(os.getpid())), ("role", "worker"), ("source", "cold")),
+        )
         assert samples[key] == 96
         summary = rp.summarize(rp.load([url])[-1])
-        assert {t.tier: t.hit_tokens for t in summary.tiers} == {"dram": 96, "shared": 64, "cold": 96}
+        assert {t.tier: t.hit_tokens for t in summary.tiers} == {
+            "dram": 96,
+            "shared": 64,
+            "cold": 96,
+        }
         assert summary.recompute_tokens == 318
     finally:
         service.stop()
@@ -210,11 +256,13 @@ def test_exporter_moves_to_the_next_port_when_taken() -> None:
 
 
 def test_serve_from_config_shares_one_service_per_telemetry(tmp_path) -> None:
-    cfg = parse_config(textwrap.dedent(f"""\
+    cfg = parse_config(
+        textwrap.dedent(f"""\
         version: 1
         tiers: {{dram: {{kind: memory}}}}
         telemetry: {{prometheus_port: 0, snapshot_path: "{tmp_path}/snap-{{role}}.json"}}
-        """))
+        """)
+    )
     assert cfg.telemetry.prometheus_addr == "127.0.0.1"
     t = Telemetry()
     t.served("dram", 7)
@@ -231,10 +279,15 @@ def test_serve_from_config_shares_one_service_per_telemetry(tmp_path) -> None:
         with exporter._LOCK:
             exporter._SERVICES.pop(id(t), None)
         a.stop()
-    assert parse_config("version: 1\ntiers: {dram: {kind: memory}}\n").telemetry.prometheus_port is None
+    assert (
+        parse_config("version: 1\ntiers: {dram: {kind: memory}}\n").telemetry.prometheus_port
+        is None
+    )
 
 
-def test_report_writes_plots_for_one_snapshot_and_a_series(workload: Orchestrator, tmp_path) -> None:
+def test_report_writes_plots_for_one_snapshot_and_a_series(
+    workload: Orchestrator, tmp_path
+) -> None:
     series = tmp_path / "series.jsonl"
     t = Telemetry()
     for i in range(3):
@@ -264,8 +317,15 @@ def test_grafana_dashboard_uses_existing_metrics() -> None:
     import re
     from pathlib import Path
 
-    dashboard = json.loads((Path(__file__).parent.parent / "examples/grafana/kvstrata.json").read_text())
-    used = {name for p in dashboard["panels"] for t in p["targets"] for name in re.findall(r"kvstrata_\w+", t["expr"])}
+    dashboard = json.loads(
+        (Path(__file__).parent.parent / "examples/grafana/kvstrata.json").read_text()
+    )
+    used = {
+        name
+        for p in dashboard["panels"]
+        for t in p["targets"]
+        for name in re.findall(r"kvstrata_\w+", t["expr"])
+    }
     t = Telemetry()
     t.served("x", 1)
     t.loaded(0.1)
@@ -286,7 +346,8 @@ def test_failures_are_counted_exactly(redis_server) -> None:
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = parse_config(textwrap.dedent(f"""\
+    cfg = parse_config(
+        textwrap.dedent(f"""\
         version: 1
         chunk_tokens: {CHUNK}
         tiers:
@@ -295,7 +356,8 @@ def test_failures_are_counted_exactly(redis_server) -> None:
         orchestrator: {{breaker: {{failures: 2, cooldown_s: 600}}}}
         policy:
           default: {{read: [gone, dram], write: [dram], load: always}}
-        """))
+        """)
+    )
     orch = Orchestrator(cfg, MODEL)
     try:
         for seed in range(3):
@@ -303,10 +365,14 @@ def test_failures_are_counted_exactly(redis_server) -> None:
         v = orch.telemetry.value
         assert v("kvstrata_tier_ops_total", tier="gone", op="contains", result="error") == 2
         assert v("kvstrata_tier_ops_total", tier="gone", op="contains", result="skipped") == 1
-        assert v("kvstrata_tier_ops_total", tier="gone", op="lookup", result="miss") == 0  # no answer, no miss
+        assert (
+            v("kvstrata_tier_ops_total", tier="gone", op="lookup", result="miss") == 0
+        )  # no answer, no miss
         assert v("kvstrata_tier_ops_total", tier="dram", op="lookup", result="miss") == 6
         assert v("kvstrata_breaker_open", tier="gone") == 1
-        (row,) = [t for t in rp.summarize({"samples": orch.telemetry.samples()}).tiers if t.tier == "gone"]
+        (row,) = [
+            t for t in rp.summarize({"samples": orch.telemetry.samples()}).tiers if t.tier == "gone"
+        ]
         assert (row.errors, row.skipped, row.breaker_open) == (2, 1, True)
     finally:
         orch.close()

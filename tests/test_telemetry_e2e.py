@@ -19,17 +19,19 @@ from pathlib import Path
 
 import pytest
 
-vllm = pytest.importorskip("vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)")
+vllm = pytest.importorskip(
+    "vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)"
+)
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from kvstrata import exporter  # noqa: E402
-from kvstrata import report as rp  # noqa: E402
-from kvstrata.cli_stats import stats_app  # noqa: E402
-from kvstrata.engine import generate, make_llm, text_tokens  # noqa: E402
-from kvstrata.models import prepare_smollm2  # noqa: E402
+from kvstrata.cli.stats import stats_app  # noqa: E402
+from kvstrata.offline.convert import prepare_smollm2  # noqa: E402
+from kvstrata.offline.runner import generate, make_llm, text_tokens  # noqa: E402
 from kvstrata.orchestrator import flush_shared, shared_orchestrators  # noqa: E402
+from kvstrata.telemetry import exporter  # noqa: E402
+from kvstrata.telemetry import report as rp  # noqa: E402
 
 PROMPT_TOKENS = 1500
 HIT = (PROMPT_TOKENS - 1) // 256 * 256  # 1280: whole chunks; vLLM computes the last token itself
@@ -41,7 +43,8 @@ def setup(tmp_path_factory, redis_server) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("telemetry-e2e")
     config = tmp / "strata-telemetry.yaml"
     snapshot = tmp / "snapshot-{role}.json"
-    config.write_text(textwrap.dedent(f"""\
+    config.write_text(
+        textwrap.dedent(f"""\
         version: 1
         chunk_tokens: 256
         tiers:
@@ -53,7 +56,8 @@ def setup(tmp_path_factory, redis_server) -> tuple[Path, Path]:
           default: {{read: [dram], write: [dram]}}
           rules:
             - {{name: via-shared, match: {{hints: {{tier: shared}}}}, route: {{read: [shared], write: [shared]}}}}
-        """))
+        """)
+    )
     return config, tmp / "snapshot-scheduler+worker.json"
 
 
@@ -63,7 +67,9 @@ def served(setup):
     from vllm.distributed.kv_transfer import ensure_kv_transfer_shutdown, has_kv_transfer_group
 
     config, _ = setup
-    if has_kv_transfer_group():  # an engine of an earlier module: its worker connector would be reused
+    if (
+        has_kv_transfer_group()
+    ):  # an engine of an earlier module: its worker connector would be reused
         ensure_kv_transfer_shutdown()
     llm = make_llm(prepare_smollm2(progress=False), config, kv_cache_gib=1)
     try:
@@ -90,13 +96,20 @@ def _workload(llm) -> dict:
     assert flush_shared(60)
     telemetry = _service()[0].telemetry
     deadline = time.monotonic() + 10  # a load is accounted just after the engine got its data
-    while telemetry.value("kvstrata_tokens_total", source="shared") < HIT and time.monotonic() < deadline:
+    while (
+        telemetry.value("kvstrata_tokens_total", source="shared") < HIT
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     return results
 
 
 def _service():
-    (orch,) = [o for o in shared_orchestrators() if o.config.path and o.config.path.name == "strata-telemetry.yaml"]
+    (orch,) = [
+        o
+        for o in shared_orchestrators()
+        if o.config.path and o.config.path.name == "strata-telemetry.yaml"
+    ]
     (service,) = [s for s in exporter.services() if s.telemetry is orch.telemetry]
     return orch, service
 
@@ -105,12 +118,19 @@ def test_exporter_shows_hit_tokens_per_tier(served) -> None:
     orch, service = _service()
     assert service.role == "scheduler+worker" and service.url
     text = urllib.request.urlopen(service.url, timeout=5).read().decode()
-    tokens = {s.labels["source"]: s.value for f in text_string_to_metric_families(text)
-              for s in f.samples if s.name == "kvstrata_tokens_total"}
+    tokens = {
+        s.labels["source"]: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "kvstrata_tokens_total"
+    }
     assert tokens["dram"] == HIT and tokens["shared"] == HIT
     assert tokens["recompute"] == 2 * PROMPT_TOKENS + 2 * (PROMPT_TOKENS - HIT)
     assert 'role="scheduler+worker"' in text
-    assert orch.telemetry.value("kvstrata_tier_ops_total", tier="shared", op="lookup", result="hit") == HIT // 256
+    assert (
+        orch.telemetry.value("kvstrata_tier_ops_total", tier="shared", op="lookup", result="hit")
+        == HIT // 256
+    )
 
 
 def _table(output: str) -> dict[str, list[str]]:
@@ -140,17 +160,42 @@ def test_vllm_stats_hooks_carry_hit_tokens_per_tier(served) -> None:
     assert isinstance(worker, StrataConnector)
     worker.get_kv_connector_stats()  # whatever the last steps had not reported yet
     assert worker.get_kv_connector_stats() is None  # nothing new: nothing sent
-    a = StrataStats(data={"reads": [["dram", 0.01, 1000]], "load_error_blocks": 0, "telemetry": {
-        "counters": [["kvstrata_tokens", ["dram"], HIT]], "gauges": [], "observations": []}})
-    b = StrataConnector.build_kv_connector_stats({"reads": [], "load_error_blocks": 1, "telemetry": {
-        "counters": [["kvstrata_tokens", ["shared"], HIT], ["kvstrata_tokens", ["recompute"], 440]],
-        "gauges": [], "observations": []}})
+    a = StrataStats(
+        data={
+            "reads": [["dram", 0.01, 1000]],
+            "load_error_blocks": 0,
+            "telemetry": {
+                "counters": [["kvstrata_tokens", ["dram"], HIT]],
+                "gauges": [],
+                "observations": [],
+            },
+        }
+    )
+    b = StrataConnector.build_kv_connector_stats(
+        {
+            "reads": [],
+            "load_error_blocks": 1,
+            "telemetry": {
+                "counters": [
+                    ["kvstrata_tokens", ["shared"], HIT],
+                    ["kvstrata_tokens", ["recompute"], 440],
+                ],
+                "gauges": [],
+                "observations": [],
+            },
+        }
+    )
     reduced = a.aggregate(b).reduce()
     assert tokens_by_source(a.data["telemetry"]) == {"dram": HIT, "shared": HIT, "recompute": 440}
     assert reduced["kvstrata_tokens_dram"] == HIT and reduced["kvstrata_tokens_shared"] == HIT
-    assert reduced["kvstrata_tokens_recompute"] == 440 and reduced["kvstrata_load_error_blocks"] == 1
+    assert (
+        reduced["kvstrata_tokens_recompute"] == 440 and reduced["kvstrata_load_error_blocks"] == 1
+    )
     assert reduced["kvstrata_hit_rate"] == round(1 - 440 / (2 * HIT + 440), 3)
-    assert list(reduced)[3:5] == ["kvstrata_tokens_dram", "kvstrata_tokens_shared"]  # tiers before the rest
+    assert list(reduced)[3:5] == [
+        "kvstrata_tokens_dram",
+        "kvstrata_tokens_shared",
+    ]  # tiers before the rest
 
 
 def test_summary_numbers(served) -> None:

@@ -15,7 +15,7 @@ from kvstrata import format as fmt
 from kvstrata.tiers.base import Hit, Miss, Tier
 from kvstrata.tiers.disk import DiskTier
 from kvstrata.tiers.redis import RedisTier
-from kvstrata.tiers.s3 import S3Tier
+from kvstrata.tiers.s3.tier import S3Tier
 from tests.conftest import TIER_KINDS, make_keys, make_object
 
 N_LAYERS = 5
@@ -119,7 +119,9 @@ async def test_corrupt_foreign_and_future_objects_are_misses(tier: Tier) -> None
 
 async def test_garbage_is_a_miss_not_a_crash(tier: Tier) -> None:
     keys = make_keys(3)
-    await tier.put([(keys[0], b"x"), (keys[1], b"KVSTRATA\x02\x00" + b"\xff" * 50), (keys[2], bytes(9000))])
+    await tier.put(
+        [(keys[0], b"x"), (keys[1], b"KVSTRATA\x02\x00" + b"\xff" * 50), (keys[2], bytes(9000))]
+    )
     for layers in (None, range(0, 1)):
         fetched = await tier.get(keys, layers=layers)
         assert all(isinstance(f, Miss) and f.reason == "corrupt" for f in fetched), fetched
@@ -143,7 +145,9 @@ async def test_capacity_and_lru_eviction_order(make_tier, kind: str) -> None:
     keys = make_keys(6)
     objects = [(k, make_object(k, 2, section_bytes=1000, ragged=False)[0]) for k in keys]
     size = len(objects[0][1])
-    tier = make_tier(kind, capacity_bytes=4 * size, **({"eviction": "lru"} if kind == "memory" else {}))
+    tier = make_tier(
+        kind, capacity_bytes=4 * size, **({"eviction": "lru"} if kind == "memory" else {})
+    )
     await tier.put(objects[:4])
     await tier.get([keys[0]])  # 0 becomes most recently used
     result = await tier.put(objects[4:6])
@@ -233,7 +237,9 @@ async def _overwrite_behind_the_tiers_back(tier: Tier, key, data: bytes) -> None
         raise AssertionError(f"no back door into {tier.kind}")
 
 
-@pytest.mark.parametrize("kind", [k for k in TIER_KINDS if k != "memory"])  # DRAM bytes are immutable
+@pytest.mark.parametrize(
+    "kind", [k for k in TIER_KINDS if k != "memory"]
+)  # DRAM bytes are immutable
 async def test_a_cached_header_never_vouches_for_changed_bytes(make_tier, kind: str) -> None:
     """Whole gets fill the header cache and then skip parsing a header they have seen;
     objects changed behind the tier's back must still miss with the right reason."""

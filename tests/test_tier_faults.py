@@ -75,7 +75,9 @@ async def test_s3_killed_mid_test_raises_tier_error(tmp_path, transport: str) ->
 
 
 @pytest.mark.parametrize("transport", ["obstore", "aioboto3", "nixl"])
-async def test_s3_wrong_secret_is_a_tier_error_without_the_secret(s3_server, transport: str) -> None:
+async def test_s3_wrong_secret_is_a_tier_error_without_the_secret(
+    s3_server, transport: str
+) -> None:
     settings = s3_settings(s3_server, transport, timeout_s=5.0)
     settings["secret_access_key"] = "not-the-secret-1234"
     tier = create_tier("s3", **settings)

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from kvstrata.tiers.base import create_tier, tier_class
-from kvstrata.tiers.s3 import S3Settings
+from kvstrata.tiers.s3.tier import S3Settings
 
 
 def test_environment_overrides_file_values(monkeypatch) -> None:

@@ -16,10 +16,10 @@ from kvstrata import format as fmt
 from kvstrata import runtime as rt
 from kvstrata.compression.base import CodecError, codec_from_config, codec_from_header, codec_kinds
 from kvstrata.config import parse_config
+from kvstrata.model import ModelSpec
 from kvstrata.orchestrator import Orchestrator
-from kvstrata.plan import ModelSpec
 from kvstrata.policy.route import RequestContext
-from kvstrata.tiers.base import Hit, Miss, ReadRequest
+from kvstrata.tiers.base import Hit, ReadRequest
 from tests.conftest import make_keys, make_object
 
 # -- no header field opens a file -------------------------------------------------------------
@@ -69,7 +69,10 @@ def test_a_header_naming_a_file_is_refused_without_opening_it(kind: str, planted
     """The issue's ``codec_from_header('none', {'kind': 'linear-ae', 'checkpoint': '/dev/zero'})``
     and its variants, for every codec kind, with and without a configured reader: a CodecError
     in < 10 ms, and no planted path opened."""
-    configured = {"none": codec_from_config("none", "none", {}), "int4": codec_from_config("int4", "int4", {})}
+    configured = {
+        "none": codec_from_config("none", "none", {}),
+        "int4": codec_from_config("int4", "int4", {}),
+    }
     for path in planted:
         for codec_id, params in _headers_naming(kind, path):
             for reader in (None, configured):
@@ -114,7 +117,9 @@ MODEL = ModelSpec("tiny-untrusted-model", n_layers=4, kv_heads=2, head_dim=16, d
 
 def kv_for(index: int) -> np.ndarray:
     rng = np.random.default_rng(index)
-    return rng.standard_normal((MODEL.n_layers, 2, CHUNK, MODEL.kv_heads, MODEL.head_dim), dtype=np.float32)
+    return rng.standard_normal(
+        (MODEL.n_layers, 2, CHUNK, MODEL.kv_heads, MODEL.head_dim), dtype=np.float32
+    )
 
 
 def _config(s3, tier: str, retrieval: str = "whole") -> str:
@@ -168,8 +173,16 @@ def _save(orch: Orchestrator, n_chunks: int):
 
 def _forge_codec_header(orch: Orchestrator, key, path: str) -> bytes:
     """An object a key holder could write: well-formed, MAC'd, whose header names a file."""
-    meta = fmt.ObjectMeta("none", MODEL.dtype, CHUNK, MODEL.kv_heads, MODEL.head_dim,
-                          MODEL.namespace("").fingerprint, key.digest, {"kind": "linear-ae", "checkpoint": path})
+    meta = fmt.ObjectMeta(
+        "none",
+        MODEL.dtype,
+        CHUNK,
+        MODEL.kv_heads,
+        MODEL.head_dim,
+        MODEL.namespace("").fingerprint,
+        key.digest,
+        {"kind": "linear-ae", "checkpoint": path},
+    )
     sections = [kv_for(0)[layer].tobytes() for layer in range(MODEL.n_layers)]
     return fmt.encode(meta, sections, orch.keyring)
 
@@ -207,7 +220,9 @@ async def _truncate_behind_the_tiers_back(tier, key, data: bytes) -> None:
 
 
 @pytest.mark.parametrize("kind", ["s3-obstore", "s3-aioboto3", "redis"])
-async def test_one_truncated_object_in_a_batch_of_16_loses_exactly_that_object(make_tier, kind: str) -> None:
+async def test_one_truncated_object_in_a_batch_of_16_loses_exactly_that_object(
+    make_tier, kind: str
+) -> None:
     tier = make_tier(kind)
     keys = make_keys(N_BATCH)
     objects = {k: make_object(k, N_LAYERS, section_bytes=2000, seed=i) for i, k in enumerate(keys)}
@@ -253,7 +268,9 @@ def test_a_truncated_s3_object_costs_one_chunk_not_the_batch_or_the_breaker(orch
         if c != 7:
             np.testing.assert_array_equal(handle.chunk_kv(c), kv_for(c))
     assert orch.telemetry.value("kvstrata_bad_objects_total", tier="cold", reason="corrupt") == 1
-    assert orch.telemetry.value("kvstrata_tier_ops_total", tier="cold", op="get", result="error") == 0
+    assert (
+        orch.telemetry.value("kvstrata_tier_ops_total", tier="cold", op="get", result="error") == 0
+    )
     assert not orch.breakers["cold"].is_open
     time.sleep(0.5)
     assert rt.run(tier.contains([victim])) == [False]  # deleted: the next save rewrites it

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import pytest
 
-vllm = pytest.importorskip("vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)")
+vllm = pytest.importorskip(
+    "vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)"
+)
 
-from kvstrata.engine import generate, running_llm, text_tokens  # noqa: E402
 from kvstrata.keys import chunk_keys  # noqa: E402
-from kvstrata.models import prepare_smollm2  # noqa: E402
+from kvstrata.offline.convert import prepare_smollm2  # noqa: E402
+from kvstrata.offline.runner import generate, running_llm, text_tokens  # noqa: E402
 from kvstrata.orchestrator import flush_shared, shared_orchestrators  # noqa: E402
 from kvstrata.testing import services as svc  # noqa: E402
 
@@ -33,18 +35,22 @@ TIERS = {"memory": "dram", "disk": "local", "redis": "shared", "s3": "cold"}
 
 
 def strata_yaml(tmp: Path, redis_url: str, s3, fragile_url: str) -> str:
-    rules = "\n".join(
-        f"    - {{name: via-{name}, match: {{hints: {{tier: {name}}}}}, route: {{read: [{name}], write: [{name}]}}}}"
-        for name in ["local", "shared", "cold", "fragile"]
-    ) + "\n    - {name: via-both, match: {hints: {tier: both}}, route: {read: [dram, local], write: [dram, local]}}" \
-      + "\n    - {name: via-cold-layerwise, match: {hints: {tier: cold-layerwise}}," \
+    rules = (
+        "\n".join(
+            f"    - {{name: via-{name}, match: {{hints: {{tier: {name}}}}}, route: {{read: [{name}], write: [{name}]}}}}"
+            for name in ["local", "shared", "cold", "fragile"]
+        )
+        + "\n    - {name: via-both, match: {hints: {tier: both}}, route: {read: [dram, local], write: [dram, local]}}"
+        + "\n    - {name: via-cold-layerwise, match: {hints: {tier: cold-layerwise}},"
         " route: {read: [cold], write: [cold], retrieval: layerwise}}"
-    return textwrap.dedent(f"""\
+    )
+    return (
+        textwrap.dedent(f"""\
         version: 1
         chunk_tokens: 256
         tiers:
           dram: {{kind: memory, capacity_bytes: 1GiB}}
-          local: {{kind: disk, path: "{tmp / 'disk'}"}}
+          local: {{kind: disk, path: "{tmp / "disk"}"}}
           shared: {{kind: redis, url: "{redis_url}", key_prefix: "e2e:"}}
           fragile: {{kind: redis, url: "{fragile_url}", key_prefix: "e2e:", timeout_ms: 1000, timeout_s: 1}}
           cold:
@@ -59,7 +65,10 @@ def strata_yaml(tmp: Path, redis_url: str, s3, fragile_url: str) -> str:
         policy:
           default: {{read: [dram], write: [dram]}}
           rules:
-        """) + rules + "\n"
+        """)
+        + rules
+        + "\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,30 +92,43 @@ def config_path(tmp_path_factory, redis_server, s3_server, fragile_redis) -> Pat
 
 
 OFFSETS = {
-    "memory": 5000, "disk": 10000, "redis": 15000, "s3": 20000, "tenant": 40000, "fragile": 45000,
-    "corrupt": 50000, "second-shared": 60000, "second-cold": 65000, "promote": 70000, "layerwise": 75000,
+    "memory": 5000,
+    "disk": 10000,
+    "redis": 15000,
+    "s3": 20000,
+    "tenant": 40000,
+    "fragile": 45000,
+    "corrupt": 50000,
+    "second-shared": 60000,
+    "second-cold": 65000,
+    "promote": 70000,
+    "layerwise": 75000,
 }
 
-REFERENCE = """
+REFERENCE = (
+    """
 import json, sys
-from kvstrata.engine import generate, make_llm, text_tokens
+from kvstrata.offline.runner import generate, make_llm, text_tokens
 if __name__ == "__main__":
     llm = make_llm(sys.argv[1], connector=False, kv_cache_gib=1)
     offsets = json.loads(sys.argv[2])
     tok = llm.get_tokenizer()
     out = {name: list(generate(llm, text_tokens(tok, %d, offset=o), 16).token_ids) for name, o in offsets.items()}
     print("RESULT " + json.dumps(out))
-""" % PROMPT_TOKENS
+"""
+    % PROMPT_TOKENS
+)
 
 
 def run_script(tmp: Path, source: str, *args: str, env: dict | None = None) -> dict:
     script = tmp / "script.py"
     script.write_text(source)
-    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
-                          timeout=900, env=env)
+    done = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=900, env=env
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 @pytest.fixture(scope="module")
@@ -175,10 +197,15 @@ def test_corrupt_chunk_in_a_shared_store_is_recomputed(llm, reference, redis_ser
     client = redis.Redis.from_url(redis_server.url)
     assert client.setrange(f"e2e:{keys[2]}", 40_000, b"\x00garbage\x00")  # chunk 2's body damaged
     # a damaged body fails its section's tag: an "unauthenticated" miss
-    before = orch.telemetry.value("kvstrata_bad_objects_total", tier="shared", reason="unauthenticated")
+    before = orch.telemetry.value(
+        "kvstrata_bad_objects_total", tier="shared", reason="unauthenticated"
+    )
     again = generate(llm, ids, 16, kv_params={"tier": "shared"})
     assert again.token_ids == expected
-    assert orch.telemetry.value("kvstrata_bad_objects_total", tier="shared", reason="unauthenticated") == before + 1
+    assert (
+        orch.telemetry.value("kvstrata_bad_objects_total", tier="shared", reason="unauthenticated")
+        == before + 1
+    )
 
 
 def test_a_disk_hit_is_promoted_into_dram(llm, reference) -> None:
@@ -206,7 +233,9 @@ def test_an_s3_route_loads_layer_by_layer_through_the_bandwidth_scheduler(llm, r
     generate(llm, ids, 16, kv_params=hints)
     assert flush_shared(60)
     (orch,) = shared_orchestrators()
-    gets = lambda: orch.telemetry.value("kvstrata_tier_ops_total", tier="cold", op="read_range", result="issued")  # noqa: E731
+    gets = lambda: orch.telemetry.value(
+        "kvstrata_tier_ops_total", tier="cold", op="read_range", result="issued"
+    )  # noqa: E731
     served = orch.links["cold"].served_bytes
     before = gets()
     again = generate(llm, ids, 16, kv_params=hints)
@@ -216,12 +245,14 @@ def test_an_s3_route_loads_layer_by_layer_through_the_bandwidth_scheduler(llm, r
     # several layer groups per chunk (the engine computes far longer than a layer takes to read),
     # far fewer than one GET per chunk and layer
     assert 2 * chunks <= gets() - before < chunks * orch.model.n_layers
-    assert orch.links["cold"].served_bytes - served == pytest.approx(chunks * orch.model.chunk_bytes(256))
+    assert orch.links["cold"].served_bytes - served == pytest.approx(
+        chunks * orch.model.chunk_bytes(256)
+    )
 
 
 SECOND_PROCESS = """
 import json, sys
-from kvstrata.engine import generate, make_llm
+from kvstrata.offline.runner import generate, make_llm
 if __name__ == "__main__":
     model, config, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     llm = make_llm(model, config, kv_cache_gib=1)
@@ -231,13 +262,17 @@ if __name__ == "__main__":
 """
 
 
-def test_a_second_engine_process_hits_redis_and_s3(llm, reference, model_dir, config_path, tmp_path) -> None:
+def test_a_second_engine_process_hits_redis_and_s3(
+    llm, reference, model_dir, config_path, tmp_path
+) -> None:
     prompts = {"shared": prompt(llm, "second-shared"), "cold": prompt(llm, "second-cold")}
     for tier, ids in prompts.items():
         generate(llm, ids, 4, kv_params={"tier": tier})
     assert flush_shared(60)
     env = dict(os.environ, PYTHONHASHSEED="12345")  # another hash seed: keys must not depend on it
-    result = run_script(tmp_path, SECOND_PROCESS, str(model_dir), str(config_path), json.dumps(prompts), env=env)
+    result = run_script(
+        tmp_path, SECOND_PROCESS, str(model_dir), str(config_path), json.dumps(prompts), env=env
+    )
     for tier in prompts:
         cached, loaded, tokens = result[tier]
         assert cached == HIT and loaded == {tier: HIT}

@@ -19,10 +19,10 @@ pytest.importorskip("vllm", reason="needs vLLM's CPU build (scripts/setup.sh tes
 
 from kvstrata.config import parse_config  # noqa: E402
 from kvstrata.connectors.vllm_metrics import StrataPromMetrics, StrataStats, tokens_by_source  # noqa: E402
+from kvstrata.model import ModelSpec  # noqa: E402
 from kvstrata.orchestrator import Orchestrator  # noqa: E402
-from kvstrata.plan import ModelSpec  # noqa: E402
 from kvstrata.policy.route import RequestContext  # noqa: E402
-from kvstrata.telemetry import FAMILIES  # noqa: E402
+from kvstrata.telemetry.metrics import FAMILIES  # noqa: E402
 
 MODEL = ModelSpec("metrics-test-model", n_layers=2, kv_heads=2, head_dim=8, dtype="float32")
 GRAFANA = Path(__file__).parent.parent / "examples" / "grafana" / "kvstrata.json"
@@ -30,8 +30,18 @@ GRAFANA = Path(__file__).parent.parent / "examples" / "grafana" / "kvstrata.json
 
 def _registry_types(registry: CollectorRegistry) -> dict:
     def bound(cls):
-        return type(cls.__name__, (cls,), {"__init__": lambda self, *a, **kw: cls.__init__(
-            self, *a, registry=registry, **{k: v for k, v in kw.items() if k != "multiprocess_mode"})})
+        return type(
+            cls.__name__,
+            (cls,),
+            {
+                "__init__": lambda self, *a, **kw: cls.__init__(
+                    self,
+                    *a,
+                    registry=registry,
+                    **{k: v for k, v in kw.items() if k != "multiprocess_mode"},
+                )
+            },
+        )
 
     return {Gauge: bound(Gauge), Counter: bound(Counter), Histogram: bound(Histogram)}
 
@@ -41,8 +51,12 @@ class _Config:  # what KVConnectorPromMetrics reads of vLLM's configuration
 
 
 def _samples(registry: CollectorRegistry, drop: tuple[str, ...] = ()) -> dict:
-    return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k not in drop))): s.value
-            for f in registry.collect() for s in f.samples if not s.name.endswith("_created")}
+    return {
+        (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k not in drop))): s.value
+        for f in registry.collect()
+        for s in f.samples
+        if not s.name.endswith("_created")
+    }
 
 
 def test_every_change_reaches_vllms_registry_once(tmp_path) -> None:
@@ -51,7 +65,7 @@ version: 1
 chunk_tokens: 16
 tiers:
   dram: {{kind: memory, capacity_bytes: 1MiB}}
-  local: {{kind: disk, path: "{tmp_path / 'kv'}"}}
+  local: {{kind: disk, path: "{tmp_path / "kv"}"}}
 policy:
   default: {{read: [dram, local], write: [dram, local], load: always}}
 """)
@@ -68,15 +82,22 @@ policy:
         assert orch.load(hit).wait_all(30)
         orch.telemetry.request("dram")
         # two processes' drains (here: the same one split in two) aggregate as vLLM does
-        first = StrataStats(data={"reads": [], "load_error_blocks": 0, "telemetry": orch.telemetry.drain()})
+        first = StrataStats(
+            data={"reads": [], "load_error_blocks": 0, "telemetry": orch.telemetry.drain()}
+        )
         assert orch.telemetry.drain() is None  # drained once
         orch.telemetry.breaker("local", True)
-        second = StrataStats(data={"reads": [], "load_error_blocks": 1, "telemetry": orch.telemetry.drain()})
-        data = json.loads(json.dumps(first.aggregate(second).data))  # plain data: survives any encoding
+        second = StrataStats(
+            data={"reads": [], "load_error_blocks": 1, "telemetry": orch.telemetry.drain()}
+        )
+        data = json.loads(
+            json.dumps(first.aggregate(second).data)
+        )  # plain data: survives any encoding
 
         registry = CollectorRegistry()
-        prom = StrataPromMetrics(_Config(), _registry_types(registry), ["model_name", "engine"],
-                                 {0: ["m", "0"]})
+        prom = StrataPromMetrics(
+            _Config(), _registry_types(registry), ["model_name", "engine"], {0: ["m", "0"]}
+        )
         prom.observe(data, engine_idx=0)
         ours = _samples(orch.telemetry.registry)
         theirs = _samples(registry, drop=("model_name", "engine"))
@@ -92,9 +113,13 @@ policy:
 def test_the_grafana_dashboard_names_only_exported_metrics() -> None:
     exported = set()
     for f in FAMILIES:
-        exported |= ({f"{f.name}_total"} if f.kind == "counter" else
-                     {f"{f.name}_bucket", f"{f.name}_sum", f"{f.name}_count"} if f.kind == "histogram"
-                     else {f.name})
+        exported |= (
+            {f"{f.name}_total"}
+            if f.kind == "counter"
+            else {f"{f.name}_bucket", f"{f.name}_sum", f"{f.name}_count"}
+            if f.kind == "histogram"
+            else {f.name}
+        )
     referenced = set(re.findall(r"kvstrata_[a-z_]+", GRAFANA.read_text()))
     assert referenced, "the dashboard names no kvstrata metric"
     assert referenced <= exported, referenced - exported

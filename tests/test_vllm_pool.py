@@ -29,8 +29,12 @@ def test_journal_reports_puts_evictions_and_deletes_as_net_changes() -> None:
         assert [e.key for e in result.evicted] == [key(1)]
         await journal.put([(key(4), b"d" * 1000)])  # larger than the pool: never stored
         await journal.delete([key(2)])
-        assert journal.drain() == {key(1).digest: False, key(3).digest: True, key(4).digest: False,
-                                   key(2).digest: False}
+        assert journal.drain() == {
+            key(1).digest: False,
+            key(3).digest: True,
+            key(4).digest: False,
+            key(2).digest: False,
+        }
         assert await journal.contains([key(3)]) == [True]
         assert journal.used_bytes == 100  # the pool's attributes pass through
 
@@ -54,10 +58,14 @@ def test_a_pending_save_is_waited_for_then_given_up() -> None:
     async def go():
         index = PoolIndex(MemoryTier("dram"), pending_s=0.3)
         index.expect([key(1).digest, key(2).digest])
-        asyncio.get_running_loop().call_later(0.05, index.apply, {key(1).digest: True, key(2).digest: False})
+        asyncio.get_running_loop().call_later(
+            0.05, index.apply, {key(1).digest: True, key(2).digest: False}
+        )
         started = time.monotonic()
         assert await index.contains([key(1), key(2)]) == [True, False]
-        assert time.monotonic() - started < 0.25  # answered when the worker reported, not at the deadline
+        assert (
+            time.monotonic() - started < 0.25
+        )  # answered when the worker reported, not at the deadline
         index.expect([key(3).digest])  # never confirmed (the save was dropped)
         started = time.monotonic()
         assert await index.contains([key(3)]) == [False]
@@ -68,9 +76,13 @@ def test_a_pending_save_is_waited_for_then_given_up() -> None:
 
 def test_worker_changes_aggregate_across_steps() -> None:
     a = PoolChanges({"dram": {key(1).digest: True}})
-    b = PoolChanges({"dram": {key(1).digest: False, key(2).digest: True}, "other": {key(3).digest: True}})
-    assert a.aggregate(b).pools == {"dram": {key(1).digest: False, key(2).digest: True},
-                                    "other": {key(3).digest: True}}
+    b = PoolChanges(
+        {"dram": {key(1).digest: False, key(2).digest: True}, "other": {key(3).digest: True}}
+    )
+    assert a.aggregate(b).pools == {
+        "dram": {key(1).digest: False, key(2).digest: True},
+        "other": {key(3).digest: True},
+    }
 
 
 def test_journal_of_a_shared_store_notes_puts_without_asking_it_again(tmp_path) -> None:
@@ -103,15 +115,23 @@ def test_events_name_the_engines_blocks_and_the_tier() -> None:
     from kvstrata.connectors.vllm_events import EventLog
 
     log = EventLog(block_size=4, enabled=True)
-    request = SimpleNamespace(block_hashes=[bytes([i]) * 32 for i in range(4)], all_token_ids=list(range(16)))
+    request = SimpleNamespace(
+        block_hashes=[bytes([i]) * 32 for i in range(4)], all_token_ids=list(range(16))
+    )
     log.remember({b"chunk-1"}, request, first_block=2, n_blocks=2)
     log.changed({"dram": {b"chunk-1": True, b"unknown": True}, "local": {b"chunk-1": True}})
     log.changed({"dram": {b"chunk-1": False}})
     stored_dram, stored_local, removed = log.take()
     assert isinstance(stored_dram, BlockStored) and isinstance(removed, BlockRemoved)
     assert (stored_dram.medium, stored_local.medium, removed.medium) == ("dram", "local", "dram")
-    assert stored_dram.block_hashes == removed.block_hashes == [external(bytes([i]) * 32) for i in (2, 3)]
-    assert stored_dram.parent_block_hash == external(bytes([1]) * 32)  # vLLM's own hashes, as it publishes them
+    assert (
+        stored_dram.block_hashes
+        == removed.block_hashes
+        == [external(bytes([i]) * 32) for i in (2, 3)]
+    )
+    assert stored_dram.parent_block_hash == external(
+        bytes([1]) * 32
+    )  # vLLM's own hashes, as it publishes them
     assert stored_dram.token_ids == list(range(8, 16))
     assert stored_dram.block_size == 4 and log.take() == []
     off = EventLog(block_size=4, enabled=False)

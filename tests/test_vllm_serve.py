@@ -23,8 +23,8 @@ import pytest
 pytest.importorskip("vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)")
 httpx = pytest.importorskip("httpx")
 
-from kvstrata.engine import text_tokens  # noqa: E402
-from kvstrata.models import prepare_smollm2  # noqa: E402
+from kvstrata.offline.convert import prepare_smollm2  # noqa: E402
+from kvstrata.offline.runner import text_tokens  # noqa: E402
 
 # a server start (1-2 minutes here, more on a busy machine) counts towards the first test, a restart
 # towards the last
@@ -50,8 +50,13 @@ class Server:
 
     def start(self) -> None:
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -76,13 +81,23 @@ class Server:
 
     def tail(self, n: int = 4000) -> str:
         text = self.log.read_text(errors="replace")
-        errors = [line for line in text.splitlines() if "Error" in line and "ulimit" not in line][:20]
+        errors = [line for line in text.splitlines() if "Error" in line and "ulimit" not in line][
+            :20
+        ]
         return "\n".join(errors) + "\n...\n" + text[-n:]
 
     def complete(self, ids: list[int], max_tokens: int = 16) -> dict:
-        r = httpx.post(f"{self.url}/v1/completions", timeout=300, json={
-            "model": "smollm2", "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0,
-            "return_token_ids": True})
+        r = httpx.post(
+            f"{self.url}/v1/completions",
+            timeout=300,
+            json={
+                "model": "smollm2",
+                "prompt": ids,
+                "max_tokens": max_tokens,
+                "temperature": 0.0,
+                "return_token_ids": True,
+            },
+        )
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -101,29 +116,63 @@ def model_dir() -> Path:
 def server(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     config = tmp / "strata.yaml"
-    config.write_text(textwrap.dedent(f"""\
+    config.write_text(
+        textwrap.dedent(f"""\
         version: 1
         chunk_tokens: 256
         tiers:
           dram: {{kind: memory, capacity_bytes: 1GiB}}
-          local: {{kind: disk, path: "{tmp / 'kv'}"}}
+          local: {{kind: disk, path: "{tmp / "kv"}"}}
         policy:
           default: {{read: [dram, local], write: [dram, local]}}
-        """))
+        """)
+    )
     kvstrata = Path(sys.executable).with_name("kvstrata")  # the console script setup installs
-    # vLLM's defaults: not what an offline engine earlier in this process set (kvstrata.engine.make_llm:
+    # vLLM's defaults: not what an offline engine earlier in this process set (kvstrata.offline.runner.make_llm:
     # single-process mode, and a thread binding "all" that multiprocess mode cannot parse)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "VLLM_ENABLE_V1_MULTIPROCESSING",
+            "VLLM_CPU_OMP_THREADS_BIND",
+            "VLLM_CPU_KVCACHE_SPACE",
+        )
+    }
     env.update(VLLM_CPU_KVCACHE_SPACE="1")
     events_port = _free_port()
-    srv = Server([str(kvstrata), "serve", str(model_dir), "--strata-config", str(config),
-                  "--port", str(_free_port()), "--served-model-name", "smollm2",
-                  "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
-                  "--no-enable-prefix-caching", "--seed", "0",
-                  "--kv-events-config", json.dumps({"enable_kv_cache_events": True, "publisher": "zmq",
-                                                    "endpoint": f"tcp://127.0.0.1:{events_port}"})],
-                 env, tmp / "server.log")
+    srv = Server(
+        [
+            str(kvstrata),
+            "serve",
+            str(model_dir),
+            "--strata-config",
+            str(config),
+            "--port",
+            str(_free_port()),
+            "--served-model-name",
+            "smollm2",
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--max-model-len",
+            "4096",
+            "--no-enable-prefix-caching",
+            "--seed",
+            "0",
+            "--kv-events-config",
+            json.dumps(
+                {
+                    "enable_kv_cache_events": True,
+                    "publisher": "zmq",
+                    "endpoint": f"tcp://127.0.0.1:{events_port}",
+                }
+            ),
+        ],
+        env,
+        tmp / "server.log",
+    )
     # the KV events subscriber binds before the server starts: vLLM's publisher (its endpoint names a
     # host, so it connects) finds it there from its first event on
     import zmq
@@ -170,7 +219,9 @@ def test_repeated_prompt_is_served_from_dram_in_multiprocess_mode(server, tokeni
     assert _kvstrata(cold)["loaded_tokens"] == {}
     warm = server.complete(ids)
     assert _kvstrata(warm)["loaded_tokens"] == {"dram": HIT}
-    assert warm["choices"][0]["token_ids"] == cold["choices"][0]["token_ids"]  # greedy: identical with a hit
+    assert (
+        warm["choices"][0]["token_ids"] == cold["choices"][0]["token_ids"]
+    )  # greedy: identical with a hit
 
 
 def _samples(text: str, name: str) -> dict[str, float]:
@@ -203,9 +254,17 @@ def test_kvstrata_metrics_are_on_vllms_metrics(server, tokenizer) -> None:
     assert _samples(text, "kvstrata_tier_bytes_total").get("dram", 0) > 0
     assert _samples(text, "kvstrata_tier_bytes_total").get("local", 0) > 0  # written through
     assert _samples(text, "kvstrata_tier_latency_seconds_count").get("dram", 0) > 0
-    lookups = [line for line in text.splitlines() if line.startswith("kvstrata_tier_ops_total{")
-               and 'op="lookup"' in line and 'tier="dram"' in line and 'result="hit"' in line]
-    assert lookups and 'model_name="smollm2"' in lookups[0], lookups  # vLLM's labels on kvstrata's families
+    lookups = [
+        line
+        for line in text.splitlines()
+        if line.startswith("kvstrata_tier_ops_total{")
+        and 'op="lookup"' in line
+        and 'tier="dram"' in line
+        and 'result="hit"' in line
+    ]
+    assert lookups and 'model_name="smollm2"' in lookups[0], (
+        lookups
+    )  # vLLM's labels on kvstrata's families
 
 
 def test_kv_events_name_kvstratas_tier_as_medium(server, tokenizer) -> None:
@@ -223,36 +282,55 @@ def test_kv_events_name_kvstratas_tier_as_medium(server, tokenizer) -> None:
     seen: list = []  # every event received (for the failure message)
     block_size = 128  # vLLM's CPU build; checked against the events below
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and min(len(blocks.get(t, ())) for t in ("dram", "local")) < HIT // 128:
+    while (
+        time.monotonic() < deadline
+        and min(len(blocks.get(t, ())) for t in ("dram", "local")) < HIT // 128
+    ):
         if not sub.poll(1000):
             server.complete(ids[:8], max_tokens=1)  # an engine step carries the worker's report
             continue
         _, _, payload = sub.recv_multipart()
         for event in decoder.decode(payload).events:
-            seen.append((type(event).__name__, getattr(event, "medium", None), list(event.token_ids[:3])
-                         if isinstance(event, BlockStored) else None))
+            seen.append(
+                (
+                    type(event).__name__,
+                    getattr(event, "medium", None),
+                    list(event.token_ids[:3]) if isinstance(event, BlockStored) else None,
+                )
+            )
             if isinstance(event, BlockStored) and _is_slice(event.token_ids, ids, block_size):
                 blocks.setdefault(event.medium, []).extend(event.block_hashes)
                 assert event.block_size == block_size
                 assert len(event.token_ids) == block_size * len(event.block_hashes)
-    assert {t: len(b) for t, b in blocks.items()} == {"dram": HIT // block_size, "local": HIT // block_size}, \
-        (ids[:3], seen[:20], server.tail(2000))
-    assert set(blocks["dram"]) == set(blocks["local"]) and len(set(blocks["dram"])) == HIT // block_size
+    assert {t: len(b) for t, b in blocks.items()} == {
+        "dram": HIT // block_size,
+        "local": HIT // block_size,
+    }, (ids[:3], seen[:20], server.tail(2000))
+    assert (
+        set(blocks["dram"]) == set(blocks["local"])
+        and len(set(blocks["dram"])) == HIT // block_size
+    )
 
 
 def _is_slice(part: list[int], whole: list[int], step: int) -> bool:
     """``part`` is ``whole[i:i + len(part)]`` for a block boundary ``i``."""
     n = len(part)
-    return any(whole[i:i + n] == part for i in range(0, len(whole) - n + 1, step))
+    return any(whole[i : i + n] == part for i in range(0, len(whole) - n + 1, step))
 
 
 def _puts(server, tier: str) -> float:
     text = server.metrics()
     from prometheus_client.parser import text_string_to_metric_families
 
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "kvstrata_tier_ops_total" and s.labels.get("tier") == tier
-               and s.labels.get("op") == "put" and s.labels.get("result") == "ok")
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "kvstrata_tier_ops_total"
+        and s.labels.get("tier") == tier
+        and s.labels.get("op") == "put"
+        and s.labels.get("result") == "ok"
+    )
 
 
 def test_a_restarted_server_is_served_from_disk(server, tokenizer) -> None:

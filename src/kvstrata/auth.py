@@ -73,16 +73,20 @@ class Keyring:
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return (f"Keyring(authenticated={self.authenticated}, "
-                f"allow_unauthenticated={self.allow_unauthenticated})")
+        return (
+            f"Keyring(authenticated={self.authenticated}, "
+            f"allow_unauthenticated={self.allow_unauthenticated})"
+        )
 
     def keys(self, namespace: bytes) -> tuple[bytes, bytes]:
         """The (section key, header key) of ``namespace`` (a 32-byte fingerprint), 32 bytes each."""
         keys = self._keys.get(namespace)
         if keys is None:
             material = self._secret + bytes(namespace)  # the namespace has a fixed length
-            keys = (blake3.blake3(material, derive_key_context=_SECTION_CONTEXT).digest(),
-                    blake3.blake3(material, derive_key_context=_HEADER_CONTEXT).digest())
+            keys = (
+                blake3.blake3(material, derive_key_context=_SECTION_CONTEXT).digest(),
+                blake3.blake3(material, derive_key_context=_HEADER_CONTEXT).digest(),
+            )
             with self._lock:
                 if len(self._keys) >= _MAX_CACHED_NAMESPACES:
                     self._keys.clear()
@@ -126,13 +130,18 @@ def keyring_from_env(
         try:
             return Keyring(value.encode("utf-8"), allow_unauthenticated)
         except ValueError:
-            raise ValueError(f"${secret_env}: the object secret must be at least "
-                             f"{MIN_SECRET_BYTES} bytes") from None
+            raise ValueError(
+                f"${secret_env}: the object secret must be at least {MIN_SECRET_BYTES} bytes"
+            ) from None
     if shared_tiers:
-        log.warning("no object secret in $%s: objects in shared tiers %s are integrity-checked only "
-                    "(anyone who can write there can plant KV that is served); set a secret of at "
-                    "least %d bytes on every host", secret_env, ", ".join(shared_tiers),
-                    MIN_SECRET_BYTES)
+        log.warning(
+            "no object secret in $%s: objects in shared tiers %s are integrity-checked only "
+            "(anyone who can write there can plant KV that is served); set a secret of at "
+            "least %d bytes on every host",
+            secret_env,
+            ", ".join(shared_tiers),
+            MIN_SECRET_BYTES,
+        )
     return Keyring(None, allow_unauthenticated)
 
 

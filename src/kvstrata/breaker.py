@@ -14,7 +14,12 @@ from collections.abc import Callable
 
 
 class Breaker:
-    def __init__(self, failures: int = 3, cooldown_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        failures: int = 3,
+        cooldown_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.failures, self.cooldown_s, self._clock = failures, cooldown_s, clock
         self._consecutive = 0
         self._open_until: float | None = None

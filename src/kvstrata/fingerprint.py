@@ -54,7 +54,17 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SAMPLE_BYTES = 4096
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".npz")
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".gguf",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".npz",
+)
 #: Files besides the weights that change what the model computes (its shape, its quantization).
 CONFIG_NAMES = ("config.json", "params.json")
 _CONFIG_PATTERN = re.compile(r".*quant.*\.json$")
@@ -71,8 +81,13 @@ def model_label(model: str, hf_config: Any) -> str:
 
 
 def _shape(hf_config: Any) -> str:
-    return "/".join([",".join(getattr(hf_config, "architectures", None) or []),
-                     f"h{getattr(hf_config, 'hidden_size', 0)}", f"v{getattr(hf_config, 'vocab_size', 0)}"])
+    return "/".join(
+        [
+            ",".join(getattr(hf_config, "architectures", None) or []),
+            f"h{getattr(hf_config, 'hidden_size', 0)}",
+            f"v{getattr(hf_config, 'vocab_size', 0)}",
+        ]
+    )
 
 
 def model_identity(model: str, hf_config: Any, revision: str | None = None) -> str:
@@ -92,14 +107,22 @@ def model_identity(model: str, hf_config: Any, revision: str | None = None) -> s
         try:
             return f"{shape}/w:{checkpoint_fingerprint(path)}"
         except (OSError, ValueError) as exc:  # weights elsewhere (a streamer, a plugin loader)
-            log.warning("kvstrata: cannot fingerprint the weights at %s (%s); its KV is keyed by the "
-                        "directory name -- set model_id to name the weights", path, exc)
+            log.warning(
+                "kvstrata: cannot fingerprint the weights at %s (%s); its KV is keyed by the "
+                "directory name -- set model_id to name the weights",
+                path,
+                exc,
+            )
             return f"{shape}/name:{path.name}"
     commit = hub_commit(model, revision)
     if commit is not None:
         return f"{shape}/rev:{commit}"
-    log.warning("kvstrata: model %r (revision %r) is neither a local path nor in the Hugging Face cache; "
-                "its KV is keyed by name and revision only -- set model_id to name the weights", model, revision)
+    log.warning(
+        "kvstrata: model %r (revision %r) is neither a local path nor in the Hugging Face cache; "
+        "its KV is keyed by name and revision only -- set model_id to name the weights",
+        model,
+        revision,
+    )
     return f"{shape}/hub:{model}@{revision or 'main'}"
 
 
@@ -125,7 +148,12 @@ def _snapshot_commit(path: Path) -> str | None:
         parts = path.resolve().parts
     except OSError:
         return None
-    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--") and _COMMIT.match(parts[-1]):
+    if (
+        len(parts) >= 3
+        and parts[-2] == "snapshots"
+        and parts[-3].startswith("models--")
+        and _COMMIT.match(parts[-1])
+    ):
         return parts[-1]
     return None
 
@@ -138,7 +166,9 @@ def checkpoint_fingerprint(path: str | os.PathLike[str]) -> str:
     OSError if ``path`` cannot be read; ValueError if it holds no weight file.
     """
     files = _inputs(Path(path).expanduser().resolve())
-    key = tuple((str(f), st.st_size, st.st_mtime_ns, st.st_ino) for f, st in ((f, f.stat()) for f in files))
+    key = tuple(
+        (str(f), st.st_size, st.st_mtime_ns, st.st_ino) for f, st in ((f, f.stat()) for f in files)
+    )
     with _memo_lock:
         if key in _memo:
             return _memo[key]
@@ -192,10 +222,15 @@ def _safetensors_ranges(fd: int, size: int) -> list[tuple[int, int, int]] | None
         return None
     try:
         header = json.loads(os.pread(fd, n, 8))
-        spans = sorted((int(v["data_offsets"][0]), int(v["data_offsets"][1]))
-                       for k, v in header.items() if k != "__metadata__")
+        spans = sorted(
+            (int(v["data_offsets"][0]), int(v["data_offsets"][1]))
+            for k, v in header.items()
+            if k != "__metadata__"
+        )
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-        log.warning("kvstrata: unreadable safetensors header in fd %d; sampling the file as a whole", fd)
+        log.warning(
+            "kvstrata: unreadable safetensors header in fd %d; sampling the file as a whole", fd
+        )
         return None
     base = 8 + n
     out = [(8, base, -(-n // SAMPLE_BYTES))]  # the whole header: names, dtypes, shapes, offsets

@@ -171,7 +171,9 @@ class Header:
         if self.section_key is None:
             return _xxh3(section) == expected
         # the hot path of every get: the tag computed inline, compared in constant time
-        return _compare(_blake3(section, key=self.section_key).digest(auth.SECTION_TAG_BYTES), expected)
+        return _compare(
+            _blake3(section, key=self.section_key).digest(auth.SECTION_TAG_BYTES), expected
+        )
 
     @property
     def n_layers(self) -> int:
@@ -214,8 +216,11 @@ class ChunkObject:
 
 
 def encode(
-    meta: ObjectMeta, sections: Sequence[bytes | memoryview], keyring: Keyring | None = None,
-    *, version: int = VERSION,
+    meta: ObjectMeta,
+    sections: Sequence[bytes | memoryview],
+    keyring: Keyring | None = None,
+    *,
+    version: int = VERSION,
 ) -> bytes:
     """Serialize one chunk, MAC'd with ``keyring`` (default: :data:`kvstrata.auth.NO_SECRET`).
 
@@ -265,7 +270,9 @@ def seal_header(buf: bytearray, keyring: Keyring | None = None) -> bytes:
     else:
         namespace = bytes(buf[_NAMESPACE_AT : _NAMESPACE_AT + 32])
         header_key = (keyring or auth.NO_SECRET).keys(namespace)[1]
-        buf[header_len - _MAC_BYTES : header_len] = auth.header_mac(header_key, bytes(buf[: header_len - _MAC_BYTES]))
+        buf[header_len - _MAC_BYTES : header_len] = auth.header_mac(
+            header_key, bytes(buf[: header_len - _MAC_BYTES])
+        )
     return bytes(buf)
 
 
@@ -317,8 +324,9 @@ def header_length(prefix: bytes | memoryview, keyring: Keyring | None = None) ->
         error = Unsupported if version > VERSION else FormatError
         raise error(f"unsupported format version {version} (this reader knows {VERSIONS})")
     if version == 1 and not (keyring or auth.NO_SECRET).allow_unauthenticated:
-        raise Unauthenticated("format v1 object: no MAC, and this reader does not allow "
-                              "unauthenticated reads")
+        raise Unauthenticated(
+            "format v1 object: no MAC, and this reader does not allow unauthenticated reads"
+        )
     if flags != 0:
         raise FormatError(f"unknown flags {flags:#x}")
     entry, trailer = (_ENTRY_V1, _CHECKSUM_V1.size) if version == 1 else (_ENTRY, _MAC_BYTES)
@@ -345,14 +353,26 @@ def decode_header(buf: bytes | memoryview, keyring: Keyring | None = None) -> He
             raise FormatError("header checksum mismatch")
     else:
         entry, trailer = _ENTRY, _MAC_BYTES
-        key, header_key = (keyring or auth.NO_SECRET).keys(bytes(view[_NAMESPACE_AT : _NAMESPACE_AT + 32]))
+        key, header_key = (keyring or auth.NO_SECRET).keys(
+            bytes(view[_NAMESPACE_AT : _NAMESPACE_AT + 32])
+        )
         expected = auth.header_mac(header_key, view[: header_len - trailer])
         if not auth.same(expected, view[header_len - trailer : header_len]):
-            raise Unauthenticated("header MAC does not verify (not written with this deployment's "
-                                  "secret, or damaged)")
-    (codec, dtype, reserved, n_layers, n_tokens, kv_heads, head_dim, namespace, key_digest, params_len) = (
-        _FIXED.unpack_from(view, _PREAMBLE.size)
-    )
+            raise Unauthenticated(
+                "header MAC does not verify (not written with this deployment's secret, or damaged)"
+            )
+    (
+        codec,
+        dtype,
+        reserved,
+        n_layers,
+        n_tokens,
+        kv_heads,
+        head_dim,
+        namespace,
+        key_digest,
+        params_len,
+    ) = _FIXED.unpack_from(view, _PREAMBLE.size)
     if reserved != 0:
         raise FormatError("reserved header byte is not zero")
     expected_len = _PREAMBLE.size + _FIXED.size + params_len + entry.size * n_layers + trailer
@@ -410,7 +430,9 @@ def _section_error(header: Header, layer: int) -> FormatError:
 
 
 def decode(
-    buf: bytes | memoryview, layers: range | None = None, known: Header | None = None,
+    buf: bytes | memoryview,
+    layers: range | None = None,
+    known: Header | None = None,
     keyring: Keyring | None = None,
 ) -> ChunkObject:
     """Verify a whole object (or a prefix holding ``layers``) and return its sections.
@@ -456,7 +478,8 @@ class Verified:
         self._damaged = tuple(
             layer
             for layer, (offset, length, _) in enumerate(header.sections)
-            if offset + length <= len(data) and not header.section_ok(layer, view[offset : offset + length])
+            if offset + length <= len(data)
+            and not header.section_ok(layer, view[offset : offset + length])
         )
 
     def read(self, layers: range | None = None) -> ChunkObject:

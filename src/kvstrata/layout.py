@@ -83,7 +83,12 @@ class FlashLayout:
 
 
 def detect(
-    kv_layer: torch.Tensor, block_size: int, kv_heads: int, head_dim: int, device_type: str, isa: str | None = None
+    kv_layer: torch.Tensor,
+    block_size: int,
+    kv_heads: int,
+    head_dim: int,
+    device_type: str,
+    isa: str | None = None,
 ) -> PageLayout | None:
     """The layout of one registered layer tensor, or None if it is not one we know for sure."""
     shape = tuple(kv_layer.shape)

@@ -22,8 +22,8 @@ Contract:
 * Call from any thread but the orchestrator's background loop
   (:func:`lookup` blocks on it); :func:`probe` is the coroutine, for that loop.
 
-Served over HTTP by :mod:`kvstrata.lookup_http` (``/lookup`` on the exporter)
-and printed by ``kvstrata lookup`` (:mod:`kvstrata.cli_lookup`).
+Served over HTTP by :mod:`kvstrata.telemetry.lookup_http` (``/lookup`` on the exporter)
+and printed by ``kvstrata lookup`` (:mod:`kvstrata.cli.lookup`).
 """
 
 from __future__ import annotations
@@ -69,23 +69,42 @@ class LookupReport:
 
     def to_dict(self) -> dict:
         return {
-            "prompt_tokens": self.prompt_tokens, "chunk_tokens": self.chunk_tokens,
-            "skip_tokens": self.skip_tokens, "rule": self.rule,
-            "tiers": [{"tier": t.tier, "tokens": t.tokens, "chunks": t.chunks, "load_s": t.load_s,
-                       "recompute_s": t.recompute_s, "saved_s": t.saved_s} for t in self.tiers],
-            "plan": {"tokens": dict(self.plan_tokens), "load_s": self.plan_load_s, "ttft_s": self.plan_ttft_s,
-                     "recompute_all_s": self.recompute_all_s, "reason": self.reason},
+            "prompt_tokens": self.prompt_tokens,
+            "chunk_tokens": self.chunk_tokens,
+            "skip_tokens": self.skip_tokens,
+            "rule": self.rule,
+            "tiers": [
+                {
+                    "tier": t.tier,
+                    "tokens": t.tokens,
+                    "chunks": t.chunks,
+                    "load_s": t.load_s,
+                    "recompute_s": t.recompute_s,
+                    "saved_s": t.saved_s,
+                }
+                for t in self.tiers
+            ],
+            "plan": {
+                "tokens": dict(self.plan_tokens),
+                "load_s": self.plan_load_s,
+                "ttft_s": self.plan_ttft_s,
+                "recompute_all_s": self.recompute_all_s,
+                "reason": self.reason,
+            },
         }
 
 
-async def probe(orch, tokens: Sequence[int], ctx: RequestContext, skip_tokens: int = 0) -> LookupReport:
+async def probe(
+    orch, tokens: Sequence[int], ctx: RequestContext, skip_tokens: int = 0
+) -> LookupReport:
     """Per read tier, the prefix held and its load estimate; and the plan a request would get."""
     tokens = list(tokens)
     chunk = orch.chunk_tokens
     logical = chunk_keys(tokens, orch.model.namespace(ctx.tenant), chunk)
     hint = ctx.hints.get("reuse")
-    ctx = dataclasses.replace(ctx, context_tokens=len(tokens),
-                              reuse=orch.reuse.predict(logical, _as_float(hint)))
+    ctx = dataclasses.replace(
+        ctx, context_tokens=len(tokens), reuse=orch.reuse.predict(logical, _as_float(hint))
+    )
     decision = orch.policy.decide(ctx)
     route = decision.route
     keys = {"none": tuple(logical)}
@@ -96,22 +115,43 @@ async def probe(orch, tokens: Sequence[int], ctx: RequestContext, skip_tokens: i
     chunk_bytes = orch.model.chunk_bytes(chunk)
     rest = len(tokens) - skip_tokens
     recompute_all = orch.cost.recompute_s(rest)
-    empty = LookupReport(len(tokens), chunk, skip_tokens, decision.rule, (), {}, 0.0, recompute_all,
-                         recompute_all, "nothing to load")
+    empty = LookupReport(
+        len(tokens),
+        chunk,
+        skip_tokens,
+        decision.rule,
+        (),
+        {},
+        0.0,
+        recompute_all,
+        recompute_all,
+        "nothing to load",
+    )
     if route.load == "never" or not route.read or first >= last:
-        return dataclasses.replace(empty, reason="route does not load" if route.load == "never" else "nothing to load")
+        return dataclasses.replace(
+            empty, reason="route does not load" if route.load == "never" else "nothing to load"
+        )
 
     held: dict[str, list[bool]] = {}
     for tier in route.read:
         codec = route.codec_for(tier)
-        answer = await orch._call(tier, "contains", orch.tiers[tier].contains(list(keys[codec][first:last])))
+        answer = await orch._call(
+            tier, "contains", orch.tiers[tier].contains(list(keys[codec][first:last]))
+        )
         held[tier] = list(answer) if answer is not None else [False] * (last - first)
     prefixes = []
     for tier in route.read:
         n = next((i for i, present in enumerate(held[tier]) if not present), len(held[tier]))
         moved = n * chunk_bytes * orch.cost.stored_fraction(route.codec_for(tier))
-        prefixes.append(TierPrefix(tier, n * chunk, n, orch.cost.read_s(tier, moved) if n else 0.0,
-                                   orch.cost.recompute_s(n * chunk)))
+        prefixes.append(
+            TierPrefix(
+                tier,
+                n * chunk,
+                n,
+                orch.cost.read_s(tier, moved) if n else 0.0,
+                orch.cost.recompute_s(n * chunk),
+            )
+        )
 
     run: list[str] = []  # the tier each chunk would come from: the first read tier holding it
     for i in range(last - first):
@@ -122,33 +162,67 @@ async def probe(orch, tokens: Sequence[int], ctx: RequestContext, skip_tokens: i
     if route.load == "always":
         n, load_s, ttft_s, reason = len(run), float("nan"), float("nan"), "route always loads"
     else:
-        budget = ctx.budget_ms if ctx.budget_ms is not None else orch.config.orchestrator.default_budget_ms
-        choice = orch.cost.choose(run, chunk, chunk_bytes, rest, budget / 1e3, route.retrieval == "layerwise",
-                                  codecs={t: route.codec_for(t) for t in route.read})
+        budget = (
+            ctx.budget_ms
+            if ctx.budget_ms is not None
+            else orch.config.orchestrator.default_budget_ms
+        )
+        choice = orch.cost.choose(
+            run,
+            chunk,
+            chunk_bytes,
+            rest,
+            budget / 1e3,
+            route.retrieval == "layerwise",
+            codecs={t: route.codec_for(t) for t in route.read},
+        )
         n, load_s, ttft_s, reason = choice.chunks, choice.load_s, choice.ttft_s, choice.reason
     plan: dict[str, int] = {}
     for i, tier in enumerate(run[:n], start=first):  # as Plan.tokens_by_tier counts them
         plan[tier] = plan.get(tier, 0) + (i + 1) * chunk - max(i * chunk, skip_tokens)
-    return LookupReport(len(tokens), chunk, skip_tokens, decision.rule, tuple(prefixes), plan,
-                        load_s, ttft_s, recompute_all, reason)
+    return LookupReport(
+        len(tokens),
+        chunk,
+        skip_tokens,
+        decision.rule,
+        tuple(prefixes),
+        plan,
+        load_s,
+        ttft_s,
+        recompute_all,
+        reason,
+    )
 
 
-def lookup(orch, tokens: Sequence[int], ctx: RequestContext | None = None, skip_tokens: int = 0,
-           timeout: float | None = None) -> LookupReport:
+def lookup(
+    orch,
+    tokens: Sequence[int],
+    ctx: RequestContext | None = None,
+    skip_tokens: int = 0,
+    timeout: float | None = None,
+) -> LookupReport:
     """:func:`probe` from a thread other than the background loop (blocks until answered)."""
     ctx = ctx or RequestContext()
-    return runtime.run(probe(orch, tokens, ctx, skip_tokens), timeout=timeout or orch._lookup_timeout())
+    return runtime.run(
+        probe(orch, tokens, ctx, skip_tokens), timeout=timeout or orch._lookup_timeout()
+    )
 
 
-def context(cache_salt: str | None = None, params: Mapping | None = None, model: str = "") -> RequestContext:
+def context(
+    cache_salt: str | None = None, params: Mapping | None = None, model: str = ""
+) -> RequestContext:
     """The request context vLLM would build from a request's ``cache_salt`` and ``kv_transfer_params``."""
     params = dict(params or {})
     budget = _as_float(params.pop("budget_ms", None))
     tags = params.pop("tags", None) or ()
     hints = {str(k): str(v) for k, v in params.items() if isinstance(v, (str, int, float, bool))}
-    return RequestContext(budget_ms=budget, tenant=cache_salt or "", model=model,
-                          tags=frozenset(str(t) for t in (tags if isinstance(tags, (list, tuple)) else [tags])),
-                          hints=hints)
+    return RequestContext(
+        budget_ms=budget,
+        tenant=cache_salt or "",
+        model=model,
+        tags=frozenset(str(t) for t in (tags if isinstance(tags, (list, tuple)) else [tags])),
+        hints=hints,
+    )
 
 
 def _as_float(value) -> float | None:

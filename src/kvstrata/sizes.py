@@ -17,8 +17,18 @@ from pydantic import BeforeValidator
 MAX_BYTES = 1 << 50
 
 _SIZE = re.compile(r"^\s*(\d{1,40}(?:\.\d{1,40})?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20,
-          "gb": 10**9, "gib": 2**30, "tb": 10**12, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "kib": 2**10,
+    "mb": 10**6,
+    "mib": 2**20,
+    "gb": 10**9,
+    "gib": 2**30,
+    "tb": 10**12,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(text: str) -> int:
@@ -29,8 +39,10 @@ def parse_bytes(text: str) -> int:
     """
     found = _SIZE.match(text)
     if not found:
-        raise ValueError(f"invalid size {_shown(text)}: use bytes or a number with a unit "
-                         "(B, KB, KiB, MB, MiB, GB, GiB, TB, TiB)")
+        raise ValueError(
+            f"invalid size {_shown(text)}: use bytes or a number with a unit "
+            "(B, KB, KiB, MB, MiB, GB, GiB, TB, TiB)"
+        )
     whole, _, frac = found[1].partition(".")
     unit = _UNITS[(found[2] or "").lower()]
     # exact integer arithmetic: no float rounding, no overflow

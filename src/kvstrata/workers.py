@@ -73,7 +73,9 @@ class Workers:
         future.add_done_callback(lambda f: call.clear() if f.cancelled() else None)
         self._work.put((future, call))
         if spawn:
-            threading.Thread(target=self._serve, name=f"kvstrata-{self.name}-{self._started}", daemon=True).start()
+            threading.Thread(
+                target=self._serve, name=f"kvstrata-{self.name}-{self._started}", daemon=True
+            ).start()
         return future
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:

@@ -76,7 +76,9 @@ def _silu(x: np.ndarray) -> np.ndarray:
 class Checkpoint:
     """Autoencoder weights for every layer, K and V, loaded from a safetensors file."""
 
-    def __init__(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, str], sha256: str = ""):
+    def __init__(
+        self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, str], sha256: str = ""
+    ):
         checkpoint_file.check_format(meta, FORMAT, VERSION, "autoencoder")
         try:
             self.n_layers = int(meta["n_layers"])
@@ -88,8 +90,18 @@ class Checkpoint:
         self.meta = dict(meta)
         self.sha256 = sha256
         D, L, Hd = self.head_dim, self.latent, self.hidden
-        shapes = {"mean": (D,), "std": (D,), "w1": (D, Hd), "b1": (Hd,), "w2": (Hd, L), "b2": (L,),
-                  "w3": (L, Hd), "b3": (Hd,), "w4": (Hd, D), "b4": (D,)}
+        shapes = {
+            "mean": (D,),
+            "std": (D,),
+            "w1": (D, Hd),
+            "b1": (Hd,),
+            "w2": (Hd, L),
+            "b2": (L,),
+            "w3": (L, Hd),
+            "b3": (Hd,),
+            "w4": (Hd, D),
+            "b4": (D,),
+        }
         self.weights: dict[tuple[str, int], dict[str, np.ndarray]] = {}
         for kv in "kv":
             for layer in range(self.n_layers):
@@ -97,7 +109,9 @@ class Checkpoint:
                 for name in _NAMES:
                     t = tensors.get(f"{kv}{layer}.{name}")
                     if t is None or tuple(t.shape) != shapes[name]:
-                        raise CodecError(f"checkpoint tensor {kv}{layer}.{name} missing or misshaped")
+                        raise CodecError(
+                            f"checkpoint tensor {kv}{layer}.{name} missing or misshaped"
+                        )
                     w[name] = np.ascontiguousarray(t, dtype=np.float32)
                 self.weights[(kv, layer)] = w
 
@@ -107,7 +121,11 @@ class Checkpoint:
 
     def save(self, path: str | Path) -> str:
         """Write the checkpoint; returns its sha256."""
-        tensors = {f"{kv}{layer}.{name}": w[name] for (kv, layer), w in self.weights.items() for name in _NAMES}
+        tensors = {
+            f"{kv}{layer}.{name}": w[name]
+            for (kv, layer), w in self.weights.items()
+            for name in _NAMES
+        }
         self.sha256 = checkpoint_file.write(path, tensors, self.meta)
         return self.sha256
 
@@ -144,8 +162,13 @@ class AutoencoderCodec:
     lossless: ClassVar[bool] = False
     local_params: ClassVar[frozenset[str]] = frozenset({"checkpoint"})
 
-    def __init__(self, checkpoint: str, sha256: str | None = None, latent_int8: bool = True,
-                 reuse: bool = False):
+    def __init__(
+        self,
+        checkpoint: str,
+        sha256: str | None = None,
+        latent_int8: bool = True,
+        reuse: bool = False,
+    ):
         if reuse:
             raise CodecError("autoencoder: cross-layer reuse is not implemented (reuse=true)")
         self.path = str(checkpoint)
@@ -155,12 +178,18 @@ class AutoencoderCodec:
 
     @property
     def params(self) -> Mapping[str, int | float | str | bool]:
-        return {"checkpoint": self.path, "sha256": self.ckpt.sha256, "latent_int8": self.latent_int8,
-                "reuse": self.reuse}
+        return {
+            "checkpoint": self.path,
+            "sha256": self.ckpt.sha256,
+            "latent_int8": self.latent_int8,
+            "reuse": self.reuse,
+        }
 
     @classmethod
     def from_params(cls, params: Mapping[str, object]) -> AutoencoderCodec:
-        check_params(cls.id, params, {"checkpoint": str, "sha256": str, "latent_int8": bool, "reuse": bool})
+        check_params(
+            cls.id, params, {"checkpoint": str, "sha256": str, "latent_int8": bool, "reuse": bool}
+        )
         if "checkpoint" not in params:
             raise CodecError("autoencoder: parameter 'checkpoint' (a path) is required")
         return cls(**params)  # type: ignore[arg-type]
@@ -174,9 +203,13 @@ class AutoencoderCodec:
 
     def _check_geometry(self, head_dim: int, layer: int) -> None:
         if head_dim != self.ckpt.head_dim:
-            raise CodecError(f"autoencoder checkpoint is for head_dim {self.ckpt.head_dim}, not {head_dim}")
+            raise CodecError(
+                f"autoencoder checkpoint is for head_dim {self.ckpt.head_dim}, not {head_dim}"
+            )
         if not 0 <= layer < self.ckpt.n_layers:
-            raise CodecError(f"autoencoder checkpoint has {self.ckpt.n_layers} layers, no layer {layer}")
+            raise CodecError(
+                f"autoencoder checkpoint has {self.ckpt.n_layers} layers, no layer {layer}"
+            )
 
     def _store(self, z: np.ndarray) -> bytes:
         if not self.latent_int8:
@@ -199,7 +232,9 @@ class AutoencoderCodec:
         self._check_geometry(D, layer)
         x = to_float32(kv, kv_dtype(kv)).reshape(2, T * H, D)
         head = _SECTION_HEAD.pack(layer, 1 if self.latent_int8 else 0, 0)
-        return head + b"".join(self._store(self.ckpt.encode(x[i], "kv"[i], layer)) for i in range(2))
+        return head + b"".join(
+            self._store(self.ckpt.encode(x[i], "kv"[i], layer)) for i in range(2)
+        )
 
     def decode(self, section: memoryview | bytes, geometry: Geometry) -> np.ndarray:
         need = self.section_bytes(geometry)
@@ -247,15 +282,30 @@ def train(
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: reproducible reductions, and faster for these small matmuls
+    torch.set_num_threads(
+        1
+    )  # one thread: reproducible reductions, and faster for these small matmuls
     try:
-        return _train(torch, data, heldout, latent=latent, hidden=hidden, steps=steps, batch=batch, lr=lr,
-                      seed=seed, meta=meta, progress=progress)
+        return _train(
+            torch,
+            data,
+            heldout,
+            latent=latent,
+            hidden=hidden,
+            steps=steps,
+            batch=batch,
+            lr=lr,
+            seed=seed,
+            meta=meta,
+            progress=progress,
+        )
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(torch, data, heldout, *, latent, hidden, steps, batch, lr, seed, meta, progress) -> Checkpoint:
+def _train(
+    torch, data, heldout, *, latent, hidden, steps, batch, lr, seed, meta, progress
+) -> Checkpoint:
     torch.manual_seed(seed)
     keys = sorted(data)
     n_layers = 1 + max(layer for _, layer in keys)
@@ -274,13 +324,19 @@ def _train(torch, data, heldout, *, latent, hidden, steps, batch, lr, seed, meta
         return torch.nn.Parameter(torch.randn(*shape, generator=gen) / fan_in**0.5)
 
     P = {
-        "w1": init(D, M, D, hidden), "b1": torch.nn.Parameter(torch.zeros(M, 1, hidden)),
-        "w2": init(hidden, M, hidden, latent), "b2": torch.nn.Parameter(torch.zeros(M, 1, latent)),
-        "w3": init(latent, M, latent, hidden), "b3": torch.nn.Parameter(torch.zeros(M, 1, hidden)),
-        "w4": init(hidden, M, hidden, D), "b4": torch.nn.Parameter(torch.zeros(M, 1, D)),
+        "w1": init(D, M, D, hidden),
+        "b1": torch.nn.Parameter(torch.zeros(M, 1, hidden)),
+        "w2": init(hidden, M, hidden, latent),
+        "b2": torch.nn.Parameter(torch.zeros(M, 1, latent)),
+        "w3": init(latent, M, latent, hidden),
+        "b3": torch.nn.Parameter(torch.zeros(M, 1, hidden)),
+        "w4": init(hidden, M, hidden, D),
+        "b4": torch.nn.Parameter(torch.zeros(M, 1, D)),
     }
     opt = torch.optim.Adam(P.values(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1
+    )
     silu = torch.nn.functional.silu
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -309,12 +365,27 @@ def _train(torch, data, heldout, *, latent, hidden, steps, batch, lr, seed, meta
             for name in ("b1", "b2", "b3", "b4"):
                 w[name] = P[name][m, 0].numpy().copy()
             weights[(kv, layer)] = w
-    info = {"format": FORMAT, "version": str(VERSION), "n_layers": str(n_layers), "head_dim": str(D),
-            "latent": str(latent), "hidden": str(hidden), "steps": str(steps), "batch": str(batch),
-            "lr": str(lr), "seed": str(seed), **{k: str(v) for k, v in (meta or {}).items()}}
-    ckpt = Checkpoint({f"{kv}{layer}.{n}": w[n] for (kv, layer), w in weights.items() for n in _NAMES}, info)
-    errs = {f"{kv}{layer}": round(rel_error(ckpt, heldout[(kv, layer)], kv, layer), 5)
-            for kv, layer in keys if (kv, layer) in heldout}
+    info = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "n_layers": str(n_layers),
+        "head_dim": str(D),
+        "latent": str(latent),
+        "hidden": str(hidden),
+        "steps": str(steps),
+        "batch": str(batch),
+        "lr": str(lr),
+        "seed": str(seed),
+        **{k: str(v) for k, v in (meta or {}).items()},
+    }
+    ckpt = Checkpoint(
+        {f"{kv}{layer}.{n}": w[n] for (kv, layer), w in weights.items() for n in _NAMES}, info
+    )
+    errs = {
+        f"{kv}{layer}": round(rel_error(ckpt, heldout[(kv, layer)], kv, layer), 5)
+        for kv, layer in keys
+        if (kv, layer) in heldout
+    }
     ckpt.meta["heldout_rel_err"] = json.dumps(errs, sort_keys=True)
     return ckpt
 

@@ -158,8 +158,10 @@ def codec_from_header(
     params = dict(params)
     kind = params.pop(KIND_PARAM, codec_id)
     if kind != codec_id or codec_id not in _CODECS:
-        raise CodecError(f"codec {codec_id!r} is not configured here (a reader decodes with its own "
-                         "configuration's codecs; a header cannot choose one)")
+        raise CodecError(
+            f"codec {codec_id!r} is not configured here (a reader decodes with its own "
+            "configuration's codecs; a header cannot choose one)"
+        )
     cls = _CODECS[codec_id]
     if getattr(cls, "local_params", None) != frozenset():  # undeclared: assume it needs some
         raise CodecError(f"codec {codec_id!r} needs a checkpoint from this reader's configuration")
@@ -173,8 +175,12 @@ def confirm_header(name: str, codec: Codec, codec_id: str, params: Mapping[str, 
         raise CodecError(f"object codec {codec_id!r}, this reader expects {name!r}")
     expected = header_params(name, codec)
     if dict(params) != expected or any(type(params[k]) is not type(v) for k, v in expected.items()):
-        differ = sorted(k for k in {*params, *expected} if params.get(k) != expected.get(k)) or sorted(expected)
-        raise CodecError(f"codec {name!r}: the object's parameters differ from this reader's ({', '.join(differ)})")
+        differ = sorted(
+            k for k in {*params, *expected} if params.get(k) != expected.get(k)
+        ) or sorted(expected)
+        raise CodecError(
+            f"codec {name!r}: the object's parameters differ from this reader's ({', '.join(differ)})"
+        )
 
 
 def header_params(name: str, codec: Codec) -> dict[str, int | float | str | bool]:
@@ -233,11 +239,15 @@ def check_params(codec_id: str, params: Mapping[str, object], allowed: Mapping[s
     """CodecError unless every parameter is known and of its type (bool is not an int here)."""
     for name, value in params.items():
         if name not in allowed:
-            raise CodecError(f"codec {codec_id!r} does not understand parameter {name!r} "
-                             f"(known: {', '.join(sorted(allowed))})")
+            raise CodecError(
+                f"codec {codec_id!r} does not understand parameter {name!r} "
+                f"(known: {', '.join(sorted(allowed))})"
+            )
         want = allowed[name]
         ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             ok = True
         if not ok:
-            raise CodecError(f"codec {codec_id!r} parameter {name!r} must be {want.__name__} (got {value!r})")
+            raise CodecError(
+                f"codec {codec_id!r} parameter {name!r} must be {want.__name__} (got {value!r})"
+            )

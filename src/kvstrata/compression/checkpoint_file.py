@@ -43,7 +43,11 @@ def encode(tensors: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> bytes:
     blobs, offset = [], 0
     for name in sorted(tensors):
         data = np.ascontiguousarray(tensors[name], dtype="<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(tensors[name].shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         blobs.append(data)
         offset += len(data)
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -74,7 +78,9 @@ def write(path: str | Path, tensors: Mapping[str, np.ndarray], meta: Mapping[str
     return hashlib.sha256(raw).hexdigest()
 
 
-def read(path: str | Path, sha256: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
+def read(
+    path: str | Path, sha256: str | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
     """(tensors, metadata, sha256) of a checkpoint file, refused if its sha256 is not ``sha256``."""
     from safetensors import SafetensorError
     from safetensors.numpy import load as st_load
@@ -116,9 +122,13 @@ def check_format(meta: Mapping[str, str], fmt: str, version: int, name: str) -> 
     if meta.get("format") != fmt:
         raise CodecError(f"not a kvstrata {name} checkpoint (format {meta.get('format')!r})")
     if meta.get("version") != str(version):
-        raise CodecError(f"{name} checkpoint version {meta.get('version')} (this reader knows {version})")
+        raise CodecError(
+            f"{name} checkpoint version {meta.get('version')} (this reader knows {version})"
+        )
 
 
 def _check(path, digest: str, sha256: str | None) -> None:
     if sha256 is not None and digest != sha256:
-        raise CodecError(f"checkpoint {path} has sha256 {digest[:16]}..., the object needs {sha256[:16]}...")
+        raise CodecError(
+            f"checkpoint {path} has sha256 {digest[:16]}..., the object needs {sha256[:16]}..."
+        )

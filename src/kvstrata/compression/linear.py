@@ -98,7 +98,9 @@ from kvstrata.compression.base import (
 FORMAT = "kvstrata-linear-ae"
 VERSION = 1
 _NAMES = ("mean", "enc", "dec", "bias", "scale", "clip", "bits")
-_SECTION_HEAD = struct.Struct("<HBBI")  # layer, flags (bit 0: keys derotated), reserved, first position
+_SECTION_HEAD = struct.Struct(
+    "<HBBI"
+)  # layer, flags (bit 0: keys derotated), reserved, first position
 _CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 
 
@@ -108,13 +110,18 @@ _CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 _ROPE_CACHE: dict[tuple[int, int, int, float], tuple[np.ndarray, np.ndarray]] = {}
 
 
-def _rope_tables(first_position: int, T: int, D: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+def _rope_tables(
+    first_position: int, T: int, D: int, theta: float
+) -> tuple[np.ndarray, np.ndarray]:
     key = (first_position, T, D, theta)
     tables = _ROPE_CACHE.get(key)
     if tables is None:
         inv = 1.0 / theta ** (np.arange(0, D, 2, dtype=np.float64) / D)
         ang = (first_position + np.arange(T, dtype=np.float64))[:, None] * inv[None, :]
-        tables = (np.cos(ang).astype(np.float32)[:, None, :], np.sin(ang).astype(np.float32)[:, None, :])
+        tables = (
+            np.cos(ang).astype(np.float32)[:, None, :],
+            np.sin(ang).astype(np.float32)[:, None, :],
+        )
         if len(_ROPE_CACHE) >= 256:  # chunk positions repeat: a small bounded cache
             _ROPE_CACHE.clear()
         _ROPE_CACHE[key] = tables
@@ -191,7 +198,9 @@ def unpack_codes(packed: np.ndarray, bits: np.ndarray) -> np.ndarray:
 def vector_scales(u: np.ndarray) -> np.ndarray:
     """One fp16 scale per vector: the absmax of its normalized latent, rounded up (never 0)."""
     amax = np.abs(u).max(axis=1) if u.shape[1] else np.zeros(len(u), np.float32)
-    amax = np.minimum(amax, 65504.0)  # fp16's largest: larger latents clip (NaN stays NaN, then 65504)
+    amax = np.minimum(
+        amax, 65504.0
+    )  # fp16's largest: larger latents clip (NaN stays NaN, then 65504)
     s = amax.astype(np.float16)
     low = s.astype(np.float32) < amax
     s[low] = np.nextafter(s[low], np.float16(np.inf))
@@ -203,7 +212,7 @@ def quantize(u: np.ndarray, s: np.ndarray, clip: np.ndarray, bits: np.ndarray) -
     """Normalized latents [N, r], vector scales [N] -> codes [N, r] (uint8, in 0 .. 2**bits - 1)."""
     half = np.exp2(bits - 1).astype(np.float32)
     L = half - 0.5
-    rng = (s.astype(np.float32)[:, None] * clip[None, :])
+    rng = s.astype(np.float32)[:, None] * clip[None, :]
     q = np.floor(u / rng * L)
     return (np.clip(q, -half, half - 1) + half).astype(np.uint8)
 
@@ -211,13 +220,19 @@ def quantize(u: np.ndarray, s: np.ndarray, clip: np.ndarray, bits: np.ndarray) -
 def dequantize(codes: np.ndarray, s: np.ndarray, clip: np.ndarray, bits: np.ndarray) -> np.ndarray:
     half = np.exp2(bits - 1).astype(np.float32)
     L = half - 0.5
-    return (codes.astype(np.float32) - half + 0.5) / L * (s.astype(np.float32)[:, None] * clip[None, :])
+    return (
+        (codes.astype(np.float32) - half + 0.5)
+        / L
+        * (s.astype(np.float32)[:, None] * clip[None, :])
+    )
 
 
 class LinearCheckpoint:
     """Per-layer K and V transforms, loaded from (or saved to) a safetensors file."""
 
-    def __init__(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, str], sha256: str = ""):
+    def __init__(
+        self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, str], sha256: str = ""
+    ):
         checkpoint_file.check_format(meta, FORMAT, VERSION, "linear-ae")
         try:
             self.n_layers = int(meta["n_layers"])
@@ -231,8 +246,12 @@ class LinearCheckpoint:
         C = self.kv_heads * self.head_dim
         for kv, b in self.budget.items():
             if b <= 0 or b % 8 or b > 8 * C:
-                raise CodecError(f"linear-ae checkpoint: {kv}_bits={b} must be a positive multiple of 8, <= {8 * C}")
-        if self.derotate and (self.head_dim % 2 or not math.isfinite(self.rope_theta) or self.rope_theta <= 1):
+                raise CodecError(
+                    f"linear-ae checkpoint: {kv}_bits={b} must be a positive multiple of 8, <= {8 * C}"
+                )
+        if self.derotate and (
+            self.head_dim % 2 or not math.isfinite(self.rope_theta) or self.rope_theta <= 1
+        ):
             raise CodecError("linear-ae checkpoint: bad RoPE settings")
         self.meta = dict(meta)
         self.sha256 = sha256
@@ -247,21 +266,38 @@ class LinearCheckpoint:
                         raise CodecError(f"linear-ae checkpoint tensor {kv}{layer}.{name} missing")
                     w[name] = np.ascontiguousarray(t, dtype=np.float32)
                 r = len(w["bits"])
-                shapes = {"mean": (C,), "enc": (C, r), "dec": (r, C), "bias": (C,), "scale": (r,), "clip": (r,),
-                          "bits": (r,)}
+                shapes = {
+                    "mean": (C,),
+                    "enc": (C, r),
+                    "dec": (r, C),
+                    "bias": (C,),
+                    "scale": (r,),
+                    "clip": (r,),
+                    "bits": (r,),
+                }
                 for name, shape in shapes.items():
                     if w[name].shape != shape or not np.isfinite(w[name]).all():
-                        raise CodecError(f"linear-ae checkpoint tensor {kv}{layer}.{name} misshaped or non-finite")
+                        raise CodecError(
+                            f"linear-ae checkpoint tensor {kv}{layer}.{name} misshaped or non-finite"
+                        )
                 bits = w["bits"]
-                if (bits != np.rint(bits)).any() or (bits < 1).any() or (bits > 8).any() \
-                        or int(bits.sum()) != self.budget[kv]:
-                    raise CodecError(f"linear-ae checkpoint {kv}{layer}: bits must be 1..8 summing to {kv}_bits")
+                if (
+                    (bits != np.rint(bits)).any()
+                    or (bits < 1).any()
+                    or (bits > 8).any()
+                    or int(bits.sum()) != self.budget[kv]
+                ):
+                    raise CodecError(
+                        f"linear-ae checkpoint {kv}{layer}: bits must be 1..8 summing to {kv}_bits"
+                    )
                 if (w["scale"] <= 0).any() or (w["clip"] <= 0).any() or (w["clip"] > 1).any():
                     raise CodecError(f"linear-ae checkpoint {kv}{layer}: bad scale or clip")
                 w["bits"] = bits.astype(np.int64)
                 half = np.exp2(w["bits"] - 1).astype(np.float32)
                 w["_offset"] = half - np.float32(0.5)
-                w["_dec"] = np.ascontiguousarray((w["clip"] * w["scale"] / (half - np.float32(0.5)))[:, None] * w["dec"])
+                w["_dec"] = np.ascontiguousarray(
+                    (w["clip"] * w["scale"] / (half - np.float32(0.5)))[:, None] * w["dec"]
+                )
                 self.weights[(kv, layer)] = w
                 self.packers[(kv, layer)] = Packer(w["bits"])
 
@@ -270,8 +306,11 @@ class LinearCheckpoint:
         return cls(*checkpoint_file.read(path, sha256))
 
     def tensors(self) -> dict[str, np.ndarray]:
-        return {f"{kv}{layer}.{name}": w[name].astype(np.float32) for (kv, layer), w in self.weights.items()
-                for name in _NAMES}
+        return {
+            f"{kv}{layer}.{name}": w[name].astype(np.float32)
+            for (kv, layer), w in self.weights.items()
+            for name in _NAMES
+        }
 
     def save(self, path: str | Path) -> str:
         """Write the checkpoint (bytes depend only on contents); returns its sha256."""
@@ -280,8 +319,9 @@ class LinearCheckpoint:
 
     # -- coding one layer's K or V: x [T, H, D] float32 --------------------------------------
 
-    def encode_vectors(self, x: np.ndarray, kv: str, layer: int, first_position: int
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def encode_vectors(
+        self, x: np.ndarray, kv: str, layer: int, first_position: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(packed codes [T, bits/8] uint8, fp16 scales [T], estimated squared error per vector [T]).
 
         The estimate is taken in the latent space (the encoder's columns are orthonormal): what the
@@ -296,11 +336,20 @@ class LinearCheckpoint:
         s = vector_scales(u)
         codes = quantize(u, s, w["clip"], w["bits"])
         zq = dequantize(codes, s, w["clip"], w["bits"]) * w["scale"]
-        err = np.maximum((xc * xc).sum(axis=1) - (z * z).sum(axis=1), 0.0) + ((zq - z) ** 2).sum(axis=1)
+        err = np.maximum((xc * xc).sum(axis=1) - (z * z).sum(axis=1), 0.0) + ((zq - z) ** 2).sum(
+            axis=1
+        )
         return self.packers[(kv, layer)].pack(codes), s, err
 
-    def decode_vectors(self, packed: np.ndarray, s: np.ndarray, kv: str, layer: int, first_position: int,
-                       shape: tuple[int, int, int]) -> np.ndarray:
+    def decode_vectors(
+        self,
+        packed: np.ndarray,
+        s: np.ndarray,
+        kv: str,
+        layer: int,
+        first_position: int,
+        shape: tuple[int, int, int],
+    ) -> np.ndarray:
         w = self.weights[(kv, layer)]
         # z_hat = (code - half + 1/2) * (clip * scale / L) * s: the per-component factor is folded into
         # the decoder matrix, the per-vector scale applied after it
@@ -352,7 +401,11 @@ class LinearAECodec:
 
     @property
     def params(self) -> Mapping[str, int | float | str | bool]:
-        return {"checkpoint": self.path, "sha256": self.ckpt.sha256, "exact_tokens": self.exact_tokens}
+        return {
+            "checkpoint": self.path,
+            "sha256": self.ckpt.sha256,
+            "exact_tokens": self.exact_tokens,
+        }
 
     @classmethod
     def from_params(cls, params: Mapping[str, object]) -> LinearAECodec:
@@ -371,8 +424,10 @@ class LinearAECodec:
     def _check_geometry(self, kv_heads: int, head_dim: int, layer: int) -> None:
         c = self.ckpt
         if (kv_heads, head_dim) != (c.kv_heads, c.head_dim):
-            raise CodecError(f"linear-ae checkpoint is for {c.kv_heads} KV heads x head_dim {c.head_dim}, "
-                             f"not {kv_heads} x {head_dim}")
+            raise CodecError(
+                f"linear-ae checkpoint is for {c.kv_heads} KV heads x head_dim {c.head_dim}, "
+                f"not {kv_heads} x {head_dim}"
+            )
         if not 0 <= layer < c.n_layers:
             raise CodecError(f"linear-ae checkpoint has {c.n_layers} layers, no layer {layer}")
 
@@ -391,7 +446,9 @@ class LinearAECodec:
             if n_exact:
                 # relative error: the sink's KV is small and unlike the others; the sequence's first
                 # token (the attention sink) always, when this chunk holds it
-                rel = err / np.maximum((x[i].reshape(T, -1).astype(np.float64) ** 2).sum(axis=1), 1e-30)
+                rel = err / np.maximum(
+                    (x[i].reshape(T, -1).astype(np.float64) ** 2).sum(axis=1), 1e-30
+                )
                 if first_position == 0:
                     rel[0] = np.inf
                 worst = np.sort(np.argsort(-rel, kind="stable")[:n_exact])
@@ -425,7 +482,11 @@ class LinearAECodec:
                 idx = raw[at : at + 2 * n_exact].view("<u2")
                 exact = raw[at + 2 * n_exact : at + 2 * n_exact + 2 * n_exact * H * D].view("<f2")
                 at += 2 * n_exact * (1 + H * D)
-                if (idx >= T).any() or (np.diff(idx.astype(np.int64)) <= 0).any() or not np.isfinite(exact).all():
+                if (
+                    (idx >= T).any()
+                    or (np.diff(idx.astype(np.int64)) <= 0).any()
+                    or not np.isfinite(exact).all()
+                ):
                     raise CodecError("linear-ae section has bad exact-token indices or values")
                 y[idx] = exact.reshape(n_exact, H, D)
             out.append(y)
@@ -436,7 +497,9 @@ class LinearAECodec:
 
 # expected squared error of a b-bit uniform quantizer on unit-variance data (Gaussian, high-rate
 # approximation), relative to the variance; 0 bits = the whole variance
-_DIST = np.array([1.0] + [min(1.0, math.pi * math.sqrt(3) / 2 * 2.0 ** (-2 * b)) for b in range(1, 9)])
+_DIST = np.array(
+    [1.0] + [min(1.0, math.pi * math.sqrt(3) / 2 * 2.0 ** (-2 * b)) for b in range(1, 9)]
+)
 
 
 def allocate_bits(variance: np.ndarray, budget: int) -> np.ndarray:
@@ -454,7 +517,9 @@ def allocate_bits(variance: np.ndarray, budget: int) -> np.ndarray:
     return bits
 
 
-def fit_layer(x: np.ndarray, budget: int, sample: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def fit_layer(
+    x: np.ndarray, budget: int, sample: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Fit one transform on ``x`` [N, C] float32 (K already derotated if so): PCA encoder, bit allocation,
     per-component clip, least-squares decoder on the quantized latents."""
     x64 = x.astype(np.float64)
@@ -487,8 +552,15 @@ def fit_layer(x: np.ndarray, budget: int, sample: np.ndarray | None = None) -> d
     gram = a.T @ a + 1e-6 * np.eye(a.shape[1]) * np.trace(a.T @ a) / a.shape[1]
     sol = np.linalg.solve(gram, a.T @ x64)
     dec, bias = sol[:-1].astype(np.float32), sol[-1].astype(np.float32)
-    return {"mean": mean32, "enc": enc, "dec": dec, "bias": bias, "scale": scale, "clip": clip,
-            "bits": bits.astype(np.float32)}
+    return {
+        "mean": mean32,
+        "enc": enc,
+        "dec": dec,
+        "bias": bias,
+        "scale": scale,
+        "clip": clip,
+        "bits": bits.astype(np.float32),
+    }
 
 
 def train_linear(
@@ -515,10 +587,20 @@ def train_linear(
     """
     keys = sorted(data)
     n_layers = 1 + max(layer for _, layer in keys)
-    info = {"format": FORMAT, "version": str(VERSION), "n_layers": str(n_layers), "kv_heads": str(kv_heads),
-            "head_dim": str(head_dim), "k_bits": str(k_bits), "v_bits": str(v_bits),
-            "derotate": "true" if derotate else "false", "rope_theta": repr(float(rope_theta)),
-            "max_vectors": str(max_vectors), "seed": str(seed), **{k: str(v) for k, v in (meta or {}).items()}}
+    info = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "n_layers": str(n_layers),
+        "kv_heads": str(kv_heads),
+        "head_dim": str(head_dim),
+        "k_bits": str(k_bits),
+        "v_bits": str(v_bits),
+        "derotate": "true" if derotate else "false",
+        "rope_theta": repr(float(rope_theta)),
+        "max_vectors": str(max_vectors),
+        "seed": str(seed),
+        **{k: str(v) for k, v in (meta or {}).items()},
+    }
     shell = LinearCheckpoint.__new__(LinearCheckpoint)
     shell.derotate, shell.rope_theta = derotate, float(rope_theta)
 
@@ -556,7 +638,9 @@ def train_linear(
     return ckpt
 
 
-def linear_rel_error(ckpt: LinearCheckpoint, x: np.ndarray, kv: str, layer: int, first_position: int = 0) -> float:
+def linear_rel_error(
+    ckpt: LinearCheckpoint, x: np.ndarray, kv: str, layer: int, first_position: int = 0
+) -> float:
     """Relative error ``|x - x_hat| / |x|`` of the stored (quantized) reconstruction of ``x`` [T, H, D]."""
     y = ckpt.roundtrip(np.asarray(x, dtype=np.float32), kv, layer, first_position)
     return float(np.linalg.norm(y.astype(np.float64) - x) / max(np.linalg.norm(x), 1e-30))

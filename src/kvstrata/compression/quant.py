@@ -59,7 +59,7 @@ def fp8_e4m3_encode(x: np.ndarray) -> np.ndarray:
     mag = bits & 0x7FFFFFFF
     rounded = (mag + 0x7FFFF + ((mag >> 20) & 1)) & 0xFFF00000
     exp = (rounded >> 23).astype(np.int32) - 120  # 127 - 7
-    normal = ((exp << 3) | ((rounded >> 20) & 7).astype(np.int32))
+    normal = (exp << 3) | ((rounded >> 20) & 7).astype(np.int32)
     a = mag.view(np.float32)
     sub = np.rint(a * np.float32(512.0)).astype(np.int32)  # 0..8; 8 is the smallest normal's code
     codes = np.where(a < np.float32(2.0**-6), sub, normal).astype(np.uint8)
@@ -104,7 +104,9 @@ class Fp8Codec:
 
     def decode(self, section: memoryview | bytes, geometry: Geometry) -> np.ndarray:
         if len(section) != self.section_bytes(geometry):
-            raise CodecError(f"fp8 section is {len(section)} bytes, geometry needs {self.section_bytes(geometry)}")
+            raise CodecError(
+                f"fp8 section is {len(section)} bytes, geometry needs {self.section_bytes(geometry)}"
+            )
         scales = np.frombuffer(section, dtype="<f4", count=2)
         codes = np.frombuffer(section, dtype=np.uint8, offset=8).reshape(geometry.shape)
         if not np.isfinite(scales).all():
@@ -142,7 +144,9 @@ def _group_quantize(x: np.ndarray, axis: int, group: int, bits: int):
     return np.moveaxis(codes, -1, axis), np.moveaxis(s16, -1, axis), np.moveaxis(lo16, -1, axis)
 
 
-def _group_dequantize(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray, axis: int, group: int):
+def _group_dequantize(
+    codes: np.ndarray, scales: np.ndarray, mins: np.ndarray, axis: int, group: int
+):
     s = np.repeat(scales.astype(np.float32), group, axis=axis)
     m = np.repeat(mins.astype(np.float32), group, axis=axis)
     n = codes.shape[axis]
@@ -206,8 +210,14 @@ class _GroupQuant:
         code_bytes = n if self.bits == 8 else (n + 1) // 2
         k_groups = -(-T // G) * H * D
         v_groups = T * H * -(-D // G)
-        return [("kc", code_bytes), ("ks", 2 * k_groups), ("km", 2 * k_groups),
-                ("vc", code_bytes), ("vs", 2 * v_groups), ("vm", 2 * v_groups)]
+        return [
+            ("kc", code_bytes),
+            ("ks", 2 * k_groups),
+            ("km", 2 * k_groups),
+            ("vc", code_bytes),
+            ("vs", 2 * v_groups),
+            ("vm", 2 * v_groups),
+        ]
 
     def section_bytes(self, geometry: Geometry) -> int:
         return sum(size for _, size in self._layout(geometry))
@@ -218,15 +228,25 @@ class _GroupQuant:
         kc, ks, km = _group_quantize(x[0], axis=0, group=G, bits=self.bits)  # along tokens
         vc, vs, vm = _group_quantize(x[1], axis=2, group=G, bits=self.bits)  # along head_dim
         pack = (lambda c: c.tobytes()) if self.bits == 8 else _pack4
-        return b"".join([pack(kc), ks.astype("<f2").tobytes(), km.astype("<f2").tobytes(),
-                         pack(vc), vs.astype("<f2").tobytes(), vm.astype("<f2").tobytes()])
+        return b"".join(
+            [
+                pack(kc),
+                ks.astype("<f2").tobytes(),
+                km.astype("<f2").tobytes(),
+                pack(vc),
+                vs.astype("<f2").tobytes(),
+                vm.astype("<f2").tobytes(),
+            ]
+        )
 
     def decode(self, section: memoryview | bytes, geometry: Geometry) -> np.ndarray:
         layout = self._layout(geometry)
         need = sum(size for _, size in layout)
         if len(section) != need:
-            raise CodecError(f"{self.id} section is {len(section)} bytes, geometry and "
-                             f"group_size={self.group_size} need {need}")
+            raise CodecError(
+                f"{self.id} section is {len(section)} bytes, geometry and "
+                f"group_size={self.group_size} need {need}"
+            )
         T, H, D, G = geometry.n_tokens, geometry.kv_heads, geometry.head_dim, self.group_size
         parts, offset = {}, 0
         for name, size in layout:
@@ -244,8 +264,12 @@ class _GroupQuant:
             return values
 
         kshape, vshape = (-(-T // G), H, D), (T, H, -(-D // G))
-        k = _group_dequantize(codes(parts["kc"]), f16(parts["ks"], kshape), f16(parts["km"], kshape), 0, G)
-        v = _group_dequantize(codes(parts["vc"]), f16(parts["vs"], vshape), f16(parts["vm"], vshape), 2, G)
+        k = _group_dequantize(
+            codes(parts["kc"]), f16(parts["ks"], kshape), f16(parts["km"], kshape), 0, G
+        )
+        v = _group_dequantize(
+            codes(parts["vc"]), f16(parts["vs"], vshape), f16(parts["vm"], vshape), 2, G
+        )
         return from_float32(np.stack([k, v]), geometry.dtype)
 
 

@@ -37,15 +37,16 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvstrata import exporter, layout
-from kvstrata.connectors.vllm_metrics import StrataPromMetrics, StrataStats
+from kvstrata import layout
 from kvstrata.connectors import vllm_events, vllm_pool
 from kvstrata.connectors.vllm_meta import StrataMetadata
+from kvstrata.connectors.vllm_metrics import StrataPromMetrics, StrataStats
 from kvstrata.connectors.vllm_scheduler import SchedulerSide
 from kvstrata.connectors.vllm_setup import model_spec, strata_config
 from kvstrata.connectors.vllm_worker import WorkerSide
 from kvstrata.documents import connector as documents
 from kvstrata.orchestrator import Orchestrator
+from kvstrata.telemetry import exporter
 
 log = logging.getLogger("vllm.kvstrata")  # under "vllm" so vLLM's logging shows it
 
@@ -65,11 +66,18 @@ class StrataConnector(KVConnectorBase_V1):
                 f"block size {self.block_size}"
             )
         self.enabled = _layout_supported(vllm_config, self.model)
-        if role == KVConnectorRole.SCHEDULER and self._kv_transfer_config.kv_load_failure_policy != "recompute":
-            log.info("kvstrata: setting kv_load_failure_policy=recompute (a failed load is a cache miss)")
+        if (
+            role == KVConnectorRole.SCHEDULER
+            and self._kv_transfer_config.kv_load_failure_policy != "recompute"
+        ):
+            log.info(
+                "kvstrata: setting kv_load_failure_policy=recompute (a failed load is a cache miss)"
+            )
             object.__setattr__(self._kv_transfer_config, "kv_load_failure_policy", "recompute")
         self.orch = Orchestrator.shared(config, self.model)
-        vllm_pool.attach(self.orch, worker=role == KVConnectorRole.WORKER)  # one DRAM pool, seen by both roles
+        vllm_pool.attach(
+            self.orch, worker=role == KVConnectorRole.WORKER
+        )  # one DRAM pool, seen by both roles
         self.scheduler = SchedulerSide(self.orch, self.block_size, self.model.name)
         self.events = vllm_events.EventLog(self.block_size, vllm_events.enabled(vllm_config))
         self.scheduler.events = self.events
@@ -79,11 +87,23 @@ class StrataConnector(KVConnectorBase_V1):
         self.orch.telemetry.forward()  # every change goes to vLLM's /metrics through the connector stats
         # opt-in extras (telemetry: in the YAML): a standalone exporter, for engines without vLLM's
         # /metrics (offline LLM), and snapshot files for kvstrata stats/report
-        self.telemetry_service = exporter.serve(self.orch.telemetry, config.telemetry, role.name.lower())
+        self.telemetry_service = exporter.serve(
+            self.orch.telemetry, config.telemetry, role.name.lower()
+        )
         if self.telemetry_service is not None and self.telemetry_service.url:
-            log.info("kvstrata metrics (%s, pid %d): %s", self.telemetry_service.role, os.getpid(),
-                     self.telemetry_service.url)
-        log.info("kvstrata %s: %s, tiers %s, enabled=%s", role.name, self.model, list(config.tiers), self.enabled)
+            log.info(
+                "kvstrata metrics (%s, pid %d): %s",
+                self.telemetry_service.role,
+                os.getpid(),
+                self.telemetry_service.url,
+            )
+        log.info(
+            "kvstrata %s: %s, tiers %s, enabled=%s",
+            role.name,
+            self.model,
+            list(config.tiers),
+            self.enabled,
+        )
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -91,7 +111,9 @@ class StrataConnector(KVConnectorBase_V1):
 
     # -- scheduler side ---------------------------------------------------------
 
-    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
+    def get_num_new_matched_tokens(
+        self, request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
         if not self.enabled:
             return 0, False
         return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
@@ -129,18 +151,30 @@ class StrataConnector(KVConnectorBase_V1):
             kind = self.orch.config.tiers[tier].kind
             source = _SOURCES.get(kind, CacheHitSource.EXTERNAL_UNSPECIFIED)
             sources[source] = sources.get(source, 0) + tokens
-        return sources if sum(sources.values()) == num_external_tokens else {
-            CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
+        return (
+            sources
+            if sum(sources.values()) == num_external_tokens
+            else {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
+        )
 
     # -- worker side ------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         first = next(iter(kv_caches.values()))
-        found = layout.detect(first, self.block_size, self.model.kv_heads, self.model.head_dim,
-                              first.device.type, _cpu_isa(self._vllm_config, self.model))
+        found = layout.detect(
+            first,
+            self.block_size,
+            self.model.kv_heads,
+            self.model.head_dim,
+            first.device.type,
+            _cpu_isa(self._vllm_config, self.model),
+        )
         if found is None or not self.enabled:
-            log.warning("kvstrata: unknown KV page layout %s on %s; connector disabled",
-                        tuple(first.shape), first.device.type)
+            log.warning(
+                "kvstrata: unknown KV page layout %s on %s; connector disabled",
+                tuple(first.shape),
+                first.device.type,
+            )
             self.enabled = False
             return
         self.worker.register(kv_caches, found)
@@ -153,7 +187,9 @@ class StrataConnector(KVConnectorBase_V1):
         if self.enabled:
             self.worker.wait_layer(layer_name)
 
-    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any
+    ) -> None:
         if self.enabled:
             self.worker.save_layer(layer_name, kv_layer, self._get_connector_metadata())
 
@@ -180,8 +216,13 @@ class StrataConnector(KVConnectorBase_V1):
         telemetry = self.orch.telemetry.drain()
         if not reads and not errors and not telemetry:
             return None
-        return StrataStats(data={"reads": [list(r) for r in reads], "load_error_blocks": errors,
-                                 "telemetry": telemetry})
+        return StrataStats(
+            data={
+                "reads": [list(r) for r in reads],
+                "load_error_blocks": errors,
+                "telemetry": telemetry,
+            }
+        )
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict | None = None) -> KVConnectorStats | None:
@@ -207,8 +248,12 @@ def _cpu_isa(vllm_config, model) -> str | None:
             return None
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-        return _get_attn_isa(vllm_config.model_config.dtype, vllm_config.cache_config.block_size,
-                             model.head_dim, vllm_config.cache_config.cache_dtype)
+        return _get_attn_isa(
+            vllm_config.model_config.dtype,
+            vllm_config.cache_config.block_size,
+            model.head_dim,
+            vllm_config.cache_config.cache_dtype,
+        )
     except Exception:  # an unknown CPU backend: detect() will refuse
         return "unknown"
 
@@ -216,6 +261,8 @@ def _cpu_isa(vllm_config, model) -> str | None:
 def _layout_supported(vllm_config, model) -> bool:
     isa = _cpu_isa(vllm_config, model)
     if isa not in (None, "vec"):
-        log.warning("kvstrata: CPU attention ISA %r has a page layout kvstrata does not know; disabled", isa)
+        log.warning(
+            "kvstrata: CPU attention ISA %r has a page layout kvstrata does not know; disabled", isa
+        )
         return False
     return True

@@ -48,11 +48,17 @@ class EventLog:
             return
         from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
-        hashes = list(getattr(request, "block_hashes", ()) or ())[first_block:first_block + n_blocks]
+        hashes = list(getattr(request, "block_hashes", ()) or ())[
+            first_block : first_block + n_blocks
+        ]
         if len(hashes) != n_blocks:  # the engine did not hash these blocks: nothing to name them by
             return
-        parent = maybe_convert_block_hash(request.block_hashes[first_block - 1]) if first_block else None
-        tokens = request.all_token_ids[first_block * self.block_size:(first_block + n_blocks) * self.block_size]
+        parent = (
+            maybe_convert_block_hash(request.block_hashes[first_block - 1]) if first_block else None
+        )
+        tokens = request.all_token_ids[
+            first_block * self.block_size : (first_block + n_blocks) * self.block_size
+        ]
         blocks = _Blocks(tuple(maybe_convert_block_hash(h) for h in hashes), parent, tuple(tokens))
         with self._lock:
             for digest in digests:
@@ -74,12 +80,21 @@ class EventLog:
                     if blocks is None:
                         continue
                     if held:
-                        self._events.append(BlockStored(
-                            block_hashes=list(blocks.hashes), parent_block_hash=blocks.parent,
-                            token_ids=list(blocks.token_ids), block_size=self.block_size, lora_id=None,
-                            medium=tier, lora_name=None))
+                        self._events.append(
+                            BlockStored(
+                                block_hashes=list(blocks.hashes),
+                                parent_block_hash=blocks.parent,
+                                token_ids=list(blocks.token_ids),
+                                block_size=self.block_size,
+                                lora_id=None,
+                                medium=tier,
+                                lora_name=None,
+                            )
+                        )
                     else:
-                        self._events.append(BlockRemoved(block_hashes=list(blocks.hashes), medium=tier))
+                        self._events.append(
+                            BlockRemoved(block_hashes=list(blocks.hashes), medium=tier)
+                        )
 
     def take(self) -> list:
         with self._lock:

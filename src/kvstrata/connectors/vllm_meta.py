@@ -33,8 +33,12 @@ class LoadSpec:
     chunks: list[tuple[int, str, bytes, str]]
     block_ids: list[int]
     keys: dict[str, list[bytes]] = field(default_factory=dict)  # codec -> every prompt chunk's key
-    context_tokens: int = 0  # the prompt's length: the loader estimates the engine's compute from it
-    budget_ms: float | None = None  # the request's latency budget: a deadline for the bandwidth scheduler
+    context_tokens: int = (
+        0  # the prompt's length: the loader estimates the engine's compute from it
+    )
+    budget_ms: float | None = (
+        None  # the request's latency budget: a deadline for the bandwidth scheduler
+    )
 
 
 @dataclass
@@ -59,4 +63,6 @@ class SaveSpec:
 class StrataMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
-    documents: list = field(default_factory=list)  # kvstrata.documents.connector.DocLoadSpec (stitched prefixes)
+    documents: list = field(
+        default_factory=list
+    )  # kvstrata.documents.connector.DocLoadSpec (stitched prefixes)

@@ -8,7 +8,7 @@ API server process, where vLLM calls
 * ``StrataStats.reduce()`` for its ``KV Transfer metrics: ...`` log line, and
 * :class:`StrataPromMetrics` ``.observe()`` (built once by
   ``StrataConnector.build_prom_metrics``), which adds the changes to the
-  ``kvstrata_*`` families of :data:`kvstrata.telemetry.FAMILIES`, registered
+  ``kvstrata_*`` families of :data:`kvstrata.telemetry.metrics.FAMILIES`, registered
   with vLLM's own metric classes, so they appear on vLLM's ``/metrics`` with
   vLLM's ``model_name`` and ``engine`` labels.
 
@@ -24,13 +24,18 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
 
-from kvstrata.telemetry import ENGINE, FAMILIES, RECOMPUTE
+from kvstrata.telemetry.metrics import ENGINE, FAMILIES, RECOMPUTE
 
 TELEMETRY = "telemetry"
 
-_METRICS: dict[tuple, Any] = {}  # one metric object per (name, labels) per process: vLLM may build twice
+_METRICS: dict[
+    tuple, Any
+] = {}  # one metric object per (name, labels) per process: vLLM may build twice
 _METRICS_LOCK = threading.Lock()
 
 
@@ -66,7 +71,7 @@ class StrataStats(KVConnectorStats):
     """Worker and scheduler -> front end: reads measured (for the cost model) and the telemetry outbox.
 
     ``data``: ``reads`` [(tier, seconds, bytes)], ``load_error_blocks`` int,
-    ``telemetry`` (:meth:`kvstrata.telemetry.Telemetry.drain`). vLLM prints
+    ``telemetry`` (:meth:`kvstrata.telemetry.metrics.Telemetry.drain`). vLLM prints
     ``reduce()`` as ``KV Transfer metrics: ...`` per log interval. Aggregating
     builds new lists: vLLM hands the same payload to its log and to
     :class:`StrataPromMetrics`.
@@ -96,7 +101,9 @@ class StrataStats(KVConnectorStats):
         for source in sorted(tokens, key=lambda s: (s in (ENGINE, RECOMPUTE), s)):
             out[f"kvstrata_tokens_{source}"] = int(tokens[source])
         prompt = sum(tokens.values())
-        if prompt:  # share of prompt tokens not recomputed: engine prefix cache plus kvstrata's tiers
+        if (
+            prompt
+        ):  # share of prompt tokens not recomputed: engine prefix cache plus kvstrata's tiers
             out["kvstrata_hit_rate"] = round(1 - tokens.get(RECOMPUTE, 0) / prompt, 3)
         return out
 
@@ -109,7 +116,11 @@ class StrataPromMetrics(KVConnectorPromMetrics):
 
     def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
-        classes = {"counter": self._counter_cls, "gauge": self._gauge_cls, "histogram": self._histogram_cls}
+        classes = {
+            "counter": self._counter_cls,
+            "gauge": self._gauge_cls,
+            "histogram": self._histogram_cls,
+        }
         self.metrics: dict[str, Any] = {}
         for f in FAMILIES:
             key = (f.name, tuple(labelnames), f.labels)
@@ -117,9 +128,15 @@ class StrataPromMetrics(KVConnectorPromMetrics):
                 if key not in _METRICS:
                     extra: dict[str, Any] = {"buckets": list(f.buckets)} if f.buckets else {}
                     if f.kind == "gauge":
-                        extra["multiprocess_mode"] = "max"  # several API servers: one value per engine
+                        extra["multiprocess_mode"] = (
+                            "max"  # several API servers: one value per engine
+                        )
                     _METRICS[key] = classes[f.kind](
-                        name=f.name, documentation=f.doc, labelnames=[*labelnames, *f.labels], **extra)
+                        name=f.name,
+                        documentation=f.doc,
+                        labelnames=[*labelnames, *f.labels],
+                        **extra,
+                    )
                 self.metrics[f.name] = _METRICS[key]
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:

@@ -120,10 +120,14 @@ class PoolIndex(Tier):
 
     def __init__(self, pool: Tier, pending_s: float = 2.0):
         super().__init__(pool.name)
-        self.pool = pool  # this process's own (empty, unused) pool: given back if a worker turns up here
+        self.pool = (
+            pool  # this process's own (empty, unused) pool: given back if a worker turns up here
+        )
         self.pending_s = pending_s
         self._held: set[bytes] = set()
-        self._pending: dict[bytes, float] = {}  # saves ordered, not confirmed: digest -> give-up time
+        self._pending: dict[
+            bytes, float
+        ] = {}  # saves ordered, not confirmed: digest -> give-up time
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -185,7 +189,9 @@ def attach(orch, worker: bool) -> None:
     for name, spec in orch.config.tiers.items():
         tier = orch.tiers[name]
         if worker:
-            if isinstance(tier, PoolIndex):  # the scheduler came first in this process: the pool is shared
+            if isinstance(
+                tier, PoolIndex
+            ):  # the scheduler came first in this process: the pool is shared
                 orch.tiers[name] = Journal(tier.pool)
             elif not isinstance(tier, Journal):
                 orch.tiers[name] = Journal(tier)
@@ -195,7 +201,9 @@ def attach(orch, worker: bool) -> None:
 
 def changes(orch) -> PoolChanges | None:
     """What the worker's tiers gained and lost since the last call (None if nothing)."""
-    pools = {name: c for name, t in orch.tiers.items() if isinstance(t, Journal) and (c := t.drain())}
+    pools = {
+        name: c for name, t in orch.tiers.items() if isinstance(t, Journal) and (c := t.drain())
+    }
     return PoolChanges(pools) if pools else None
 
 

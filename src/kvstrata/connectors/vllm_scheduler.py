@@ -30,7 +30,7 @@ from kvstrata.keys import chunk_keys
 from kvstrata.orchestrator import Orchestrator
 from kvstrata.plan import Plan
 from kvstrata.policy.route import RequestContext
-from kvstrata.telemetry import ENGINE, RECOMPUTE
+from kvstrata.telemetry.metrics import ENGINE, RECOMPUTE
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +69,18 @@ class SchedulerSide:
         self._lookups: dict[str, _Lookup] = {}
         self.inline_wait_s = INLINE_WAIT_S
         self.events = None  # an EventLog (kvstrata.connectors.vllm_events), set by the facade
-        self.documents = None  # a DocumentScheduler (kvstrata.documents.connector), set by the facade
+        self.documents = (
+            None  # a DocumentScheduler (kvstrata.documents.connector), set by the facade
+        )
 
     # -- admission --------------------------------------------------------------
 
-    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        if self.documents is not None:  # documents branch: a stitched prefix, no chunk lookup, no saves
+    def get_num_new_matched_tokens(
+        self, request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        if (
+            self.documents is not None
+        ):  # documents branch: a stitched prefix, no chunk lookup, no saves
             stitched = self.documents.match(request, num_computed_tokens)
             if stitched is not None:
                 return stitched, False
@@ -92,16 +98,28 @@ class SchedulerSide:
         req_id = request.request_id
         pending = self._lookups.get(req_id)
         if pending is None or pending.num_computed != num_computed:
-            if pending is not None:  # the engine's own hit changed: that answer is for another question
+            if (
+                pending is not None
+            ):  # the engine's own hit changed: that answer is for another question
                 pending.future.cancel()
             tokens = list(request.prompt_token_ids or ())
             ctx = request_context(request, self.model_id)
-            budget = ctx.budget_ms if ctx.budget_ms is not None else self.orch.config.orchestrator.default_budget_ms
-            future = runtime.submit(self.orch.alookup(
-                tokens, ctx, skip_tokens=num_computed,
-                limit_tokens=len(tokens) - 1,  # vLLM computes at least the last prompt token
-            ))
-            pending = self._lookups[req_id] = _Lookup(future, ctx, num_computed, time.monotonic() + budget / 1e3)
+            budget = (
+                ctx.budget_ms
+                if ctx.budget_ms is not None
+                else self.orch.config.orchestrator.default_budget_ms
+            )
+            future = runtime.submit(
+                self.orch.alookup(
+                    tokens,
+                    ctx,
+                    skip_tokens=num_computed,
+                    limit_tokens=len(tokens) - 1,  # vLLM computes at least the last prompt token
+                )
+            )
+            pending = self._lookups[req_id] = _Lookup(
+                future, ctx, num_computed, time.monotonic() + budget / 1e3
+            )
             try:
                 future.result(self.inline_wait_s)
             except Exception:  # not done yet, or failed: both handled below
@@ -126,14 +144,20 @@ class SchedulerSide:
         ctx = pending.ctx
         decision = self.orch.policy.decide(ctx)
         route = decision.route
-        keys = {codec: tuple(chunk_keys(tokens, self.orch.model.namespace(ctx.tenant, codec), self.chunk))
-                for codec in {"none", *(route.codec_for(t) for t in (*route.read, *route.write))}}
+        keys = {
+            codec: tuple(
+                chunk_keys(tokens, self.orch.model.namespace(ctx.tenant, codec), self.chunk)
+            )
+            for codec in {"none", *(route.codec_for(t) for t in (*route.read, *route.write))}
+        }
         self.orch.telemetry.lookup(decision.rule, "recompute")
         self.orch.telemetry.served(RECOMPUTE, len(tokens) - pending.num_computed)
         return Plan(ctx, decision, self.chunk, pending.num_computed, keys, reason=reason)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
-        if self.documents is not None and self.documents.after_alloc(request, blocks, num_external_tokens):
+        if self.documents is not None and self.documents.after_alloc(
+            request, blocks, num_external_tokens
+        ):
             return
         state = self._requests.get(request.request_id)
         if state is None:
@@ -142,8 +166,11 @@ class SchedulerSide:
         state.load_pending = num_external_tokens > 0
         granted = state.num_computed + num_external_tokens
         if state.load_pending and granted != state.plan.end_token:
-            log.warning("kvstrata: vLLM granted %d tokens, plan had %d; not loading",
-                        granted, state.plan.end_token)
+            log.warning(
+                "kvstrata: vLLM granted %d tokens, plan had %d; not loading",
+                granted,
+                state.plan.end_token,
+            )
             state.load_pending = False
 
     # -- per step ---------------------------------------------------------------
@@ -168,9 +195,13 @@ class SchedulerSide:
             new_blocks = cached.new_block_ids[i]
             if new_blocks is not None:
                 resumed = req_id in cached.resumed_req_ids
-                state.block_ids = list(new_blocks[0]) if resumed else state.block_ids + list(new_blocks[0])
+                state.block_ids = (
+                    list(new_blocks[0]) if resumed else state.block_ids + list(new_blocks[0])
+                )
             self._take_load(state, meta)
-            progress.append((state, cached.num_computed_tokens[i] + out.num_scheduled_tokens[req_id]))
+            progress.append(
+                (state, cached.num_computed_tokens[i] + out.num_scheduled_tokens[req_id])
+            )
         for state, computed in progress:
             meta.saves.extend(self._saves(state, computed))
         return meta
@@ -181,17 +212,19 @@ class SchedulerSide:
         state.load_pending = False
         state.loaded = True
         plan = state.plan
-        meta.loads.append(LoadSpec(
-            req_id=state.request.request_id,
-            rule=plan.decision.rule,
-            tenant=plan.ctx.tenant,
-            skip_tokens=plan.skip_tokens,
-            chunks=[(c.index, c.tier, c.key.digest, c.codec) for c in plan.chunks],
-            block_ids=list(state.block_ids),
-            keys={codec: [k.digest for k in keys] for codec, keys in plan.keys.items()},
-            context_tokens=plan.ctx.context_tokens,
-            budget_ms=plan.ctx.budget_ms,
-        ))
+        meta.loads.append(
+            LoadSpec(
+                req_id=state.request.request_id,
+                rule=plan.decision.rule,
+                tenant=plan.ctx.tenant,
+                skip_tokens=plan.skip_tokens,
+                chunks=[(c.index, c.tier, c.key.digest, c.codec) for c in plan.chunks],
+                block_ids=list(state.block_ids),
+                keys={codec: [k.digest for k in keys] for codec, keys in plan.keys.items()},
+                context_tokens=plan.ctx.context_tokens,
+                budget_ms=plan.ctx.budget_ms,
+            )
+        )
         state.next_save = max(state.next_save, plan.first_chunk + len(plan.chunks))
 
     def _saves(self, state: _Request, computed_tokens: int) -> list[SaveSpec]:
@@ -204,24 +237,30 @@ class SchedulerSide:
         specs = []
         for index in range(first, done):
             tiers = self.orch.admitted(plan, index)
-            blocks = state.block_ids[index * per_chunk:(index + 1) * per_chunk]
+            blocks = state.block_ids[index * per_chunk : (index + 1) * per_chunk]
             if tiers and len(blocks) == per_chunk:
-                specs.append(SaveSpec(
-                    req_id=state.request.request_id,
-                    rule=plan.decision.rule,
-                    tenant=plan.ctx.tenant,
-                    chunk_index=index,
-                    keys={codec: keys[index].digest for codec, keys in plan.keys.items()},
-                    tiers=tiers,
-                    block_ids=blocks,
-                ))
+                specs.append(
+                    SaveSpec(
+                        req_id=state.request.request_id,
+                        rule=plan.decision.rule,
+                        tenant=plan.ctx.tenant,
+                        chunk_index=index,
+                        keys={codec: keys[index].digest for codec, keys in plan.keys.items()},
+                        tiers=tiers,
+                        block_ids=blocks,
+                    )
+                )
         state.next_save = max(state.next_save, done)
         self._expect(plan, specs)
         if self.events is not None and self.events.enabled:
             route = plan.decision.route
             for spec in specs:
-                self.events.remember({spec.keys[route.codec_for(t)] for t in spec.tiers}, state.request,
-                                     spec.chunk_index * per_chunk, per_chunk)
+                self.events.remember(
+                    {spec.keys[route.codec_for(t)] for t in spec.tiers},
+                    state.request,
+                    spec.chunk_index * per_chunk,
+                    per_chunk,
+                )
         return specs
 
     def _expect(self, plan: Plan, specs: list[SaveSpec]) -> None:
@@ -245,14 +284,18 @@ class SchedulerSide:
             return None
         plan = state.plan
         loaded = plan.tokens_by_tier() if state.loaded else {}
-        source = max(loaded, key=loaded.get) if loaded else ENGINE if plan.skip_tokens else RECOMPUTE
+        source = (
+            max(loaded, key=loaded.get) if loaded else ENGINE if plan.skip_tokens else RECOMPUTE
+        )
         self.orch.telemetry.request(source)
-        return {"kvstrata": {
-            "rule": plan.decision.rule,
-            "engine_tokens": plan.skip_tokens,
-            "loaded_tokens": plan.tokens_by_tier(),
-            "reason": plan.reason,
-        }}
+        return {
+            "kvstrata": {
+                "rule": plan.decision.rule,
+                "engine_tokens": plan.skip_tokens,
+                "loaded_tokens": plan.tokens_by_tier(),
+                "reason": plan.reason,
+            }
+        }
 
     def observe(self, reads) -> None:
         """Reads the worker measured: they teach this process's cost model."""

@@ -10,14 +10,18 @@ from typing import Any
 
 from kvstrata.config import StrataConfig, default_config, load_config
 from kvstrata.fingerprint import model_identity, model_label
-from kvstrata.plan import ModelSpec
+from kvstrata.model import ModelSpec
 from kvstrata.policy.route import RequestContext
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {
-    "torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16",
-    "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2",
+    "torch.float32": "float32",
+    "torch.float16": "float16",
+    "torch.bfloat16": "bfloat16",
+    "fp8": "float8_e4m3fn",
+    "fp8_e4m3": "float8_e4m3fn",
+    "fp8_e5m2": "float8_e5m2",
 }
 
 
@@ -55,9 +59,15 @@ def model_spec(vllm_config, extra: Mapping[str, Any]) -> ModelSpec:
     if dtype is None:
         raise ValueError(f"kvstrata does not know the KV dtype {kv_dtype!r}/{mc.dtype}")
     name = extra.get("model_id") or model_label(str(mc.model), hf)
-    identity = "" if extra.get("model_id") else model_identity(str(mc.model), hf, getattr(mc, "revision", None))
+    identity = (
+        ""
+        if extra.get("model_id")
+        else model_identity(str(mc.model), hf, getattr(mc, "revision", None))
+    )
     if pc.tensor_parallel_size > 1 or pc.pipeline_parallel_size > 1:
-        log.warning("kvstrata: tensor/pipeline parallelism is not supported yet; keys are not per rank")
+        log.warning(
+            "kvstrata: tensor/pipeline parallelism is not supported yet; keys are not per rank"
+        )
     return ModelSpec(
         name=name,
         n_layers=mc.get_num_layers(pc),

@@ -58,19 +58,35 @@ class WorkerSide:
 
     def _plan(self, spec: LoadSpec) -> Plan:
         decision = Decision(spec.rule, self.orch.route(spec.rule))
-        chunks = tuple(PlannedChunk(i, tier, ChunkKey(key), codec) for i, tier, key, codec in spec.chunks)
+        chunks = tuple(
+            PlannedChunk(i, tier, ChunkKey(key), codec) for i, tier, key, codec in spec.chunks
+        )
         keys = {codec: tuple(ChunkKey(k) for k in ks) for codec, ks in spec.keys.items()}
         return Plan(
-            RequestContext(context_tokens=spec.context_tokens, budget_ms=spec.budget_ms, tenant=spec.tenant),
-            decision, self.chunk, spec.skip_tokens, keys=keys,
-            first_chunk=chunks[0].index if chunks else 0, chunks=chunks,
+            RequestContext(
+                context_tokens=spec.context_tokens, budget_ms=spec.budget_ms, tenant=spec.tenant
+            ),
+            decision,
+            self.chunk,
+            spec.skip_tokens,
+            keys=keys,
+            first_chunk=chunks[0].index if chunks else 0,
+            chunks=chunks,
         )
 
     def wait_layer(self, layer_name: str) -> None:
         """Place layer ``layer_name`` of every load; never raises into the engine."""
-        if self.documents is not None and self.documents.pending:  # stitched prefixes (documents branch)
+        if (
+            self.documents is not None and self.documents.pending
+        ):  # stitched prefixes (documents branch)
             layer = self._index[layer_name]
-            self.documents.place(layer, layer == self.n_layers - 1, self._kv[layer_name], self.layout, self.block_size)
+            self.documents.place(
+                layer,
+                layer == self.n_layers - 1,
+                self._kv[layer_name],
+                self.layout,
+                self.block_size,
+            )
         if not self._loads:
             return
         try:
@@ -88,14 +104,18 @@ class WorkerSide:
             try:
                 delivered = handle.wait_layer(layer, timeout=LAYER_WAIT_S)
             except TimeoutError:
-                log.warning("kvstrata: layer %d of request %s not loaded in time", layer, spec.req_id)
+                log.warning(
+                    "kvstrata: layer %d of request %s not loaded in time", layer, spec.req_id
+                )
                 handle.fail([c[0] for c in spec.chunks])
                 delivered = {}
             for chunk_index, kv in delivered.items():
                 blocks, skip = self._blocks(spec, chunk_index)
                 if blocks:
                     target = self._kv[layer_name]
-                    self.layout.write(target, blocks, from_numpy(np.ascontiguousarray(kv[:, skip:]), target.dtype))
+                    self.layout.write(
+                        target, blocks, from_numpy(np.ascontiguousarray(kv[:, skip:]), target.dtype)
+                    )
         if layer == self.n_layers - 1:
             for spec, handle in self._loads:
                 for chunk_index in handle.failed:
@@ -106,7 +126,7 @@ class WorkerSide:
         """The request's blocks this chunk fills beyond the engine's own, and how many tokens to skip."""
         per_chunk = self.chunk // self.block_size
         first = max(chunk_index * per_chunk, spec.skip_tokens // self.block_size)
-        blocks = spec.block_ids[first:(chunk_index + 1) * per_chunk]
+        blocks = spec.block_ids[first : (chunk_index + 1) * per_chunk]
         return blocks, (first - chunk_index * per_chunk) * self.block_size
 
     def load_errors(self) -> set[int]:
@@ -124,20 +144,26 @@ class WorkerSide:
         try:
             self._stage_layer(layer_name, kv_layer, meta)
         except Exception:  # a failed save is a future miss, nothing more
-            log.exception("kvstrata: staging %s for saving failed; dropping this step's saves", layer_name)
+            log.exception(
+                "kvstrata: staging %s for saving failed; dropping this step's saves", layer_name
+            )
             self._staged.clear()
 
     def _stage_layer(self, layer_name: str, kv_layer: torch.Tensor, meta: StrataMetadata) -> None:
         layer = self._index[layer_name]
         for spec in meta.saves:
             pages = self._staged.setdefault((spec.req_id, spec.chunk_index), [])
-            pages.append(kv_layer[spec.block_ids].clone())  # the blocks may be reused after this step
+            pages.append(
+                kv_layer[spec.block_ids].clone()
+            )  # the blocks may be reused after this step
             if layer == self.n_layers - 1:
                 self._submit(spec, self._staged.pop((spec.req_id, spec.chunk_index)))
 
     def _submit(self, spec: SaveSpec, pages: list[torch.Tensor]) -> None:
         if len(pages) != self.n_layers:
-            log.warning("kvstrata: chunk %d of %s missed layers; not saved", spec.chunk_index, spec.req_id)
+            log.warning(
+                "kvstrata: chunk %d of %s missed layers; not saved", spec.chunk_index, spec.req_id
+            )
             return
         layout, n = self.layout, len(spec.block_ids)
 
@@ -145,8 +171,14 @@ class WorkerSide:
             return to_numpy(torch.stack([layout.read(p, list(range(n))) for p in pages]))
 
         keys = {codec: ChunkKey(key) for codec, key in spec.keys.items()}
-        self.orch.save_chunk(self.orch.route(spec.rule), spec.tenant, keys, canonical, spec.tiers,
-                             spec.chunk_index * self.chunk)
+        self.orch.save_chunk(
+            self.orch.route(spec.rule),
+            spec.tenant,
+            keys,
+            canonical,
+            spec.tiers,
+            spec.chunk_index * self.chunk,
+        )
 
     def finish_step(self) -> None:
         """End of a step: anything still staged belongs to a step that did not reach the last layer."""

@@ -12,15 +12,15 @@ from kvstrata.documents.rope import Rope, UnsupportedRope
 from kvstrata.documents.stitch import REPAIRS, Segment, StitchPlan, plan_stitch
 
 __all__ = [
-           "REPAIRS",
-           "Corpus",
-           "DocEntry",
-           "Manifest",
-           "Rope",
-           "Segment",
-           "StitchPlan",
-           "UnsupportedRope",
-           "corpus_tiers",
-           "plan_stitch",
-           "tokens_hash",
+    "REPAIRS",
+    "Corpus",
+    "DocEntry",
+    "Manifest",
+    "Rope",
+    "Segment",
+    "StitchPlan",
+    "UnsupportedRope",
+    "corpus_tiers",
+    "plan_stitch",
+    "tokens_hash",
 ]

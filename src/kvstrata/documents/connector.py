@@ -75,14 +75,20 @@ def attach(connector) -> None:
         log.warning("kvstrata: per-document KV disabled: %s", exc)
         return
     corpus = Corpus(config.documents.corpus, connector.model, tiers, rope.describe())
-    connector.scheduler.documents = DocumentScheduler(corpus, config.documents, connector.block_size,
-                                                      connector.orch.telemetry)
+    connector.scheduler.documents = DocumentScheduler(
+        corpus, config.documents, connector.block_size, connector.orch.telemetry
+    )
     connector.worker.documents = DocumentWorker(corpus, rope, connector.orch.telemetry)
 
 
 class DocumentScheduler:
     def __init__(self, corpus: Corpus, settings, block_size: int, telemetry=None):
-        self.corpus, self.settings, self.block_size, self.telemetry = corpus, settings, block_size, telemetry
+        self.corpus, self.settings, self.block_size, self.telemetry = (
+            corpus,
+            settings,
+            block_size,
+            telemetry,
+        )
         self._manifest: Manifest | None = None
         self._loaded_at = 0.0
         self._requests: dict[str, _Stitched] = {}
@@ -90,16 +96,24 @@ class DocumentScheduler:
     def manifest(self, refresh: bool = False) -> Manifest | None:
         now = time.monotonic()
         stale = now - self._loaded_at > MANIFEST_MAX_AGE_S  # documents added while the engine runs
-        if self._manifest is None or stale or (refresh and now - self._loaded_at > MANIFEST_REFRESH_S):
+        if (
+            self._manifest is None
+            or stale
+            or (refresh and now - self._loaded_at > MANIFEST_REFRESH_S)
+        ):
             self._loaded_at = now
             try:
                 manifest = runtime.run(self.corpus.load_manifest(), timeout=30)
-            except Exception as exc:  # a corpus that cannot be read means no stitching, never a failure
+            except (
+                Exception
+            ) as exc:  # a corpus that cannot be read means no stitching, never a failure
                 log.warning("kvstrata: corpus %r manifest unreadable: %s", self.corpus.name, exc)
                 return self._manifest
             if manifest.rope != self.corpus.rope:
-                log.warning("kvstrata: corpus %r was computed with another rotary embedding; ignored",
-                            self.corpus.name)
+                log.warning(
+                    "kvstrata: corpus %r was computed with another rotary embedding; ignored",
+                    self.corpus.name,
+                )
                 return self._manifest
             self._manifest = manifest
         return self._manifest
@@ -146,7 +160,9 @@ class DocumentScheduler:
         plan = plan_stitch(tokens, manifest, names, self.corpus, self.block_size, repair)
         if not plan.segments:
             if names is not None:
-                log.info("kvstrata: request %s: no stitched prefix (%s)", request.request_id, plan.reason)
+                log.info(
+                    "kvstrata: request %s: no stitched prefix (%s)", request.request_id, plan.reason
+                )
             return None
         return plan
 
@@ -156,7 +172,9 @@ class DocumentScheduler:
         if state is None:
             return False
         state.block_ids = tuple(blocks.get_block_ids()[0])
-        state.load_pending = num_external_tokens > 0 and state.num_computed + num_external_tokens == state.plan.end
+        state.load_pending = (
+            num_external_tokens > 0 and state.num_computed + num_external_tokens == state.plan.end
+        )
         return True
 
     def handles(self, req_id: str) -> bool:
@@ -173,8 +191,16 @@ class DocumentScheduler:
                 continue
             state.load_pending = False
             plan = state.plan
-            out.append(DocLoadSpec(req_id, list(state.block_ids), state.num_computed, plan.end,
-                                   [(s.key, s.start, s.n_tokens, s.shift) for s in plan.segments], plan.documents))
+            out.append(
+                DocLoadSpec(
+                    req_id,
+                    list(state.block_ids),
+                    state.num_computed,
+                    plan.end,
+                    [(s.key, s.start, s.n_tokens, s.shift) for s in plan.segments],
+                    plan.documents,
+                )
+            )
             if self.telemetry is not None:
                 self.telemetry.served(DOCUMENTS, max(plan.end - state.num_computed, 0))
         return out
@@ -184,9 +210,16 @@ class DocumentScheduler:
         if state is None:
             return None
         plan = state.plan
-        return {"kvstrata": {"rule": DOCUMENTS, "engine_tokens": state.num_computed,
-                             "loaded_tokens": {DOCUMENTS: max(plan.end - state.num_computed, 0)},
-                             "documents": plan.documents, "repair": plan.repair, "reason": plan.reason}}
+        return {
+            "kvstrata": {
+                "rule": DOCUMENTS,
+                "engine_tokens": state.num_computed,
+                "loaded_tokens": {DOCUMENTS: max(plan.end - state.num_computed, 0)},
+                "documents": plan.documents,
+                "repair": plan.repair,
+                "reason": plan.reason,
+            }
+        }
 
 
 class DocumentWorker:
@@ -206,7 +239,9 @@ class DocumentWorker:
 
             self._loads.append((spec, runtime.submit(self.corpus.get([ChunkKey(k) for k in keys]))))
 
-    def place(self, layer: int, last_layer: bool, target: torch.Tensor, layout, block_size: int) -> None:
+    def place(
+        self, layer: int, last_layer: bool, target: torch.Tensor, layout, block_size: int
+    ) -> None:
         """Write layer ``layer`` of every started stitch into its blocks; never raises."""
         for spec, future in self._loads:
             first, stop = spec.skip_tokens // block_size, spec.end // block_size
@@ -220,18 +255,27 @@ class DocumentWorker:
                 if any(o is None for o in objects.values()):
                     raise LookupError("a document object is missing from every corpus tier")
                 segments = [Segment("", k, start, n, shift) for k, start, n, shift in spec.segments]
-                kv = assemble_layer(self.corpus, self.rope, segments, objects, layer, first * block_size,
-                                    stop * block_size)
+                kv = assemble_layer(
+                    self.corpus,
+                    self.rope,
+                    segments,
+                    objects,
+                    layer,
+                    first * block_size,
+                    stop * block_size,
+                )
                 layout.write(target, blocks, kv.to(target.dtype))
             except Exception as exc:  # a missing document costs a recompute, never the request
                 log.warning("kvstrata: stitching %s failed (%s); recomputing", spec.req_id, exc)
                 self._errors.update(blocks)
-                if self.telemetry is not None:  # kvstrata_tier_ops_total{tier="documents",op="stitch"}
+                if (
+                    self.telemetry is not None
+                ):  # kvstrata_tier_ops_total{tier="documents",op="stitch"}
                     self.telemetry.op(DOCUMENTS, "stitch", "error")
         if last_layer:
             if self.telemetry is not None:
                 for spec, _ in self._loads:
-                    blocks = spec.block_ids[spec.skip_tokens // block_size:spec.end // block_size]
+                    blocks = spec.block_ids[spec.skip_tokens // block_size : spec.end // block_size]
                     if blocks and not set(blocks) & self._errors:
                         self.telemetry.op(DOCUMENTS, "stitch", "ok")
             self._loads.clear()

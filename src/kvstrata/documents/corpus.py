@@ -34,7 +34,7 @@ import numpy as np
 
 from kvstrata import format as fmt
 from kvstrata.keys import ChunkKey, Namespace, token_bytes
-from kvstrata.plan import ModelSpec
+from kvstrata.model import ModelSpec
 from kvstrata.tiers.base import Hit, Tier
 
 MANIFEST_VERSION = 1
@@ -58,7 +58,9 @@ class DocEntry:
     head_hash: str
     n_tokens: int
     key: str  # hex ChunkKey of its KV computed alone
-    contexts: dict[str, str] = field(default_factory=dict)  # context tokens_hash -> key of the variant
+    contexts: dict[str, str] = field(
+        default_factory=dict
+    )  # context tokens_hash -> key of the variant
 
 
 @dataclass
@@ -70,8 +72,14 @@ class Manifest:
     documents: dict[str, DocEntry] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        doc = {"version": MANIFEST_VERSION, "corpus": self.corpus, "model": self.model, "dtype": self.dtype,
-               "rope": self.rope, "documents": {i: asdict(e) for i, e in sorted(self.documents.items())}}
+        doc = {
+            "version": MANIFEST_VERSION,
+            "corpus": self.corpus,
+            "model": self.model,
+            "dtype": self.dtype,
+            "rope": self.rope,
+            "documents": {i: asdict(e) for i, e in sorted(self.documents.items())},
+        }
         return json.dumps(doc, sort_keys=True).encode()
 
     @classmethod
@@ -137,9 +145,12 @@ class Corpus:
 
     async def save_manifest(self, manifest: Manifest) -> None:
         raw = manifest.to_json()
-        meta = fmt.ObjectMeta(_MANIFEST_CODEC, "uint8", 1, 1, 1, self.namespace.fingerprint,
-                              self.manifest_key.digest)
-        await self.tiers[0].put([(self.manifest_key, fmt.encode(meta, [raw], self.tiers[0].keyring))])
+        meta = fmt.ObjectMeta(
+            _MANIFEST_CODEC, "uint8", 1, 1, 1, self.namespace.fingerprint, self.manifest_key.digest
+        )
+        await self.tiers[0].put(
+            [(self.manifest_key, fmt.encode(meta, [raw], self.tiers[0].keyring))]
+        )
 
     # -- document KV --------------------------------------------------------------
 
@@ -149,10 +160,21 @@ class Corpus:
         if kv.shape[0] != m.n_layers or kv.shape[3:] != (m.kv_heads, m.head_dim):
             raise ValueError(f"document KV shaped {kv.shape} does not fit {m}")
         kv = np.ascontiguousarray(kv, dtype=m.dtype)
-        meta = fmt.ObjectMeta("none", m.dtype, kv.shape[2], m.kv_heads, m.head_dim,
-                              self.namespace.fingerprint, key.digest)
-        blob = await asyncio.to_thread(fmt.encode, meta, [kv[layer].tobytes() for layer in range(m.n_layers)],
-                                       self.tiers[0].keyring)
+        meta = fmt.ObjectMeta(
+            "none",
+            m.dtype,
+            kv.shape[2],
+            m.kv_heads,
+            m.head_dim,
+            self.namespace.fingerprint,
+            key.digest,
+        )
+        blob = await asyncio.to_thread(
+            fmt.encode,
+            meta,
+            [kv[layer].tobytes() for layer in range(m.n_layers)],
+            self.tiers[0].keyring,
+        )
         await self.tiers[0].put([(key, blob)])
 
     async def contains(self, key: ChunkKey) -> bool:
@@ -176,13 +198,21 @@ class Corpus:
 
     def _fits(self, obj: fmt.ChunkObject) -> bool:
         m, meta = self.model, obj.meta
-        return (meta.codec, meta.dtype, meta.kv_heads, meta.head_dim, obj.header.n_layers, meta.namespace) == (
-            "none", m.dtype, m.kv_heads, m.head_dim, m.n_layers, self.namespace.fingerprint)
+        return (
+            meta.codec,
+            meta.dtype,
+            meta.kv_heads,
+            meta.head_dim,
+            obj.header.n_layers,
+            meta.namespace,
+        ) == ("none", m.dtype, m.kv_heads, m.head_dim, m.n_layers, self.namespace.fingerprint)
 
     def layer(self, obj: fmt.ChunkObject, layer: int) -> np.ndarray:
         """One layer of a document object as a read-only ``[2, T, H, D]`` array."""
         m = self.model
-        return np.frombuffer(obj.layers[layer], dtype=m.dtype).reshape(2, obj.meta.n_tokens, m.kv_heads, m.head_dim)
+        return np.frombuffer(obj.layers[layer], dtype=m.dtype).reshape(
+            2, obj.meta.n_tokens, m.kv_heads, m.head_dim
+        )
 
 
 def corpus_tiers(config, tiers: dict[str, Tier]) -> list[Tier]:

@@ -30,10 +30,18 @@ from typing import Any
 import numpy as np
 import torch
 
-NEOX_ARCHITECTURES = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-    "GemmaForCausalLM", "Gemma2ForCausalLM", "Phi3ForCausalLM", "GraniteForCausalLM",
-})
+NEOX_ARCHITECTURES = frozenset(
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "GemmaForCausalLM",
+        "Gemma2ForCausalLM",
+        "Phi3ForCausalLM",
+        "GraniteForCausalLM",
+    }
+)
 GPTJ_ARCHITECTURES = frozenset({"GPTJForCausalLM", "ChatGLMModel"})
 
 
@@ -54,14 +62,20 @@ class Rope:
 
     def describe(self) -> dict[str, Any]:
         """What a manifest records: equal descriptions mean equal rotations."""
-        return {"style": self.style, "head_dim": self.head_dim,
-                "inv_freq_sha": _sha(np.asarray(self.inv_freq, dtype="<f8").tobytes())}
+        return {
+            "style": self.style,
+            "head_dim": self.head_dim,
+            "inv_freq_sha": _sha(np.asarray(self.inv_freq, dtype="<f8").tobytes()),
+        }
 
     @classmethod
     def from_config(cls, config: Any) -> Rope:
         """From a transformers (or vLLM ``hf_config``) model configuration, or its dict."""
-        get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else (
-            lambda k, d=None: getattr(config, k, d))
+        get = (
+            (lambda k, d=None: config.get(k, d))
+            if isinstance(config, dict)
+            else (lambda k, d=None: getattr(config, k, d))
+        )
         params = dict(get("rope_parameters") or get("rope_scaling") or {})
         theta = float(params.get("rope_theta") or get("rope_theta") or 10000.0)
         kind = params.get("rope_type") or params.get("type") or "default"
@@ -114,7 +128,11 @@ class Rope:
 
 
 def _llama3(inv: np.ndarray, p: dict) -> np.ndarray:
-    factor, low, high = float(p["factor"]), float(p["low_freq_factor"]), float(p["high_freq_factor"])
+    factor, low, high = (
+        float(p["factor"]),
+        float(p["low_freq_factor"]),
+        float(p["high_freq_factor"]),
+    )
     old = float(p["original_max_position_embeddings"])
     wavelen = 2 * np.pi / inv
     smooth = (old / wavelen - low) / (high - low)

@@ -69,7 +69,9 @@ class StitchPlan:
         return [s.doc for s in self.segments]
 
 
-def find_documents(prompt: np.ndarray, manifest: Manifest, names: Sequence[str] | None) -> tuple[list[tuple[DocEntry, int]], str]:
+def find_documents(
+    prompt: np.ndarray, manifest: Manifest, names: Sequence[str] | None
+) -> tuple[list[tuple[DocEntry, int]], str]:
     """The registered documents the prompt starts with, as (entry, start); and why the run ended."""
     found: list[tuple[DocEntry, int]] = []
     pos = 0
@@ -81,11 +83,20 @@ def find_documents(prompt: np.ndarray, manifest: Manifest, names: Sequence[str] 
             entry = manifest.documents.get(str(names[i]))
             if entry is None:
                 return found, f"document {names[i]!r} is not registered"
-            if tokens_hash(prompt[pos:pos + entry.n_tokens]) != entry.tokens_hash:
+            if tokens_hash(prompt[pos : pos + entry.n_tokens]) != entry.tokens_hash:
                 return found, f"document {names[i]!r} is not at prompt position {pos}"
         else:
-            candidates = sorted(heads.get(head_hash(prompt[pos:pos + HEAD_TOKENS]), ()), key=lambda e: -e.n_tokens)
-            entry = next((e for e in candidates if tokens_hash(prompt[pos:pos + e.n_tokens]) == e.tokens_hash), None)
+            candidates = sorted(
+                heads.get(head_hash(prompt[pos : pos + HEAD_TOKENS]), ()), key=lambda e: -e.n_tokens
+            )
+            entry = next(
+                (
+                    e
+                    for e in candidates
+                    if tokens_hash(prompt[pos : pos + e.n_tokens]) == e.tokens_hash
+                ),
+                None,
+            )
             if entry is None:
                 return found, f"no registered document at prompt position {pos}"
         found.append((entry, pos))
@@ -93,8 +104,14 @@ def find_documents(prompt: np.ndarray, manifest: Manifest, names: Sequence[str] 
     return found, "all named documents found" if names is not None else "prompt ends"
 
 
-def plan_stitch(prompt: Sequence[int] | np.ndarray, manifest: Manifest, names: Sequence[str] | None,
-                corpus: Corpus, block_size: int, repair: str = "none") -> StitchPlan:
+def plan_stitch(
+    prompt: Sequence[int] | np.ndarray,
+    manifest: Manifest,
+    names: Sequence[str] | None,
+    corpus: Corpus,
+    block_size: int,
+    repair: str = "none",
+) -> StitchPlan:
     """The stitched prefix of ``prompt``: block-aligned, at most ``len(prompt) - 1`` tokens."""
     if repair not in REPAIRS:
         raise ValueError(f"repair must be one of {REPAIRS}, not {repair!r}")
@@ -112,7 +129,9 @@ def plan_stitch(prompt: Sequence[int] | np.ndarray, manifest: Manifest, names: S
         if start >= end:
             break
         key, shift = bytes.fromhex(entry.key), start
-        ctx_key = entry.contexts.get(first.tokens_hash) if repair == "context" and start > 0 else None
+        ctx_key = (
+            entry.contexts.get(first.tokens_hash) if repair == "context" and start > 0 else None
+        )
         if ctx_key is not None:
             key, shift = bytes.fromhex(ctx_key), start - first.n_tokens
         segments.append(Segment(entry.id, key, start, min(entry.n_tokens, end - start), shift))
@@ -121,8 +140,15 @@ def plan_stitch(prompt: Sequence[int] | np.ndarray, manifest: Manifest, names: S
     return StitchPlan(tuple(segments), end, repair, reason)
 
 
-def assemble_layer(corpus: Corpus, rope: Rope, segments: Sequence[Segment], objects: Mapping[bytes, object],
-                   layer: int, skip: int, end: int) -> torch.Tensor:
+def assemble_layer(
+    corpus: Corpus,
+    rope: Rope,
+    segments: Sequence[Segment],
+    objects: Mapping[bytes, object],
+    layer: int,
+    skip: int,
+    end: int,
+) -> torch.Tensor:
     """Canonical ``[2, end - skip, H, D]`` float KV of prompt tokens ``[skip, end)`` for one layer."""
     m = corpus.model
     out = torch.empty(2, end - skip, m.kv_heads, m.head_dim, dtype=torch.float32)
@@ -130,7 +156,9 @@ def assemble_layer(corpus: Corpus, rope: Rope, segments: Sequence[Segment], obje
         lo, hi = max(seg.start, skip), min(seg.start + seg.n_tokens, end)
         if lo >= hi:
             continue
-        kv = corpus.layer(objects[seg.key], layer)[:, lo - seg.start:hi - seg.start]
-        out[0, lo - skip:hi - skip] = rope.rotate(torch.from_numpy(np.array(kv[0], dtype=np.float32)), seg.shift)
-        out[1, lo - skip:hi - skip] = torch.from_numpy(np.asarray(kv[1], dtype=np.float32))
+        kv = corpus.layer(objects[seg.key], layer)[:, lo - seg.start : hi - seg.start]
+        out[0, lo - skip : hi - skip] = rope.rotate(
+            torch.from_numpy(np.array(kv[0], dtype=np.float32)), seg.shift
+        )
+        out[1, lo - skip : hi - skip] = torch.from_numpy(np.asarray(kv[1], dtype=np.float32))
     return out

@@ -92,12 +92,15 @@ class CostModel:
         self._clock = clock
         self._lock = threading.Lock()
         self._get_s: dict[str, float] = {}  # tier -> seconds per GET in a batch (observe_gets)
-        self._stored: dict[str, float] = {}  # codec -> stored bytes per uncompressed byte (observe_stored)
+        self._stored: dict[
+            str, float
+        ] = {}  # codec -> stored bytes per uncompressed byte (observe_stored)
 
     @classmethod
     def from_config(cls, config, n_layers: int = 32) -> CostModel:
         priors = {
-            name: Prior(spec.cost.latency_ms, spec.cost.bandwidth_mbps) for name, spec in config.tiers.items()
+            name: Prior(spec.cost.latency_ms, spec.cost.bandwidth_mbps)
+            for name, spec in config.tiers.items()
         }
         return cls(priors, config.engine.prefill_tokens_per_s, n_layers)
 
@@ -148,7 +151,9 @@ class CostModel:
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
             with self._lock:
-                self.prefill_tokens_per_s += self.alpha * (tokens / seconds - self.prefill_tokens_per_s)
+                self.prefill_tokens_per_s += self.alpha * (
+                    tokens / seconds - self.prefill_tokens_per_s
+                )
 
     # -- estimating ---------------------------------------------------------
 
@@ -193,39 +198,77 @@ class CostModel:
         stores less moves what reads found that codec to store."""
         recompute_all = self.recompute_s(context_tokens)
         best = Choice(0, 0.0, recompute_all, recompute_all, recompute_all, "nothing to load")
-        moved = {t: chunk_bytes * self.stored_fraction((codecs or {}).get(t, "none")) for t in set(chunk_tiers)}
+        moved = {
+            t: chunk_bytes * self.stored_fraction((codecs or {}).get(t, "none"))
+            for t in set(chunk_tiers)
+        }
         per_tier: dict[str, float] = {}
         for k, tier in enumerate(chunk_tiers, start=1):
             per_tier[tier] = per_tier.get(tier, 0) + moved[tier]
             load = max(self.read_s(t, b) for t, b in per_tier.items())
             if budget_s is not None and load > budget_s:
                 if best.chunks == 0:
-                    best = Choice(0, 0.0, recompute_all, recompute_all, recompute_all,
-                                  f"loading even 1 chunk ({load * 1e3:.1f} ms) exceeds the budget")
+                    best = Choice(
+                        0,
+                        0.0,
+                        recompute_all,
+                        recompute_all,
+                        recompute_all,
+                        f"loading even 1 chunk ({load * 1e3:.1f} ms) exceeds the budget",
+                    )
                 break
             compute = self.recompute_s(context_tokens - k * chunk_tokens)
             ttft = self.ttft_s(load, compute, layerwise)
             if ttft <= best.ttft_s:
                 best = Choice(k, load, compute, ttft, recompute_all, "loading beats recomputing")
         if best.chunks == 0 and chunk_tiers and best.reason == "nothing to load":
-            best = Choice(0, 0.0, recompute_all, recompute_all, recompute_all,
-                          "recomputing is faster than loading from these tiers")
+            best = Choice(
+                0,
+                0.0,
+                recompute_all,
+                recompute_all,
+                recompute_all,
+                "recomputing is faster than loading from these tiers",
+            )
         return best
 
-    def explain(self, route, context_tokens: int, budget_ms: float | None, chunk_tokens: int = 256,
-                bytes_per_token: int = 0) -> list[tuple[str, str]]:
+    def explain(
+        self,
+        route,
+        context_tokens: int,
+        budget_ms: float | None,
+        chunk_tokens: int = 256,
+        bytes_per_token: int = 0,
+    ) -> list[tuple[str, str]]:
         """Rows for ``kvstrata policy explain``: what a full hit in each read tier would cost."""
-        rows = [("prefill rate (tokens/s)", f"{self.prefill_tokens_per_s:,.0f}"),
-                ("recompute all", f"{self.recompute_s(context_tokens) * 1e3:,.1f} ms")]
+        rows = [
+            ("prefill rate (tokens/s)", f"{self.prefill_tokens_per_s:,.0f}"),
+            ("recompute all", f"{self.recompute_s(context_tokens) * 1e3:,.1f} ms"),
+        ]
         n_chunks = context_tokens // chunk_tokens
         chunk_bytes = chunk_tokens * (bytes_per_token or 46 * 1024)
         budget_s = None if budget_ms is None else budget_ms / 1e3
         for tier in route.read:
             latency, bandwidth = self.tier(tier)
-            choice = self.choose([tier] * n_chunks, chunk_tokens, chunk_bytes, context_tokens,
-                                 budget_s, route.retrieval == "layerwise")
-            rows.append((f"{tier}: latency / bandwidth", f"{latency * 1e3:.2f} ms / {bandwidth / 1e6:,.0f} MB/s"))
-            rows.append((f"{tier}: full hit ({n_chunks} chunks)",
-                         f"load {choice.chunks}/{n_chunks} chunks, TTFT {choice.ttft_s * 1e3:,.1f} ms "
-                         f"({choice.reason})"))
+            choice = self.choose(
+                [tier] * n_chunks,
+                chunk_tokens,
+                chunk_bytes,
+                context_tokens,
+                budget_s,
+                route.retrieval == "layerwise",
+            )
+            rows.append(
+                (
+                    f"{tier}: latency / bandwidth",
+                    f"{latency * 1e3:.2f} ms / {bandwidth / 1e6:,.0f} MB/s",
+                )
+            )
+            rows.append(
+                (
+                    f"{tier}: full hit ({n_chunks} chunks)",
+                    f"load {choice.chunks}/{n_chunks} chunks, TTFT {choice.ttft_s * 1e3:,.1f} ms "
+                    f"({choice.reason})",
+                )
+            )
         return rows

@@ -40,8 +40,10 @@ class Policy:
 
     def __repr__(self) -> str:
         names = ", ".join(r.name for r in self.rules)
-        return (f"Policy(rules=[{names}], default={self.default!r}, "
-                f"default_budget_ms={self.default_budget_ms})")
+        return (
+            f"Policy(rules=[{names}], default={self.default!r}, "
+            f"default_budget_ms={self.default_budget_ms})"
+        )
 
     def rule(self, name: str) -> Rule:
         """The rule called ``name`` (KeyError if none)."""
@@ -67,8 +69,10 @@ class Policy:
             matched, reasons = rule.match.check(ctx, self.default_budget_ms)
             if matched and winner is None:
                 winner = rule
-                why.append(f"rule {rule.name!r} matched (specificity {rule.specificity}, "
-                           f"priority {rule.priority})")
+                why.append(
+                    f"rule {rule.name!r} matched (specificity {rule.specificity}, "
+                    f"priority {rule.priority})"
+                )
                 why.extend(reasons or ("it has no constraints",))
             elif matched:
                 lost.append(f"rule {rule.name!r} also matched but lost: {why_lost(rule, winner)}")
@@ -181,8 +185,9 @@ class Reporter(Protocol):
     def line(self, path: FieldPath) -> int: ...
 
 
-def compile_policy(spec: PolicySpec, tiers: Mapping[str, TierSpec], default_budget_ms: float,
-                   report: Reporter) -> Policy:
+def compile_policy(
+    spec: PolicySpec, tiers: Mapping[str, TierSpec], default_budget_ms: float, report: Reporter
+) -> Policy:
     """Compile the policy section against the defined ``tiers``, once.
 
     Reports (never raises) unknown tiers, inconsistent routes, duplicate names and
@@ -197,7 +202,10 @@ def compile_policy(spec: PolicySpec, tiers: Mapping[str, TierSpec], default_budg
         if rule.name == DEFAULT_RULE:
             report.add((*at, "name"), "the name 'default' is reserved for policy.default")
         elif rule.name in first:
-            report.add((*at, "name"), f"duplicate rule name {rule.name!r} (first at line {first[rule.name]})")
+            report.add(
+                (*at, "name"),
+                f"duplicate rule name {rule.name!r} (first at line {first[rule.name]})",
+            )
         first.setdefault(rule.name, report.line((*at, "name")))
         route = _route(rule.name, rule.route, (*at, "route"), tiers, report)
         rules.append(Rule(rule.name, _match(rule.match), route, rule.priority, i))
@@ -214,20 +222,31 @@ def _match(spec: MatchSpec) -> Match:
         return None if v is None else frozenset(v)
 
     return Match(
-        context_tokens=interval(spec.context_tokens), reuse=interval(spec.reuse),
-        budget_ms=interval(spec.budget_ms), tenant=names(spec.tenant), model=names(spec.model),
-        tags=frozenset(spec.tags or ()), hints=MappingProxyType(dict(spec.hints)),
+        context_tokens=interval(spec.context_tokens),
+        reuse=interval(spec.reuse),
+        budget_ms=interval(spec.budget_ms),
+        tenant=names(spec.tenant),
+        model=names(spec.model),
+        tags=frozenset(spec.tags or ()),
+        hints=MappingProxyType(dict(spec.hints)),
     )
 
 
-def _route(name: str, spec: RouteSpec, at: FieldPath, tiers: Mapping[str, TierSpec],
-           report: Reporter) -> Route:
+def _route(
+    name: str, spec: RouteSpec, at: FieldPath, tiers: Mapping[str, TierSpec], report: Reporter
+) -> Route:
     _check_route(spec, at, tiers, report)
     return Route(
-        name=name, read=tuple(spec.read), write=tuple(spec.write),
-        admission=MappingProxyType(dict(spec.admission)), codec=MappingProxyType(dict(spec.codec)),
-        retrieval=spec.retrieval, ttl_s=MappingProxyType(dict(spec.ttl_s)), promote=spec.promote,
-        demote=MappingProxyType(dict(spec.demote)), load=spec.load,
+        name=name,
+        read=tuple(spec.read),
+        write=tuple(spec.write),
+        admission=MappingProxyType(dict(spec.admission)),
+        codec=MappingProxyType(dict(spec.codec)),
+        retrieval=spec.retrieval,
+        ttl_s=MappingProxyType(dict(spec.ttl_s)),
+        promote=spec.promote,
+        demote=MappingProxyType(dict(spec.demote)),
+        load=spec.load,
     )
 
 
@@ -238,7 +257,9 @@ def known_tier(tier: str, where: FieldPath, tiers: Mapping[str, object], report:
     return tier in tiers
 
 
-def _check_route(r: RouteSpec, at: FieldPath, tiers: Mapping[str, TierSpec], report: Reporter) -> None:
+def _check_route(
+    r: RouteSpec, at: FieldPath, tiers: Mapping[str, TierSpec], report: Reporter
+) -> None:
     def known(tier: str, where: FieldPath) -> bool:
         return known_tier(tier, where, tiers, report)
 
@@ -251,10 +272,14 @@ def _check_route(r: RouteSpec, at: FieldPath, tiers: Mapping[str, TierSpec], rep
             if known(tier, (*at, field, tier)) and tier not in r.write:
                 report.add((*at, field, tier), f"tier {tier!r} is not in this route's write list")
             elif field == "ttl_s" and tier in tiers and not _has_ttl(tiers[tier]):
-                report.add((*at, field, tier), f"tier {tier!r} (kind {tiers[tier].kind}) has no TTL")
+                report.add(
+                    (*at, field, tier), f"tier {tier!r} (kind {tiers[tier].kind}) has no TTL"
+                )
     for tier in r.codec:
         if known(tier, (*at, "codec", tier)) and tier not in (*r.read, *r.write):
-            report.add((*at, "codec", tier), f"tier {tier!r} is neither read nor written by this route")
+            report.add(
+                (*at, "codec", tier), f"tier {tier!r} is neither read nor written by this route"
+            )
     for src, dst in r.demote.items():
         where = (*at, "demote", src)
         if known(src, where) and known(dst, where):
@@ -273,5 +298,8 @@ def _check_demote(r: RouteSpec, src: str, dst: str, where: FieldPath, report: Re
     if src == dst:
         report.add(where, f"tier {src!r} cannot demote to itself")
     elif src_codec != dst_codec:
-        report.add(where, f"demoting {src!r} to {dst!r} moves objects as they are, so both need the same "
-                          f"codec (got {src_codec!r} and {dst_codec!r})")
+        report.add(
+            where,
+            f"demoting {src!r} to {dst!r} moves objects as they are, so both need the same "
+            f"codec (got {src_codec!r} and {dst_codec!r})",
+        )

@@ -34,8 +34,9 @@ def bound(x: Sequence[float], c: Sequence[float]) -> float:
     return x[0] + sum(max(x[l + 1], c[l]) for l in range(n - 1)) + c[n - 1]
 
 
-def simulate(groups: Groups, x: Sequence[float], c: Sequence[float], overhead_s: float = 0.0,
-             window: int = 2) -> float:
+def simulate(
+    groups: Groups, x: Sequence[float], c: Sequence[float], overhead_s: float = 0.0, window: int = 2
+) -> float:
     """Finish time of a request whose layers arrive in ``groups``.
 
     Transfers run one after another on the request's share of the link (layer
@@ -84,8 +85,13 @@ def candidates(n_layers: int) -> list[Groups]:
     return list(dict.fromkeys(out))  # unique, in order
 
 
-def plan_groups(x: Sequence[float], c: Sequence[float], overhead_s: float, window: int = 2,
-                tolerance: float = 0.005) -> Groups:
+def plan_groups(
+    x: Sequence[float],
+    c: Sequence[float],
+    overhead_s: float,
+    window: int = 2,
+    tolerance: float = 0.005,
+) -> Groups:
     """The grouping with the fewest GETs whose simulated finish is within ``tolerance`` of the best."""
     n = len(x)
     scored = [(simulate(g, x, c, overhead_s, window), len(g), g) for g in candidates(n)]

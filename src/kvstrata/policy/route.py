@@ -16,6 +16,7 @@ from typing import Literal
 Retrieval = Literal["layerwise", "whole"]
 LoadMode = Literal["cost", "always", "never"]
 
+
 def _empty() -> Mapping:
     return MappingProxyType({})
 

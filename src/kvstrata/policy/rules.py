@@ -103,12 +103,16 @@ class Match:
     def matches(self, ctx: RequestContext, default_budget_ms: float) -> bool:
         """Does ``ctx`` fall in this region? (:meth:`check` without the words: the per-request path.)"""
         budget = default_budget_ms if ctx.budget_ms is None else ctx.budget_ms
-        for interval, value in ((self.context_tokens, ctx.context_tokens), (self.reuse, ctx.reuse),
-                                (self.budget_ms, budget)):
+        for interval, value in (
+            (self.context_tokens, ctx.context_tokens),
+            (self.reuse, ctx.reuse),
+            (self.budget_ms, budget),
+        ):
             if interval is not None and not interval.contains(value):
                 return False
-        if (self.tenant is not None and ctx.tenant not in self.tenant) or \
-                (self.model is not None and ctx.model not in self.model):
+        if (self.tenant is not None and ctx.tenant not in self.tenant) or (
+            self.model is not None and ctx.model not in self.model
+        ):
             return False
         return self.tags <= ctx.tags and all(ctx.hints.get(k) == v for k, v in self.hints.items())
 
@@ -140,11 +144,18 @@ class Match:
             if allowed is not None:
                 value = getattr(ctx, feature)
                 verb = "in" if value in allowed else "not in"
-                yield value in allowed, f"{feature} {value!r} {verb} {{{', '.join(sorted(allowed))}}}"
+                yield (
+                    value in allowed,
+                    f"{feature} {value!r} {verb} {{{', '.join(sorted(allowed))}}}",
+                )
         if self.tags:
             missing = self.tags - ctx.tags
-            yield (not missing, f"tags lack {', '.join(sorted(missing))}" if missing
-                   else f"tags include {', '.join(sorted(self.tags))}")
+            yield (
+                not missing,
+                f"tags lack {', '.join(sorted(missing))}"
+                if missing
+                else f"tags include {', '.join(sorted(self.tags))}",
+            )
         for key, want in self.hints.items():
             got = ctx.hints.get(key)
             if got == want:
@@ -177,7 +188,9 @@ class Match:
             a, b = getattr(self, feature), getattr(other, feature)
             if b is not None and (a is None or not a <= b):
                 return False
-        return other.tags <= self.tags and all(self.hints.get(k) == v for k, v in other.hints.items())
+        return other.tags <= self.tags and all(
+            self.hints.get(k) == v for k, v in other.hints.items()
+        )
 
     def describe(self) -> str:
         """The constraints, YAML-like, for listings."""
@@ -219,8 +232,10 @@ def why_lost(loser: Rule, winner: Rule) -> str:
     if winner.specificity != loser.specificity:
         return f"less specific ({loser.specificity} < {winner.specificity})"
     if winner.priority != loser.priority:
-        return (f"same specificity ({loser.specificity}), "
-                f"lower priority ({loser.priority} < {winner.priority})")
+        return (
+            f"same specificity ({loser.specificity}), "
+            f"lower priority ({loser.priority} < {winner.priority})"
+        )
     return "same specificity and priority, later in the file"
 
 
@@ -258,10 +273,14 @@ def conflicts(rules: Sequence[Rule], where: Callable[[int], str] = lambda i: "")
 
 
 def _overlap(a: Rule, b: Rule, a_at: str) -> str | None:
-    if (a.specificity, a.priority) != (b.specificity, b.priority) or not a.match.intersects(b.match):
+    if (a.specificity, a.priority) != (b.specificity, b.priority) or not a.match.intersects(
+        b.match
+    ):
         return None
-    return (f"rule {b.name!r} overlaps rule {a.name!r}{a_at}: same specificity ({b.specificity}) "
-            f"and priority ({b.priority}); raise one rule's priority or make their matches disjoint")
+    return (
+        f"rule {b.name!r} overlaps rule {a.name!r}{a_at}: same specificity ({b.specificity}) "
+        f"and priority ({b.priority}); raise one rule's priority or make their matches disjoint"
+    )
 
 
 def _unreachable(a: Rule, b: Rule, a_at: str) -> str | None:
@@ -270,7 +289,11 @@ def _unreachable(a: Rule, b: Rule, a_at: str) -> str | None:
     if a.specificity > b.specificity:
         edge = f"is more specific ({a.specificity} > {b.specificity})"
     else:
-        edge = (f"has the same specificity ({a.specificity}) "
-                f"and a higher priority ({a.priority} > {b.priority})")
-    return (f"rule {b.name!r} can never win: every request it matches also matches "
-            f"rule {a.name!r}{a_at}, which {edge}")
+        edge = (
+            f"has the same specificity ({a.specificity}) "
+            f"and a higher priority ({a.priority} > {b.priority})"
+        )
+    return (
+        f"rule {b.name!r} can never win: every request it matches also matches "
+        f"rule {a.name!r}{a_at}, which {edge}"
+    )

@@ -109,8 +109,13 @@ class _Server:
         t0 = time.monotonic()
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
-                self._argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.state_dir, start_new_session=True)
+                self._argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.state_dir,
+                start_new_session=True,
+            )
         _LIVE.add(self)
         error: BaseException | None = None
         while time.monotonic() - t0 < self.ready_timeout and self.is_running():
@@ -126,8 +131,10 @@ class _Server:
             time.sleep(0.05)
         self.kill()
         tail = self.log_path.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"{self.name} not ready (exit code {self._proc.returncode}, "
-                           f"last error {error!r}); log tail:\n{tail}")
+        raise RuntimeError(
+            f"{self.name} not ready (exit code {self._proc.returncode}, "
+            f"last error {error!r}); log tail:\n{tail}"
+        )
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """SIGTERM our process group, wait up to ``timeout`` s, then SIGKILL. Idempotent."""
@@ -172,8 +179,21 @@ class RedisServer(_Server):
         return f"redis://127.0.0.1:{self.port}/0"
 
     def _argv(self) -> list[str]:
-        return [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--daemonize", "no", "--dir", str(self.state_dir)]
+        return [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(self.state_dir),
+        ]
 
     def _probe(self) -> bool:
         with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
@@ -185,8 +205,14 @@ class RedisClusterNode(RedisServer):
     """One ``redis-server --cluster-enabled yes`` node; its ``nodes.conf`` lives in its own dir,
     so a killed node restarted on the same port rejoins the cluster with its old identity."""
 
-    def __init__(self, state_dir: str | os.PathLike, port: int, bus_port: int, node_timeout_ms: int,
-                 binary: str | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: str | os.PathLike,
+        port: int,
+        bus_port: int,
+        node_timeout_ms: int,
+        binary: str | None = None,
+    ) -> None:
         super().__init__(Path(state_dir) / f"node-{port}", port)
         self.binary = binary or self.binary
         self.name = f"redis-{port}"
@@ -194,13 +220,25 @@ class RedisClusterNode(RedisServer):
         self.bus_port, self.node_timeout_ms = bus_port, node_timeout_ms
 
     def _argv(self) -> list[str]:
-        return [*super()._argv(), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-port", str(self.bus_port),  # explicit: port + 10000 may be taken
-                "--cluster-node-timeout", str(self.node_timeout_ms),
-                # the surviving masters keep serving their slots while one is down
-                "--cluster-require-full-coverage", "no", "--cluster-allow-reads-when-down", "no",
-                # a replica syncs at once (default: 5 s later); one that never synced cannot fail over
-                "--repl-diskless-sync-delay", "0"]
+        return [
+            *super()._argv(),
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-port",
+            str(self.bus_port),  # explicit: port + 10000 may be taken
+            "--cluster-node-timeout",
+            str(self.node_timeout_ms),
+            # the surviving masters keep serving their slots while one is down
+            "--cluster-require-full-coverage",
+            "no",
+            "--cluster-allow-reads-when-down",
+            "no",
+            # a replica syncs at once (default: 5 s later); one that never synced cannot fail over
+            "--repl-diskless-sync-delay",
+            "0",
+        ]
 
 
 class RedisCluster:
@@ -214,15 +252,24 @@ class RedisCluster:
     ``server``/``cli`` name other binaries of the same protocol (``valkey-server``/``valkey-cli``).
     """
 
-    def __init__(self, state_dir: str | os.PathLike, masters: int = 3, replicas: int = 1,
-                 node_timeout_ms: int = 1000, server: str = "redis-server", cli: str = "redis-cli") -> None:
+    def __init__(
+        self,
+        state_dir: str | os.PathLike,
+        masters: int = 3,
+        replicas: int = 1,
+        node_timeout_ms: int = 1000,
+        server: str = "redis-server",
+        cli: str = "redis-cli",
+    ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.masters, self.replicas = masters, replicas
         n = masters * (1 + replicas)
         ports = free_ports(2 * n)
         binary = _find_binary(server, f"/usr/bin/{server}")  # e.g. valkey-server, valkey-cli
-        self.nodes = [RedisClusterNode(self.state_dir, p, b, node_timeout_ms, binary)
-                      for p, b in zip(ports[:n], ports[n:])]
+        self.nodes = [
+            RedisClusterNode(self.state_dir, p, b, node_timeout_ms, binary)
+            for p, b in zip(ports[:n], ports[n:])
+        ]
         self.cli = _find_binary(cli, f"/usr/bin/{cli}")
         self.ready_seconds: float | None = None
 
@@ -240,11 +287,24 @@ class RedisCluster:
             for node in self.nodes:
                 node.start()
             done = subprocess.run(
-                [self.cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
-                 "--cluster-replicas", str(self.replicas), "--cluster-yes"],
-                capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+                [
+                    self.cli,
+                    "--cluster",
+                    "create",
+                    *(f"127.0.0.1:{p}" for p in self.ports),
+                    "--cluster-replicas",
+                    str(self.replicas),
+                    "--cluster-yes",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+            )
             if done.returncode != 0:
-                raise RuntimeError(f"redis-cli --cluster create failed:\n{done.stdout[-2000:]}{done.stderr}")
+                raise RuntimeError(
+                    f"redis-cli --cluster create failed:\n{done.stdout[-2000:]}{done.stderr}"
+                )
             self.wait_ok(timeout)
         except BaseException:
             self.stop()
@@ -254,14 +314,23 @@ class RedisCluster:
 
     def command(self, port: int, *args: str, timeout: float = 5.0) -> str:
         """One ``redis-cli`` command against one node; its output (text)."""
-        done = subprocess.run([self.cli, "-h", "127.0.0.1", "-p", str(port), *args],
-                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        done = subprocess.run(
+            [self.cli, "-h", "127.0.0.1", "-p", str(port), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
         return done.stdout
 
     def info(self, port: int, section: str = "cluster") -> dict[str, str]:
         args = ("cluster", "info") if section == "cluster" else ("info", section)
         out = self.command(port, *args)
-        return dict(line.split(":", 1) for line in out.splitlines() if ":" in line and not line.startswith("#"))
+        return dict(
+            line.split(":", 1)
+            for line in out.splitlines()
+            if ":" in line and not line.startswith("#")
+        )
 
     def wait_ok(self, timeout: float = 30.0) -> None:
         """Block until every running node sees ``cluster_state:ok`` with every slot served,
@@ -271,10 +340,19 @@ class RedisCluster:
             live = [n for n in self.nodes if n.is_running()]
             infos = [self.info(n.port) for n in live]
             repl = [self.info(n.port, "replication") for n in live]
-            if infos and all(i.get("cluster_state") == "ok" and i.get("cluster_slots_ok") == "16384"
-                             and i.get("cluster_size") == str(self.masters) for i in infos) \
-                    and all(r.get("role") == "master" or r.get("master_link_status") == "up" for r in repl) \
-                    and len(self.master_ports()) == self.masters:
+            if (
+                infos
+                and all(
+                    i.get("cluster_state") == "ok"
+                    and i.get("cluster_slots_ok") == "16384"
+                    and i.get("cluster_size") == str(self.masters)
+                    for i in infos
+                )
+                and all(
+                    r.get("role") == "master" or r.get("master_link_status") == "up" for r in repl
+                )
+                and len(self.master_ports()) == self.masters
+            ):
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"redis cluster not ok after {timeout} s: {infos}")
@@ -314,8 +392,13 @@ class RedisCluster:
             node.detach()
 
 
-def start_redis_cluster(state_dir: str | os.PathLike, masters: int = 3, replicas: int = 1,
-                        node_timeout_ms: int = 1000, **binaries: str) -> RedisCluster:
+def start_redis_cluster(
+    state_dir: str | os.PathLike,
+    masters: int = 3,
+    replicas: int = 1,
+    node_timeout_ms: int = 1000,
+    **binaries: str,
+) -> RedisCluster:
     """Start a Redis Cluster on free ports (files in ``state_dir``); return once it is ok.
     ``server=``/``cli=`` pick other binaries (Valkey's)."""
     return RedisCluster(state_dir, masters, replicas, node_timeout_ms, **binaries).start()
@@ -327,10 +410,18 @@ def s3_client(endpoint: str, access_key: str, secret_key: str):
     from botocore.config import Config
 
     return boto3.client(
-        "s3", endpoint_url=endpoint, region_name=REGION,
-        aws_access_key_id=access_key, aws_secret_access_key=secret_key,
-        config=Config(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1},
-                      s3={"addressing_style": "path"}))
+        "s3",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        config=Config(
+            connect_timeout=1,
+            read_timeout=5,
+            retries={"max_attempts": 1},
+            s3={"addressing_style": "path"},
+        ),
+    )
 
 
 def s3_ready(client, bucket: str) -> bool:
@@ -343,9 +434,19 @@ def s3_ready(client, bucket: str) -> bool:
 
 
 # Every listener `weed mini` opens gets an explicit port; Iceberg, Lance and WebDAV are off.
-_WEED_PORT_FLAGS = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port",
-                    "volume.port.grpc", "filer.port", "filer.port.grpc", "admin.port",
-                    "admin.port.grpc", "debug.port")
+_WEED_PORT_FLAGS = (
+    "s3.port",
+    "s3.port.grpc",
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
+    "debug.port",
+)
 
 
 class S3Server(_Server):
@@ -358,8 +459,13 @@ class S3Server(_Server):
     name = "seaweedfs"
     ready_timeout = 60.0
 
-    def __init__(self, state_dir: str | os.PathLike, bucket: str = BUCKET,
-                 access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY) -> None:
+    def __init__(
+        self,
+        state_dir: str | os.PathLike,
+        bucket: str = BUCKET,
+        access_key: str = ACCESS_KEY,
+        secret_key: str = SECRET_KEY,
+    ) -> None:
         super().__init__(state_dir)
         self.bucket, self.access_key, self.secret_key = bucket, access_key, secret_key
         self.ports = dict(zip(_WEED_PORT_FLAGS, free_ports(len(_WEED_PORT_FLAGS))))
@@ -377,17 +483,30 @@ class S3Server(_Server):
     url = endpoint
 
     def _argv(self) -> list[str]:
-        ident = {"name": "test", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                 "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}]}
+        ident = {
+            "name": "test",
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+        }
         config = self.state_dir / "s3.json"
         config.write_text(json.dumps({"identities": [ident]}))
         data = self.state_dir / "seaweedfs-data"
         data.mkdir(exist_ok=True)
-        argv = [self.binary, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                f"-s3.config={config}", "-webdav=false", "-admin.ui=false",
-                "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                "-volume.preStopSeconds=0",  # stop in ~1 s instead of ~2 s
-                *(f"-{flag}={port}" for flag, port in self.ports.items())]
+        argv = [
+            self.binary,
+            "mini",
+            f"-dir={data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.config={config}",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-master.telemetry=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-volume.preStopSeconds=0",  # stop in ~1 s instead of ~2 s
+            *(f"-{flag}={port}" for flag, port in self.ports.items()),
+        ]
         for svc in ("s3", "filer"):  # else /tmp/seaweedfs-<svc>-<port>.sock
             if len(str(self.state_dir / f"{svc}.sock")) < 100:  # sun_path limit
                 argv.append(f"-{svc}.localSocket={self.state_dir / f'{svc}.sock'}")
@@ -418,12 +537,19 @@ class RGWServer:
 
     name = "rgw"
 
-    def __init__(self, state_dir: str | os.PathLike, bucket: str = BUCKET,
-                 script: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: str | os.PathLike,
+        bucket: str = BUCKET,
+        script: str | os.PathLike | None = None,
+    ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.bucket = bucket
-        self.script = Path(script or os.environ.get("KVSTRATA_RGW_SCRIPT")
-                           or Path(__file__).resolve().parents[3] / "scripts" / "rgw.sh")
+        self.script = Path(
+            script
+            or os.environ.get("KVSTRATA_RGW_SCRIPT")
+            or Path(__file__).resolve().parents[3] / "scripts" / "rgw.sh"
+        )
         self.endpoint = ""
         self.access_key = self.secret_key = ""
         self.pids: list[int] = []
@@ -433,10 +559,17 @@ class RGWServer:
 
     def start(self, timeout: float = 300.0) -> RGWServer:
         t0 = time.monotonic()
-        done = subprocess.run(["bash", str(self.script), "start", str(self.state_dir)], capture_output=True,
-                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        done = subprocess.run(
+            ["bash", str(self.script), "start", str(self.state_dir)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
         if done.returncode != 0:
-            raise RuntimeError(f"{self.script} start failed ({done.returncode}):\n{done.stderr[-3000:]}")
+            raise RuntimeError(
+                f"{self.script} start failed ({done.returncode}):\n{done.stderr[-3000:]}"
+            )
         info = json.loads(done.stdout.strip().splitlines()[-1])
         self.endpoint, self.pids = info["endpoint"], info["pids"]
         self.access_key, self.secret_key = info["access_key"], info["secret_key"]
@@ -456,8 +589,12 @@ class RGWServer:
 
     def stop(self) -> None:
         _LIVE_RGW.discard(self)
-        subprocess.run(["bash", str(self.script), "stop", str(self.state_dir)], capture_output=True,
-                       timeout=60, stdin=subprocess.DEVNULL)
+        subprocess.run(
+            ["bash", str(self.script), "stop", str(self.state_dir)],
+            capture_output=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
 
 
 _LIVE_RGW: set[RGWServer] = set()
@@ -491,8 +628,9 @@ class Services:
 
     def env(self) -> dict[str, str]:
         """``KVSTRATA_TEST_`` + REDIS_URL, S3_{ENDPOINT,BUCKET,ACCESS_KEY,SECRET_KEY,REGION}."""
-        return {f"KVSTRATA_TEST_{k.upper()}": v for k, v in self.to_dict().items()
-                if isinstance(v, str)}
+        return {
+            f"KVSTRATA_TEST_{k.upper()}": v for k, v in self.to_dict().items() if isinstance(v, str)
+        }
 
     @classmethod
     def load(cls, state_dir: str | os.PathLike) -> Services:
@@ -519,10 +657,18 @@ def start_all(state_dir: str | os.PathLike) -> Services:
     except BaseException:
         redis.stop()
         raise
-    svc = Services(redis_url=redis.url, s3_endpoint=s3.endpoint, s3_bucket=s3.bucket,
-                   s3_access_key=s3.access_key, s3_secret_key=s3.secret_key,
-                   redis_pid=redis.pid, s3_pid=s3.pid, redis=redis, s3=s3,
-                   ready_seconds={"redis": redis.ready_seconds, "seaweedfs": s3.ready_seconds})
+    svc = Services(
+        redis_url=redis.url,
+        s3_endpoint=s3.endpoint,
+        s3_bucket=s3.bucket,
+        s3_access_key=s3.access_key,
+        s3_secret_key=s3.secret_key,
+        redis_pid=redis.pid,
+        s3_pid=s3.pid,
+        redis=redis,
+        s3=s3,
+        ready_seconds={"redis": redis.ready_seconds, "seaweedfs": s3.ready_seconds},
+    )
     (Path(state_dir) / "services.json").write_text(json.dumps(svc.to_dict(), indent=2) + "\n")
     return svc
 
@@ -558,8 +704,11 @@ def _stop_live() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvstrata.testing.services", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m kvstrata.testing.services",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("command", choices=["start", "stop", "env"])
     ap.add_argument("--state-dir", required=True)
     args = ap.parse_args(argv)

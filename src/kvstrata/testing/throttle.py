@@ -30,7 +30,9 @@ class _Bucket:
             now = time.monotonic()
             # burst allowance: 10 ms of traffic (at least one 64 KiB read), so short bursts
             # cannot beat the cap by much
-            self._tokens = min(self._tokens + (now - self._stamp) * self.rate, max(self.rate * 0.01, 65536))
+            self._tokens = min(
+                self._tokens + (now - self._stamp) * self.rate, max(self.rate * 0.01, 65536)
+            )
             self._stamp = now
             self._tokens -= n
             if self._tokens < 0:
@@ -38,14 +40,18 @@ class _Bucket:
 
 
 class ThrottledProxy:
-    def __init__(self, target_host: str, target_port: int, bytes_per_s: float = 0, delay_s: float = 0.0):
+    def __init__(
+        self, target_host: str, target_port: int, bytes_per_s: float = 0, delay_s: float = 0.0
+    ):
         self.target = (target_host, target_port)
         self.delay_s = delay_s
         self._buckets = (_Bucket(bytes_per_s), _Bucket(bytes_per_s))
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.AbstractServer | None = None
         started = threading.Event()
-        self._thread = threading.Thread(target=self._serve, args=(started,), daemon=True, name="throttle")
+        self._thread = threading.Thread(
+            target=self._serve, args=(started,), daemon=True, name="throttle"
+        )
         self._thread.start()
         started.wait(10)
         self.port: int = self._server.sockets[0].getsockname()[1]
@@ -56,7 +62,9 @@ class ThrottledProxy:
 
     def _serve(self, started: threading.Event) -> None:
         asyncio.set_event_loop(self._loop)
-        self._server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._handle, "127.0.0.1", 0)
+        )
         started.set()
         self._loop.run_forever()
 

@@ -297,7 +297,9 @@ class RangedTier(Tier):
                 continue
             found[key] = self._parse_header(key, probe)
         if long_headers:
-            blobs = await self._read([ReadRequest(k, 0, fmt.MAX_HEADER_BYTES) for k in long_headers])
+            blobs = await self._read(
+                [ReadRequest(k, 0, fmt.MAX_HEADER_BYTES) for k in long_headers]
+            )
             for key, blob in zip(long_headers, blobs):
                 found[key] = Miss(key) if blob is None else self._parse_header(key, blob)
         return found
@@ -386,7 +388,11 @@ def create_tier(kind: str, name: str | None = None, **settings: object) -> Tier:
 
 
 BUILTIN_KINDS = {
-    "memory": "memory", "disk": "disk", "redis": "redis", "s3": "s3", "lmcache": "lmcache"
+    "memory": "memory",
+    "disk": "disk",
+    "redis": "redis",
+    "s3": "s3.tier",
+    "lmcache": "lmcache",
 }
 
 

@@ -69,8 +69,15 @@ class DiskSettings(TierSettings):
 
     path: Path = Path("~/.cache/kvstrata/kv")
     capacity_bytes: ByteCount = Field(default=64 << 30, gt=0, le=MAX_BYTES)
-    threads: int = Field(default=8, ge=1, le=1024, description="this tier's I/O threads (its own pool)")
-    max_queued: int = Field(default=256, ge=0, le=1_000_000, description="calls waiting for a thread before one fails fast")
+    threads: int = Field(
+        default=8, ge=1, le=1024, description="this tier's I/O threads (its own pool)"
+    )
+    max_queued: int = Field(
+        default=256,
+        ge=0,
+        le=1_000_000,
+        description="calls waiting for a thread before one fails fast",
+    )
 
 
 class _NotAnObject(Exception):
@@ -82,8 +89,14 @@ class DiskTier(RangedTier):
     kind = "disk"
     settings_class = DiskSettings
 
-    def __init__(self, name: str = "disk", path: str | Path = DiskSettings().path, capacity_bytes: int = 64 << 30,
-                 threads: int = 8, max_queued: int = 256):
+    def __init__(
+        self,
+        name: str = "disk",
+        path: str | Path = DiskSettings().path,
+        capacity_bytes: int = 64 << 30,
+        threads: int = 8,
+        max_queued: int = 256,
+    ):
         super().__init__(name)
         self.root = Path(path).expanduser()
         self._root = str(self.root)
@@ -98,7 +111,9 @@ class DiskTier(RangedTier):
 
     @classmethod
     def from_settings(cls, name: str, settings: DiskSettings) -> DiskTier:
-        return cls(name, settings.path, settings.capacity_bytes, settings.threads, settings.max_queued)
+        return cls(
+            name, settings.path, settings.capacity_bytes, settings.threads, settings.max_queued
+        )
 
     async def _run(self, op: str, fn, *args):
         """``fn(*args)`` in this tier's pool; a full pool is a TierError (the tier is stuck)."""
@@ -246,7 +261,9 @@ class DiskTier(RangedTier):
             if not stat.S_ISREG(st.st_mode):
                 raise _NotAnObject(f"{_kind(st.st_mode)} under the object's name")
             if st.st_size > self.capacity_bytes:  # puts larger than the tier are never stored
-                raise _NotAnObject(f"file of {st.st_size} bytes, larger than the tier ({self.capacity_bytes})")
+                raise _NotAnObject(
+                    f"file of {st.st_size} bytes, larger than the tier ({self.capacity_bytes})"
+                )
             # Files are replaced by rename, never changed in place: the size of the
             # open file is the size of the object it holds.
             end = st.st_size if r.end is None else min(r.end, st.st_size)
@@ -294,7 +311,9 @@ class DiskTier(RangedTier):
         tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
         try:
             os.makedirs(parent, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+            )
         except OSError as exc:
             if exc.errno in _NAME_ERRORS:
                 return False
@@ -341,9 +360,14 @@ class DiskTier(RangedTier):
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symlink"), (stat.S_ISFIFO, "FIFO"),
-                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
-                       (stat.S_ISSOCK, "socket")):
+    for test, name in (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISLNK, "symlink"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+    ):
         if test(mode):
             return name
     return "special file"
@@ -352,7 +376,7 @@ def _kind(mode: int) -> str:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _unlink_quietly(path: str) -> None:

@@ -67,7 +67,10 @@ class LMCacheSettings(TierSettings):
     model_config = SettingsConfigDict(env_prefix="KVSTRATA_LMCACHE_", frozen=True, extra="forbid")
 
     capacity_bytes: ByteCount = Field(
-        default=1 << 30, ge=1 << 20, le=1 << 46, description="LMCache CPU pool size, allocated at start"
+        default=1 << 30,
+        ge=1 << 20,
+        le=1 << 46,
+        description="LMCache CPU pool size, allocated at start",
     )
     eviction: Literal["lru", "lfu", "fifo", "mru"] = Field(
         default="lru", description="LMCache's cache policy"

@@ -82,7 +82,9 @@ def _verify(data: bytes, keyring) -> fmt.Verified | fmt.FormatError:
 class MemorySettings(TierSettings):
     model_config = SettingsConfigDict(env_prefix="KVSTRATA_MEMORY_", frozen=True, extra="forbid")
 
-    capacity_bytes: ByteCount = Field(default=4 << 30, gt=0, le=1 << 46, description="bytes of encoded KV to hold")
+    capacity_bytes: ByteCount = Field(
+        default=4 << 30, gt=0, le=1 << 46, description="bytes of encoded KV to hold"
+    )
     eviction: Literal["lru", "s3fifo"] = "s3fifo"
 
 
@@ -91,7 +93,9 @@ class MemoryTier(Tier):
     kind = "memory"
     settings_class = MemorySettings
 
-    def __init__(self, name: str = "memory", capacity_bytes: int = 4 << 30, eviction: str = "s3fifo"):
+    def __init__(
+        self, name: str = "memory", capacity_bytes: int = 4 << 30, eviction: str = "s3fifo"
+    ):
         super().__init__(name)
         self.capacity_bytes = capacity_bytes
         self._objects: dict[ChunkKey, _Entry] = {}
@@ -124,7 +128,10 @@ class MemoryTier(Tier):
         """Fresh views of sections verified once (on the first read of each object)."""
         with self._lock:
             entries = [self._objects.get(k) for k in keys]
-        results = [Miss(k) if e is None else e.fetch(k, layers, self.keyring) for k, e in zip(keys, entries)]
+        results = [
+            Miss(k) if e is None else e.fetch(k, layers, self.keyring)
+            for k, e in zip(keys, entries)
+        ]
         with self._lock:
             for r in results:
                 if isinstance(r, Hit):

@@ -33,7 +33,14 @@ from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from kvstrata.keys import ChunkKey
-from kvstrata.tiers.base import PutResult, RangedTier, ReadRequest, TierError, TierSettings, register
+from kvstrata.tiers.base import (
+    PutResult,
+    RangedTier,
+    ReadRequest,
+    TierError,
+    TierSettings,
+    register,
+)
 
 try:
     import redis.asyncio as aioredis
@@ -51,7 +58,9 @@ class RedisSettings(TierSettings):
     url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     cluster: bool = False
     key_prefix: str = "kvstrata:"
-    ttl_s: int | None = Field(default=24 * 3600, gt=0, le=10 * 365 * 86400, description="None keeps objects forever")
+    ttl_s: int | None = Field(
+        default=24 * 3600, gt=0, le=10 * 365 * 86400, description="None keeps objects forever"
+    )
     max_connections: int = Field(default=64, gt=0, le=100_000)
     timeout_s: float = Field(default=5.0, gt=0, le=3600)
 
@@ -75,8 +84,10 @@ class RedisTier(RangedTier):
         self._cluster = settings.cluster or url.startswith("redis+cluster://")
         if self._cluster:
             if "{" in settings.key_prefix:
-                raise ValueError("a Redis Cluster key_prefix must not hold a hash tag ({...}): "
-                                 "every object would land in one slot")
+                raise ValueError(
+                    "a Redis Cluster key_prefix must not hold a hash tag ({...}): "
+                    "every object would land in one slot"
+                )
             self._client = aioredis.RedisCluster.from_url(
                 url.replace("redis+cluster://", "redis://", 1),
                 max_connections=settings.max_connections,
@@ -113,13 +124,18 @@ class RedisTier(RangedTier):
             groups = await self._by_node(names)
         except (RedisError, OSError) as exc:
             raise TierError(self.name, op, exc) from exc
-        replies = await asyncio.gather(*(self._send(g, queue) for g in groups.values()),
-                                       return_exceptions=True)
+        replies = await asyncio.gather(
+            *(self._send(g, queue) for g in groups.values()), return_exceptions=True
+        )
         errors = [r for r in replies if isinstance(r, BaseException)]
         for error in errors:
             if not isinstance(error, (RedisError, OSError)):
                 raise error
-        if errors and len(errors) == len(groups) and not await self._another_primary_answers(set(groups)):
+        if (
+            errors
+            and len(errors) == len(groups)
+            and not await self._another_primary_answers(set(groups))
+        ):
             raise TierError(self.name, op, errors[0])
         out: list = [_DOWN] * len(names)
         for indices, reply in zip(groups.values(), replies):
@@ -181,13 +197,18 @@ class RedisTier(RangedTier):
             names = [self._name(r.key) for r in requests]
             blobs = await self._call("get", self._client.mget(names))
         else:
-            blobs = await self._pipeline("get", [self._name(r.key) for r in requests],
-                                         lambda p, i: self._read_command(p, requests[i]))
+            blobs = await self._pipeline(
+                "get",
+                [self._name(r.key) for r in requests],
+                lambda p, i: self._read_command(p, requests[i]),
+            )
         blobs = [None if b is _DOWN else b for b in blobs]  # its cluster node is down: absent
         # GETRANGE gives b"" both for a missing key and for a range past the end of a present
         # (truncated) one; objects are never empty. The rare empty ranged answers are told
         # apart with one EXISTS round trip: b"" (present, too short) is that object's miss.
-        empty = [i for i, (r, blob) in enumerate(zip(requests, blobs)) if blob == b"" and not _whole(r)]
+        empty = [
+            i for i, (r, blob) in enumerate(zip(requests, blobs)) if blob == b"" and not _whole(r)
+        ]
         present = set()
         if empty:
             names = [self._name(requests[i].key) for i in empty]

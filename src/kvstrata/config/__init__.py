@@ -38,8 +38,17 @@ from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
-from pydantic import field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from kvstrata.policy.engine import FieldPath, Policy, PolicySpec, compile_policy, known_tier
 from kvstrata.sizes import parse_bytes
@@ -85,13 +94,15 @@ class CostPrior(_Frozen):
     bandwidth_mbps: float = Field(gt=0, le=10_000_000)  # 10 TB/s
 
 
-DEFAULT_COST: Mapping[str, CostPrior] = MappingProxyType({
-    "memory": CostPrior(latency_ms=0.02, bandwidth_mbps=20000),
-    "lmcache": CostPrior(latency_ms=0.05, bandwidth_mbps=5000),  # a copy and a checksum per get
-    "disk": CostPrior(latency_ms=0.3, bandwidth_mbps=1500),
-    "redis": CostPrior(latency_ms=0.5, bandwidth_mbps=800),
-    "s3": CostPrior(latency_ms=15, bandwidth_mbps=250),
-})
+DEFAULT_COST: Mapping[str, CostPrior] = MappingProxyType(
+    {
+        "memory": CostPrior(latency_ms=0.02, bandwidth_mbps=20000),
+        "lmcache": CostPrior(latency_ms=0.05, bandwidth_mbps=5000),  # a copy and a checksum per get
+        "disk": CostPrior(latency_ms=0.3, bandwidth_mbps=1500),
+        "redis": CostPrior(latency_ms=0.5, bandwidth_mbps=800),
+        "s3": CostPrior(latency_ms=15, bandwidth_mbps=250),
+    }
+)
 UNKNOWN_KIND_COST = CostPrior(latency_ms=5, bandwidth_mbps=200)
 DEFAULT_TIMEOUT_MS: Mapping[str, float] = MappingProxyType(
     {"memory": 1000, "lmcache": 1000, "disk": 2000, "redis": 2000, "s3": 5000}
@@ -112,7 +123,9 @@ class TierSpec(_Frozen):
 
 
 class EngineConfig(_Frozen):
-    prefill_tokens_per_s: float = Field(150.0, gt=0, le=1e8, description="prior for recompute cost; learned later")
+    prefill_tokens_per_s: float = Field(
+        150.0, gt=0, le=1e8, description="prior for recompute cost; learned later"
+    )
 
 
 class BreakerConfig(_Frozen):
@@ -135,23 +148,37 @@ class ReuseConfig(_Frozen):
 class TelemetryConfig(_Frozen):
     """Where metrics go besides the in-process registry (see docs/telemetry.md)."""
 
-    prometheus_port: int | None = Field(None, ge=0, le=65535, description="None: no exporter; 0: any free port")
+    prometheus_port: int | None = Field(
+        None, ge=0, le=65535, description="None: no exporter; 0: any free port"
+    )
     prometheus_addr: str = "127.0.0.1"
-    snapshot_path: str | None = Field(None, description="JSON snapshot file; {role} and {pid} are replaced")
+    snapshot_path: str | None = Field(
+        None, description="JSON snapshot file; {role} and {pid} are replaced"
+    )
 
 
 class BandwidthConfig(_Frozen):
     """``bandwidth:``: budgets of tiers' read paths and how concurrent loads share them."""
 
     policy: Literal["equal", "stall_aware", "deadline"] = "deadline"
-    sharing: Literal["work_conserving", "fixed"] = Field("work_conserving", description=(
-        "work_conserving: the split is redone at every event and unused bandwidth goes to others; "
-        "fixed: a rate per request, set when a request starts (a per-request rate limit)"))
+    sharing: Literal["work_conserving", "fixed"] = Field(
+        "work_conserving",
+        description=(
+            "work_conserving: the split is redone at every event and unused bandwidth goes to others; "
+            "fixed: a rate per request, set when a request starts (a per-request rate limit)"
+        ),
+    )
     links: dict[str, Annotated[float | Literal["auto"], BeforeValidator(lambda v: _rate(v))]] = {}
     read_window: int = Field(2, ge=1, le=64, description="layer groups in flight per load")
-    group_tolerance: float = Field(0.005, ge=0, le=1, description=(
-        "layer-wise loads read layers in as few GETs as keep the estimated TTFT within this "
-        "fraction of the best grouping's"))
+    group_tolerance: float = Field(
+        0.005,
+        ge=0,
+        le=1,
+        description=(
+            "layer-wise loads read layers in as few GETs as keep the estimated TTFT within this "
+            "fraction of the best grouping's"
+        ),
+    )
 
 
 class CodecSpec(_Frozen):
@@ -166,11 +193,17 @@ class DocumentsConfig(_Frozen):
     """``documents:`` -- per-document precomputed KV, stitched into prompts (docs/documents.md)."""
 
     corpus: str = Field("default", min_length=1, max_length=64, description="corpus namespace")
-    tiers: tuple[str, ...] = Field((), description="read order; `kvstrata corpus add` writes the first. "
-                                                   "Empty: the first s3 tier, else every tier, memory last")
+    tiers: tuple[str, ...] = Field(
+        (),
+        description="read order; `kvstrata corpus add` writes the first. "
+        "Empty: the first s3 tier, else every tier, memory last",
+    )
     repair: Literal["none", "context", "tail"] = "none"
-    detect: bool = Field(False, description="stitch prompts that start with registered documents "
-                                            "even when the request does not name them")
+    detect: bool = Field(
+        False,
+        description="stitch prompts that start with registered documents "
+        "even when the request does not name them",
+    )
 
 
 class AuthConfig(_Frozen):
@@ -181,9 +214,14 @@ class AuthConfig(_Frozen):
     the well-known key (integrity only, a warning when a shared tier is configured).
     """
 
-    secret_env: str = Field("KVSTRATA_SECRET", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-                            description="environment variable holding the deployment's object secret")
-    allow_unauthenticated_reads: bool = Field(False, description="also serve format v1 objects (no MAC)")
+    secret_env: str = Field(
+        "KVSTRATA_SECRET",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="environment variable holding the deployment's object secret",
+    )
+    allow_unauthenticated_reads: bool = Field(
+        False, description="also serve format v1 objects (no MAC)"
+    )
 
 
 #: Codec names every configuration has (kind = name, default parameters) unless ``codecs:`` redefines them.
@@ -252,8 +290,11 @@ class _FileSpec(_Frozen):
         # `engine:` with nothing under it means "all defaults", as an operator would expect;
         # top-level `x-...` keys are free space for YAML anchors (as in docker compose)
         if isinstance(data, dict):
-            return {k: v for k, v in data.items()
-                    if not (v is None and k in _SECTIONS) and not str(k).startswith("x-")}
+            return {
+                k: v
+                for k, v in data.items()
+                if not (v is None and k in _SECTIONS) and not str(k).startswith("x-")
+            }
         return data
 
     @field_validator("version")
@@ -278,8 +319,17 @@ class _FileSpec(_Frozen):
         return tiers
 
 
-_SECTIONS = ("engine", "orchestrator", "reuse", "telemetry", "bandwidth", "policy", "codecs", "documents",
-             "auth")
+_SECTIONS = (
+    "engine",
+    "orchestrator",
+    "reuse",
+    "telemetry",
+    "bandwidth",
+    "policy",
+    "codecs",
+    "documents",
+    "auth",
+)
 
 # -- public API -------------------------------------------------------------------
 
@@ -290,7 +340,9 @@ def load_config(path: str | os.PathLike[str]) -> StrataConfig:
         with open(path, "rb") as f:
             raw = f.read(MAX_FILE_BYTES + 1)  # a device or a huge file is never read whole
     except OSError as exc:
-        raise ConfigError(str(path), [Problem(0, "", f"cannot read: {exc.strerror or exc}")]) from None
+        raise ConfigError(
+            str(path), [Problem(0, "", f"cannot read: {exc.strerror or exc}")]
+        ) from None
     return _parse(_decode(raw, str(path)), str(path), Path(path))
 
 
@@ -321,9 +373,19 @@ def _parse(text: str, source: str, path: Path | None) -> StrataConfig:
     _check_route_codecs(spec.policy, codecs, report)
     report.raise_if_any()
     return StrataConfig(
-        path=path, version=spec.version, chunk_tokens=spec.chunk_tokens, tiers=tiers, engine=spec.engine,
-        orchestrator=spec.orchestrator, reuse=spec.reuse, telemetry=spec.telemetry, policy=policy,
-        codecs=codecs, bandwidth=spec.bandwidth, documents=spec.documents, auth=spec.auth,
+        path=path,
+        version=spec.version,
+        chunk_tokens=spec.chunk_tokens,
+        tiers=tiers,
+        engine=spec.engine,
+        orchestrator=spec.orchestrator,
+        reuse=spec.reuse,
+        telemetry=spec.telemetry,
+        policy=policy,
+        codecs=codecs,
+        bandwidth=spec.bandwidth,
+        documents=spec.documents,
+        auth=spec.auth,
     )
 
 
@@ -345,7 +407,9 @@ def _codecs(raw: dict[str, Any], path: Path | None, report: _Report) -> dict[str
             report.add(at, "'none' is the uncompressed codec and cannot be redefined")
             continue
         if not isinstance(entry, dict):
-            report.add(at, f"must be a mapping like {{kind: int4, group_size: 32}} (got {shown(entry)})")
+            report.add(
+                at, f"must be a mapping like {{kind: int4, group_size: 32}} (got {shown(entry)})"
+            )
             continue
         params = dict(entry)
         kind = params.pop("kind", None)
@@ -353,16 +417,26 @@ def _codecs(raw: dict[str, Any], path: Path | None, report: _Report) -> dict[str
             report.add((*at, "kind"), "required key missing")
             continue
         if kind not in kinds:
-            report.add((*at, "kind"), f"unknown codec kind {shown(kind)} (known: {', '.join(kinds)})")
+            report.add(
+                (*at, "kind"), f"unknown codec kind {shown(kind)} (known: {', '.join(kinds)})"
+            )
             continue
         bad = [k for k, v in params.items() if not isinstance(v, str | int | float | bool)]
         for key in bad:
             report.add((*at, key), "codec parameters must be plain scalars")
         if bad:
             continue
-        if kind in ("autoencoder", "linear-ae") and isinstance(params.get("checkpoint"), str) and path is not None:
-            params["checkpoint"] = str((path.parent / Path(params["checkpoint"]).expanduser()).resolve())
-        if isinstance(params.get("checkpoint"), str) and (problem := _not_a_checkpoint(params["checkpoint"])):
+        if (
+            kind in ("autoencoder", "linear-ae")
+            and isinstance(params.get("checkpoint"), str)
+            and path is not None
+        ):
+            params["checkpoint"] = str(
+                (path.parent / Path(params["checkpoint"]).expanduser()).resolve()
+            )
+        if isinstance(params.get("checkpoint"), str) and (
+            problem := _not_a_checkpoint(params["checkpoint"])
+        ):
             report.add((*at, "checkpoint"), problem)
             continue
         try:
@@ -399,12 +473,15 @@ def _check_route_codecs(spec: PolicySpec, codecs: Mapping[str, CodecSpec], repor
     routes: list[tuple[FieldPath, Any]] = [(("policy", "default"), spec.default)]
     routes += [(("policy", "rules", i, "route"), rule.route) for i, rule in enumerate(spec.rules)]
     for at, route in routes:
-        for tier, name in (route.codec.items() if route is not None else ()):
+        for tier, name in route.codec.items() if route is not None else ():
             if name not in codecs and name not in BUILTIN_CODECS:
                 close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
                 hint = f"did you mean {close[0]!r}? " if close else ""
-                report.add((*at, "codec", tier), f"unknown codec {name!r} ({hint}defined: {', '.join(known)}; "
-                                                 "define it under codecs:)")
+                report.add(
+                    (*at, "codec", tier),
+                    f"unknown codec {name!r} ({hint}defined: {', '.join(known)}; "
+                    "define it under codecs:)",
+                )
 
 
 # -- pass 1: YAML -------------------------------------------------------------------
@@ -415,22 +492,43 @@ MAX_FILE_BYTES = 1 << 20
 _MAX_DEPTH = 32
 _MAX_SCALAR = 8192
 _MAX_VALUES = 100_000
-_PLAIN_TAGS = {yaml.MappingNode: "tag:yaml.org,2002:map", yaml.SequenceNode: "tag:yaml.org,2002:seq"}
+_PLAIN_TAGS = {
+    yaml.MappingNode: "tag:yaml.org,2002:map",
+    yaml.SequenceNode: "tag:yaml.org,2002:seq",
+}
 
 
 def _decode(raw: bytes, source: str) -> str:
     """``raw`` as text; ConfigError at the line of the first offending byte if it is too big or not UTF-8."""
     if len(raw) > MAX_FILE_BYTES:
         line = raw[:MAX_FILE_BYTES].count(b"\n") + 1
-        raise ConfigError(source, [Problem(line, "", f"the file is over {MAX_FILE_BYTES >> 20} MiB "
-                                                     "(a configuration file is a few KiB)")])
+        raise ConfigError(
+            source,
+            [
+                Problem(
+                    line,
+                    "",
+                    f"the file is over {MAX_FILE_BYTES >> 20} MiB "
+                    "(a configuration file is a few KiB)",
+                )
+            ],
+        )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise ConfigError(source, [Problem(line, "", f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
-                                                     f"{column}); save the file as UTF-8")]) from None
+        raise ConfigError(
+            source,
+            [
+                Problem(
+                    line,
+                    "",
+                    f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                    f"{column}); save the file as UTF-8",
+                )
+            ],
+        ) from None
 
 
 def _read_yaml(text: str, source: str) -> tuple[Any, dict[FieldPath, int]]:
@@ -458,8 +556,14 @@ def _read_yaml(text: str, source: str) -> tuple[Any, dict[FieldPath, int]]:
         raise ConfigError(source, problems)
     if not isinstance(data, dict):
         found = "nothing" if data is None else f"a {type(data).__name__}"
-        raise ConfigError(source, [Problem(1, "", f"expected a mapping of sections (version, tiers, ...), "
-                                                  f"found {found}")])
+        raise ConfigError(
+            source,
+            [
+                Problem(
+                    1, "", f"expected a mapping of sections (version, tiers, ...), found {found}"
+                )
+            ],
+        )
     return data, lines
 
 
@@ -473,13 +577,15 @@ class _Loader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         event = self.peek_event()
         if isinstance(event, yaml.ScalarEvent) and len(event.value) > _MAX_SCALAR:
-            raise yaml.MarkedYAMLError(problem=f"a value over {_MAX_SCALAR} characters",
-                                       problem_mark=event.start_mark)
+            raise yaml.MarkedYAMLError(
+                problem=f"a value over {_MAX_SCALAR} characters", problem_mark=event.start_mark
+            )
         self._depth += 1
         try:
             if self._depth > _MAX_DEPTH:
-                raise yaml.MarkedYAMLError(problem=f"nested deeper than {_MAX_DEPTH} levels",
-                                           problem_mark=event.start_mark)
+                raise yaml.MarkedYAMLError(
+                    problem=f"nested deeper than {_MAX_DEPTH} levels", problem_mark=event.start_mark
+                )
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -503,18 +609,28 @@ def _yaml_problem(exc: yaml.MarkedYAMLError) -> Problem:
     return Problem(mark.line + 1 if mark else 1, "", f"invalid YAML: {exc.problem}{where}")
 
 
-def _plain(loader: yaml.SafeLoader, node: yaml.Node, path: FieldPath, lines: dict, problems: list) -> Any:
+def _plain(
+    loader: yaml.SafeLoader, node: yaml.Node, path: FieldPath, lines: dict, problems: list
+) -> Any:
     lines.setdefault(path, node.start_mark.line + 1)
     if len(lines) > _MAX_VALUES:  # aliases of aliases can expand exponentially
-        raise yaml.MarkedYAMLError(problem=f"the document expands to over {_MAX_VALUES} values",
-                                   problem_mark=node.start_mark)
+        raise yaml.MarkedYAMLError(
+            problem=f"the document expands to over {_MAX_VALUES} values",
+            problem_mark=node.start_mark,
+        )
     if len(path) > _MAX_DEPTH:  # aliases of nested nodes inside nested nodes
-        raise yaml.MarkedYAMLError(problem=f"the document expands to over {_MAX_DEPTH} levels of nesting",
-                                   problem_mark=node.start_mark)
+        raise yaml.MarkedYAMLError(
+            problem=f"the document expands to over {_MAX_DEPTH} levels of nesting",
+            problem_mark=node.start_mark,
+        )
     if type(node) in _PLAIN_TAGS and node.tag != _PLAIN_TAGS[type(node)]:
-        raise yaml.MarkedYAMLError(problem=f"unsupported tag {node.tag!r}", problem_mark=node.start_mark)
+        raise yaml.MarkedYAMLError(
+            problem=f"unsupported tag {node.tag!r}", problem_mark=node.start_mark
+        )
     if isinstance(node, yaml.SequenceNode):
-        return [_plain(loader, item, (*path, i), lines, problems) for i, item in enumerate(node.value)]
+        return [
+            _plain(loader, item, (*path, i), lines, problems) for i, item in enumerate(node.value)
+        ]
     if not isinstance(node, yaml.MappingNode):
         return _scalar(loader, node)
     _find_duplicates(loader, node, path, problems)
@@ -523,8 +639,9 @@ def _plain(loader: yaml.SafeLoader, node: yaml.Node, path: FieldPath, lines: dic
     for key_node, value_node in node.value:
         key = _scalar(loader, key_node) if isinstance(key_node, yaml.ScalarNode) else None
         if not isinstance(key, str | int | float | bool):
-            raise yaml.MarkedYAMLError(problem="a key must be a plain scalar",
-                                       problem_mark=key_node.start_mark)
+            raise yaml.MarkedYAMLError(
+                problem="a key must be a plain scalar", problem_mark=key_node.start_mark
+            )
         lines[(*path, key)] = key_node.start_mark.line + 1
         out[key] = _plain(loader, value_node, (*path, key), lines, problems)
     return out
@@ -537,11 +654,14 @@ def _scalar(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
     except (ValueError, OverflowError) as exc:  # 5,000-digit ints, 2024-13-01, bad base64
         what = "number" if node.tag.endswith((":int", ":float")) else node.tag.rsplit(":", 1)[-1]
         reason = "over 4300 digits" if "digits" in str(exc) else "out of range or malformed"
-        raise yaml.MarkedYAMLError(problem=f"invalid {what}: {reason}", problem_mark=node.start_mark) from None
+        raise yaml.MarkedYAMLError(
+            problem=f"invalid {what}: {reason}", problem_mark=node.start_mark
+        ) from None
 
 
-def _find_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, path: FieldPath,
-                     problems: list[Problem]) -> None:
+def _find_duplicates(
+    loader: yaml.SafeLoader, node: yaml.MappingNode, path: FieldPath, problems: list[Problem]
+) -> None:
     first: dict[Any, int] = {}
     for key_node, _ in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
@@ -559,7 +679,11 @@ _MAX_MESSAGE = 600
 
 def shown(value: Any, limit: int = 60) -> str:
     """``repr(value)`` for a message, cut at ``limit`` characters (a value may be 8 KiB long)."""
-    text = repr(value) if not isinstance(value, int) or abs(value) < 10**limit else f"a {len(str(value))}-digit number"
+    text = (
+        repr(value)
+        if not isinstance(value, int) or abs(value) < 10**limit
+        else f"a {len(str(value))}-digit number"
+    )
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -610,8 +734,14 @@ class _Report:
             self.pydantic(exc, (), lambda loc: _fields_at(model, loc))
             return None
 
-    def pydantic(self, exc: ValidationError, prefix: FieldPath, keys_at, secret=lambda loc: False,
-                 env=lambda loc: "") -> None:
+    def pydantic(
+        self,
+        exc: ValidationError,
+        prefix: FieldPath,
+        keys_at,
+        secret=lambda loc: False,
+        env=lambda loc: "",
+    ) -> None:
         """Report each error of ``exc`` at ``prefix + loc``; ``keys_at(loc)`` lists valid keys there."""
         for err in exc.errors(include_url=False):
             loc = tuple(p for p in err["loc"] if p != "[key]")
@@ -697,13 +827,20 @@ def _tier(name: str, raw: dict, report: _Report) -> TierSpec | None:
     raw = dict(raw)
     kind = raw.pop("kind", None)
     if not isinstance(kind, str):
-        report.add((*at, "kind"), "required key missing" if kind is None else
-                   f"input should be a valid string (got {shown(kind)})")
+        report.add(
+            (*at, "kind"),
+            "required key missing"
+            if kind is None
+            else f"input should be a valid string (got {shown(kind)})",
+        )
         return None
     try:
         settings_class = tier_class(kind).settings_class
     except ValueError:
-        report.add((*at, "kind"), f"unknown tier kind {shown(kind)} (known: {', '.join(sorted(BUILTIN_KINDS))})")
+        report.add(
+            (*at, "kind"),
+            f"unknown tier kind {shown(kind)} (known: {', '.join(sorted(BUILTIN_KINDS))})",
+        )
         return None
     except ImportError as exc:
         report.add((*at, "kind"), f"tier kind {shown(kind)} cannot be loaded: {exc}")
@@ -719,7 +856,10 @@ def _tier(name: str, raw: dict, report: _Report) -> TierSpec | None:
 def _cost(kind: str, raw: Any, at: FieldPath, report: _Report) -> CostPrior | None:
     prior = DEFAULT_COST.get(kind, UNKNOWN_KIND_COST)
     if not isinstance(raw, dict):
-        report.add(at, f"must be a mapping like {{latency_ms: 0.5, bandwidth_mbps: 800}} (got {shown(raw)})")
+        report.add(
+            at,
+            f"must be a mapping like {{latency_ms: 0.5, bandwidth_mbps: 800}} (got {shown(raw)})",
+        )
         return None
     try:
         return CostPrior.model_validate({**prior.model_dump(), **raw})
@@ -742,11 +882,16 @@ def _timeout(kind: str, raw: Any, at: FieldPath, report: _Report) -> float | Non
         return None
 
 
-def _settings(cls: type[TierSettings], raw: dict, at: FieldPath, report: _Report) -> TierSettings | None:
+def _settings(
+    cls: type[TierSettings], raw: dict, at: FieldPath, report: _Report
+) -> TierSettings | None:
     """``cls(**raw)`` with sizes parsed; errors reported per field, secrets never shown."""
     secrets = {n for n, f in cls.model_fields.items() if _is_secret(f.annotation)}
-    report.secrets |= {str(v) for k, v in raw.items()
-                       if k in secrets and isinstance(v, str | int | float) and len(str(v)) >= 3}
+    report.secrets |= {
+        str(v)
+        for k, v in raw.items()
+        if k in secrets and isinstance(v, str | int | float) and len(str(v)) >= 3
+    }
     ok = True
     for key, value in list(raw.items()):
         if not isinstance(key, str):
@@ -764,9 +909,13 @@ def _settings(cls: type[TierSettings], raw: dict, at: FieldPath, report: _Report
         return cls(**raw)
     except ValidationError as exc:
         prefix = str(cls.model_config.get("env_prefix", ""))
-        report.pydantic(exc, at, lambda loc: [*_TIER_KEYS, *cls.model_fields],
-                        secret=lambda loc: bool(loc) and loc[0] in secrets,
-                        env=lambda loc: _from_env(prefix, loc))
+        report.pydantic(
+            exc,
+            at,
+            lambda loc: [*_TIER_KEYS, *cls.model_fields],
+            secret=lambda loc: bool(loc) and loc[0] in secrets,
+            env=lambda loc: _from_env(prefix, loc),
+        )
         return None
 
 
@@ -793,10 +942,20 @@ def _rate(value: Any) -> float | str:
         if text == "auto":
             return text
         if not text.lower().endswith("/s"):
-            raise ValueError(f"invalid rate {value[:40]!r}: use bytes/s, a size per second (e.g. '1.25GB/s'), "
-                             "or 'auto'")
+            raise ValueError(
+                f"invalid rate {value[:40]!r}: use bytes/s, a size per second (e.g. '1.25GB/s'), "
+                "or 'auto'"
+            )
         value = parse_bytes(text[:-2])
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 < value <= MAX_RATE:
-        shown = f"{value:.3g}" if isinstance(value, float) or abs(value) < 10**30 else "a number that large"
+    if (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and not 0 < value <= MAX_RATE
+    ):
+        shown = (
+            f"{value:.3g}"
+            if isinstance(value, float) or abs(value) < 10**30
+            else "a number that large"
+        )
         raise ValueError(f"a rate must be positive and at most 10 TB/s (got {shown})")
     return float(value) if isinstance(value, int) and not isinstance(value, bool) else value

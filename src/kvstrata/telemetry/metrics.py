@@ -51,23 +51,67 @@ class Family:
 
 #: every family kvstrata exports, in the standalone exporter and on vLLM's ``/metrics`` alike
 FAMILIES = (
-    Family("ops", "kvstrata_tier_ops", "counter", "Tier operations by result.", ("tier", "op", "result")),
-    Family("bytes", "kvstrata_tier_bytes", "counter", "Bytes moved to and from tiers.", ("tier", "direction")),
-    Family("latency", "kvstrata_tier_latency_seconds", "histogram", "Tier operation latency.", ("tier", "op"),
-           LATENCY_BUCKETS),
-    Family("tokens", "kvstrata_tokens", "counter", "Prompt tokens by who served them.", ("source",)),
+    Family(
+        "ops",
+        "kvstrata_tier_ops",
+        "counter",
+        "Tier operations by result.",
+        ("tier", "op", "result"),
+    ),
+    Family(
+        "bytes",
+        "kvstrata_tier_bytes",
+        "counter",
+        "Bytes moved to and from tiers.",
+        ("tier", "direction"),
+    ),
+    Family(
+        "latency",
+        "kvstrata_tier_latency_seconds",
+        "histogram",
+        "Tier operation latency.",
+        ("tier", "op"),
+        LATENCY_BUCKETS,
+    ),
+    Family(
+        "tokens", "kvstrata_tokens", "counter", "Prompt tokens by who served them.", ("source",)
+    ),
     Family("lookups", "kvstrata_lookups", "counter", "Lookups by decision.", ("rule", "outcome")),
     Family("evictions", "kvstrata_evictions", "counter", "Chunks evicted by capacity.", ("tier",)),
-    Family("moves", "kvstrata_chunk_moves", "counter", "Promotions and demotions.", ("kind", "src", "dst")),
-    Family("bad_objects", "kvstrata_bad_objects", "counter", "Objects that failed verification.", ("tier", "reason")),
+    Family(
+        "moves",
+        "kvstrata_chunk_moves",
+        "counter",
+        "Promotions and demotions.",
+        ("kind", "src", "dst"),
+    ),
+    Family(
+        "bad_objects",
+        "kvstrata_bad_objects",
+        "counter",
+        "Objects that failed verification.",
+        ("tier", "reason"),
+    ),
     Family("save_dropped", "kvstrata_save_dropped", "counter", "Chunks not saved.", ("reason",)),
     Family("save_queue", "kvstrata_save_queue_depth", "gauge", "Chunks waiting to be saved."),
-    Family("load_seconds", "kvstrata_load_seconds", "histogram", "Wall time of one request's load, all tiers.",
-           (), LATENCY_BUCKETS),
-    Family("breaker_open", "kvstrata_breaker_open", "gauge", "1 while a tier is skipped.", ("tier",)),
-    Family("requests", "kvstrata_requests", "counter",
-           "Requests by where their prompt prefix came from (the tier that loaded most of it, engine, recompute).",
-           ("source",)),
+    Family(
+        "load_seconds",
+        "kvstrata_load_seconds",
+        "histogram",
+        "Wall time of one request's load, all tiers.",
+        (),
+        LATENCY_BUCKETS,
+    ),
+    Family(
+        "breaker_open", "kvstrata_breaker_open", "gauge", "1 while a tier is skipped.", ("tier",)
+    ),
+    Family(
+        "requests",
+        "kvstrata_requests",
+        "counter",
+        "Requests by where their prompt prefix came from (the tier that loaded most of it, engine, recompute).",
+        ("source",),
+    ),
 )
 FAMILY_BY_NAME = {f.name: f for f in FAMILIES}
 
@@ -76,7 +120,9 @@ OUTBOX_OBSERVATIONS = 4096
 
 
 class Telemetry:
-    def __init__(self, registry: CollectorRegistry | None = None, labels: Mapping[str, str] | None = None):
+    def __init__(
+        self, registry: CollectorRegistry | None = None, labels: Mapping[str, str] | None = None
+    ):
         self.registry = registry or CollectorRegistry()
         self.const = dict(labels or {})
         names = tuple(self.const)
@@ -207,7 +253,9 @@ class Telemetry:
             for s in family.samples:
                 if s.name.endswith("_created"):
                     continue
-                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k not in self.const)
+                labels = ",".join(
+                    f"{k}={v}" for k, v in sorted(s.labels.items()) if k not in self.const
+                )
                 out[f"{s.name}{{{labels}}}"] = s.value
         return out
 
@@ -215,7 +263,9 @@ class Telemetry:
         """Every sample as ``{"name", "labels", "value"}`` (constant labels included)."""
         return [
             {"name": s.name, "labels": dict(s.labels), "value": s.value}
-            for family in self.registry.collect() for s in family.samples if not s.name.endswith("_created")
+            for family in self.registry.collect()
+            for s in family.samples
+            if not s.name.endswith("_created")
         ]
 
     def save_snapshot(self, path: str | os.PathLike[str], **meta: str) -> Path:
@@ -226,7 +276,13 @@ class Telemetry:
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"version": 1, "time": time.time(), "pid": os.getpid(), **meta, "samples": self.samples()}
+        doc = {
+            "version": 1,
+            "time": time.time(),
+            "pid": os.getpid(),
+            **meta,
+            "samples": self.samples(),
+        }
         if path.suffix == ".jsonl":
             with path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(doc) + "\n")

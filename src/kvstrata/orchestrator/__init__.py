@@ -29,9 +29,9 @@ import dataclasses
 import logging
 import threading
 import time
-from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -39,16 +39,23 @@ from kvstrata import format as fmt
 from kvstrata import runtime
 from kvstrata.auth import keyring_for
 from kvstrata.breaker import Breaker
-from kvstrata.compression.base import Codec, CodecError, codec_from_config, confirm_header, header_params
+from kvstrata.compression.base import (
+    Codec,
+    CodecError,
+    codec_from_config,
+    confirm_header,
+    header_params,
+)
 from kvstrata.keys import ChunkKey, chunk_keys
-from kvstrata.plan import LoadHandle, ModelSpec, Plan, PlannedChunk
+from kvstrata.model import ModelSpec
+from kvstrata.plan import LoadHandle, Plan, PlannedChunk
 from kvstrata.policy import pipeline
+from kvstrata.policy.bandwidth import Flow, Link
 from kvstrata.policy.cost import CostModel
 from kvstrata.policy.engine import DEFAULT_RULE
 from kvstrata.policy.reuse import ReuseEstimator
 from kvstrata.policy.route import RequestContext, Route
-from kvstrata.policy.scheduler import Flow, Link
-from kvstrata.telemetry import ENGINE, RECOMPUTE, Telemetry
+from kvstrata.telemetry.metrics import ENGINE, RECOMPUTE, Telemetry
 from kvstrata.tiers.base import Hit, Tier, TierError, tier_class
 
 log = logging.getLogger(__name__)
@@ -71,8 +78,14 @@ class _SaveItem:
 
 
 class Orchestrator:
-    def __init__(self, config, model: ModelSpec, tiers: Mapping[str, Tier] | None = None,
-                 telemetry: Telemetry | None = None, save_workers: int = 2):
+    def __init__(
+        self,
+        config,
+        model: ModelSpec,
+        tiers: Mapping[str, Tier] | None = None,
+        telemetry: Telemetry | None = None,
+        save_workers: int = 2,
+    ):
         self.config = config
         self.model = model
         self.chunk_tokens: int = config.chunk_tokens
@@ -82,9 +95,14 @@ class Orchestrator:
         r = config.reuse
         self.reuse = ReuseEstimator(r.sketch_width, r.sketch_depth, r.half_life_s)
         b = config.orchestrator.breaker
-        self.tiers: dict[str, Tier] = dict(tiers) if tiers is not None else {
-            name: tier_class(spec.kind).from_settings(name, spec.settings) for name, spec in config.tiers.items()
-        }
+        self.tiers: dict[str, Tier] = (
+            dict(tiers)
+            if tiers is not None
+            else {
+                name: tier_class(spec.kind).from_settings(name, spec.settings)
+                for name, spec in config.tiers.items()
+            }
+        )
         self.keyring = keyring_for(config)
         for tier in self.tiers.values():
             tier.use_keyring(self.keyring)
@@ -105,9 +123,14 @@ class Orchestrator:
         self.inflight_wait_s = 2.0  # the most a lookup waits for them, whatever its budget
         # bandwidth budgets of tiers' read paths, split among concurrent loads by a policy
         bw = config.bandwidth
-        self.links = {tier: Link(self._measured(tier) if capacity == "auto" else capacity, bw.policy,
-                                 sharing=bw.sharing)
-                      for tier, capacity in bw.links.items()}
+        self.links = {
+            tier: Link(
+                self._measured(tier) if capacity == "auto" else capacity,
+                bw.policy,
+                sharing=bw.sharing,
+            )
+            for tier, capacity in bw.links.items()
+        }
         self.read_window = bw.read_window
         runtime.run(self._start(save_workers), timeout=30)
 
@@ -167,7 +190,10 @@ class Orchestrator:
     # -- lookup ---------------------------------------------------------------
 
     def lookup(
-        self, tokens: Sequence[int] | np.ndarray, ctx: RequestContext, skip_tokens: int = 0,
+        self,
+        tokens: Sequence[int] | np.ndarray,
+        ctx: RequestContext,
+        skip_tokens: int = 0,
         limit_tokens: int | None = None,
     ) -> Plan:
         """Plan the load of the longest worthwhile prefix beyond ``skip_tokens`` (what the engine holds).
@@ -182,7 +208,9 @@ class Orchestrator:
         except Exception as exc:  # a lookup can always fall back to recompute
             log.warning("lookup failed, recomputing: %s", exc)
             decision = self.policy.decide(ctx)
-            return Plan(ctx, decision, self.chunk_tokens, skip_tokens, {}, reason=f"lookup failed: {exc}")
+            return Plan(
+                ctx, decision, self.chunk_tokens, skip_tokens, {}, reason=f"lookup failed: {exc}"
+            )
 
     def _lookup_timeout(self) -> float:
         return max(self.timeouts.values(), default=1.0) * 2 + 1.0
@@ -192,32 +220,55 @@ class Orchestrator:
     ) -> Plan:
         logical = chunk_keys(tokens, self.model.namespace(ctx.tenant), self.chunk_tokens)
         hint = _as_float(ctx.hints.get("reuse"))
-        ctx = dataclasses.replace(ctx, context_tokens=len(tokens), reuse=self.reuse.predict(logical, hint))
+        ctx = dataclasses.replace(
+            ctx, context_tokens=len(tokens), reuse=self.reuse.predict(logical, hint)
+        )
         self.reuse.observe(logical)
-        budget_s = (ctx.budget_ms if ctx.budget_ms is not None else self.config.orchestrator.default_budget_ms) / 1e3
+        budget_s = (
+            ctx.budget_ms
+            if ctx.budget_ms is not None
+            else self.config.orchestrator.default_budget_ms
+        ) / 1e3
         budget_s -= await self._wait_inflight(logical, budget_s, len(tokens) - skip_tokens)
         decision = self.policy.decide(ctx)
         route = decision.route
         keys = {"none": tuple(logical)}
         for codec in {route.codec_for(t) for t in (*route.read, *route.write)} - {"none"}:
-            keys[codec] = tuple(chunk_keys(tokens, self.model.namespace(ctx.tenant, codec), self.chunk_tokens))
+            keys[codec] = tuple(
+                chunk_keys(tokens, self.model.namespace(ctx.tenant, codec), self.chunk_tokens)
+            )
         first = skip_tokens // self.chunk_tokens
-        last = len(logical) if limit_tokens is None else min(len(logical), limit_tokens // self.chunk_tokens)
+        last = (
+            len(logical)
+            if limit_tokens is None
+            else min(len(logical), limit_tokens // self.chunk_tokens)
+        )
         plan = Plan(ctx, decision, self.chunk_tokens, skip_tokens, keys, first_chunk=first)
         self.telemetry.served(ENGINE, skip_tokens)
         if route.load == "never" or not route.read or first >= last:
-            return self._planned(plan, (), None, "route does not load" if route.load == "never" else "nothing to load")
+            return self._planned(
+                plan,
+                (),
+                None,
+                "route does not load" if route.load == "never" else "nothing to load",
+            )
         found = await self._locate(route, keys, first, last)
         if route.load == "always":
             return self._planned(plan, found, None, "route always loads")
         choice = self.cost.choose(
-            [c.tier for c in found], self.chunk_tokens, self.model.chunk_bytes(self.chunk_tokens),
-            len(tokens) - skip_tokens, max(budget_s, 0.0), route.retrieval == "layerwise",
+            [c.tier for c in found],
+            self.chunk_tokens,
+            self.model.chunk_bytes(self.chunk_tokens),
+            len(tokens) - skip_tokens,
+            max(budget_s, 0.0),
+            route.retrieval == "layerwise",
             codecs={t: route.codec_for(t) for t in route.read},
         )
         return self._planned(plan, found[: choice.chunks], choice, choice.reason)
 
-    async def _wait_inflight(self, logical: Sequence[ChunkKey], budget_s: float, tokens: int) -> float:
+    async def _wait_inflight(
+        self, logical: Sequence[ChunkKey], budget_s: float, tokens: int
+    ) -> float:
         """Wait for this prompt's chunks still queued for writing (the previous request's); the
         seconds waited, which the caller takes off the request's budget.
 
@@ -238,14 +289,24 @@ class Orchestrator:
         plan = dataclasses.replace(plan, chunks=tuple(chunks), choice=choice, reason=reason)
         self.telemetry.lookup(plan.decision.rule, "load" if plan.chunks else "recompute")
         context = plan.ctx.context_tokens
-        self.telemetry.served(RECOMPUTE, max(context - plan.end_token, 0) if plan.chunks else context - plan.skip_tokens)
+        self.telemetry.served(
+            RECOMPUTE,
+            max(context - plan.end_token, 0) if plan.chunks else context - plan.skip_tokens,
+        )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "lookup: rule=%s context=%d engine=%d load=%s recompute=%d decision=%s reason=%s%s",
-                plan.decision.rule, context, plan.skip_tokens, plan.tokens_by_tier() or "{}",
-                context - plan.end_token, "load" if plan.chunks else "recompute", reason,
+                plan.decision.rule,
+                context,
+                plan.skip_tokens,
+                plan.tokens_by_tier() or "{}",
+                context - plan.end_token,
+                "load" if plan.chunks else "recompute",
+                reason,
                 f" est_load_s={choice.load_s:.4f} est_ttft_s={choice.ttft_s:.4f}"
-                f" est_recompute_all_s={choice.recompute_all_s:.4f}" if choice is not None else "",
+                f" est_recompute_all_s={choice.recompute_all_s:.4f}"
+                if choice is not None
+                else "",
             )
         return plan
 
@@ -257,7 +318,9 @@ class Orchestrator:
             if not todo:
                 break
             codec = route.codec_for(tier)
-            answer = await self._call(tier, "contains", self.tiers[tier].contains([keys[codec][i] for i in todo]))
+            answer = await self._call(
+                tier, "contains", self.tiers[tier].contains([keys[codec][i] for i in todo])
+            )
             for i, present in zip(todo, answer or ()):
                 if present:
                     where[i] = PlannedChunk(i, tier, keys[codec][i], codec)
@@ -281,7 +344,7 @@ class Orchestrator:
         started = time.perf_counter()
         try:
             result = await asyncio.wait_for(coro, self.timeouts[tier])
-        except (TierError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, TierError) as exc:
             outcome = "timeout" if isinstance(exc, asyncio.TimeoutError) else "error"
             self.telemetry.op(tier, op, outcome, time.perf_counter() - started)
             self._record(tier, ok=False)
@@ -302,8 +365,12 @@ class Orchestrator:
 
     # -- load -----------------------------------------------------------------
 
-    def load(self, plan: Plan, layers_per_read: int | None = None,
-             compute_s_per_layer: float | None = None) -> LoadHandle:
+    def load(
+        self,
+        plan: Plan,
+        layers_per_read: int | None = None,
+        compute_s_per_layer: float | None = None,
+    ) -> LoadHandle:
         """Start reading the plan's chunks; returns at once.
 
         Layer-wise routes read in layer groups planned by :func:`pipeline.plan_groups`
@@ -315,7 +382,11 @@ class Orchestrator:
         if not plan.chunks:
             handle.complete(range(self.model.n_layers))
             return handle
-        compute_s = compute_s_per_layer if compute_s_per_layer is not None else self._compute_s_per_layer(plan)
+        compute_s = (
+            compute_s_per_layer
+            if compute_s_per_layer is not None
+            else self._compute_s_per_layer(plan)
+        )
         handle.groups = self._groups(plan, layers_per_read, compute_s)
         runtime.submit(self._load(handle, compute_s))
         return handle
@@ -324,7 +395,9 @@ class Orchestrator:
         rest = max(plan.ctx.context_tokens - plan.end_token, 1)
         return self.cost.recompute_s(rest) / self.model.n_layers
 
-    def _groups(self, plan: Plan, layers_per_read: int | None, compute_s: float) -> tuple[range, ...]:
+    def _groups(
+        self, plan: Plan, layers_per_read: int | None, compute_s: float
+    ) -> tuple[range, ...]:
         n = self.model.n_layers
         if layers_per_read is not None:
             return pipeline.uniform(n, layers_per_read)
@@ -338,8 +411,13 @@ class Orchestrator:
                 bandwidth = min(bandwidth, link.capacity / (link.open_flows + 1))
             transfer_s = max(transfer_s, self._layer_bytes(chunks) / bandwidth)  # per layer
             overhead_s = max(overhead_s, self._group_overhead_s(tier, len(chunks)))
-        return pipeline.plan_groups([transfer_s] * n, [compute_s] * n, overhead_s, self.read_window,
-                                    self.config.bandwidth.group_tolerance)
+        return pipeline.plan_groups(
+            [transfer_s] * n,
+            [compute_s] * n,
+            overhead_s,
+            self.read_window,
+            self.config.bandwidth.group_tolerance,
+        )
 
     def _measured(self, tier: str) -> Callable[[], float]:
         """A link capacity that follows the tier's read bandwidth as the cost model learns it."""
@@ -348,8 +426,11 @@ class Orchestrator:
     async def _load(self, handle: LoadHandle, compute_s: float) -> None:
         plan, groups = handle.plan, handle.groups
         by_tier = _by_tier(plan.chunks)
-        flows = {tier: self._open_flow(tier, handle, chunks, compute_s)
-                 for tier, chunks in by_tier.items() if tier in self.links}
+        flows = {
+            tier: self._open_flow(tier, handle, chunks, compute_s)
+            for tier, chunks in by_tier.items()
+            if tier in self.links
+        }
         # within a flow, groups are paced in layer order: group i waits for group i-1's turn
         turns = {tier: [asyncio.Event() for _ in groups] for tier in flows}
         window = asyncio.Semaphore(self.read_window)
@@ -358,11 +439,20 @@ class Orchestrator:
         async def read(i: int, layers: range) -> None:
             try:
                 async with window:
-                    await asyncio.gather(*(
-                        self._read_group(tier, chunks, layers, handle,
-                                         self._pacer(self.links[tier], flows[tier], turns[tier], i)
-                                         if tier in flows else None)
-                        for tier, chunks in by_tier.items()))
+                    await asyncio.gather(
+                        *(
+                            self._read_group(
+                                tier,
+                                chunks,
+                                layers,
+                                handle,
+                                self._pacer(self.links[tier], flows[tier], turns[tier], i)
+                                if tier in flows
+                                else None,
+                            )
+                            for tier, chunks in by_tier.items()
+                        )
+                    )
                     if i:
                         await released[i - 1].wait()
                     if i < len(groups) - 1:  # the last is released with the accounting, below
@@ -380,19 +470,31 @@ class Orchestrator:
             handle.abort(before_release=self._account_load)
         seconds = time.monotonic() - handle.started_at
         self.telemetry.loaded(seconds)
-        log.debug("load: rule=%s tokens=%s groups=%d gets=%d failed_chunks=%s seconds=%.4f",
-                  plan.decision.rule, plan.tokens_by_tier(), len(groups), handle.gets,
-                  sorted(handle.failed), seconds)
+        log.debug(
+            "load: rule=%s tokens=%s groups=%d gets=%d failed_chunks=%s seconds=%.4f",
+            plan.decision.rule,
+            plan.tokens_by_tier(),
+            len(groups),
+            handle.gets,
+            sorted(handle.failed),
+            seconds,
+        )
         self._promote(handle)
 
-    def _open_flow(self, tier: str, handle: LoadHandle, chunks: list[PlannedChunk], compute_s: float) -> Flow:
+    def _open_flow(
+        self, tier: str, handle: LoadHandle, chunks: list[PlannedChunk], compute_s: float
+    ) -> Flow:
         budget = handle.plan.ctx.budget_ms
         layer_bytes = self._layer_bytes(chunks)
         return self.links[tier].open(
-            size_bytes=layer_bytes * self.model.n_layers, layer_bytes=layer_bytes,
-            compute_s_per_layer=compute_s, progress=handle.progress,
+            size_bytes=layer_bytes * self.model.n_layers,
+            layer_bytes=layer_bytes,
+            compute_s_per_layer=compute_s,
+            progress=handle.progress,
             deadline=None if budget is None else handle.started_at + budget / 1e3,
-            overhead_s=self._group_overhead_s(tier, len(chunks)), group_layers=[len(g) for g in handle.groups])
+            overhead_s=self._group_overhead_s(tier, len(chunks)),
+            group_layers=[len(g) for g in handle.groups],
+        )
 
     def _layer_bytes(self, chunks: list[PlannedChunk]) -> float:
         """What one layer of ``chunks`` moves: each codec's stored size as reads found it
@@ -419,17 +521,22 @@ class Orchestrator:
 
         return pace
 
-    async def _read_group(self, tier: str, chunks: list[PlannedChunk], layers: range, handle: LoadHandle,
-                          pace=None) -> None:
+    async def _read_group(
+        self, tier: str, chunks: list[PlannedChunk], layers: range, handle: LoadHandle, pace=None
+    ) -> None:
         """Read ``layers`` of ``chunks`` from one tier (one GET per chunk) once the tier's link
         (if it has one) admits their bytes, and deliver them."""
         chunks = [c for c in chunks if c.index not in handle.failed]
-        if pace is not None:  # the link admits the group's (expected) bytes, then the GETs move them
+        if (
+            pace is not None
+        ):  # the link admits the group's (expected) bytes, then the GETs move them
             await pace(len(layers) * self._layer_bytes(chunks))
         if not chunks:
             return
         started = time.perf_counter()
-        fetched = await self._call(tier, "get", self.tiers[tier].get([c.key for c in chunks], layers))
+        fetched = await self._call(
+            tier, "get", self.tiers[tier].get([c.key for c in chunks], layers)
+        )
         handle.gets += len(chunks)
         self.telemetry.op(tier, "read_range", "issued", n=len(chunks))
         decoded: list[tuple[PlannedChunk, dict[int, np.ndarray]]] = []
@@ -466,9 +573,24 @@ class Orchestrator:
             self.telemetry.op(tier, "read_chunk", "miss")
             return None
         meta, n = result.obj.meta, result.obj.header.n_layers
-        expected = (self.model.kv_heads, self.model.head_dim, self.model.dtype, self.chunk_tokens,
-                    self.model.n_layers, chunk.codec, self.model.namespace(tenant, chunk.codec).fingerprint)
-        if (meta.kv_heads, meta.head_dim, meta.dtype, meta.n_tokens, n, meta.codec, meta.namespace) != expected:
+        expected = (
+            self.model.kv_heads,
+            self.model.head_dim,
+            self.model.dtype,
+            self.chunk_tokens,
+            self.model.n_layers,
+            chunk.codec,
+            self.model.namespace(tenant, chunk.codec).fingerprint,
+        )
+        if (
+            meta.kv_heads,
+            meta.head_dim,
+            meta.dtype,
+            meta.n_tokens,
+            n,
+            meta.codec,
+            meta.namespace,
+        ) != expected:
             self._bad_object(tier, chunk.key, "foreign")
             return None
         try:  # the reader's own codec; the header may only confirm it
@@ -502,7 +624,9 @@ class Orchestrator:
     def _account_load(self, handle: LoadHandle) -> None:
         plan = handle.plan
         for c in plan.chunks:
-            tokens = (c.index + 1) * self.chunk_tokens - max(c.index * self.chunk_tokens, plan.skip_tokens)
+            tokens = (c.index + 1) * self.chunk_tokens - max(
+                c.index * self.chunk_tokens, plan.skip_tokens
+            )
             self.telemetry.served(RECOMPUTE if c.index in handle.failed else c.tier, tokens)
 
     def _promote(self, handle: LoadHandle) -> None:
@@ -515,8 +639,9 @@ class Orchestrator:
             kv = handle.chunk_kv(c.index) if faster else None
             if kv is not None:
                 keys = {codec: ks[c.index] for codec, ks in handle.plan.keys.items()}
-                if "none" in keys and self.save_chunk(route, handle.plan.ctx.tenant, keys, kv, faster,
-                                                      c.index * self.chunk_tokens):
+                if "none" in keys and self.save_chunk(
+                    route, handle.plan.ctx.tenant, keys, kv, faster, c.index * self.chunk_tokens
+                ):
                     for dst in faster:  # a plan without keys (built by hand) cannot promote
                         self.telemetry.moved("promote", c.tier, dst)
 
@@ -529,7 +654,9 @@ class Orchestrator:
 
     # -- save -----------------------------------------------------------------
 
-    def save(self, plan: Plan, chunk_index: int, kv: KV, tiers: Sequence[str] | None = None) -> bool:
+    def save(
+        self, plan: Plan, chunk_index: int, kv: KV, tiers: Sequence[str] | None = None
+    ) -> bool:
         """Queue one full chunk for writing. Never blocks; False if nothing was queued.
 
         ``kv`` is canonical ``[n_layers, 2, chunk_tokens, kv_heads, head_dim]``
@@ -543,11 +670,17 @@ class Orchestrator:
             return False
         tiers = self.admitted(plan, chunk_index) if tiers is None else tuple(tiers)
         keys = {codec: ks[chunk_index] for codec, ks in plan.keys.items()}
-        return self.save_chunk(plan.decision.route, plan.ctx.tenant, keys, kv, tiers,
-                               chunk_index * self.chunk_tokens)
+        return self.save_chunk(
+            plan.decision.route, plan.ctx.tenant, keys, kv, tiers, chunk_index * self.chunk_tokens
+        )
 
     def save_chunk(
-        self, route: Route, tenant: str, keys: Mapping[str, ChunkKey], kv: KV, tiers: Sequence[str],
+        self,
+        route: Route,
+        tenant: str,
+        keys: Mapping[str, ChunkKey],
+        kv: KV,
+        tiers: Sequence[str],
         first_position: int = 0,
     ) -> bool:
         """:meth:`save` for callers that hold keys rather than a plan (a connector's worker side).
@@ -558,7 +691,9 @@ class Orchestrator:
         """
         if not tiers:
             return False
-        return self._enqueue(_SaveItem(route, tenant, keys["none"], dict(keys), kv, tuple(tiers), first_position))
+        return self._enqueue(
+            _SaveItem(route, tenant, keys["none"], dict(keys), kv, tuple(tiers), first_position)
+        )
 
     def admitted(self, plan: Plan, chunk_index: int) -> tuple[str, ...]:
         """The route's write tiers whose admission rule accepts this chunk now (rejections counted)."""
@@ -629,13 +764,27 @@ class Orchestrator:
         codec = self._codec(codec_id)
         key = item.keys[codec_id]
         meta = fmt.ObjectMeta(
-            codec_id, self.model.dtype, self.chunk_tokens, self.model.kv_heads, self.model.head_dim,
-            self.model.namespace(item.tenant, codec_id).fingerprint, key.digest, header_params(codec_id, codec),
+            codec_id,
+            self.model.dtype,
+            self.chunk_tokens,
+            self.model.kv_heads,
+            self.model.head_dim,
+            self.model.namespace(item.tenant, codec_id).fingerprint,
+            key.digest,
+            header_params(codec_id, codec),
         )
         if kv.shape != (self.model.n_layers, *self.geometry.shape):
-            raise ValueError(f"chunk KV shaped {kv.shape}, expected {(self.model.n_layers, *self.geometry.shape)}")
-        return fmt.encode(meta, [codec.encode(kv[layer], layer, first_position=item.first_position)
-                                 for layer in range(self.model.n_layers)], self.keyring)
+            raise ValueError(
+                f"chunk KV shaped {kv.shape}, expected {(self.model.n_layers, *self.geometry.shape)}"
+            )
+        return fmt.encode(
+            meta,
+            [
+                codec.encode(kv[layer], layer, first_position=item.first_position)
+                for layer in range(self.model.n_layers)
+            ],
+            self.keyring,
+        )
 
     async def _put(self, tier: str, item: _SaveItem, blob: bytes) -> None:
         key = item.keys[item.route.codec_for(tier)]
@@ -654,7 +803,11 @@ class Orchestrator:
         self.telemetry.evicted(tier, len(result.evicted))
         dst = item.route.demote.get(tier)
         for ev in result.evicted:
-            if dst and ev.data is not None and item.route.codec_for(dst) == item.route.codec_for(tier):
+            if (
+                dst
+                and ev.data is not None
+                and item.route.codec_for(dst) == item.route.codec_for(tier)
+            ):
                 moved = await self._call(dst, "put", self.tiers[dst].put([(ev.key, ev.data)]))
                 if moved is not None:
                     self.telemetry.moved("demote", tier, dst)

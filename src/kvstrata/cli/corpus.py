@@ -1,6 +1,6 @@
 """``kvstrata corpus ...``: precompute per-document KV and list a corpus.
 
-Mounted by :mod:`kvstrata.cli` as ``app.add_typer(corpus_app, name="corpus")``.
+Mounted by :mod:`kvstrata.cli.main` as ``app.add_typer(corpus_app, name="corpus")``.
 """
 
 from __future__ import annotations
@@ -15,17 +15,26 @@ from rich.table import Table
 corpus_app = typer.Typer(help="Per-document precomputed KV (KVLink-style).", no_args_is_help=True)
 console = Console(stderr=True)
 
-_CONFIG = typer.Option(None, "--config", "-c", help="strata.yaml (default: the embedded memory + disk preset)")
+_CONFIG = typer.Option(
+    None, "--config", "-c", help="strata.yaml (default: the embedded memory + disk preset)"
+)
 _MODEL = typer.Option(None, help="checkpoint directory (default: SmolLM2-135M, prepared once)")
-_MODEL_ID = typer.Option(None, help="model identity, as the connector's kv_connector_extra_config model_id")
+_MODEL_ID = typer.Option(
+    None, help="model identity, as the connector's kv_connector_extra_config model_id"
+)
 _CORPUS = typer.Option(None, help="corpus name (default: documents.corpus of the config)")
 
 
-def _setup(config_path: Path | None, model_dir: Path | None, model_id: str | None, corpus: str | None,
-           threads: int | None = None):
+def _setup(
+    config_path: Path | None,
+    model_dir: Path | None,
+    model_id: str | None,
+    corpus: str | None,
+    threads: int | None = None,
+):
     from kvstrata.config import default_config, load_config
-    from kvstrata.documents.precompute import open_corpus
-    from kvstrata.models import prepare_smollm2
+    from kvstrata.offline.convert import prepare_smollm2
+    from kvstrata.offline.precompute import open_corpus
 
     config = load_config(config_path) if config_path else default_config()
     model_dir = model_dir or prepare_smollm2(progress=False)
@@ -34,13 +43,18 @@ def _setup(config_path: Path | None, model_dir: Path | None, model_id: str | Non
 
 @corpus_app.command("add")
 def add(
-    paths: list[Path] = typer.Argument(..., help="files, or directories of text files (.txt .md .rst ...)"),
+    paths: list[Path] = typer.Argument(
+        ..., help="files, or directories of text files (.txt .md .rst ...)"
+    ),
     config_path: Path | None = _CONFIG,
     model_dir: Path | None = _MODEL,
     model_id: str | None = _MODEL_ID,
     corpus: str | None = _CORPUS,
-    context: str | None = typer.Option(None, help="id of a given document (e.g. the system prompt) to also "
-                                                  "compute every other document after (the `context` repair)"),
+    context: str | None = typer.Option(
+        None,
+        help="id of a given document (e.g. the system prompt) to also "
+        "compute every other document after (the `context` repair)",
+    ),
     force: bool = typer.Option(False, help="recompute unchanged documents too"),
     threads: int | None = typer.Option(None, min=1, help="torch threads for the forward passes"),
 ) -> None:
@@ -49,7 +63,7 @@ def add(
     Resumable: the manifest is saved after every document; an unchanged
     document whose objects are stored is skipped, a changed one recomputed.
     """
-    from kvstrata.documents.precompute import add_documents, read_documents
+    from kvstrata.offline.precompute import add_documents, read_documents
 
     docs = read_documents(paths)
     if not docs:
@@ -58,23 +72,34 @@ def add(
     with console.status("loading the model..."):
         store, computer = _setup(config_path, model_dir, model_id, corpus, threads)
     if getattr(store.tiers[0], "kind", "") == "memory":
-        console.print(f"[yellow]warning[/yellow]: tier {store.tiers[0].name} is a memory tier; the corpus "
-                      "will not outlive this command (set documents.tiers to a disk, redis or s3 tier)")
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as bar:
+        console.print(
+            f"[yellow]warning[/yellow]: tier {store.tiers[0].name} is a memory tier; the corpus "
+            "will not outlive this command (set documents.tiers to a disk, redis or s3 tier)"
+        )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
         task = bar.add_task("documents", total=len(docs))
 
         def progress(doc_id: str, done: int, total: int) -> None:
             bar.update(task, completed=done, description=doc_id[-40:] or "done")
 
-        results = add_documents(store, docs, computer, context_id=context, progress=progress, force=force)
+        results = add_documents(
+            store, docs, computer, context_id=context, progress=progress, force=force
+        )
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
     tier = store.tiers[0].name
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    console.print(f"corpus [bold]{store.name}[/bold] in tier {tier}: {summary}; "
-                  f"{sum(r.n_tokens for r in results):,} tokens")
+    console.print(
+        f"corpus [bold]{store.name}[/bold] in tier {tier}: {summary}; "
+        f"{sum(r.n_tokens for r in results):,} tokens"
+    )
 
 
 @corpus_app.command("list")

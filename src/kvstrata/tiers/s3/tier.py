@@ -11,7 +11,7 @@ The bytes move through a *transport*, chosen in settings:
   server share two cores.
 * ``aioboto3``: the AWS SDK, for deployments that standardise on botocore
   (credential chains, custom signers).
-* ``nixl``: NIXL's OBJ plugin (``kvstrata.tiers.s3_nixl``, extra
+* ``nixl``: NIXL's OBJ plugin (``kvstrata.tiers.s3.nixl``, extra
   ``kvstrata[nixl]``), for stacks that move KV with NIXL.
 
 Retries are bounded (``max_retries``) and every request has ``timeout_s``, so
@@ -30,7 +30,14 @@ from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from kvstrata.keys import ChunkKey
-from kvstrata.tiers.base import PutResult, RangedTier, ReadRequest, TierError, TierSettings, register
+from kvstrata.tiers.base import (
+    PutResult,
+    RangedTier,
+    ReadRequest,
+    TierError,
+    TierSettings,
+    register,
+)
 
 
 class S3Settings(TierSettings):
@@ -46,7 +53,9 @@ class S3Settings(TierSettings):
     transport: Literal["obstore", "aioboto3", "nixl"] = "obstore"
     timeout_s: float = Field(default=10.0, gt=0, le=3600)
     max_retries: int = Field(default=2, ge=0, le=100)
-    max_concurrency: int = Field(default=32, gt=0, le=100_000, description="requests in flight per tier")
+    max_concurrency: int = Field(
+        default=32, gt=0, le=100_000, description="requests in flight per tier"
+    )
 
 
 class Transport(Protocol):
@@ -87,7 +96,10 @@ class ObstoreTransport:
             retry_config={
                 "max_retries": s.max_retries,
                 "retry_timeout": timedelta(seconds=s.timeout_s),
-                "backoff": {"init_backoff": timedelta(milliseconds=50), "max_backoff": timedelta(seconds=1)},
+                "backoff": {
+                    "init_backoff": timedelta(milliseconds=50),
+                    "max_backoff": timedelta(seconds=1),
+                },
             },
         )
 
@@ -98,7 +110,9 @@ class ObstoreTransport:
                 result = await self._ob.get_async(self._store, path)
                 return memoryview(await result.bytes_async())
             stop = (1 << 62) if end is None else end  # a range past the end is cut to the end
-            return memoryview(await self._ob.get_range_async(self._store, path, start=start, end=stop))
+            return memoryview(
+                await self._ob.get_range_async(self._store, path, start=start, end=stop)
+            )
         except FileNotFoundError:
             return None
         except self._ob.exceptions.BaseError as exc:
@@ -146,7 +160,8 @@ class Aioboto3Transport:
                             "s3",
                             endpoint_url=s.endpoint,
                             region_name=s.region,
-                            aws_access_key_id=s.access_key_id and s.access_key_id.get_secret_value(),
+                            aws_access_key_id=s.access_key_id
+                            and s.access_key_id.get_secret_value(),
                             aws_secret_access_key=s.secret_access_key
                             and s.secret_access_key.get_secret_value(),
                             config=Config(
@@ -171,14 +186,22 @@ class Aioboto3Transport:
 
     def _past_the_end(self, exc: Exception) -> bool:
         response = getattr(exc, "response", {})
-        return (response.get("Error", {}).get("Code") == "InvalidRange"
-                or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 416)
+        return (
+            response.get("Error", {}).get("Code") == "InvalidRange"
+            or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 416
+        )
 
     async def read(self, path: str, start: int, end: int | None) -> bytes | None:
         client = await self._c()
-        kwargs = {} if start == 0 and end is None else {"Range": f"bytes={start}-{'' if end is None else end - 1}"}
+        kwargs = (
+            {}
+            if start == 0 and end is None
+            else {"Range": f"bytes={start}-{'' if end is None else end - 1}"}
+        )
         try:
-            response = await client.get_object(Bucket=self._s.bucket, Key=self._s.prefix + path, **kwargs)
+            response = await client.get_object(
+                Bucket=self._s.bucket, Key=self._s.prefix + path, **kwargs
+            )
             async with response["Body"] as body:
                 return await body.read()
         except Exception as exc:
@@ -206,7 +229,9 @@ class Aioboto3Transport:
         client = await self._c()
         objects = [{"Key": self._s.prefix + p} for p in paths]
         for i in range(0, len(objects), 1000):  # the S3 API's batch limit
-            await client.delete_objects(Bucket=self._s.bucket, Delete={"Objects": objects[i : i + 1000]})
+            await client.delete_objects(
+                Bucket=self._s.bucket, Delete={"Objects": objects[i : i + 1000]}
+            )
 
     async def close(self) -> None:
         await self._stack.aclose()
@@ -225,7 +250,7 @@ class S3Tier(RangedTier):
             self._transport: Transport = ObstoreTransport(settings)
             self._prefix = settings.prefix
         elif settings.transport == "nixl":  # optional extra kvstrata[nixl]: imported only here
-            from kvstrata.tiers.s3_nixl import NixlTransport
+            from kvstrata.tiers.s3.nixl import NixlTransport
 
             self._transport = NixlTransport(name, settings)
             self._prefix = settings.prefix
@@ -256,7 +281,9 @@ class S3Tier(RangedTier):
         )
 
     async def put(self, items: Sequence[tuple[ChunkKey, bytes]]) -> PutResult:
-        await self._each("put", lambda item: self._transport.write(self._path(item[0]), item[1]), items)
+        await self._each(
+            "put", lambda item: self._transport.write(self._path(item[0]), item[1]), items
+        )
         self._forget_all([k for k, _ in items])
         return PutResult(len(items))
 

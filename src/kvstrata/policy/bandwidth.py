@@ -87,10 +87,12 @@ class Demand:
     def exposed_s(self, capacity: float) -> float:
         """Transfer time at full speed that its compute cannot hide (at least its next layer):
         what bandwidth given to this request buys."""
-        return max(self.remaining_bytes / capacity - self.compute_left_s, self.layer_bytes / capacity)
+        return max(
+            self.remaining_bytes / capacity - self.compute_left_s, self.layer_bytes / capacity
+        )
 
 
-class Policy(Protocol):
+class SharePolicy(Protocol):
     name: str
 
     def rates(self, demands: Sequence[Demand], capacity: float, now: float) -> dict[int, float]:
@@ -115,7 +117,9 @@ class StallAware:
             weight = {d.flow: math.sqrt(max(d.size_bytes, 1.0)) for d in open_}
             total = sum(weight.values())
             # the first layer hides behind nothing: a request is capped once its compute runs
-            capped = [d for d in open_ if d.started and left * weight[d.flow] / total >= d.no_stall_bps]
+            capped = [
+                d for d in open_ if d.started and left * weight[d.flow] / total >= d.no_stall_bps
+            ]
             if not capped:
                 out.update({d.flow: left * weight[d.flow] / total for d in open_})
                 return out
@@ -152,8 +156,10 @@ class Deadline:
             for pos in range(at):
                 moved = order[:pos] + [d] + [o for o in order[pos:] if o is not d]
                 if _finish(moved, pos, capacity, now) <= d.deadline and all(
-                        o.deadline is None or _finish(moved, k, capacity, now) <= o.deadline
-                        for k, o in enumerate(moved) if pos < k <= at):
+                    o.deadline is None or _finish(moved, k, capacity, now) <= o.deadline
+                    for k, o in enumerate(moved)
+                    if pos < k <= at
+                ):
                     order = moved
                     break
         return order
@@ -172,7 +178,7 @@ def _spread(out: dict[int, float], left: float) -> dict[int, float]:
     return out
 
 
-def make_policy(name: str) -> Policy:
+def make_share_policy(name: str) -> SharePolicy:
     if name == "equal":
         return EqualShare()
     if name == "stall_aware":
@@ -201,7 +207,9 @@ class Flow:
     compute_s_per_layer: float
     deadline: float | None
     progress: Callable[[], tuple[int, int]] = lambda: (0, 0)
-    overhead_s: float = 0.0  # what reading a group costs after the link admits it (the GETs' latency)
+    overhead_s: float = (
+        0.0  # what reading a group costs after the link admits it (the GETs' latency)
+    )
     group_layers: tuple[int, ...] = ()  # layers per read, in order (empty: one layer each)
     sent: float = 0.0
     queue: deque = field(default_factory=deque)
@@ -220,9 +228,17 @@ class Flow:
         # is running), less the time its GETs take after admission
         time_left = (held + 0.5) * c - self.overhead_s
         no_stall = head / time_left if held >= 0 and time_left > 0 else math.inf
-        return Demand(self.id, max(self.size_bytes - self.sent, 0.0), self.size_bytes, no_stall_bps=no_stall,
-                      behind=held < 1 or no_stall == math.inf, deadline=self.deadline, started=delivered > 0,
-                      compute_left_s=max(n_layers - max(consumed, 1), 0) * c, layer_bytes=self.layer_bytes)
+        return Demand(
+            self.id,
+            max(self.size_bytes - self.sent, 0.0),
+            self.size_bytes,
+            no_stall_bps=no_stall,
+            behind=held < 1 or no_stall == math.inf,
+            deadline=self.deadline,
+            started=delivered > 0,
+            compute_left_s=max(n_layers - max(consumed, 1), 0) * c,
+            layer_bytes=self.layer_bytes,
+        )
 
     def steady_demand(self) -> Demand:
         """The request over its whole load, as a per-request rate is set from: the no-stall rate
@@ -231,18 +247,30 @@ class Flow:
         n_layers, c = self._shape()
         sizes = self.group_layers or (1,)
         ratio = max([nxt / cur for cur, nxt in zip(sizes, sizes[1:])], default=1.0)
-        return Demand(self.id, max(self.size_bytes - self.sent, 0.0), self.size_bytes,
-                      no_stall_bps=ratio * self.layer_bytes / c,
-                      behind=False, deadline=self.deadline, started=True, compute_left_s=(n_layers - 1) * c,
-                      layer_bytes=self.layer_bytes)
+        return Demand(
+            self.id,
+            max(self.size_bytes - self.sent, 0.0),
+            self.size_bytes,
+            no_stall_bps=ratio * self.layer_bytes / c,
+            behind=False,
+            deadline=self.deadline,
+            started=True,
+            compute_left_s=(n_layers - 1) * c,
+            layer_bytes=self.layer_bytes,
+        )
 
 
 class Link:
     """A bandwidth budget shared by flows, split by a policy. All methods run on one event loop."""
 
-    def __init__(self, capacity_bps: float | Callable[[], float], policy: Policy | str = "deadline",
-                 tick_s: float = 0.005, clock: Callable[[], float] = time.monotonic,
-                 sharing: Sharing = "work_conserving"):
+    def __init__(
+        self,
+        capacity_bps: float | Callable[[], float],
+        policy: SharePolicy | str = "deadline",
+        tick_s: float = 0.005,
+        clock: Callable[[], float] = time.monotonic,
+        sharing: Sharing = "work_conserving",
+    ):
         """``capacity_bps``: bytes/s, or a function giving the current estimate (a measured link).
         ``sharing``: see the module's docstring."""
         if not callable(capacity_bps) and capacity_bps <= 0:
@@ -250,9 +278,11 @@ class Link:
         if sharing not in ("work_conserving", "fixed"):
             raise ValueError(f"unknown sharing {sharing!r} (known: work_conserving, fixed)")
         self.sharing = sharing
-        self._fixed: dict[int, float] = {}  # sharing=fixed: each open flow's rate, set when the newest started
+        self._fixed: dict[
+            int, float
+        ] = {}  # sharing=fixed: each open flow's rate, set when the newest started
         self._capacity = capacity_bps
-        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self.policy = make_share_policy(policy) if isinstance(policy, str) else policy
         self.tick_s = tick_s
         self.clock = clock
         self._flows: dict[int, Flow] = {}
@@ -261,12 +291,26 @@ class Link:
         self._task: asyncio.Task | None = None
         self.served_bytes = 0.0
 
-    def open(self, size_bytes: float, layer_bytes: float, compute_s_per_layer: float,
-             deadline: float | None = None, progress: Callable[[], tuple[int, int]] | None = None,
-             overhead_s: float = 0.0, group_layers: Sequence[int] = ()) -> Flow:
+    def open(
+        self,
+        size_bytes: float,
+        layer_bytes: float,
+        compute_s_per_layer: float,
+        deadline: float | None = None,
+        progress: Callable[[], tuple[int, int]] | None = None,
+        overhead_s: float = 0.0,
+        group_layers: Sequence[int] = (),
+    ) -> Flow:
         self._ids += 1
-        flow = Flow(self._ids, size_bytes, layer_bytes, compute_s_per_layer, deadline, overhead_s=overhead_s,
-                    group_layers=tuple(group_layers))
+        flow = Flow(
+            self._ids,
+            size_bytes,
+            layer_bytes,
+            compute_s_per_layer,
+            deadline,
+            overhead_s=overhead_s,
+            group_layers=tuple(group_layers),
+        )
         if progress is not None:
             flow.progress = progress
         self._flows[flow.id] = flow
@@ -335,7 +379,7 @@ class Link:
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 1e-4))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def _rates(self, waiting: list[Flow], now: float) -> dict[int, float]:
@@ -343,9 +387,15 @@ class Link:
             return self.policy.rates([f.demand() for f in waiting], self.capacity, now)
         started = any(fid not in self._fixed for fid in self._flows)
         # a request the last split gave nothing (deadline orders) gets a rate when another leaves
-        starved = not started and self._fixed.keys() != self._flows.keys() and any(self._fixed[f] <= 0 for f in self._flows)
+        starved = (
+            not started
+            and self._fixed.keys() != self._flows.keys()
+            and any(self._fixed[f] <= 0 for f in self._flows)
+        )
         if started or starved:  # set every open request's rate
-            self._fixed = self.policy.rates([f.steady_demand() for f in self._flows.values()], self.capacity, now)
+            self._fixed = self.policy.rates(
+                [f.steady_demand() for f in self._flows.values()], self.capacity, now
+            )
         return {f.id: self._fixed[f.id] for f in waiting}
 
     def _advance(self, rates: Mapping[int, float], elapsed: float) -> None:

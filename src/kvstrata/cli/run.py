@@ -33,10 +33,16 @@ QUESTIONS = [
 ]
 CHAT = [
     "You are a concise assistant for Python programmers.",
-    ("How do I read a file line by line?", "Use `with open(path) as f:` and iterate: `for line in f:`."),
+    (
+        "How do I read a file line by line?",
+        "Use `with open(path) as f:` and iterate: `for line in f:`.",
+    ),
     ("And how do I skip blank lines?", "Add `if not line.strip(): continue` inside the loop."),
     ("Can I do that in one expression?", "Yes: `[l for l in open(path) if l.strip()]`."),
-    ("How do I count the lines that remain?", "Wrap it: `sum(1 for l in open(path) if l.strip())`."),
+    (
+        "How do I count the lines that remain?",
+        "Wrap it: `sum(1 for l in open(path) if l.strip())`.",
+    ),
 ]
 
 
@@ -69,12 +75,14 @@ def _chat_prompt(tokenizer, turns: int) -> list[int]:
     messages[-1:] = []  # the last answer is what the model is asked for
     # A long system context makes the turns worth caching: the docs of `with`.
     messages[0]["content"] += "\n\nReference:\n" + _documents(tokenizer, 2)[1]
-    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    return tokenizer.encode(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    )
 
 
 def run_phase(phase: int, n_docs: int) -> list[Row]:
-    from kvstrata.engine import make_llm, ttft
-    from kvstrata.models import prepare_smollm2
+    from kvstrata.offline.convert import prepare_smollm2
+    from kvstrata.offline.runner import make_llm, ttft
 
     llm = make_llm(prepare_smollm2(progress=False), max_model_len=4096)
     tok = llm.get_tokenizer()
@@ -110,8 +118,10 @@ def run(n_docs: int = 3, disk_dir: Path | None = None) -> list[Row]:
         rows: list[Row] = []
         for phase in (1, 2):
             out = subprocess.run(
-                [sys.executable, "-m", "kvstrata.workload", str(phase), str(n_docs)],
-                env=env, capture_output=True, text=True,
+                [sys.executable, "-m", "kvstrata.cli.run", str(phase), str(n_docs)],
+                env=env,
+                capture_output=True,
+                text=True,
             )
             if out.returncode != 0:
                 raise RuntimeError(f"phase {phase} failed:\n{out.stderr[-4000:]}")

@@ -62,7 +62,9 @@ def make_llm(
 
 
 @contextlib.contextmanager
-def running_llm(model_dir: str | Path, config_path: str | Path | None = None, **kw: Any) -> Iterator[Any]:
+def running_llm(
+    model_dir: str | Path, config_path: str | Path | None = None, **kw: Any
+) -> Iterator[Any]:
     """:func:`make_llm`, shut down on exit (connectors closed, vLLM's connector slot freed).
 
     vLLM keeps one worker-side connector per process: a second engine in the
@@ -93,8 +95,13 @@ class Result:
     kvstrata: dict[str, Any] | None
 
 
-def generate(llm, prompt_ids: list[int], max_tokens: int = 16, cache_salt: str | None = None,
-             kv_params: dict[str, Any] | None = None) -> Result:
+def generate(
+    llm,
+    prompt_ids: list[int],
+    max_tokens: int = 16,
+    cache_salt: str | None = None,
+    kv_params: dict[str, Any] | None = None,
+) -> Result:
     """One greedy request. TTFT is measured as the wall time of a 1-token generation."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -108,7 +115,10 @@ def generate(llm, prompt_ids: list[int], max_tokens: int = 16, cache_salt: str |
     out = llm.generate([prompt], params, use_tqdm=False)[0]
     elapsed = time.perf_counter() - started
     return Result(
-        tuple(out.outputs[0].token_ids), out.outputs[0].text, out.num_cached_tokens or 0, elapsed,
+        tuple(out.outputs[0].token_ids),
+        out.outputs[0].text,
+        out.num_cached_tokens or 0,
+        elapsed,
         (out.kv_transfer_params or {}).get("kvstrata"),
     )
 

@@ -1,6 +1,6 @@
 """``/lookup`` on the exporter's HTTP server: the routing hint of :mod:`kvstrata.lookup` over HTTP.
 
-The exporter (:mod:`kvstrata.exporter`) serves :func:`make_app` instead of
+The exporter (:mod:`kvstrata.telemetry.exporter`) serves :func:`make_app` instead of
 prometheus_client's bare app: ``/metrics`` (and every other path) goes to
 Prometheus as before, ``/lookup`` here. Standard library only (wsgiref, via
 prometheus_client's threading WSGI server): no new server dependency.
@@ -25,10 +25,10 @@ from __future__ import annotations
 import json
 import threading
 from urllib.parse import parse_qs
+from wsgiref.simple_server import make_server
 
 from prometheus_client import make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer, _get_best_family, _SilentHandler
-from wsgiref.simple_server import make_server
 
 from kvstrata import lookup as lk
 
@@ -53,7 +53,9 @@ def make_app(registry, telemetry):
         except LookupError as exc:
             status, body = "404 Not Found", {"error": str(exc)}
         data = json.dumps(body).encode()
-        start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+        start_response(
+            status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+        )
         return [data]
 
     return app
@@ -67,7 +69,9 @@ def start_server(addr: str, port: int, registry, telemetry):
         pass
 
     Server.address_family, addr = _get_best_family(addr, port)
-    httpd = make_server(addr, port, make_app(registry, telemetry), Server, handler_class=_SilentHandler)
+    httpd = make_server(
+        addr, port, make_app(registry, telemetry), Server, handler_class=_SilentHandler
+    )
     threading.Thread(target=httpd.serve_forever, name="kvstrata-exporter", daemon=True).start()
     return httpd
 
@@ -101,14 +105,22 @@ def _request(environ) -> dict:
             raise BadRequest("body must be a JSON object")
     else:
         query = {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
-        request = {"tokens": query.pop("tokens", ""), "cache_salt": query.pop("cache_salt", None),
-                   "skip_tokens": query.pop("skip_tokens", 0), "kv_transfer_params": query}
+        request = {
+            "tokens": query.pop("tokens", ""),
+            "cache_salt": query.pop("cache_salt", None),
+            "skip_tokens": query.pop("skip_tokens", 0),
+            "kv_transfer_params": query,
+        }
         try:
             request["tokens"] = [int(t) for t in request["tokens"].split(",") if t.strip()]
         except ValueError:
             raise BadRequest("tokens must be comma-separated integers") from None
     tokens = request.get("tokens")
-    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) and t >= 0 for t in tokens):
+    if (
+        not isinstance(tokens, list)
+        or not tokens
+        or not all(isinstance(t, int) and t >= 0 for t in tokens)
+    ):
         raise BadRequest("tokens must be a non-empty list of token ids")
     params = request.get("kv_transfer_params") or {}
     if not isinstance(params, dict):

@@ -1,11 +1,11 @@
 """Getting an orchestrator's metrics out of its process: a Prometheus endpoint and snapshot files.
 
-One :class:`TelemetryService` per :class:`~kvstrata.telemetry.Telemetry`
+One :class:`TelemetryService` per :class:`~kvstrata.telemetry.metrics.Telemetry`
 (so per orchestrator) per process, started by whoever owns the orchestrator
 (the vLLM connector) from the ``telemetry:`` section of the configuration:
 
 * ``prometheus_port``: an HTTP exporter (``/metrics``, and ``/lookup``: the
-  routing hint of :mod:`kvstrata.lookup_http`) on ``prometheus_addr``.
+  routing hint of :mod:`kvstrata.telemetry.lookup_http`) on ``prometheus_addr``.
   Every sample carries ``role`` (``scheduler``, ``worker``, or
   ``scheduler+worker`` when vLLM runs both in one process and they share one
   orchestrator) and ``pid``, so the series of vLLM's engine-core and worker
@@ -35,8 +35,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
 
-from kvstrata import lookup_http
-from kvstrata.telemetry import Telemetry
+from kvstrata.telemetry import lookup_http
+from kvstrata.telemetry.metrics import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,9 @@ class TelemetryService:
                     raise
                 last = exc
         else:
-            raise OSError(f"kvstrata exporter: ports {port}..{port + PORT_ATTEMPTS - 1} on {addr} are taken") from last
+            raise OSError(
+                f"kvstrata exporter: ports {port}..{port + PORT_ATTEMPTS - 1} on {addr} are taken"
+            ) from last
         bound = self._server.server_port
         host = f"[{addr}]" if ":" in addr else addr
         self.url = f"http://{host}:{bound}/metrics"
@@ -98,14 +100,18 @@ class TelemetryService:
     def snapshot_file(self) -> Path | None:
         if not self.snapshot_path:
             return None
-        return Path(self.snapshot_path.replace("{role}", self.role).replace("{pid}", str(os.getpid())))
+        return Path(
+            self.snapshot_path.replace("{role}", self.role).replace("{pid}", str(os.getpid()))
+        )
 
     def save_snapshot(self) -> Path | None:
         path = self.snapshot_file()
         if path is None:
             return None
         try:
-            return self.telemetry.save_snapshot(path, role=self.role, **({"url": self.url} if self.url else {}))
+            return self.telemetry.save_snapshot(
+                path, role=self.role, **({"url": self.url} if self.url else {})
+            )
         except OSError as exc:  # telemetry never takes the engine down
             log.warning("kvstrata: cannot write snapshot %s: %s", path, exc)
             return None
@@ -144,7 +150,9 @@ def serve(telemetry: Telemetry, config, role: str) -> TelemetryService | None:
                 except OSError as exc:  # metrics never keep the engine from starting
                     log.warning("kvstrata: no Prometheus exporter: %s", exc)
             if config.snapshot_path:
-                threading.Thread(target=service._snapshots, name="kvstrata-snapshots", daemon=True).start()
+                threading.Thread(
+                    target=service._snapshots, name="kvstrata-snapshots", daemon=True
+                ).start()
         else:
             service.roles.add(role)
         return service

@@ -27,21 +27,33 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-lookup_app = typer.Typer(help="Routing hint: per-tier prefix tokens of a prompt.", no_args_is_help=True)
+lookup_app = typer.Typer(
+    help="Routing hint: per-tier prefix tokens of a prompt.", no_args_is_help=True
+)
 console = Console()
 
 
 @lookup_app.command()
 def lookup(
-    url: str = typer.Option(None, "--url", help="a running engine's exporter, e.g. http://127.0.0.1:9400"),
-    config: Path = typer.Option(None, "--config", help="strata.yaml: ask its tiers from this process"),
-    model: Path = typer.Option(None, "--model", help="model directory (geometry; tokenizer for --text)"),
-    model_id: str = typer.Option(None, "--model-id", help="the connector's model_id, if it was set"),
+    url: str = typer.Option(
+        None, "--url", help="a running engine's exporter, e.g. http://127.0.0.1:9400"
+    ),
+    config: Path = typer.Option(
+        None, "--config", help="strata.yaml: ask its tiers from this process"
+    ),
+    model: Path = typer.Option(
+        None, "--model", help="model directory (geometry; tokenizer for --text)"
+    ),
+    model_id: str = typer.Option(
+        None, "--model-id", help="the connector's model_id, if it was set"
+    ),
     dtype: str = typer.Option("float32", help="the engine's KV dtype (with --config)"),
     tokens: str = typer.Option(None, "--tokens", help="comma-separated token ids"),
     tokens_file: Path = typer.Option(None, "--tokens-file", help="a JSON list of token ids"),
     text: str = typer.Option(None, "--text", help="prompt text (needs --model)"),
-    param: list[str] = typer.Option(None, "--param", help="a kv_transfer_params entry key=value (repeat)"),
+    param: list[str] = typer.Option(
+        None, "--param", help="a kv_transfer_params entry key=value (repeat)"
+    ),
     salt: str = typer.Option(None, "--salt", help="the request's cache_salt (tenant)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
@@ -62,17 +74,26 @@ def lookup(
 
 def render(report: dict) -> Table:
     plan = report["plan"]
-    table = Table(title=f"{report['prompt_tokens']} prompt tokens, rule {report['rule']}: "
-                        f"load {plan['tokens'] or 'nothing'} ({plan['reason']})")
+    table = Table(
+        title=f"{report['prompt_tokens']} prompt tokens, rule {report['rule']}: "
+        f"load {plan['tokens'] or 'nothing'} ({plan['reason']})"
+    )
     for column in ("tier", "prefix tokens", "load est.", "recompute est.", "saved"):
         table.add_column(column, justify="left" if column == "tier" else "right")
     for t in report["tiers"]:
-        table.add_row(t["tier"], f"{t['tokens']:,}", f"{t['load_s'] * 1e3:,.1f} ms",
-                      f"{t['recompute_s'] * 1e3:,.1f} ms", f"{t['saved_s'] * 1e3:,.1f} ms")
+        table.add_row(
+            t["tier"],
+            f"{t['tokens']:,}",
+            f"{t['load_s'] * 1e3:,.1f} ms",
+            f"{t['recompute_s'] * 1e3:,.1f} ms",
+            f"{t['saved_s'] * 1e3:,.1f} ms",
+        )
     return table
 
 
-def _prompt(tokens: str | None, tokens_file: Path | None, text: str | None, model: Path | None) -> list[int]:
+def _prompt(
+    tokens: str | None, tokens_file: Path | None, text: str | None, model: Path | None
+) -> list[int]:
     if tokens:
         return [int(t) for t in tokens.split(",") if t.strip()]
     if tokens_file:
@@ -95,8 +116,12 @@ def _pair(text: str) -> tuple[str, str]:
 
 def _ask(url: str, body: dict) -> dict:
     base = url.rstrip("/").removesuffix("/metrics").removesuffix("/lookup")
-    request = urllib.request.Request(base + "/lookup", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+    request = urllib.request.Request(
+        base + "/lookup",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())
@@ -105,7 +130,9 @@ def _ask(url: str, body: dict) -> dict:
         raise typer.Exit(1) from None
 
 
-def _local(config: Path, model: Path, model_id: str | None, dtype: str, ids: list[int], salt, params) -> dict:
+def _local(
+    config: Path, model: Path, model_id: str | None, dtype: str, ids: list[int], salt, params
+) -> dict:
     from kvstrata import lookup as lk
     from kvstrata.config import load_config
     from kvstrata.orchestrator import Orchestrator
@@ -120,14 +147,25 @@ def _local(config: Path, model: Path, model_id: str | None, dtype: str, ids: lis
 
 def model_spec(model: Path, dtype: str, model_id: str | None = None):
     """The ModelSpec the vLLM connector builds for ``model`` (see connectors.vllm_setup.model_spec)."""
-    from kvstrata.plan import ModelSpec
+    from kvstrata.model import ModelSpec
 
     hf = json.loads((model / "config.json").read_text())
     heads = hf["num_attention_heads"]
-    name = model_id or "/".join([str(model).rstrip("/").rsplit("/", 1)[-1], ",".join(hf.get("architectures") or []),
-                                 f"h{hf.get('hidden_size', 0)}", f"v{hf.get('vocab_size', 0)}"])
-    return ModelSpec(name=name, n_layers=hf["num_hidden_layers"], kv_heads=hf.get("num_key_value_heads", heads),
-                     head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, dtype=dtype)
+    name = model_id or "/".join(
+        [
+            str(model).rstrip("/").rsplit("/", 1)[-1],
+            ",".join(hf.get("architectures") or []),
+            f"h{hf.get('hidden_size', 0)}",
+            f"v{hf.get('vocab_size', 0)}",
+        ]
+    )
+    return ModelSpec(
+        name=name,
+        n_layers=hf["num_hidden_layers"],
+        kv_heads=hf.get("num_key_value_heads", heads),
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        dtype=dtype,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -295,5 +295,7 @@ def _say(progress: bool, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-if __name__ == "__main__":  # python -m kvstrata.models [DIR]: prepare and print the directory
+if (
+    __name__ == "__main__"
+):  # python -m kvstrata.offline.convert [DIR]: prepare and print the directory
     print(prepare_smollm2(Path(sys.argv[1]) if len(sys.argv) > 1 else None))

@@ -1,6 +1,6 @@
 """``kvstrata codec ...``: train learned codecs, inspect checkpoints.
 
-Mounted by :mod:`kvstrata.cli` as ``app.add_typer(codec_app, name="codec")``.
+Mounted by :mod:`kvstrata.cli.main` as ``app.add_typer(codec_app, name="codec")``.
 
 ``kvstrata codec train`` captures KV from SmolLM2-135M through transformers
 (the training 70% of CPython's ``pydoc_data.topics``; K is post-RoPE, as vLLM
@@ -37,7 +37,9 @@ console = Console(stderr=True)
 
 
 def default_checkpoint(latent: int) -> Path:
-    return Path.home() / ".cache" / "kvstrata" / "codecs" / f"smollm2-135m-ae-l{latent}-v1.safetensors"
+    return (
+        Path.home() / ".cache" / "kvstrata" / "codecs" / f"smollm2-135m-ae-l{latent}-v1.safetensors"
+    )
 
 
 def default_linear_checkpoint(k_bytes: int, v_bytes: int, derotate: bool) -> Path:
@@ -46,21 +48,41 @@ def default_linear_checkpoint(k_bytes: int, v_bytes: int, derotate: bool) -> Pat
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
 
 
 @codec_app.command()
 def train(
-    out: Path | None = typer.Option(None, help="checkpoint file (default ~/.cache/kvstrata/codecs/...)"),
-    kind: str = typer.Option("linear-ae", help="linear-ae (transform + quantized latent) or autoencoder (MLP)"),
-    k_bytes: list[int] = typer.Option([96], min=1, help="linear-ae: code bytes per token and layer for K (all "
-                                      "heads); repeat with --v-bytes to fit several checkpoints from one capture"),
-    v_bytes: list[int] = typer.Option([96], min=1, help="linear-ae: code bytes per token and layer for V"),
-    derotate: bool = typer.Option(True, help="linear-ae: code keys as before RoPE (needs chunk positions)"),
+    out: Path | None = typer.Option(
+        None, help="checkpoint file (default ~/.cache/kvstrata/codecs/...)"
+    ),
+    kind: str = typer.Option(
+        "linear-ae", help="linear-ae (transform + quantized latent) or autoencoder (MLP)"
+    ),
+    k_bytes: list[int] = typer.Option(
+        [96],
+        min=1,
+        help="linear-ae: code bytes per token and layer for K (all "
+        "heads); repeat with --v-bytes to fit several checkpoints from one capture",
+    ),
+    v_bytes: list[int] = typer.Option(
+        [96], min=1, help="linear-ae: code bytes per token and layer for V"
+    ),
+    derotate: bool = typer.Option(
+        True, help="linear-ae: code keys as before RoPE (needs chunk positions)"
+    ),
     max_vectors: int = typer.Option(65536, min=1, help="linear-ae: training vectors per transform"),
-    latent: int = typer.Option(16, min=1, help="autoencoder: latent size per head vector (head_dim 64)"),
+    latent: int = typer.Option(
+        16, min=1, help="autoencoder: latent size per head vector (head_dim 64)"
+    ),
     hidden: int = typer.Option(128, min=1, help="hidden width of encoder and decoder"),
     steps: int = typer.Option(600, min=1, help="optimizer steps"),
     batch: int = typer.Option(1024, min=1, help="vectors per step, per autoencoder"),
@@ -68,13 +90,18 @@ def train(
     seed: int = typer.Option(0, help="random seed (data sampling and initialization)"),
     sequences: int = typer.Option(12, min=1, help="training sequences captured from the model"),
     seq_len: int = typer.Option(512, min=16, help="tokens per sequence"),
-    heldout_sequences: int = typer.Option(2, min=1, help="held-out sequences for the recorded error"),
-    model_dir: Path | None = typer.Option(None, help="HF checkpoint dir (default: prepared SmolLM2-135M)"),
+    heldout_sequences: int = typer.Option(
+        2, min=1, help="held-out sequences for the recorded error"
+    ),
+    model_dir: Path | None = typer.Option(
+        None, help="HF checkpoint dir (default: prepared SmolLM2-135M)"
+    ),
 ) -> None:
     """Capture KV from SmolLM2 and train per-layer K/V codecs; print the checkpoint's sha256."""
     import numpy as np
 
-    from kvstrata.compression import autoencoder, capture
+    from kvstrata.compression import autoencoder
+    from kvstrata.offline import capture
 
     if kind not in ("linear-ae", "autoencoder"):
         raise typer.BadParameter(f"--kind must be linear-ae or autoencoder, not {kind!r}")
@@ -82,7 +109,9 @@ def train(
         if len(k_bytes) != len(v_bytes):
             raise typer.BadParameter("give --k-bytes and --v-bytes the same number of times")
         if out is not None and len(k_bytes) > 1:
-            raise typer.BadParameter("--out names one checkpoint: give one --k-bytes/--v-bytes pair")
+            raise typer.BadParameter(
+                "--out names one checkpoint: give one --k-bytes/--v-bytes pair"
+            )
     else:
         out = out or default_checkpoint(latent)
     import torch
@@ -107,16 +136,34 @@ def train(
     n_layers, _, _, heads, head_dim = train_kv[0].shape
     if kind == "linear-ae":
         for kb, vb in zip(k_bytes, v_bytes):
-            _train_linear(model, train_kv, held_kv, out or default_linear_checkpoint(kb, vb, derotate), k_bytes=kb,
-                          v_bytes=vb, derotate=derotate, max_vectors=max_vectors, seed=seed, started=started,
-                          meta={"model": "SmolLM2-135M-Instruct", "corpus": "pydoc_data.topics[:70%]",
-                                "train_tokens": len(train_ids) * seq_len, "sequences": sequences,
-                                "seq_len": seq_len})
+            _train_linear(
+                model,
+                train_kv,
+                held_kv,
+                out or default_linear_checkpoint(kb, vb, derotate),
+                k_bytes=kb,
+                v_bytes=vb,
+                derotate=derotate,
+                max_vectors=max_vectors,
+                seed=seed,
+                started=started,
+                meta={
+                    "model": "SmolLM2-135M-Instruct",
+                    "corpus": "pydoc_data.topics[:70%]",
+                    "train_tokens": len(train_ids) * seq_len,
+                    "sequences": sequences,
+                    "seq_len": seq_len,
+                },
+            )
         return
 
     def by_layer(kvs):
         stacked = np.concatenate(kvs, axis=2)  # [L, 2, T_total, H, D]
-        return {("kv"[i], layer): stacked[layer, i].reshape(-1, head_dim) for layer in range(n_layers) for i in (0, 1)}
+        return {
+            ("kv"[i], layer): stacked[layer, i].reshape(-1, head_dim)
+            for layer in range(n_layers)
+            for i in (0, 1)
+        }
 
     data, held = by_layer(train_kv), by_layer(held_kv)
     with _progress() as bar:
@@ -126,22 +173,49 @@ def train(
             bar.update(task, completed=step, info=f"loss {loss:.4f}")
 
         ckpt = autoencoder.train(
-            data, held, latent=latent, hidden=hidden, steps=steps, batch=batch, lr=lr, seed=seed, progress=report,
-            meta={"model": "SmolLM2-135M-Instruct", "kv_heads": heads, "corpus": "pydoc_data.topics[:70%]",
-                  "train_tokens": len(train_ids) * seq_len, "k": "post-RoPE"},
+            data,
+            held,
+            latent=latent,
+            hidden=hidden,
+            steps=steps,
+            batch=batch,
+            lr=lr,
+            seed=seed,
+            progress=report,
+            meta={
+                "model": "SmolLM2-135M-Instruct",
+                "kv_heads": heads,
+                "corpus": "pydoc_data.topics[:70%]",
+                "train_tokens": len(train_ids) * seq_len,
+                "k": "post-RoPE",
+            },
         )
     digest = ckpt.save(out)
     errs = json.loads(ckpt.meta["heldout_rel_err"])
     k = [errs[f"k{i}"] for i in range(n_layers)]
     v = [errs[f"v{i}"] for i in range(n_layers)]
-    console.print(f"held-out relative error: K mean {np.mean(k):.3f} (max {max(k):.3f}), "
-                  f"V mean {np.mean(v):.3f} (max {max(v):.3f})")
+    console.print(
+        f"held-out relative error: K mean {np.mean(k):.3f} (max {max(k):.3f}), "
+        f"V mean {np.mean(v):.3f} (max {max(v):.3f})"
+    )
     console.print(f"{time.perf_counter() - started:.0f} s; checkpoint {out}")
     typer.echo(json.dumps({"checkpoint": str(out), "sha256": digest}))
 
 
-def _train_linear(model, train_kv, held_kv, out: Path, *, k_bytes, v_bytes, derotate, max_vectors, seed, started,
-                  meta) -> None:
+def _train_linear(
+    model,
+    train_kv,
+    held_kv,
+    out: Path,
+    *,
+    k_bytes,
+    v_bytes,
+    derotate,
+    max_vectors,
+    seed,
+    started,
+    meta,
+) -> None:
     import numpy as np
 
     from kvstrata.compression import linear
@@ -149,28 +223,51 @@ def _train_linear(model, train_kv, held_kv, out: Path, *, k_bytes, v_bytes, dero
     n_layers, _, _, heads, head_dim = train_kv[0].shape
     theta = _rope_theta(model.config)
     chunk = 256  # held-out error measured per 256-token chunk at its absolute position, as stored
-    data = {("kv"[i], layer): [(0, kv[layer, i]) for kv in train_kv] for layer in range(n_layers) for i in (0, 1)}
-    held = {("kv"[i], layer): [(c, kv[layer, i, c : c + chunk]) for kv in held_kv for c in range(0, kv.shape[2], chunk)]
-            for layer in range(n_layers) for i in (0, 1)}
+    data = {
+        ("kv"[i], layer): [(0, kv[layer, i]) for kv in train_kv]
+        for layer in range(n_layers)
+        for i in (0, 1)
+    }
+    held = {
+        ("kv"[i], layer): [
+            (c, kv[layer, i, c : c + chunk]) for kv in held_kv for c in range(0, kv.shape[2], chunk)
+        ]
+        for layer in range(n_layers)
+        for i in (0, 1)
+    }
     with _progress() as bar:
         task = bar.add_task(f"fitting {2 * n_layers} transforms", total=2 * n_layers, info="")
 
         def report(done: int, total: int, info: str) -> None:
             bar.update(task, completed=done, info=info)
 
-        ckpt = linear.train_linear(data, held, kv_heads=heads, head_dim=head_dim, k_bits=8 * k_bytes,
-                                   v_bits=8 * v_bytes, derotate=derotate, rope_theta=theta, max_vectors=max_vectors,
-                                   seed=seed, progress=report,
-                                   meta={**meta, "k": "post-RoPE as stored"
-                                         + (", derotated by the codec" if derotate else "")})
+        ckpt = linear.train_linear(
+            data,
+            held,
+            kv_heads=heads,
+            head_dim=head_dim,
+            k_bits=8 * k_bytes,
+            v_bits=8 * v_bytes,
+            derotate=derotate,
+            rope_theta=theta,
+            max_vectors=max_vectors,
+            seed=seed,
+            progress=report,
+            meta={
+                **meta,
+                "k": "post-RoPE as stored" + (", derotated by the codec" if derotate else ""),
+            },
+        )
     digest = ckpt.save(out)
     errs = json.loads(ckpt.meta["heldout_rel_err"])
     k = [errs[f"k{i}"] for i in range(n_layers)]
     v = [errs[f"v{i}"] for i in range(n_layers)]
     elems = heads * head_dim
-    console.print(f"{(k_bytes + v_bytes + 4) / (2 * elems):.3f} bytes/element "
-                  f"(bf16: 2); held-out relative error: K mean {np.mean(k):.3f} (max {max(k):.3f}), "
-                  f"V mean {np.mean(v):.3f} (max {max(v):.3f})")
+    console.print(
+        f"{(k_bytes + v_bytes + 4) / (2 * elems):.3f} bytes/element "
+        f"(bf16: 2); held-out relative error: K mean {np.mean(k):.3f} (max {max(k):.3f}), "
+        f"V mean {np.mean(v):.3f} (max {max(v):.3f})"
+    )
     console.print(f"{time.perf_counter() - started:.0f} s; checkpoint {out}")
     typer.echo(json.dumps({"checkpoint": str(out), "sha256": digest}))
 
@@ -178,17 +275,21 @@ def _train_linear(model, train_kv, held_kv, out: Path, *, k_bytes, v_bytes, dero
 def _rope_theta(config) -> float:
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if params.get("rope_type", "default") not in ("default", None):
-        raise typer.BadParameter(f"linear-ae derotation knows plain RoPE only, not {params.get('rope_type')!r}")
+        raise typer.BadParameter(
+            f"linear-ae derotation knows plain RoPE only, not {params.get('rope_type')!r}"
+        )
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
 @codec_app.command()
-def show(checkpoint: Path = typer.Argument(..., help="learned codec checkpoint (.safetensors)")) -> None:
+def show(
+    checkpoint: Path = typer.Argument(..., help="learned codec checkpoint (.safetensors)"),
+) -> None:
     """Print a checkpoint's metadata, sha256 and recorded held-out error per layer."""
     from kvstrata.compression import linear
     from kvstrata.compression.autoencoder import load_checkpoint
-    from kvstrata.compression.checkpoint_file import metadata as _safetensors_metadata
     from kvstrata.compression.base import CodecError
+    from kvstrata.compression.checkpoint_file import metadata as _safetensors_metadata
 
     try:
         try:
@@ -217,5 +318,9 @@ def show(checkpoint: Path = typer.Argument(..., help="learned codec checkpoint (
         t.add_column("K")
         t.add_column("V")
         for layer in range(ckpt.n_layers):
-            t.add_row(str(layer), f"{errs.get(f'k{layer}', float('nan')):.4f}", f"{errs.get(f'v{layer}', float('nan')):.4f}")
+            t.add_row(
+                str(layer),
+                f"{errs.get(f'k{layer}', float('nan')):.4f}",
+                f"{errs.get(f'v{layer}', float('nan')):.4f}",
+            )
         Console().print(t)

@@ -1,7 +1,7 @@
 """Real KV for training and measuring codecs: SmolLM2 through transformers on CPython's docs.
 
 The text is CPython's own reference docs (``pydoc_data.topics``, the same
-corpus as :func:`kvstrata.engine.text_tokens`), split by characters: the first
+corpus as :func:`kvstrata.offline.runner.text_tokens`), split by characters: the first
 70% trains codecs, the last 30% is held out for measuring them.
 
 KV comes from transformers' ``past_key_values``. Like vLLM's paged cache, it
@@ -37,7 +37,7 @@ def load_model(model_dir: str | Path | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from kvstrata.models import prepare_smollm2
+    from kvstrata.offline.convert import prepare_smollm2
 
     hf_logging.set_verbosity_error()
     path = str(model_dir or prepare_smollm2(progress=False))
@@ -46,7 +46,9 @@ def load_model(model_dir: str | Path | None = None):
     return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def sequences(tokenizer, part: str, n_seqs: int, seq_len: int, stride_chars: int | None = None) -> list[list[int]]:
+def sequences(
+    tokenizer, part: str, n_seqs: int, seq_len: int, stride_chars: int | None = None
+) -> list[list[int]]:
     """``n_seqs`` token sequences of ``seq_len`` tokens, spread evenly over the ``part`` of the corpus."""
     text = corpus(part)
     span = seq_len * 8  # characters that comfortably hold seq_len tokens
@@ -69,8 +71,12 @@ def cache_to_numpy(past) -> np.ndarray:
     else:  # legacy tuple of (k, v)
         pairs = [(k, v) for k, v in past]
     # [B, H, T, D] -> [T, H, D]
-    return np.stack([np.stack([k[0].transpose(0, 1).float().numpy(), v[0].transpose(0, 1).float().numpy()])
-                     for k, v in pairs])
+    return np.stack(
+        [
+            np.stack([k[0].transpose(0, 1).float().numpy(), v[0].transpose(0, 1).float().numpy()])
+            for k, v in pairs
+        ]
+    )
 
 
 def numpy_to_cache(kv: np.ndarray, config):

@@ -1,6 +1,6 @@
 """``kvstrata policy ...``: check a configuration file, explain the decision for a request.
 
-Mounted by :mod:`kvstrata.cli` as ``app.add_typer(policy_app, name="policy")``.
+Mounted by :mod:`kvstrata.cli.main` as ``app.add_typer(policy_app, name="policy")``.
 Exit status: 0 when the file is valid, 1 with the ConfigError's lines otherwise.
 No input prints a traceback: an unexpected exception while checking a file
 (a bug in kvstrata, never the file's fault alone) is one ``file:1: internal
@@ -20,7 +20,9 @@ from kvstrata.config import ConfigError, Problem, StrataConfig, load_config
 from kvstrata.policy.engine import MAX_BUDGET_MS, MAX_TOKENS
 from kvstrata.policy.route import Decision, RequestContext, Route
 
-policy_app = typer.Typer(help="Check routing policies and explain their decisions.", no_args_is_help=True)
+policy_app = typer.Typer(
+    help="Check routing policies and explain their decisions.", no_args_is_help=True
+)
 
 
 INTERNAL_ERROR = "internal error while checking this file (please report it)"
@@ -33,7 +35,9 @@ def _checked(path: Path) -> StrataConfig:
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 -- the one place a bug must not become a traceback
-        raise ConfigError(str(path), [Problem(1, "", f"{INTERNAL_ERROR}: {type(exc).__name__}")]) from exc
+        raise ConfigError(
+            str(path), [Problem(1, "", f"{INTERNAL_ERROR}: {type(exc).__name__}")]
+        ) from exc
 
 
 def _load(path: Path) -> StrataConfig:
@@ -66,18 +70,25 @@ def explain(
     file: Path = typer.Argument(..., help="configuration file (YAML)"),
     context_tokens: int = typer.Option(0, min=0, max=MAX_TOKENS, help="prompt length in tokens"),
     reuse: float = typer.Option(0.0, min=0.0, max=1.0, help="predicted prefix reuse, 0..1"),
-    budget_ms: float | None = typer.Option(None, min=0.0, max=MAX_BUDGET_MS, help="latency budget (default: the file's)"),
+    budget_ms: float | None = typer.Option(
+        None, min=0.0, max=MAX_BUDGET_MS, help="latency budget (default: the file's)"
+    ),
     tenant: str = typer.Option("", help="tenant"),
     model: str = typer.Option("", help="model name"),
     tag: list[str] = typer.Option([], help="request tag (repeatable)"),
     hint: list[str] = typer.Option([], help="request hint key=value (repeatable)"),
     kv_bytes_per_token: int = typer.Option(
-        46 * 1024, min=1, max=1 << 30, help="KV bytes per token (default: SmolLM2-135M in fp32; Llama-3.1-8B bf16: 131072)"
+        46 * 1024,
+        min=1,
+        max=1 << 30,
+        help="KV bytes per token (default: SmolLM2-135M in fp32; Llama-3.1-8B bf16: 131072)",
     ),
 ) -> None:
     """Show which rule a request matches, its route, why, and what the cost model expects."""
     cfg = _load(file)
-    ctx = RequestContext(context_tokens, reuse, budget_ms, tenant, model, frozenset(tag), _hints(hint))
+    ctx = RequestContext(
+        context_tokens, reuse, budget_ms, tenant, model, frozenset(tag), _hints(hint)
+    )
     decision = cfg.policy.decide(ctx, verbose=True)
     console = Console()
     console.print(_route_table(decision))
@@ -104,10 +115,15 @@ def _route_table(decision: Decision) -> Table:
     table.add_column("field", style="bold")
     table.add_column("value")
     for field, value in [
-        ("read", _list(route.read)), ("write", _list(route.write)),
-        ("admission", _map(route.admission)), ("codec", _map(route.codec)),
-        ("retrieval", route.retrieval), ("ttl_s", _map(route.ttl_s)),
-        ("promote", str(route.promote).lower()), ("demote", _map(route.demote)), ("load", route.load),
+        ("read", _list(route.read)),
+        ("write", _list(route.write)),
+        ("admission", _map(route.admission)),
+        ("codec", _map(route.codec)),
+        ("retrieval", route.retrieval),
+        ("ttl_s", _map(route.ttl_s)),
+        ("promote", str(route.promote).lower()),
+        ("demote", _map(route.demote)),
+        ("load", route.load),
     ]:
         table.add_row(field, escape(value))
     return table
@@ -121,13 +137,22 @@ def _map(mapping) -> str:
     return ", ".join(f"{k}: {v}" for k, v in mapping.items()) or "-"
 
 
-def _print_costs(console: Console, cfg: StrataConfig, route: Route, context_tokens: int,
-                 budget_ms: float, bytes_per_token: int) -> None:
+def _print_costs(
+    console: Console,
+    cfg: StrataConfig,
+    route: Route,
+    context_tokens: int,
+    budget_ms: float,
+    bytes_per_token: int,
+) -> None:
     """The cost model's prior estimates for a full hit in each read tier."""
     from kvstrata.policy.cost import CostModel
 
     rows = CostModel.from_config(cfg).explain(
-        route, context_tokens=context_tokens, budget_ms=budget_ms, chunk_tokens=cfg.chunk_tokens,
+        route,
+        context_tokens=context_tokens,
+        budget_ms=budget_ms,
+        chunk_tokens=cfg.chunk_tokens,
         bytes_per_token=bytes_per_token,
     )
     table = Table(title="cost model", show_header=False)

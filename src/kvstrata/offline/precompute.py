@@ -20,7 +20,7 @@ import numpy as np
 from kvstrata import runtime
 from kvstrata.documents.corpus import Corpus, DocEntry, Manifest, head_hash, tokens_hash
 from kvstrata.documents.rope import Rope
-from kvstrata.plan import ModelSpec
+from kvstrata.model import ModelSpec
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".html", ".json", ".csv")
 
@@ -32,14 +32,18 @@ class Added:
     status: str  # "added" | "changed" | "unchanged" | "context"
 
 
-def model_spec_for(model_dir: str | Path, config, model_id: str | None = None, dtype: str = "float32") -> ModelSpec:
+def model_spec_for(
+    model_dir: str | Path, config, model_id: str | None = None, dtype: str = "float32"
+) -> ModelSpec:
     """The ModelSpec vLLM's connector derives for this checkpoint (kvstrata.connectors.vllm_setup)."""
     from kvstrata.fingerprint import model_identity, model_label
 
     name = model_id or model_label(str(model_dir), config)
     identity = "" if model_id else model_identity(str(model_dir), config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return ModelSpec(name, config.num_hidden_layers, config.num_key_value_heads, head_dim, dtype, identity)
+    return ModelSpec(
+        name, config.num_hidden_layers, config.num_key_value_heads, head_dim, dtype, identity
+    )
 
 
 def read_documents(paths: Iterable[str | Path]) -> list[tuple[str, str]]:
@@ -47,7 +51,9 @@ def read_documents(paths: Iterable[str | Path]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for path in map(Path, paths):
         if path.is_dir():
-            for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES):
+            for f in sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+            ):
                 out.append((str(f.relative_to(path)), f.read_text(encoding="utf-8")))
         else:
             out.append((path.name, path.read_text(encoding="utf-8")))
@@ -74,7 +80,7 @@ class Precomputer:
         """KV of ``tokens`` computed after ``context`` (alone if empty): ``[L, 2, T, H, D]`` float32."""
         import torch
 
-        from kvstrata.compression.capture import capture
+        from kvstrata.offline.capture import capture
 
         before = torch.get_num_threads()
         if self.threads:
@@ -83,7 +89,7 @@ class Precomputer:
             full = capture(self.model, list(context) + list(tokens))
         finally:
             torch.set_num_threads(before)
-        return full[:, :, len(context):]
+        return full[:, :, len(context) :]
 
 
 def add_documents(
@@ -101,8 +107,12 @@ def add_documents(
     if context_id is not None:  # the context itself is registered first (alone: it starts prompts)
         texts = dict(documents)
         if context_id not in texts:
-            raise ValueError(f"the context document {context_id!r} must be among the documents given")
-        results.append(_add_one(corpus, manifest, computer, context_id, texts[context_id], (), force))
+            raise ValueError(
+                f"the context document {context_id!r} must be among the documents given"
+            )
+        results.append(
+            _add_one(corpus, manifest, computer, context_id, texts[context_id], (), force)
+        )
         context = computer.tokens(texts[context_id])
     for i, (doc_id, text) in enumerate(documents):
         if progress:
@@ -115,21 +125,32 @@ def add_documents(
     return results
 
 
-def _add_one(corpus: Corpus, manifest: Manifest, computer: Precomputer, doc_id: str, text: str,
-             context: Sequence[int], force: bool) -> Added:
+def _add_one(
+    corpus: Corpus,
+    manifest: Manifest,
+    computer: Precomputer,
+    doc_id: str,
+    text: str,
+    context: Sequence[int],
+    force: bool,
+) -> Added:
     chash = content_hash(text)
     old = manifest.documents.get(doc_id)
     ctx_hash = tokens_hash(context) if context else ""
     if old is not None and old.content_hash == chash and not force:
         alone_ok = runtime.run(corpus.contains(corpus.doc_key(old.tokens_hash)))
-        ctx_ok = not ctx_hash or (ctx_hash in old.contexts and runtime.run(
-            corpus.contains(corpus.doc_key(old.tokens_hash, ctx_hash))))
+        ctx_ok = not ctx_hash or (
+            ctx_hash in old.contexts
+            and runtime.run(corpus.contains(corpus.doc_key(old.tokens_hash, ctx_hash)))
+        )
         if alone_ok and ctx_ok:
             return Added(doc_id, old.n_tokens, "unchanged")
         if alone_ok:  # only the context variant is missing
             key = corpus.doc_key(old.tokens_hash, ctx_hash)
             runtime.run(corpus.put(key, computer.kv(computer.tokens(text), context)))
-            manifest.documents[doc_id] = DocEntry(**{**old.__dict__, "contexts": {**old.contexts, ctx_hash: str(key)}})
+            manifest.documents[doc_id] = DocEntry(
+                **{**old.__dict__, "contexts": {**old.contexts, ctx_hash: str(key)}}
+            )
             runtime.run(corpus.save_manifest(manifest))
             return Added(doc_id, old.n_tokens, "context")
     tokens = computer.tokens(text)
@@ -143,17 +164,26 @@ def _add_one(corpus: Corpus, manifest: Manifest, computer: Precomputer, doc_id: 
         ckey = corpus.doc_key(th, ctx_hash)
         runtime.run(corpus.put(ckey, computer.kv(tokens, context)))
         contexts[ctx_hash] = str(ckey)
-    manifest.documents[doc_id] = DocEntry(doc_id, chash, th, head_hash(tokens), len(tokens), str(key), contexts)
-    runtime.run(corpus.save_manifest(manifest))  # after every document: an interrupted run resumes here
+    manifest.documents[doc_id] = DocEntry(
+        doc_id, chash, th, head_hash(tokens), len(tokens), str(key), contexts
+    )
+    runtime.run(
+        corpus.save_manifest(manifest)
+    )  # after every document: an interrupted run resumes here
     return Added(doc_id, len(tokens), "changed" if old is not None else "added")
 
 
-def open_corpus(config, model_dir: str | Path, model_id: str | None = None, name: str | None = None,
-                threads: int | None = None):
+def open_corpus(
+    config,
+    model_dir: str | Path,
+    model_id: str | None = None,
+    name: str | None = None,
+    threads: int | None = None,
+):
     """(corpus, precomputer) for a configuration and a checkpoint directory: the CLI's and benchmarks' entry."""
     from kvstrata.auth import keyring_for
-    from kvstrata.compression.capture import load_model
     from kvstrata.documents.corpus import corpus_tiers
+    from kvstrata.offline.capture import load_model
     from kvstrata.tiers.base import tier_class
 
     model, tokenizer = load_model(model_dir)
@@ -163,5 +193,7 @@ def open_corpus(config, model_dir: str | Path, model_id: str | None = None, name
     for tier in tiers.values():
         tier.use_keyring(keyring)
     rope = Rope.from_config(model.config)
-    corpus = Corpus(name or config.documents.corpus, spec, corpus_tiers(config, tiers), rope.describe())
+    corpus = Corpus(
+        name or config.documents.corpus, spec, corpus_tiers(config, tiers), rope.describe()
+    )
     return corpus, Precomputer(model, tokenizer, threads)

@@ -53,15 +53,21 @@ def _encode(kvs, keys, namespace) -> list[tuple]:
     codec = IdentityCodec()
     objects = []
     for key, layers in zip(keys, kvs):
-        meta = fmt.ObjectMeta(codec.id, "float32", CHUNK, KV_HEADS, HEAD_DIM, namespace.fingerprint, key.digest)
+        meta = fmt.ObjectMeta(
+            codec.id, "float32", CHUNK, KV_HEADS, HEAD_DIM, namespace.fingerprint, key.digest
+        )
         objects.append((key, fmt.encode(meta, [codec.encode(kv) for kv in layers])))
     return objects
 
 
 def _decode(fetched, layers: range) -> list[dict[int, np.ndarray] | None]:
     codec, geometry = IdentityCodec(), Geometry(CHUNK, KV_HEADS, HEAD_DIM, "float32")
-    return [{layer: codec.decode(got.obj.layers[layer], geometry) for layer in layers}
-            if isinstance(got, Hit) else None for got in fetched]
+    return [
+        {layer: codec.decode(got.obj.layers[layer], geometry) for layer in layers}
+        if isinstance(got, Hit)
+        else None
+        for got in fetched
+    ]
 
 
 async def round_trip(
@@ -75,21 +81,29 @@ async def round_trip(
     """
     kvs, keys, namespace = _random_kv(n_chunks, 0)
     total = sum(kv.nbytes for layers in kvs for kv in layers)
-    tiers: list[Tier] = [MemoryTier("memory", capacity_bytes=4 * total), DiskTier("disk", directory)]
+    tiers: list[Tier] = [
+        MemoryTier("memory", capacity_bytes=4 * total),
+        DiskTier("disk", directory),
+    ]
     rows = []
     for tier in progress(tiers, description="round trip"):
         t0 = time.perf_counter()
         await tier.put(_encode(kvs, keys, namespace))
         t1 = time.perf_counter()
         whole = _decode(await tier.get(keys), range(LAYERS))
-        half = _decode(await tier.get(keys, layers=range(LAYERS // 2, LAYERS)), range(LAYERS // 2, LAYERS))
+        half = _decode(
+            await tier.get(keys, layers=range(LAYERS // 2, LAYERS)), range(LAYERS // 2, LAYERS)
+        )
         t2 = time.perf_counter()
         exact = all(
-            got is not None and part is not None
+            got is not None
+            and part is not None
             and all(np.array_equal(got[layer], kv) for layer, kv in enumerate(layers))
             and all(np.array_equal(part[layer], layers[layer]) for layer in part)
             for got, part, layers in zip(whole, half, kvs)
         )
         await tier.close()
-        rows.append(RoundTrip(tier.name, total / (t1 - t0) / 1e6, 1.5 * total / (t2 - t1) / 1e6, exact))
+        rows.append(
+            RoundTrip(tier.name, total / (t1 - t0) / 1e6, 1.5 * total / (t2 - t1) / 1e6, exact)
+        )
     return rows

@@ -1,0 +1,1 @@
+"""Offline jobs: model conversion, KV capture, document precompute, the offline vLLM runner."""

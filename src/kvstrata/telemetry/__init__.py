@@ -1,0 +1,1 @@
+"""Metrics: the families the orchestrator records, the exporter, the report."""
