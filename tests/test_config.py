@@ -150,7 +150,7 @@ def test_defaults_fill_what_the_file_leaves_out() -> None:
     cfg = parse_config(
         "version: 1\ntiers: {m: {kind: memory}, d: {kind: disk}, r: {kind: redis}, s: {kind: s3}}\n"
     )
-    assert cfg.chunk_tokens == 256
+    assert cfg.chunk_tokens == 128
     assert {
         n: (t.cost.latency_ms, t.cost.bandwidth_mbps, t.timeout_ms) for n, t in cfg.tiers.items()
     } == {
@@ -883,7 +883,9 @@ def test_explain_prints_the_cost_model_rows(tmp_path: Path) -> None:
         policy_app, ["explain", write(tmp_path, HEAD), "--context-tokens", "512"]
     )
     assert result.exit_code == 0, result.output
-    assert "recompute all" in result.stdout and "full hit (2 chunks)" in result.stdout
+    assert (
+        "recompute all" in result.stdout and "full hit (4 chunks)" in result.stdout
+    )  # 128-token chunks
 
 
 def test_explain_rejects_a_bad_hint(tmp_path: Path) -> None:

@@ -16,20 +16,20 @@ TOKENS = list(range(1000, 1000 + 3 * 256 + 100))
 
 
 def test_only_full_chunks_get_keys() -> None:
-    assert len(chunk_keys(TOKENS, NS)) == 3
-    assert chunk_keys(TOKENS[:255], NS) == []
-    assert len(chunk_keys(TOKENS, NS, chunk_tokens=128)) == 6
+    assert len(chunk_keys(TOKENS, NS, chunk_tokens=256)) == 3
+    assert chunk_keys(TOKENS[:255], NS, chunk_tokens=256) == []
+    assert len(chunk_keys(TOKENS, NS)) == 6  # the default: 128 tokens, the CPU build's block
 
 
 def test_keys_chain_the_prefix() -> None:
-    keys = chunk_keys(TOKENS, NS)
-    assert chunk_keys(TOKENS[:512], NS) == keys[:2]
+    keys = chunk_keys(TOKENS, NS, 256)
+    assert chunk_keys(TOKENS[:512], NS, 256) == keys[:2]
     changed = list(TOKENS)
     changed[300] += 1  # a change in chunk 1 changes chunk 1 and everything after it
-    other = chunk_keys(changed, NS)
+    other = chunk_keys(changed, NS, 256)
     assert other[0] == keys[0] and other[1] != keys[1] and other[2] != keys[2]
     # the same chunk of tokens after a different prefix has a different key
-    assert chunk_keys(TOKENS[256:512], NS)[0] != keys[1]
+    assert chunk_keys(TOKENS[256:512], NS, 256)[0] != keys[1]
 
 
 @pytest.mark.parametrize(

@@ -73,3 +73,31 @@ def test_bfloat16_travels_as_raw_bits() -> None:
     a = to_numpy(t)
     assert a.dtype.name == "uint16"
     assert torch.equal(from_numpy(a, torch.bfloat16), t)
+
+
+@pytest.mark.parametrize(
+    "layout_cls, shape",
+    [(CpuVecLayout, (NB, H, BS, 2 * D)), (FlashLayout, (2, NB, BS, H, D))],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_place_writes_what_write_writes_block_by_block(layout_cls, shape, dtype) -> None:
+    """The hit path's batched ``place`` (numpy block views, as loads deliver them) puts every
+    byte where ``write`` would, and nothing anywhere else."""
+    layout = layout_cls(BS, H, D)
+    kv = canonical(3, seed=3).to(dtype)
+    by_write, by_place = torch.full(shape, 7.0, dtype=dtype), torch.full(shape, 7.0, dtype=dtype)
+    layout.write(by_write, [4, 0, 2], kv)
+    arr = to_numpy(kv)  # [2, 3*BS, H, D], sliced per block like the worker does
+    layout.place(by_place, [(b, arr[:, i * BS : (i + 1) * BS]) for i, b in enumerate([4, 0, 2])])
+    assert torch.equal(by_place, by_write)
+    layout.place(by_place, [])  # nothing to place: nothing changes
+    assert torch.equal(by_place, by_write)
+
+
+def test_place_into_a_non_contiguous_layer_falls_back_to_write() -> None:
+    layout = CpuVecLayout(BS, H, D)
+    strided = torch.zeros(NB, H, 2 * BS, 2 * D)[:, :, ::2]
+    assert not strided.is_contiguous()
+    kv = canonical(1, seed=4)
+    layout.place(strided, [(3, to_numpy(kv))])
+    assert torch.equal(layout.read(strided, [3]), kv)

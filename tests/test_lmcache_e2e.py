@@ -22,7 +22,7 @@ from kvstrata.keys import chunk_keys  # noqa: E402
 from kvstrata.offline.convert import prepare_smollm2  # noqa: E402
 from kvstrata.offline.runner import generate, running_llm, text_tokens  # noqa: E402
 from kvstrata.orchestrator import flush_shared, shared_orchestrators  # noqa: E402
-from tests.test_vllm_e2e import HIT, PROMPT_TOKENS, REFERENCE, run_script  # noqa: E402
+from tests.test_vllm_e2e import CHUNK, HIT, PROMPT_TOKENS, REFERENCE, run_script  # noqa: E402
 
 OFFSETS = {"lmcache": 80000, "nixl": 85000}
 
@@ -30,7 +30,7 @@ OFFSETS = {"lmcache": 80000, "nixl": 85000}
 def strata_yaml(s3) -> str:
     return textwrap.dedent(f"""\
         version: 1
-        chunk_tokens: 256
+        chunk_tokens: {CHUNK}
         tiers:
           dram:
             kind: lmcache
@@ -81,8 +81,8 @@ def test_repeated_prompt_is_served_from_lmcache(llm, reference) -> None:
     (orch,) = shared_orchestrators()
     tier = orch.tiers["dram"]
     assert tier.kind == "lmcache"
-    keys = chunk_keys(ids, orch.model.namespace(), 256)
-    assert len(keys) == HIT // 256
+    keys = chunk_keys(ids, orch.model.namespace(), CHUNK)
+    assert len(keys) == HIT // CHUNK
     from kvstrata import runtime
 
     assert runtime.run(tier.contains(keys)) == [True] * len(keys)

@@ -30,7 +30,9 @@ from kvstrata.orchestrator import flush_shared, shared_orchestrators  # noqa: E4
 from kvstrata.testing import services as svc  # noqa: E402
 
 PROMPT_TOKENS = 1500
-HIT = (PROMPT_TOKENS - 1) // 256 * 256  # whole chunks; vLLM computes the last token itself
+CHUNK = 128  # the default: the CPU build's block size, so a hit covers every full block
+HIT = (PROMPT_TOKENS - 1) // CHUNK * CHUNK  # full blocks; vLLM computes the last token itself
+assert HIT == 1408  # issue #15: all full 128-token blocks but the one holding the last token
 TIERS = {"memory": "dram", "disk": "local", "redis": "shared", "s3": "cold"}
 
 
@@ -47,7 +49,7 @@ def strata_yaml(tmp: Path, redis_url: str, s3, fragile_url: str) -> str:
     return (
         textwrap.dedent(f"""\
         version: 1
-        chunk_tokens: 256
+        chunk_tokens: {CHUNK}
         tiers:
           dram: {{kind: memory, capacity_bytes: 1GiB}}
           local: {{kind: disk, path: "{tmp / "disk"}"}}
@@ -193,7 +195,7 @@ def test_corrupt_chunk_in_a_shared_store_is_recomputed(llm, reference, redis_ser
     generate(llm, ids, 16, kv_params={"tier": "shared"})
     assert flush_shared(60)
     (orch,) = shared_orchestrators()
-    keys = chunk_keys(ids, orch.model.namespace(), 256)
+    keys = chunk_keys(ids, orch.model.namespace(), CHUNK)
     client = redis.Redis.from_url(redis_server.url)
     assert client.setrange(f"e2e:{keys[2]}", 40_000, b"\x00garbage\x00")  # chunk 2's body damaged
     # a damaged body fails its section's tag: an "unauthenticated" miss
@@ -216,7 +218,7 @@ def test_a_disk_hit_is_promoted_into_dram(llm, reference) -> None:
     generate(llm, ids, 16, kv_params=both)
     assert flush_shared(60)
     (orch,) = shared_orchestrators()
-    keys = chunk_keys(ids, orch.model.namespace(), 256)
+    keys = chunk_keys(ids, orch.model.namespace(), CHUNK)
     runtime.run(orch.tiers["dram"].delete(keys))  # as if DRAM had evicted them
     from_disk = generate(llm, ids, 16, kv_params=both)
     assert from_disk.kvstrata["loaded_tokens"] == {"local": HIT}
@@ -241,12 +243,12 @@ def test_an_s3_route_loads_layer_by_layer_through_the_bandwidth_scheduler(llm, r
     again = generate(llm, ids, 16, kv_params=hints)
     assert again.kvstrata["loaded_tokens"] == {"cold": HIT}
     assert again.token_ids == reference["layerwise"]
-    chunks = HIT // 256
+    chunks = HIT // CHUNK
     # several layer groups per chunk (the engine computes far longer than a layer takes to read),
     # far fewer than one GET per chunk and layer
     assert 2 * chunks <= gets() - before < chunks * orch.model.n_layers
     assert orch.links["cold"].served_bytes - served == pytest.approx(
-        chunks * orch.model.chunk_bytes(256)
+        chunks * orch.model.chunk_bytes(CHUNK)
     )
 
 

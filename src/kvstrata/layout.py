@@ -24,8 +24,10 @@ KV it does not understand.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Protocol
 
+import numpy as np
 import torch
 
 # Loaded KV arrives as read-only numpy views of fetched buffers; torch only ever
@@ -42,6 +44,10 @@ class PageLayout(Protocol):
 
     def write(self, kv_layer: torch.Tensor, block_ids: list[int], kv: torch.Tensor) -> None:
         """Write canonical ``[2, n*block_size, H, D]`` into whole blocks."""
+
+    def place(self, kv_layer: torch.Tensor, blocks: Sequence[tuple[int, np.ndarray]]) -> None:
+        """Write canonical ``[2, block_size, H, D]`` arrays into their blocks: a load's whole
+        layer (every chunk of every request) in one call, the hit path's only copy."""
 
 
 class CpuVecLayout:
@@ -64,6 +70,24 @@ class CpuVecLayout:
         page[:, :, 1] = kv[1].reshape(n, bs, h, d).permute(0, 2, 1, 3).reshape(n, h, bs * d)
         kv_layer[block_ids] = page.reshape(n, h, bs, 2 * d).to(kv_layer.device)
 
+    def place(self, kv_layer: torch.Tensor, blocks: Sequence[tuple[int, np.ndarray]]) -> None:
+        # One copy per block straight from the fetched buffer into the page, no staging tensor:
+        # V rows move as they are, K is transposed on the way (numpy's per-call cost is ~1 us,
+        # torch's ~5 us; stacking the blocks for one index_copy_ would copy every byte twice).
+        if not blocks:
+            return
+        if kv_layer.device.type != "cpu" or not kv_layer.is_contiguous():
+            for block, kv in blocks:
+                self.write(kv_layer, [block], from_numpy(np.ascontiguousarray(kv), kv_layer.dtype))
+            return
+        h, bs, d = self.kv_heads, self.block_size, self.head_dim
+        flat = to_numpy(kv_layer)
+        k_pages = flat.reshape(-1, h, 2, d, bs)  # views of the same memory (contiguous)
+        v_pages = flat.reshape(-1, h, 2, bs, d)
+        for block, kv in blocks:
+            k_pages[block, :, 0] = kv[0].transpose(1, 2, 0)
+            v_pages[block, :, 1] = kv[1].transpose(1, 0, 2)
+
 
 class FlashLayout:
     name = "flash-nhd"
@@ -80,6 +104,15 @@ class FlashLayout:
         n = len(block_ids)
         pages = kv.reshape(2, n, self.block_size, self.kv_heads, self.head_dim)
         kv_layer[:, block_ids] = pages.to(kv_layer.device, kv_layer.dtype)
+
+    def place(self, kv_layer: torch.Tensor, blocks: Sequence[tuple[int, np.ndarray]]) -> None:
+        # GPU builds: one host->device copy and one scatter per layer (many small copies to a
+        # device cost a launch each)
+        if not blocks:
+            return
+        ids = torch.tensor([block for block, _ in blocks], device=kv_layer.device)
+        kv = from_numpy(np.stack([kv for _, kv in blocks], axis=1), kv_layer.dtype)
+        kv_layer.index_copy_(1, ids, kv.to(kv_layer.device, kv_layer.dtype))
 
 
 def detect(

@@ -272,7 +272,7 @@ def _tier_name(name: str) -> str:
 
 class _FileSpec(_Frozen):
     version: int
-    chunk_tokens: int = Field(256, gt=0, le=1 << 16)
+    chunk_tokens: int = Field(128, gt=0, le=1 << 16)  # the CPU build's block size (#18)
     tiers: dict[Annotated[str, AfterValidator(_tier_name)], dict[str, Any]]
     engine: EngineConfig = EngineConfig()
     orchestrator: OrchestratorConfig = OrchestratorConfig()

@@ -19,7 +19,7 @@ import torch
 
 from kvstrata.connectors.vllm_meta import LoadSpec, SaveSpec, StrataMetadata
 from kvstrata.keys import ChunkKey
-from kvstrata.layout import PageLayout, from_numpy, to_numpy
+from kvstrata.layout import PageLayout, to_numpy
 from kvstrata.orchestrator import Orchestrator
 from kvstrata.plan import LoadHandle, Plan, PlannedChunk
 from kvstrata.policy.route import Decision, RequestContext
@@ -100,6 +100,7 @@ class WorkerSide:
 
     def _place_layer(self, layer_name: str) -> None:
         layer = self._index[layer_name]
+        writes: list[tuple[int, np.ndarray]] = []
         for spec, handle in self._loads:
             try:
                 delivered = handle.wait_layer(layer, timeout=LAYER_WAIT_S)
@@ -110,17 +111,21 @@ class WorkerSide:
                 handle.fail([c[0] for c in spec.chunks])
                 delivered = {}
             for chunk_index, kv in delivered.items():
-                blocks, skip = self._blocks(spec, chunk_index)
-                if blocks:
-                    target = self._kv[layer_name]
-                    self.layout.write(
-                        target, blocks, from_numpy(np.ascontiguousarray(kv[:, skip:]), target.dtype)
-                    )
+                writes.extend(self._block_writes(spec, chunk_index, kv))
+        self.layout.place(self._kv[layer_name], writes)  # every load's layer in one call
         if layer == self.n_layers - 1:
             for spec, handle in self._loads:
                 for chunk_index in handle.failed:
                     self._errors.update(self._blocks(spec, chunk_index)[0])
             self._loads.clear()
+
+    def _block_writes(
+        self, spec: LoadSpec, chunk_index: int, kv: np.ndarray
+    ) -> list[tuple[int, np.ndarray]]:
+        """(block id, canonical ``[2, block_size, H, D]`` view) for each block this chunk fills."""
+        blocks, skip = self._blocks(spec, chunk_index)
+        bs = self.block_size
+        return [(b, kv[:, skip + i * bs : skip + (i + 1) * bs]) for i, b in enumerate(blocks)]
 
     def _blocks(self, spec: LoadSpec, chunk_index: int) -> tuple[list[int], int]:
         """The request's blocks this chunk fills beyond the engine's own, and how many tokens to skip."""
@@ -153,9 +158,8 @@ class WorkerSide:
         layer = self._index[layer_name]
         for spec in meta.saves:
             pages = self._staged.setdefault((spec.req_id, spec.chunk_index), [])
-            pages.append(
-                kv_layer[spec.block_ids].clone()
-            )  # the blocks may be reused after this step
+            # indexing by a list copies (the blocks may be reused after this step)
+            pages.append(kv_layer[spec.block_ids])
             if layer == self.n_layers - 1:
                 self._submit(spec, self._staged.pop((spec.req_id, spec.chunk_index)))
 
