@@ -96,7 +96,8 @@ except ImportError:  # pragma: no cover
 
 TIERS = ("dram", "local", "shared", "cold")
 TIER_KINDS = {"dram": "memory", "local": "disk", "shared": "redis", "cold": "s3"}
-CHUNK_TOKENS = 256
+CHUNK_TOKENS = 128  # kvstrata's default: the CPU build's block size (block-granular hits)
+BLOCK_TOKENS = 128  # vLLM's CPU block size: its own prefix cache serves whole blocks
 KV_CACHE_GIB = 1  # both engines: same settings on both sides of the comparison
 PAIRS_PER_REPEAT = 2  # overhead pairs per (repeat, size): N first, then C first
 WARMUP_TIER_TOKENS = 600  # store + hit through each tier before measuring
@@ -120,13 +121,18 @@ class Profile:
 
 PROFILES = {
     "full": Profile(sizes=(1000, 2000, 4000), repeats=3),
-    "quick": Profile(sizes=(1000, 2000), repeats=1),
+    "quick": Profile(sizes=(1000, 4000), repeats=1),
 }
 
 
 def hit_tokens(n: int) -> int:
     """Tokens a hit serves: whole chunks below the last prompt token (vLLM computes that one)."""
     return (n - 1) // CHUNK_TOKENS * CHUNK_TOKENS
+
+
+def prefix_hit_tokens(n: int) -> int:
+    """Tokens vLLM's own prefix cache serves: whole blocks below the last prompt token."""
+    return (n - 1) // BLOCK_TOKENS * BLOCK_TOKENS
 
 
 def log(msg: str) -> None:
@@ -197,8 +203,9 @@ def usage():
 
 def main():
     model_dir, kv_gib, warmup = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+    prefix_caching = sys.argv[4] == "prefix-caching"
     t0 = time.perf_counter()
-    llm = make_llm(model_dir, connector=False, kv_cache_gib=kv_gib)
+    llm = make_llm(model_dir, connector=False, kv_cache_gib=kv_gib, prefix_caching=prefix_caching)
     start_s = time.perf_counter() - t0
     tok = llm.get_tokenizer()
     warm = []
@@ -224,15 +231,30 @@ if __name__ == "__main__":
 
 
 class ReferenceEngine:
-    """Engine N in a child process: ``ttft(ids)`` -> its measurement; other output to a log."""
+    """Engine N (or P, with vLLM's prefix cache on) in a child process: ``ttft(ids)`` -> its
+    measurement; other output to a log."""
 
-    def __init__(self, workdir: Path, model_dir: Path, warmup: list[tuple[int, int]]) -> None:
-        script = workdir / "reference_engine.py"
+    def __init__(
+        self,
+        workdir: Path,
+        model_dir: Path,
+        warmup: list[tuple[int, int]],
+        prefix_caching: bool = False,
+    ) -> None:
+        name = "prefix_engine" if prefix_caching else "reference_engine"
+        script = workdir / f"{name}.py"
         script.write_text(REFERENCE)
-        self.log_path = workdir / "reference_engine.log"
+        self.log_path = workdir / f"{name}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
-            [sys.executable, str(script), str(model_dir), str(KV_CACHE_GIB), json.dumps(warmup)],
+            [
+                sys.executable,
+                str(script),
+                str(model_dir),
+                str(KV_CACHE_GIB),
+                json.dumps(warmup),
+                "prefix-caching" if prefix_caching else "no-prefix-caching",
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -398,14 +420,66 @@ def warm_up(llm, prompts: Prompts, sizes: tuple[int, ...]) -> list[dict[str, Any
     return out
 
 
+def prefix_cache_sample(
+    pc: ReferenceEngine, prompts: Prompts, rep: int, n: int, problems: list[str]
+) -> dict[str, Any]:
+    """vLLM's own prefix cache, no connector: a fresh prompt twice in engine P."""
+    offset, ids = prompts.make(n)
+    cold, hit = pc.ttft(ids), pc.ttft(ids)
+    checks = {
+        "first_cold": cold["num_cached_tokens"] == 0,
+        "hit_cached": hit["num_cached_tokens"] == prefix_hit_tokens(n),
+        "same_token": hit["token_ids"][:1] == cold["token_ids"][:1],
+    }
+    ok = all(checks.values())
+    if not ok:
+        problems.append(f"prefix cache rep {rep} size {n}: {checks} ({hit['num_cached_tokens']})")
+    log(
+        f"rep {rep} {n:>5} tok  vLLM prefix cache: cold {cold['ttft_s']:.3f}s  hit "
+        f"{hit['ttft_s']:.3f}s  ({hit['num_cached_tokens']} cached)"
+    )
+    return {
+        "kind": "prefix_cache",
+        "repeat": rep,
+        "tokens": n,
+        "offset": offset,
+        "ok": ok,
+        "checks": checks,
+        "first": cold,
+        "hit": hit,
+    }
+
+
+def page_copy_of(before: int) -> dict[str, Any] | None:
+    """The page copy of the load that ran since ``len(PLACEMENTS)`` was ``before`` (this process)."""
+    from kvstrata.connectors.vllm_worker import PLACEMENTS
+
+    if len(PLACEMENTS) == before:
+        return None
+    copies, nbytes, seconds = PLACEMENTS[-1]
+    return {"block_copies": copies, "bytes": nbytes, "seconds": seconds}
+
+
+def placements() -> int:
+    from kvstrata.connectors.vllm_worker import PLACEMENTS
+
+    return len(PLACEMENTS)
+
+
 def measure(
-    llm, ref: ReferenceEngine, prompts: Prompts, profile: Profile, problems: list[str]
+    llm,
+    ref: ReferenceEngine,
+    pc: ReferenceEngine,
+    prompts: Prompts,
+    profile: Profile,
+    problems: list[str],
 ) -> list[dict[str, Any]]:
     samples: list[dict[str, Any]] = []
     pair_no = 0
     for rep in range(profile.repeats):
         for n in profile.sizes:
             hit_n = hit_tokens(n)
+            samples.append(prefix_cache_sample(pc, prompts, rep, n, problems))
             for k in range(PAIRS_PER_REPEAT):
                 offset, ids = prompts.make(n)
                 order = ["N", "C"] if k % 2 == 0 else ["C", "N"]
@@ -459,7 +533,9 @@ def measure(
                 offset, ids = prompts.make(n)
                 first, first_info = timed(llm, ids, kv_params={"tier": tier})
                 drain = timed_flush()
+                placed = placements()
                 hit, hit_info = timed(llm, ids, kv_params={"tier": tier})
+                hit_info["page_copy"] = page_copy_of(placed)
                 loaded = (hit.kvstrata or {}).get("loaded_tokens")
                 checks = {
                     "first_cold": first.num_cached_tokens == 0,
@@ -541,6 +617,13 @@ def summarise(samples: list[dict[str, Any]], sizes: list[int]) -> list[dict[str,
             reads = [op_seconds(s["hit"], tier, ("get",)) for s in tier_s if s["tier"] == tier]
             st["tier_read_s_median"] = common.median(reads) if reads else math.nan
             hits[tier] = st
+        pcs = [s for s in samples if s["kind"] == "prefix_cache" and s["tokens"] == n and s["ok"]]
+        pc_hit = stats([s["hit"]["ttft_s"] for s in pcs])
+        copies = [
+            s["hit"]["page_copy"]
+            for s in tier_s
+            if s["hit"].get("page_copy") and s["tier"] in ("dram", "local")
+        ]
         no_conn = stats([p["no_connector"]["ttft_s"] for p in pairs])
         conn = stats([p["connector"]["ttft_s"] for p in pairs])
         paired = [100 * (p["connector"]["ttft_s"] / p["no_connector"]["ttft_s"] - 1) for p in pairs]
@@ -572,6 +655,16 @@ def summarise(samples: list[dict[str, Any]], sizes: list[int]) -> list[dict[str,
                 if tier_s
                 else math.nan,
                 "hits": hits,
+                "prefix_cache_hit": pc_hit,
+                "prefix_cache_hit_tokens": prefix_hit_tokens(n),
+                "prefix_cache_cold": stats([s["first"]["ttft_s"] for s in pcs]),
+                "vs_prefix_cache": {
+                    t: _ratio(hits[t]["median_s"], pc_hit["median_s"]) for t in TIERS
+                },
+                "page_copy_s_median": common.median([c["seconds"] for c in copies])
+                if copies
+                else math.nan,
+                "page_copy_bytes": copies[0]["bytes"] if copies else 0,
                 "no_connector_cold": no_conn,
                 "connector_cold": conn,
                 "connector_cold_contains_s_median": common.median(
@@ -612,6 +705,43 @@ def summarise(samples: list[dict[str, Any]], sizes: list[int]) -> list[dict[str,
     return rows
 
 
+def plain_copy_s(nbytes: int, repeats: int = 5) -> float:
+    """The physical floor for a page copy: one plain torch copy of ``nbytes`` into a
+    preallocated (already touched) tensor, in this process, median of ``repeats``."""
+    import torch
+
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch the destination once: no page faults in the timed copies
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return common.median(times)
+
+
+def headline(rows: list[dict[str, Any]], memcpy_s: float) -> dict[str, Any]:
+    """The issue's figures (#18): kvstrata hit / vLLM prefix-cache hit, 4K page copy vs memcpy."""
+
+    def ratios(tier: str) -> dict[str, float]:
+        return {
+            str(r["tokens"]): r["vs_prefix_cache"][tier]
+            for r in rows
+            if r["tokens"] in (1000, 4000)
+        }
+
+    copy_s = next((r["page_copy_s_median"] for r in rows if r["tokens"] == 4000), math.nan)
+    return {
+        "dram_vs_prefix_cache": ratios("dram"),
+        "disk_vs_prefix_cache": ratios("local"),
+        "page_copy_ms_4k": 1000 * copy_s,
+        "memcpy_ms_4k": 1000 * memcpy_s,
+        "page_copy_bytes_4k": next((r["page_copy_bytes"] for r in rows if r["tokens"] == 4000), 0),
+        "page_copy_vs_memcpy_4k": _ratio(copy_s, memcpy_s),
+    }
+
+
 def _s(st: dict[str, Any]) -> str:
     if not st.get("n"):
         return "-"
@@ -620,6 +750,10 @@ def _s(st: dict[str, Any]) -> str:
 
 def _x(v: float | None) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}x"
+
+
+def _r(v: float | None) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}x"
 
 
 def _pct(v: float | None) -> str:
@@ -633,7 +767,10 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
         "recompute",
         *(f"{t} hit" for t in TIERS),
         *(f"{t} x" for t in TIERS),
-        "no-conn cold",
+        "vLLM PC hit",
+        "dram/PC",
+        "local/PC",
+        "no conn, PC off",
         "conn cold",
         "overhead",
         "overhead CPU",
@@ -647,6 +784,9 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
                 _s(r["recompute"]),
                 *(_s(r["hits"][t]) for t in TIERS),
                 *(_x(r["hits"][t]["speedup_median"]) for t in TIERS),
+                _s(r.get("prefix_cache_hit", {})),
+                _r(r.get("vs_prefix_cache", {}).get("dram")),
+                _r(r.get("vs_prefix_cache", {}).get("local")),
                 _s(r["no_connector_cold"]),
                 _s(r["connector_cold"]),
                 _pct(r["overhead_pct_median_of_pairs"]),
@@ -658,7 +798,10 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
 
 CAPTION = (
     "TTFT in seconds: median (best). cached = num_cached_tokens of a hit. "
-    "x = median recompute / median hit. overhead = median over back-to-back pairs of "
+    "x = median recompute / median hit. vLLM PC hit = the same prompt's second run in vLLM "
+    "without the connector, its own prefix cache on (the hit a user gets for free); "
+    "dram/PC, local/PC = kvstrata hit / vLLM PC hit (medians). no conn, PC off = vLLM "
+    "without the connector or prefix cache, a fresh prompt (the recompute baseline). overhead = median over back-to-back pairs of "
     "(connector cold / no-connector cold - 1), in TTFT; overhead CPU: the same with each "
     "engine process's CPU time (user + system) during the request."
 )
@@ -953,7 +1096,7 @@ def main(argv: list[str] | None = None) -> int:
     from kvstrata.testing import services
 
     model_dir = prepare_smollm2(progress=False)
-    ref = redis_server = s3_server = None
+    ref = pc = redis_server = s3_server = None
     with tempfile.TemporaryDirectory(prefix="kvstrata-ttft-") as tmp:
         workdir = Path(tmp)
         try:
@@ -962,6 +1105,8 @@ def main(argv: list[str] | None = None) -> int:
                 (n, prompts.next_offset()) for n in (min(profile.sizes), max(profile.sizes))
             ]
             ref = ReferenceEngine(workdir, model_dir, ref_warmup)  # loads while we start the rest
+            pc_warmup = [(n, prompts.next_offset()) for n in (min(profile.sizes),)]
+            pc = ReferenceEngine(workdir, model_dir, pc_warmup, prefix_caching=True)
             redis_server = services.start_redis(workdir / "redis")
             s3_server = services.start_seaweedfs(workdir / "s3")
             ready = {"redis": redis_server.ready_seconds, "seaweedfs": s3_server.ready_seconds}
@@ -980,19 +1125,25 @@ def main(argv: list[str] | None = None) -> int:
                 f"engine N (no connector) up in {ref_ready['start_s']:.1f}s, warm-up "
                 f"{[round(w['ttft_s'], 2) for w in ref_ready['warmup']]}"
             )
+            pc_ready = pc.wait_ready()
+            log(f"engine P (no connector, prefix cache on) up in {pc_ready['start_s']:.1f}s")
             load_measure_start = common.load_average()
             t_measure = time.perf_counter()
-            samples = measure(llm, ref, prompts, profile, problems)
+            samples = measure(llm, ref, pc, prompts, profile, problems)
             measure_s = time.perf_counter() - t_measure
         finally:
-            if ref is not None:
-                ref.close()
+            for engine in (ref, pc):
+                if engine is not None:
+                    engine.close()
             for server in (s3_server, redis_server):
                 if server is not None:
                     server.stop()
     rows = summarise(samples, list(profile.sizes))
+    copy_bytes = next((r["page_copy_bytes"] for r in rows if r["tokens"] == 4000), 0)
+    memcpy_s = plain_copy_s(copy_bytes) if copy_bytes else math.nan
     payload = {
         "benchmark": "vllm_ttft",
+        "summary": headline(rows, memcpy_s),
         "date": date,
         "command": common.command_line(),
         "argv": sys.argv,
@@ -1045,8 +1196,16 @@ def main(argv: list[str] | None = None) -> int:
         "load_wait": load_wait,
         "load_average_measure_start": load_measure_start,
         "load_average_end": common.load_average(),
-        "engine_start_s": {"connector": engine_c_start, "no_connector": ref_ready["start_s"]},
-        "warmup": {"connector": warmup_c, "no_connector": ref_ready["warmup"]},
+        "engine_start_s": {
+            "connector": engine_c_start,
+            "no_connector": ref_ready["start_s"],
+            "prefix_cache": pc_ready["start_s"],
+        },
+        "warmup": {
+            "connector": warmup_c,
+            "no_connector": ref_ready["warmup"],
+            "prefix_cache": pc_ready["warmup"],
+        },
         "measure_seconds": measure_s,
         "total_seconds": time.perf_counter() - started,
         "problems": problems,
@@ -1056,6 +1215,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = common.round_floats(payload)
     path = common.write_json(args.out, payload)
     print_report(rows)
+    print("summary: " + json.dumps(payload["summary"]))
     shown = plot(payload, png)
     print(
         f"wrote {path}"

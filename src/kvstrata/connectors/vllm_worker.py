@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+from collections import deque
 
 import numpy as np
 import torch
@@ -28,6 +30,10 @@ log = logging.getLogger(__name__)
 
 LAYER_WAIT_S = 60.0
 
+#: (blocks, bytes, seconds) of the page copy of each step's loads, all layers (newest last):
+#: what placing a hit into vLLM's pages cost, read by benchmarks/vllm_ttft.py
+PLACEMENTS: deque[tuple[int, int, float]] = deque(maxlen=256)
+
 
 class WorkerSide:
     def __init__(self, orchestrator: Orchestrator, block_size: int):
@@ -41,6 +47,7 @@ class WorkerSide:
         self._loads: list[tuple[LoadSpec, LoadHandle]] = []
         self._staged: dict[tuple[str, int], list[torch.Tensor]] = {}
         self._errors: set[int] = set()
+        self._placed = [0, 0, 0.0]  # this step's loads so far: blocks, bytes, seconds
         self.documents = None  # a DocumentWorker (kvstrata.documents.connector), set by the facade
 
     def register(self, kv_caches: dict[str, torch.Tensor], layout: PageLayout) -> None:
@@ -112,12 +119,24 @@ class WorkerSide:
                 delivered = {}
             for chunk_index, kv in delivered.items():
                 writes.extend(self._block_writes(spec, chunk_index, kv))
-        self.layout.place(self._kv[layer_name], writes)  # every load's layer in one call
+        self._place(self._kv[layer_name], writes)
         if layer == self.n_layers - 1:
+            blocks, nbytes, seconds = self._placed
+            if blocks:
+                PLACEMENTS.append((blocks, nbytes, seconds))
+            self._placed = [0, 0, 0.0]
             for spec, handle in self._loads:
                 for chunk_index in handle.failed:
                     self._errors.update(self._blocks(spec, chunk_index)[0])
             self._loads.clear()
+
+    def _place(self, target: torch.Tensor, writes: list[tuple[int, np.ndarray]]) -> None:
+        """Every load's blocks of one layer in one call (timed: the hit path's page copy)."""
+        started = time.perf_counter()
+        self.layout.place(target, writes)
+        self._placed[0] += len(writes)
+        self._placed[1] += sum(kv.nbytes for _, kv in writes)
+        self._placed[2] += time.perf_counter() - started
 
     def _block_writes(
         self, spec: LoadSpec, chunk_index: int, kv: np.ndarray
