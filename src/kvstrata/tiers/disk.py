@@ -31,7 +31,6 @@ import errno
 import os
 import stat
 import threading
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from pydantic_settings import SettingsConfigDict
 from kvstrata import format as fmt
 from kvstrata.keys import ChunkKey
 from kvstrata.sizes import MAX_BYTES, ByteCount
+from kvstrata.tiers import disk_files as files
 from kvstrata.tiers.base import (
     Evicted,
     Fetch,
@@ -54,20 +54,18 @@ from kvstrata.tiers.base import (
     _miss_for,
     register,
 )
+from kvstrata.tiers.disk_files import NotAnObject
 from kvstrata.tiers.eviction import LRU
 from kvstrata.workers import Workers, WorkersBusy
 
 SUFFIX = ".kvs"
-
-# Errors that concern one object's name (a directory or file in its way), not the tier:
-# that object is skipped, the rest of the batch goes on.
-_NAME_ERRORS = {errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ELOOP, errno.ENOTEMPTY}
+DEFAULT_PATH = Path("~/.cache/kvstrata/kv")
 
 
 class DiskSettings(TierSettings):
     model_config = SettingsConfigDict(env_prefix="KVSTRATA_DISK_", frozen=True, extra="forbid")
 
-    path: Path = Path("~/.cache/kvstrata/kv")
+    path: Path = DEFAULT_PATH
     capacity_bytes: ByteCount = Field(default=64 << 30, gt=0, le=MAX_BYTES)
     threads: int = Field(
         default=8, ge=1, le=1024, description="this tier's I/O threads (its own pool)"
@@ -80,10 +78,6 @@ class DiskSettings(TierSettings):
     )
 
 
-class _NotAnObject(Exception):
-    """The name holds something this tier cannot have written (not a regular file, too large)."""
-
-
 @register
 class DiskTier(RangedTier):
     kind = "disk"
@@ -92,7 +86,7 @@ class DiskTier(RangedTier):
     def __init__(
         self,
         name: str = "disk",
-        path: str | Path = DiskSettings().path,
+        path: str | Path = DEFAULT_PATH,
         capacity_bytes: int = 64 << 30,
         threads: int = 8,
         max_queued: int = 256,
@@ -183,7 +177,7 @@ class DiskTier(RangedTier):
     def _read_or_none(self, r: ReadRequest) -> bytes | None:
         try:
             return self._read_one(r)
-        except _NotAnObject:
+        except NotAnObject:
             return None
 
     # Gets read and verify in the same worker thread, off the event loop (see the
@@ -199,9 +193,9 @@ class DiskTier(RangedTier):
             try:
                 blobs.append(self._read_one(ReadRequest(key)))
                 good.append(key)
-            except _NotAnObject as exc:
+            except NotAnObject as exc:
                 results[key] = Miss(key, "corrupt", str(exc))
-        results.update(zip(good, self._verify_whole(good, blobs)))
+        results.update(zip(good, self._verify_whole(good, blobs), strict=True))
         return [results[k] for k in keys]
 
     async def _get_layers(self, keys: Sequence[ChunkKey], layers: range) -> list[Fetch]:
@@ -217,12 +211,13 @@ class DiskTier(RangedTier):
         for r in requests:
             try:
                 blobs.append(self._read_one(r))
-            except _NotAnObject:  # replaced since its header was read: gone, as far as we know
+            except NotAnObject:  # replaced since its header was read: gone, as far as we know
                 blobs.append(None)
         return self._verify_layers(keys, headers, layers, requests, blobs)
 
     def _read_header(self, key: ChunkKey) -> fmt.Header | Miss:
-        """The verified header of ``key``'s file (a probe read, a longer one if needed), or a Miss."""
+        """The verified header of ``key``'s file (a probe read, a longer one if needed), or a
+        Miss."""
         try:
             blob = self._read_one(ReadRequest(key, 0, fmt.HEADER_PROBE_BYTES))
             if blob is None:
@@ -231,47 +226,19 @@ class DiskTier(RangedTier):
                 blob = self._read_one(ReadRequest(key, 0, fmt.MAX_HEADER_BYTES))
                 if blob is None:
                     return Miss(key)
-        except _NotAnObject as exc:
+        except NotAnObject as exc:
             return Miss(key, "corrupt", str(exc))
         except fmt.FormatError as exc:
             return _miss_for(key, exc)
         return self._parse_header(key, blob)
 
     def _read_one(self, r: ReadRequest) -> bytes | None:
-        """Bytes [start, end) of one regular file (to its end if ``end`` is None); None if absent.
-
-        Raises _NotAnObject for a name that holds anything else (never opened if lstat says so;
-        O_NONBLOCK, O_NOFOLLOW and fstat cover a swap between lstat and open), TierError when the
-        file system fails.
-        """
-        path = self._file(r.key)
+        """Bytes [start, end) of ``r.key``'s file (:func:`disk_files.read_range`); TierError when
+        the file system fails."""
         try:
-            mode = os.lstat(path).st_mode
-            if not stat.S_ISREG(mode):
-                raise _NotAnObject(f"{_kind(mode)} under the object's name")
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:  # swapped for a symlink after the lstat
-                raise _NotAnObject("symlink under the object's name") from exc
-            raise TierError(self.name, "get", exc) from exc
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise _NotAnObject(f"{_kind(st.st_mode)} under the object's name")
-            if st.st_size > self.capacity_bytes:  # puts larger than the tier are never stored
-                raise _NotAnObject(
-                    f"file of {st.st_size} bytes, larger than the tier ({self.capacity_bytes})"
-                )
-            # Files are replaced by rename, never changed in place: the size of the
-            # open file is the size of the object it holds.
-            end = st.st_size if r.end is None else min(r.end, st.st_size)
-            return _pread(fd, r.start, max(0, end - r.start))
+            return files.read_range(self._file(r.key), r.start, r.end, self.capacity_bytes)
         except OSError as exc:
             raise TierError(self.name, "get", exc) from exc
-        finally:
-            os.close(fd)
 
     def _on_hits(self, keys: Sequence[ChunkKey]) -> None:
         with self._lock:
@@ -300,36 +267,11 @@ class DiskTier(RangedTier):
         return PutResult(stored, tuple(evicted))
 
     def _write_file(self, key: ChunkKey, data: bytes) -> bool:
-        """Write ``data`` under ``key``'s name by rename; False if that name cannot take a file
-        (a directory in the way). Raises TierError when the file system fails (full, read-only).
-
-        The temporary name is random and created with O_EXCL|O_NOFOLLOW: nothing planted in the
-        directory (a FIFO, a symlink) can be opened or followed by the write.
-        """
-        path = self._file(key)
-        parent, name = os.path.split(path)
-        tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
+        """:func:`disk_files.write_by_rename`; TierError when the file system fails."""
         try:
-            os.makedirs(parent, exist_ok=True)
-            fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-            )
+            return files.write_by_rename(self._file(key), data)
         except OSError as exc:
-            if exc.errno in _NAME_ERRORS:
-                return False
             raise TierError(self.name, "put", exc) from exc
-        try:
-            try:
-                _write_all(fd, data)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except OSError as exc:
-            _unlink_quietly(tmp)
-            if exc.errno in _NAME_ERRORS:
-                return False
-            raise TierError(self.name, "put", exc) from exc
-        return True
 
     def _unaccount(self, key: ChunkKey) -> None:
         size = self._sizes.pop(key, None)
@@ -338,7 +280,8 @@ class DiskTier(RangedTier):
             self._lru.remove(key)
 
     def _unlink(self, key: ChunkKey) -> None:
-        """Remove ``key``'s name: a file, FIFO, symlink or device node; a directory is left alone."""
+        """Remove ``key``'s name: a file, FIFO, symlink or device node; a directory is left
+        alone."""
         self._forget(key)
         try:
             os.unlink(self._file(key))
@@ -357,46 +300,3 @@ class DiskTier(RangedTier):
                 self._unlink(key)
 
         await self._run("delete", run)
-
-
-def _kind(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISDIR, "directory"),
-        (stat.S_ISLNK, "symlink"),
-        (stat.S_ISFIFO, "FIFO"),
-        (stat.S_ISCHR, "character device"),
-        (stat.S_ISBLK, "block device"),
-        (stat.S_ISSOCK, "socket"),
-    ):
-        if test(mode):
-            return name
-    return "special file"
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def _pread(fd: int, offset: int, n: int) -> bytes:
-    """``n`` bytes from ``offset``, fewer only at end of file."""
-    data = os.pread(fd, n, offset)
-    if len(data) == n or not data:
-        return data
-    parts = [data]  # a short read before the end: rare (signals), but allowed
-    got = len(data)
-    while got < n:
-        more = os.pread(fd, n - got, offset + got)
-        if not more:
-            break
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
