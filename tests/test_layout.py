@@ -101,3 +101,18 @@ def test_place_into_a_non_contiguous_layer_falls_back_to_write() -> None:
     kv = canonical(1, seed=4)
     layout.place(strided, [(3, to_numpy(kv))])
     assert torch.equal(layout.read(strided, [3]), kv)
+
+
+def test_place_splits_many_blocks_over_threads_and_still_writes_every_one() -> None:
+    from kvstrata import layout as layout_module
+
+    n, total = 12, 20
+    assert n >= layout_module.PARALLEL_MIN_BLOCKS
+    layout = CpuVecLayout(BS, H, D)
+    kv = canonical(n, seed=5)
+    order = [19, 0, 7, 3, 12, 5, 17, 1, 9, 14, 2, 11]
+    by_write, by_place = torch.zeros(total, H, BS, 2 * D), torch.zeros(total, H, BS, 2 * D)
+    layout.write(by_write, order, kv)
+    arr = to_numpy(kv)
+    layout.place(by_place, [(b, arr[:, i * BS : (i + 1) * BS]) for i, b in enumerate(order)])
+    assert torch.equal(by_place, by_write)

@@ -23,8 +23,10 @@ KV it does not understand.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
@@ -74,6 +76,8 @@ class CpuVecLayout:
         # One copy per block straight from the fetched buffer into the page, no staging tensor:
         # V rows move as they are, K is transposed on the way (numpy's per-call cost is ~1 us,
         # torch's ~5 us; stacking the blocks for one index_copy_ would copy every byte twice).
+        # numpy releases the GIL while it copies: a layer's blocks are split over PLACE_THREADS
+        # threads (the engine's own threads idle while it waits for this layer).
         if not blocks:
             return
         if kv_layer.device.type != "cpu" or not kv_layer.is_contiguous():
@@ -84,9 +88,13 @@ class CpuVecLayout:
         flat = to_numpy(kv_layer)
         k_pages = flat.reshape(-1, h, 2, d, bs)  # views of the same memory (contiguous)
         v_pages = flat.reshape(-1, h, 2, bs, d)
-        for block, kv in blocks:
-            k_pages[block, :, 0] = kv[0].transpose(1, 2, 0)
-            v_pages[block, :, 1] = kv[1].transpose(1, 0, 2)
+
+        def copy(part: Sequence[tuple[int, np.ndarray]]) -> None:
+            for block, kv in part:
+                k_pages[block, :, 0] = kv[0].transpose(1, 2, 0)
+                v_pages[block, :, 1] = kv[1].transpose(1, 0, 2)
+
+        _in_parallel(copy, blocks)
 
 
 class FlashLayout:
@@ -113,6 +121,30 @@ class FlashLayout:
         ids = torch.tensor([block for block, _ in blocks], device=kv_layer.device)
         kv = from_numpy(np.stack([kv for _, kv in blocks], axis=1), kv_layer.dtype)
         kv_layer.index_copy_(1, ids, kv.to(kv_layer.device, kv_layer.dtype))
+
+
+#: threads that copy one layer's blocks into pages (the caller's and PLACE_THREADS - 1 more);
+#: measured on 2 cores: 183 MB of blocks in 98 ms with 2 threads, 159 ms with one
+PLACE_THREADS = max(1, min(4, os.cpu_count() or 1))
+PARALLEL_MIN_BLOCKS = 8  # fewer blocks: not worth a hand-off
+_pool: ThreadPoolExecutor | None = None
+
+
+def _in_parallel(copy, blocks: Sequence) -> None:
+    """``copy(part)`` over ``blocks`` split in PLACE_THREADS parts, the last on this thread."""
+    global _pool
+    n = PLACE_THREADS if len(blocks) >= PARALLEL_MIN_BLOCKS else 1
+    if n == 1:
+        copy(blocks)
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(n - 1, thread_name_prefix="kvstrata-place")
+    step = -(-len(blocks) // n)
+    parts = [blocks[i : i + step] for i in range(0, len(blocks), step)]
+    futures = [_pool.submit(copy, part) for part in parts[:-1]]
+    copy(parts[-1])
+    for future in futures:
+        future.result()
 
 
 def detect(
