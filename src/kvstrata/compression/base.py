@@ -80,6 +80,14 @@ class Geometry:
 
 
 class Codec(Protocol):
+    """What every codec class declares (its per-kind facts, read from nowhere else) and does.
+
+    A codec with no ``local_params`` is also usable by its ``id`` alone: a route may
+    name it without a ``codecs:`` entry (:func:`builtin_codecs`). The configuration
+    resolves each ``local_params`` value against the file's directory and refuses
+    anything that is not a regular file of at most 1 GiB.
+    """
+
     id: ClassVar[str]
     lossless: ClassVar[bool]
     #: parameters that name a local resource (a file): configuration only, never in a header
@@ -137,6 +145,12 @@ def codec_kinds() -> dict[str, type]:
     """Registry id -> codec class, for every codec this build knows."""
     _load_builtins()
     return dict(_CODECS)
+
+
+def builtin_codecs() -> tuple[str, ...]:
+    """The codec ids a route may name without a ``codecs:`` entry: every registered codec that
+    needs no local resource, built with its default parameters."""
+    return tuple(sorted(id for id, cls in codec_kinds().items() if not cls.local_params))
 
 
 def codec_from_header(

@@ -50,9 +50,10 @@ from pydantic import (
     model_validator,
 )
 
+from kvstrata.compression.base import CodecError, builtin_codecs, codec_from_config, codec_kinds
 from kvstrata.policy.engine import FieldPath, Policy, PolicySpec, compile_policy, known_tier
 from kvstrata.sizes import parse_bytes
-from kvstrata.tiers.base import BUILTIN_KINDS, TierSettings, tier_class
+from kvstrata.tiers.base import BUILTIN_KINDS, Tier, TierSettings, tier_class
 
 # -- errors -------------------------------------------------------------------
 
@@ -94,20 +95,6 @@ class CostPrior(_Frozen):
     bandwidth_mbps: float = Field(gt=0, le=10_000_000)  # 10 TB/s
 
 
-DEFAULT_COST: Mapping[str, CostPrior] = MappingProxyType(
-    {
-        "memory": CostPrior(latency_ms=0.02, bandwidth_mbps=20000),
-        "lmcache": CostPrior(latency_ms=0.05, bandwidth_mbps=5000),  # a copy and a checksum per get
-        "disk": CostPrior(latency_ms=0.3, bandwidth_mbps=1500),
-        "redis": CostPrior(latency_ms=0.5, bandwidth_mbps=800),
-        "s3": CostPrior(latency_ms=15, bandwidth_mbps=250),
-    }
-)
-UNKNOWN_KIND_COST = CostPrior(latency_ms=5, bandwidth_mbps=200)
-DEFAULT_TIMEOUT_MS: Mapping[str, float] = MappingProxyType(
-    {"memory": 1000, "lmcache": 1000, "disk": 2000, "redis": 2000, "s3": 5000}
-)
-UNKNOWN_KIND_TIMEOUT_MS = 5000.0
 #: One hour: the longest tier timeout or request budget a file may set.
 MAX_TIMEOUT_MS = 3_600_000
 
@@ -120,6 +107,11 @@ class TierSpec(_Frozen):
     settings: TierSettings
     cost: CostPrior
     timeout_ms: float = Field(gt=0, le=MAX_TIMEOUT_MS)
+
+    @property
+    def tier_class(self) -> type[Tier]:
+        """The class of this tier's kind: where its per-kind facts are (``shared``, ``hit_source``...)."""
+        return tier_class(self.kind)
 
 
 class EngineConfig(_Frozen):
@@ -224,10 +216,6 @@ class AuthConfig(_Frozen):
     )
 
 
-#: Codec names every configuration has (kind = name, default parameters) unless ``codecs:`` redefines them.
-BUILTIN_CODECS = ("none", "fp8", "int8", "int4")
-
-
 class StrataConfig(_Frozen):
     """A whole, validated configuration. ``path`` is the file it came from (None: a string)."""
 
@@ -256,7 +244,7 @@ class StrataConfig(_Frozen):
         """The codec a route names (``codecs:`` or a built-in); KeyError if there is none."""
         if name in self.codecs:
             return self.codecs[name]
-        if name in BUILTIN_CODECS:
+        if name in builtin_codecs():
             return CodecSpec(name=name, kind=name, params={})
         raise KeyError(name)
 
@@ -394,8 +382,6 @@ def _parse(text: str, source: str, path: Path | None) -> StrataConfig:
 
 def _codecs(raw: dict[str, Any], path: Path | None, report: _Report) -> dict[str, CodecSpec]:
     """``codecs:``: name -> {kind, params...}; each is built once here so bad parameters fail at load."""
-    from kvstrata.compression.base import CodecError, codec_from_config, codec_kinds
-
     kinds = sorted(codec_kinds())
     out: dict[str, CodecSpec] = {}
     for name, entry in raw.items():
@@ -426,18 +412,7 @@ def _codecs(raw: dict[str, Any], path: Path | None, report: _Report) -> dict[str
             report.add((*at, key), "codec parameters must be plain scalars")
         if bad:
             continue
-        if (
-            kind in ("autoencoder", "linear-ae")
-            and isinstance(params.get("checkpoint"), str)
-            and path is not None
-        ):
-            params["checkpoint"] = str(
-                (path.parent / Path(params["checkpoint"]).expanduser()).resolve()
-            )
-        if isinstance(params.get("checkpoint"), str) and (
-            problem := _not_a_checkpoint(params["checkpoint"])
-        ):
-            report.add((*at, "checkpoint"), problem)
+        if not _local_files(codec_kinds()[kind], params, path, at, report):
             continue
         try:
             codec = codec_from_config(name, kind, params)
@@ -452,8 +427,26 @@ def _codecs(raw: dict[str, Any], path: Path | None, report: _Report) -> dict[str
 MAX_CODEC_CHECKPOINT_BYTES = 1 << 30
 
 
-def _not_a_checkpoint(name: str) -> str | None:
-    """Why the file ``name`` cannot be a codec checkpoint (a device, a FIFO, too big), or None to go on.
+def _local_files(
+    cls: type, params: dict[str, Any], path: Path | None, at: FieldPath, report: _Report
+) -> bool:
+    """Resolve the codec's file parameters (``cls.local_params``) against the configuration's
+    directory, in place; False (reported) if one names something that is not a codec file."""
+    ok = True
+    for name in sorted(cls.local_params):
+        value = params.get(name)
+        if not isinstance(value, str):
+            continue  # missing or mistyped: the codec says so in its own words
+        if path is not None:
+            value = params[name] = str((path.parent / Path(value).expanduser()).resolve())
+        if problem := _not_a_local_file(name, value):
+            report.add((*at, name), problem)
+            ok = False
+    return ok
+
+
+def _not_a_local_file(param: str, name: str) -> str | None:
+    """Why the file ``name`` cannot be a codec's file (a device, a FIFO, too big), or None to go on.
 
     A missing file is left to the codec, which says so in its own words.
     """
@@ -462,19 +455,20 @@ def _not_a_checkpoint(name: str) -> str | None:
     except (OSError, ValueError):
         return None
     if not stat.S_ISREG(st.st_mode):
-        return f"checkpoint {shown(name)} is not a regular file"
+        return f"{param} {shown(name)} is not a regular file"
     if st.st_size > MAX_CODEC_CHECKPOINT_BYTES:
-        return f"checkpoint {shown(name)} is over {MAX_CODEC_CHECKPOINT_BYTES >> 30} GiB"
+        return f"{param} {shown(name)} is over {MAX_CODEC_CHECKPOINT_BYTES >> 30} GiB"
     return None
 
 
 def _check_route_codecs(spec: PolicySpec, codecs: Mapping[str, CodecSpec], report: _Report) -> None:
-    known = sorted({*BUILTIN_CODECS, *codecs})
+    builtin = builtin_codecs()
+    known = sorted({*builtin, *codecs})
     routes: list[tuple[FieldPath, Any]] = [(("policy", "default"), spec.default)]
     routes += [(("policy", "rules", i, "route"), rule.route) for i, rule in enumerate(spec.rules)]
     for at, route in routes:
         for tier, name in route.codec.items() if route is not None else ():
-            if name not in codecs and name not in BUILTIN_CODECS:
+            if name not in codecs and name not in builtin:
                 close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 report.add(
@@ -854,7 +848,8 @@ def _tier(name: str, raw: dict, report: _Report) -> TierSpec | None:
 
 
 def _cost(kind: str, raw: Any, at: FieldPath, report: _Report) -> CostPrior | None:
-    prior = DEFAULT_COST.get(kind, UNKNOWN_KIND_COST)
+    cls = tier_class(kind)
+    prior = CostPrior(latency_ms=cls.prior_latency_ms, bandwidth_mbps=cls.prior_bandwidth_mbps)
     if not isinstance(raw, dict):
         report.add(
             at,
@@ -874,7 +869,7 @@ class _Timeout(_Frozen):
 
 def _timeout(kind: str, raw: Any, at: FieldPath, report: _Report) -> float | None:
     if raw is None:
-        return DEFAULT_TIMEOUT_MS.get(kind, UNKNOWN_KIND_TIMEOUT_MS)
+        return float(tier_class(kind).default_timeout_ms)
     try:
         return _Timeout(timeout_ms=raw).timeout_ms
     except ValidationError as exc:

@@ -46,8 +46,6 @@ try:  # the base class only exists where vLLM is installed
 except ImportError:  # pragma: no cover - kvstrata without vLLM
     KVConnectorWorkerMetadata = object  # type: ignore[assignment,misc]
 
-#: tier kinds whose bytes live in one process's memory
-PROCESS_LOCAL_KINDS = frozenset({"memory"})
 #: how often a lookup waiting for pending saves looks again
 POLL_S = 0.005
 
@@ -195,7 +193,7 @@ def attach(orch, worker: bool) -> None:
                 orch.tiers[name] = Journal(tier.pool)
             elif not isinstance(tier, Journal):
                 orch.tiers[name] = Journal(tier)
-        elif spec.kind in PROCESS_LOCAL_KINDS and not isinstance(tier, (Journal, PoolIndex)):
+        elif spec.tier_class.process_local and not isinstance(tier, (Journal, PoolIndex)):
             orch.tiers[name] = PoolIndex(tier, orch.inflight_wait_s)
 
 

@@ -72,6 +72,11 @@ _DOWN = object()  # the result of a command whose cluster node did not answer
 class RedisTier(RangedTier):
     kind = "redis"
     settings_class = RedisSettings
+    prior_latency_ms = 0.5
+    prior_bandwidth_mbps = 800
+    default_timeout_ms = 2000
+    shared = True
+    supports_ttl = True
 
     def __init__(self, name: str, settings: RedisSettings):
         super().__init__(name)

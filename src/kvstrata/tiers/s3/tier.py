@@ -242,6 +242,11 @@ class Aioboto3Transport:
 class S3Tier(RangedTier):
     kind = "s3"
     settings_class = S3Settings
+    prior_latency_ms = 15
+    prior_bandwidth_mbps = 250
+    default_timeout_ms = 5000
+    shared = True
+    corpus_home = True
 
     def __init__(self, name: str, settings: S3Settings):
         super().__init__(name)
