@@ -677,6 +677,11 @@ ERRORS = {
         POLICY + "  default: {write: [dram], ttl_s: {dram: 60}}\n",
         "strata.yaml:6: policy.default.ttl_s.dram: tier 'dram' (kind memory) has no TTL",
     ),
+    "ttl on s3": (  # S3 has no per-object expiry on PUT: refused, not ignored
+        "version: 1\ntiers:\n  cold: {kind: s3}\npolicy:\n"
+        "  default: {write: [cold], ttl_s: {cold: 60}}\n",
+        "strata.yaml:5: policy.default.ttl_s.cold: tier 'cold' (kind s3) has no TTL",
+    ),
     "codec unused": (
         POLICY + "  default: {write: [dram], codec: {local: int8}}\n",
         "strata.yaml:6: policy.default.codec.local: tier 'local' is neither read nor written by this route",

@@ -94,8 +94,8 @@ class Journal(Tier):
     async def get(self, keys: Sequence[ChunkKey], layers: range | None = None) -> list[Fetch]:
         return await self.pool.get(keys, layers)
 
-    async def put(self, items: Sequence[tuple[ChunkKey, bytes]]) -> PutResult:
-        result = await self.pool.put(items)
+    async def put(self, items: Sequence[tuple[ChunkKey, bytes]], **options) -> PutResult:
+        result = await self.pool.put(items, **options)  # options: ttl_s, for tiers that take one
         evicted = [e.key for e in result.evicted]
         self._note(evicted, [False] * len(evicted))
         keys = [k for k, _ in items]
