@@ -29,7 +29,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from types import MappingProxyType
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -123,13 +122,15 @@ class Match:
     # a factory, not a default: Python 3.11 rejects unhashable (mappingproxy) dataclass defaults
     hints: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
 
-    @cached_property  # a frozen value: computed once (cached_property bypasses the frozen __setattr__)
+    # a frozen value: computed once (cached_property bypasses the frozen __setattr__)
+    @cached_property
     def specificity(self) -> int:
         ranges = sum(getattr(self, f) is not None for f in (*RANGE_FEATURES, *SET_FEATURES))
         return ranges + bool(self.tags) + len(self.hints)
 
     def matches(self, ctx: RequestContext, default_budget_ms: float) -> bool:
-        """Does ``ctx`` fall in this region? (:meth:`check` without the words: the per-request path.)"""
+        """Does ``ctx`` fall in this region? (:meth:`check` without the words: the per-request
+        path.)"""
         for feature in RANGE_FEATURES:
             interval: Interval | None = getattr(self, feature)
             if interval is not None and not interval.contains(
