@@ -83,8 +83,8 @@ OUT_JSON = RESULTS_DIR / "codecs.json"
 OUT_PNG = RESULTS_DIR / "codecs.png"
 
 
-#: name suffix of rows measured with every chunk's first_position withheld (encode(..., first_position=0)),
-#: as the orchestrator writes until it passes positions
+#: name suffix of rows measured with every chunk's first_position withheld (encode(...,
+#: first_position=0)), as the orchestrator writes until it passes positions
 NO_POSITION_SUFFIX = "-nopos"
 
 
@@ -93,7 +93,8 @@ def codec_table(
     no_position: list[Path] | None = None,
     no_exact: list[Path] | None = None,
 ) -> list[tuple[str, str, dict]]:
-    """(name, kind, params) of every codec measured (a name ending in ``-nopos``: positions withheld;
+    """(name, kind, params) of every codec measured
+    (a name ending in ``-nopos``: positions withheld;
     ``-x0``: linear-ae with ``exact_tokens: 0``)."""
     table = [
         ("none", "none", {}),
@@ -161,7 +162,8 @@ def tier_bandwidth() -> dict[str, dict[str, float]]:
 def roundtrip(
     codec, kv: np.ndarray, positions: bool = True
 ) -> tuple[np.ndarray, int, float, float]:
-    """KV [L, 2, T, H, D] through the codec chunk by chunk, layer by layer: (decoded, bytes, enc s, dec s).
+    """KV [L, 2, T, H, D] through the codec chunk by
+    chunk, layer by layer: (decoded, bytes, enc s, dec s).
 
     ``positions``: each chunk's ``first_position`` is passed to ``encode`` (else 0, as today's
     orchestrator writes)."""

@@ -1,4 +1,5 @@
-"""Per-document precomputed KV in vLLM: accuracy and TTFT of full prefill, prefix caching, stitching and repairs.
+"""Per-document precomputed KV in vLLM: accuracy and TTFT
+of full prefill, prefix caching, stitching and repairs.
 
 Usage::
 

@@ -854,7 +854,8 @@ def summarise(results: dict, rows: list[str]) -> list[dict]:
 
 
 def transport_comparison(rows: list[dict]) -> list[dict]:
-    """Each other S3 transport's throughput / obstore's, through the tier and raw, per size and op."""
+    """Each other S3 transport's throughput / obstore's,
+    through the tier and raw, per size and op."""
     by = {(r["tier"], r["size"]): r for r in rows}
     out = []
     for transport in ("aioboto3", "nixl"):

@@ -1,4 +1,5 @@
-"""Time to first token in vLLM with StrataConnector: recompute vs a hit from each tier, side by side.
+"""Time to first token in vLLM with StrataConnector:
+recompute vs a hit from each tier, side by side.
 
 Usage::
 

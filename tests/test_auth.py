@@ -1,4 +1,5 @@
-"""Authenticated objects: only holders of the secret write what readers accept (docs/reliability.md)."""
+"""Authenticated objects: only holders of the secret
+write what readers accept (docs/reliability.md)."""
 
 from __future__ import annotations
 

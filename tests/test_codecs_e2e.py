@@ -5,9 +5,9 @@ One engine with the connector (vLLM's CPU build, SmolLM2-135M, fp32) and a
 configuration whose routes store KV with a lossy codec: memory with int8,
 disk with int4, a second memory tier with linear-ae (a checkpoint fitted by
 the fixture on KV captured from the model, ~1 min of CPU; keys not derotated,
-since the orchestrator does not pass chunk positions to codecs yet). The first run of a prompt is a miss (computed from scratch:
-the uncompressed reference); the second run must load every whole chunk from
-the tier -- decoded from the lossy codec -- and its greedy tokens are compared
+since the orchestrator does not pass chunk positions to codecs yet). The first run of a prompt is a
+miss (computed from scratch: the uncompressed reference); the second run must load every whole chunk
+from the tier -- decoded from the lossy codec -- and its greedy tokens are compared
 with the first run's. The agreement rate is printed with the test output;
 int8 must agree on at least half of the 16 tokens (it agrees on all here),
 int4 and linear-ae are reported only.
@@ -33,9 +33,9 @@ from kvstrata.orchestrator import flush_shared, shared_orchestrators
 PROMPT_TOKENS = 1100
 HIT = (PROMPT_TOKENS - 1) // 256 * 256
 NEW_TOKENS = 16
-# tier -> (codec name, its header params, text offset, minimum greedy agreement or None: reported only).
-# int4 is reported, not held to a rate: free-running greedy decoding diverges for good at the first
-# flipped token (teacher-forced top-1 agreement is in benchmarks/results/codecs.json).
+# tier -> (codec name, its header params, text offset, minimum greedy agreement or None: reported
+# only). int4 is reported, not held to a rate: free-running greedy decoding diverges for good at the
+# first flipped token (teacher-forced top-1 agreement is in benchmarks/results/codecs.json).
 CASES = {
     "dram": ("q8", {"kind": "int8", "group_size": 32}, 7000, 0.5),
     "local": ("q4", {"kind": "int4", "group_size": 32}, 12000, None),

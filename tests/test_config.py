@@ -1,4 +1,5 @@
-"""Configuration loading: the schema, defaults, presets, and every error path with its exact message."""
+"""Configuration loading: the schema, defaults, presets,
+and every error path with its exact message."""
 
 from __future__ import annotations
 

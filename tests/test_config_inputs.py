@@ -100,7 +100,8 @@ def value_mutations() -> list[tuple[int, str]]:
 
 
 def structural_mutations() -> list[bytes]:
-    """Damage to the file as a whole: truncation, stray bytes, nesting, bombs, duplicates, huge text."""
+    """Damage to the file as a whole: truncation, stray
+    bytes, nesting, bombs, duplicates, huge text."""
     raw = BASE.encode()
     out = [raw[:cut] for cut in range(0, len(raw), 23)]
     out += [
@@ -160,7 +161,8 @@ def corpus(tmp_path_factory) -> dict[Path, int | None]:
 
 
 def test_policy_check_never_prints_a_traceback(corpus: dict[Path, int | None]) -> None:
-    """>= 1,000 broken files through the real CLI: each broken one reported as file:line, nothing else."""
+    """>= 1,000 broken files through the real CLI: each
+    broken one reported as file:line, nothing else."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "COLUMNS": "200"}
     env = {k: v for k, v in env.items() if not k.startswith("KVSTRATA_") or k == "KVSTRATA_NO_SKIP"}
     result = subprocess.run(
@@ -410,7 +412,8 @@ def test_sizes_are_exact_and_bounded() -> None:
 
 
 def test_environment_sizes_parse_like_the_file(monkeypatch) -> None:
-    """``KVSTRATA_<KIND>_CAPACITY_BYTES=8GiB`` works as it does in YAML; a bad one names the variable."""
+    """``KVSTRATA_<KIND>_CAPACITY_BYTES=8GiB`` works as
+    it does in YAML; a bad one names the variable."""
     monkeypatch.setenv("KVSTRATA_MEMORY_CAPACITY_BYTES", "8GiB")
     monkeypatch.setenv("KVSTRATA_DISK_CAPACITY_BYTES", "1.5 TB")
     cfg = parse_config(HEAD + "  local: {kind: disk, path: /tmp/x, capacity_bytes: 1GiB}\n")

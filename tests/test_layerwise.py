@@ -105,7 +105,8 @@ def test_adaptive_groups_cut_gets_and_whole_retrieval_is_one_get_per_chunk(s3_se
     whole = orchestrator(s3_server.endpoint, s3_server, retrieval="whole")
     try:
         plan = stored_plan(orch, 3, seed=2)
-        # the engine computes 50 ms per layer; a layer's transfer is far shorter: few, growing groups
+        # the engine computes 50 ms per layer; a layer's
+        # transfer is far shorter: few, growing groups
         handle = orch.load(plan, compute_s_per_layer=0.05)
         assert handle.wait_all(60) and not handle.failed
         assert (
@@ -294,7 +295,8 @@ def test_fixed_sharing_keeps_each_requests_rate_until_another_starts():
     shared, fixed = asyncio.run(finish_times("work_conserving")), asyncio.run(finish_times("fixed"))
     # both start at 10 MB/s; the small one is done at 0.1 s either way
     assert 0.08 < shared["small"] < 0.2 and 0.08 < fixed["small"] < 0.2
-    # work conserving, the large one then takes the whole link (4 MB at 20 MB/s); fixed, it keeps 10 MB/s
+    # work conserving, the large one then takes the whole
+    # link (4 MB at 20 MB/s); fixed, it keeps 10 MB/s
     assert shared["large"] < 0.26 and fixed["large"] > 0.28, (shared, fixed)
     with pytest.raises(ValueError, match="unknown sharing"):
         Link(1e6, "equal", sharing="fair")

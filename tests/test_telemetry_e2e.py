@@ -63,7 +63,8 @@ def setup(tmp_path_factory, redis_server) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def served(setup):
-    """Runs the workload once: each prompt stored, then served from its tier; shuts the engine down after."""
+    """Runs the workload once: each prompt stored, then
+    served from its tier; shuts the engine down after."""
     from vllm.distributed.kv_transfer import ensure_kv_transfer_shutdown, has_kv_transfer_group
 
     config, _ = setup
@@ -145,7 +146,8 @@ def test_stats_command_from_the_exporter_and_a_snapshot(served, setup) -> None:
         result = CliRunner().invoke(stats_app, ["stats", *args], env={"COLUMNS": "200"})
         assert result.exit_code == 0, result.output
         table = _table(result.output)
-        # tier, lookups, hit rate, hit tokens: each tier was asked about 5 chunks twice, and had them once
+        # tier, lookups, hit rate, hit tokens: each tier
+        # was asked about 5 chunks twice, and had them once
         assert table["dram"][1:4] == ["10", "50.0%", f"{HIT:,}"], result.output
         assert table["shared"][1:4] == ["10", "50.0%", f"{HIT:,}"], result.output
 

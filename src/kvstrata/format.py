@@ -103,7 +103,8 @@ class FormatError(ValueError):
 
 
 class Unauthenticated(FormatError):
-    """A MAC that does not verify (a forgery, another secret, or damage), or an object without one."""
+    """A MAC that does not verify (a forgery, another
+    secret, or damage), or an object without one."""
 
     reason = "unauthenticated"
 

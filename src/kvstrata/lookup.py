@@ -39,7 +39,8 @@ from kvstrata.policy.route import RequestContext
 
 @dataclass(frozen=True)
 class TierPrefix:
-    """One read tier's share: ``tokens`` leading tokens held (whole chunks, from ``skip_tokens``)."""
+    """One read tier's share: ``tokens`` leading tokens
+    held (whole chunks, from ``skip_tokens``)."""
 
     tier: str
     tokens: int
@@ -211,7 +212,8 @@ def lookup(
 def context(
     cache_salt: str | None = None, params: Mapping | None = None, model: str = ""
 ) -> RequestContext:
-    """The request context vLLM would build from a request's ``cache_salt`` and ``kv_transfer_params``."""
+    """The request context vLLM would build from a
+    request's ``cache_salt`` and ``kv_transfer_params``."""
     params = dict(params or {})
     budget = _as_float(params.pop("budget_ms", None))
     tags = params.pop("tags", None) or ()

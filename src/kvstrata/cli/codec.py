@@ -116,8 +116,8 @@ def train(
         out = out or default_checkpoint(latent)
     import torch
 
-    # one torch thread: the captured KV -- and so the checkpoint -- must not depend on the core count
-    # (numpy's BLAS: run with OPENBLAS_NUM_THREADS=1 for bit-identical linear-ae fits)
+    # one torch thread: the captured KV -- and so the checkpoint -- must not depend on the core
+    # count (numpy's BLAS: run with OPENBLAS_NUM_THREADS=1 for bit-identical linear-ae fits)
     torch.set_num_threads(1)
     started = time.perf_counter()
     console.print("loading SmolLM2-135M (transformers, fp32) ...")

@@ -142,7 +142,8 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str, sha256: str | None) -> Checkpoint:
-    """A checkpoint by path (and hash), verified from the file on every call, parsed once per content."""
+    """A checkpoint by path (and hash), verified from
+    the file on every call, parsed once per content."""
     return checkpoint_file.load_cached(path, sha256, Checkpoint.load)
 
 
@@ -391,6 +392,7 @@ def _train(
 
 
 def rel_error(ckpt: Checkpoint, x: np.ndarray, kv: str, layer: int) -> float:
-    """Relative error ``|x - x_hat| / |x|`` (Frobenius) of the float autoencoder on ``x`` [N, head_dim]."""
+    """Relative error ``|x - x_hat| / |x|`` (Frobenius)
+    of the float autoencoder on ``x`` [N, head_dim]."""
     y = ckpt.decode(ckpt.encode(x, kv, layer), kv, layer)
     return float(np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-30))

@@ -194,7 +194,8 @@ def header_params(name: str, codec: Codec) -> dict[str, int | float | str | bool
 
 
 def codec_from_config(name: str, kind: str, params: Mapping[str, object]) -> Codec:
-    """A codec from trusted configuration: ``kind`` built from ``params`` (CodecError if it cannot be)."""
+    """A codec from trusted configuration: ``kind`` built
+    from ``params`` (CodecError if it cannot be)."""
     _load_builtins()
     if not isinstance(kind, str) or kind not in _CODECS:
         raise CodecError(f"unknown codec kind {kind!r} (codec {name!r})")
@@ -231,7 +232,8 @@ def from_float32(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def kv_dtype(kv: np.ndarray) -> str:
-    """The canonical dtype name of an array handed to ``encode`` (uint16 means bf16's bit pattern)."""
+    """The canonical dtype name of an array handed to
+    ``encode`` (uint16 means bf16's bit pattern)."""
     return {"<f4": "float32", "<f2": "float16", "<u2": "bfloat16"}.get(kv.dtype.str, "float32")
 
 

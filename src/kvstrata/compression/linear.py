@@ -184,7 +184,8 @@ class Packer:
 
 
 def pack_codes(codes: np.ndarray, bits: np.ndarray) -> np.ndarray:
-    """Codes [N, r] (uint8, code c < 2**bits[c]) -> [N, sum(bits) / 8] bytes (see :class:`Packer`)."""
+    """Codes [N, r] (uint8, code c < 2**bits[c]) ->
+    [N, sum(bits) / 8] bytes (see :class:`Packer`)."""
     return Packer(bits).pack(codes)
 
 
@@ -322,10 +323,12 @@ class LinearCheckpoint:
     def encode_vectors(
         self, x: np.ndarray, kv: str, layer: int, first_position: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(packed codes [T, bits/8] uint8, fp16 scales [T], estimated squared error per vector [T]).
+        """(packed codes [T, bits/8] uint8, fp16 scales
+        [T], estimated squared error per vector [T]).
 
         The estimate is taken in the latent space (the encoder's columns are orthonormal): what the
-        coded components do not hold, ``|x - mean|^2 - |z|^2``, plus the latent's quantization error."""
+        coded components do not hold, ``|x - mean|^2 -
+        |z|^2``, plus the latent's quantization error."""
         w = self.weights[(kv, layer)]
         if kv == "k" and self.derotate:
             x = rope_rotate(x, first_position, self.rope_theta, -1)
@@ -351,8 +354,8 @@ class LinearCheckpoint:
         shape: tuple[int, int, int],
     ) -> np.ndarray:
         w = self.weights[(kv, layer)]
-        # z_hat = (code - half + 1/2) * (clip * scale / L) * s: the per-component factor is folded into
-        # the decoder matrix, the per-vector scale applied after it
+        # z_hat = (code - half + 1/2) * (clip * scale / L) * s: the per-component factor is folded
+        # into the decoder matrix, the per-vector scale applied after it
         codes = self.packers[(kv, layer)].unpack(packed).astype(np.float32) - w["_offset"]
         x = ((codes @ w["_dec"]) * s.astype(np.float32)[:, None] + w["bias"]).reshape(shape)
         if kv == "k" and self.derotate:
@@ -360,13 +363,15 @@ class LinearCheckpoint:
         return x
 
     def roundtrip(self, x: np.ndarray, kv: str, layer: int, first_position: int = 0) -> np.ndarray:
-        """``x`` [T, H, D] through the quantized transform (what the codec stores and returns, in float32)."""
+        """``x`` [T, H, D] through the quantized transform
+        (what the codec stores and returns, in float32)."""
         packed, s, _ = self.encode_vectors(x, kv, layer, first_position)
         return self.decode_vectors(packed, s, kv, layer, first_position, x.shape)
 
 
 def load_linear_checkpoint(path: str, sha256: str | None) -> LinearCheckpoint:
-    """A checkpoint by path (and hash), verified from the file on every call, parsed once per content."""
+    """A checkpoint by path (and hash), verified from
+    the file on every call, parsed once per content."""
     return checkpoint_file.load_cached(path, sha256, LinearCheckpoint.load)
 
 
@@ -520,8 +525,8 @@ def allocate_bits(variance: np.ndarray, budget: int) -> np.ndarray:
 def fit_layer(
     x: np.ndarray, budget: int, sample: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
-    """Fit one transform on ``x`` [N, C] float32 (K already derotated if so): PCA encoder, bit allocation,
-    per-component clip, least-squares decoder on the quantized latents."""
+    """Fit one transform on ``x`` [N, C] float32 (K already derotated if so): PCA encoder, bit
+    allocation, per-component clip, least-squares decoder on the quantized latents."""
     x64 = x.astype(np.float64)
     mean = x64.mean(axis=0)
     xc = x64 - mean
@@ -641,6 +646,7 @@ def train_linear(
 def linear_rel_error(
     ckpt: LinearCheckpoint, x: np.ndarray, kv: str, layer: int, first_position: int = 0
 ) -> float:
-    """Relative error ``|x - x_hat| / |x|`` of the stored (quantized) reconstruction of ``x`` [T, H, D]."""
+    """Relative error ``|x - x_hat| / |x|`` of the stored
+    (quantized) reconstruction of ``x`` [T, H, D]."""
     y = ckpt.roundtrip(np.asarray(x, dtype=np.float32), kv, layer, first_position)
     return float(np.linalg.norm(y.astype(np.float64) - x) / max(np.linalg.norm(x), 1e-30))

@@ -59,7 +59,8 @@ from kvstrata.tiers.base import BUILTIN_KINDS, TierSettings, tier_class
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong with a file: 1-based ``line`` (0: none), dotted ``path`` ('' for the whole file)."""
+    """One thing wrong with a file: 1-based ``line`` (0:
+    none), dotted ``path`` ('' for the whole file)."""
 
     line: int
     path: str
@@ -71,7 +72,8 @@ class Problem:
 
 
 class ConfigError(ValueError):
-    """An invalid configuration file. ``str()`` is one ``file:line: path: message`` line per problem."""
+    """An invalid configuration file. ``str()`` is one
+    ``file:line: path: message`` line per problem."""
 
     def __init__(self, source: str, problems: list[Problem]):
         self.source = source
@@ -182,7 +184,8 @@ class BandwidthConfig(_Frozen):
 
 
 class CodecSpec(_Frozen):
-    """A named codec: its registry kind and the parameters its objects record (normalized by the codec)."""
+    """A named codec: its registry kind and the parameters
+    its objects record (normalized by the codec)."""
 
     name: str
     kind: str
@@ -224,7 +227,8 @@ class AuthConfig(_Frozen):
     )
 
 
-#: Codec names every configuration has (kind = name, default parameters) unless ``codecs:`` redefines them.
+#: Codec names every configuration has (kind = name,
+#: default parameters) unless ``codecs:`` redefines them.
 BUILTIN_CODECS = ("none", "fp8", "int8", "int4")
 
 
@@ -335,7 +339,8 @@ _SECTIONS = (
 
 
 def load_config(path: str | os.PathLike[str]) -> StrataConfig:
-    """Load and validate the YAML file at ``path``; ConfigError if it cannot be read or is invalid."""
+    """Load and validate the YAML file at ``path``;
+    ConfigError if it cannot be read or is invalid."""
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_FILE_BYTES + 1)  # a device or a huge file is never read whole
@@ -352,7 +357,8 @@ def parse_config(text: str, source: str = "<string>") -> StrataConfig:
 
 
 def default_config() -> StrataConfig:
-    """The embedded default: a DRAM tier and a local-disk tier, no servers (``presets/default.yaml``)."""
+    """The embedded default: a DRAM tier and a local-disk tier, no servers
+    (``presets/default.yaml``)."""
     preset = resources.files("kvstrata").joinpath("presets/default.yaml")
     return _parse(preset.read_text(encoding="utf-8"), "kvstrata/presets/default.yaml", None)
 
@@ -393,7 +399,8 @@ def _parse(text: str, source: str, path: Path | None) -> StrataConfig:
 
 
 def _codecs(raw: dict[str, Any], path: Path | None, report: _Report) -> dict[str, CodecSpec]:
-    """``codecs:``: name -> {kind, params...}; each is built once here so bad parameters fail at load."""
+    """``codecs:``: name -> {kind, params...}; each is
+    built once here so bad parameters fail at load."""
     from kvstrata.compression.base import CodecError, codec_from_config, codec_kinds
 
     kinds = sorted(codec_kinds())
@@ -448,12 +455,14 @@ def _codecs(raw: dict[str, Any], path: Path | None, report: _Report) -> dict[str
     return out
 
 
-#: A codec checkpoint is a few MiB of weights; anything past this is not one (and is never read whole).
+#: A codec checkpoint is a few MiB of weights; anything
+#: past this is not one (and is never read whole).
 MAX_CODEC_CHECKPOINT_BYTES = 1 << 30
 
 
 def _not_a_checkpoint(name: str) -> str | None:
-    """Why the file ``name`` cannot be a codec checkpoint (a device, a FIFO, too big), or None to go on.
+    """Why the file ``name`` cannot be a codec checkpoint
+    (a device, a FIFO, too big), or None to go on.
 
     A missing file is left to the codec, which says so in its own words.
     """
@@ -499,7 +508,8 @@ _PLAIN_TAGS = {
 
 
 def _decode(raw: bytes, source: str) -> str:
-    """``raw`` as text; ConfigError at the line of the first offending byte if it is too big or not UTF-8."""
+    """``raw`` as text; ConfigError at the line of the
+    first offending byte if it is too big or not UTF-8."""
     if len(raw) > MAX_FILE_BYTES:
         line = raw[:MAX_FILE_BYTES].count(b"\n") + 1
         raise ConfigError(
@@ -694,7 +704,8 @@ def format_path(path: FieldPath) -> str:
         if isinstance(part, int) and not isinstance(part, bool):
             out += f"[{part}]"
         elif not isinstance(part, str) or not part.isprintable() or not part or len(part) > 60:
-            out += f"[{shown(part)}]"  # a control character never reaches the terminal or splits a line
+            # a control character never reaches the terminal or splits a line
+            out += f"[{shown(part)}]"
         else:
             out += f".{part}" if out else str(part)
     return out
@@ -712,7 +723,8 @@ class _Report:
         self.secrets: set[str] = set()
 
     def line(self, path: FieldPath) -> int:
-        """The line of ``path``, or of its nearest ancestor in the file (missing keys, env values)."""
+        """The line of ``path``, or of its nearest ancestor
+        in the file (missing keys, env values)."""
         while path and path not in self.lines:
             path = path[:-1]
         return self.lines.get(path, 1)
@@ -742,7 +754,8 @@ class _Report:
         secret=lambda loc: False,
         env=lambda loc: "",
     ) -> None:
-        """Report each error of ``exc`` at ``prefix + loc``; ``keys_at(loc)`` lists valid keys there."""
+        """Report each error of ``exc`` at ``prefix +
+        loc``; ``keys_at(loc)`` lists valid keys there."""
         for err in exc.errors(include_url=False):
             loc = tuple(p for p in err["loc"] if p != "[key]")
             message = _message(err, keys_at(loc[:-1]), secret(loc))
@@ -822,7 +835,8 @@ _TIER_KEYS = ["kind", "cost", "timeout_ms"]
 
 
 def _tier(name: str, raw: dict, report: _Report) -> TierSpec | None:
-    """One tier entry: ``kind``, ``cost`` and ``timeout_ms`` are ours, the rest its settings class's."""
+    """One tier entry: ``kind``, ``cost`` and ``timeout_ms``
+    are ours, the rest its settings class's."""
     at: FieldPath = ("tiers", name)
     raw = dict(raw)
     kind = raw.pop("kind", None)

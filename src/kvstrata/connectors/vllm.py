@@ -135,7 +135,8 @@ class StrataConnector(KVConnectorBase_V1):
             self.scheduler.observe(stats.data["reads"])
 
     def take_events(self):
-        """KV cache events with the tier as ``medium`` (see :mod:`kvstrata.connectors.vllm_events`)."""
+        """KV cache events with the tier as ``medium`` (see
+        :mod:`kvstrata.connectors.vllm_events`)."""
         return self.events.take()
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -206,7 +207,8 @@ class StrataConnector(KVConnectorBase_V1):
         return vllm_pool.changes(self.orch) if self._role == KVConnectorRole.WORKER else None
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
-        """This role's changes since the last step: reads measured, load errors, the telemetry outbox.
+        """This role's changes since the last step: reads
+        measured, load errors, the telemetry outbox.
 
         When both roles share one orchestrator (one process), whichever asks
         first takes the changes: each is reported once.
@@ -230,7 +232,8 @@ class StrataConnector(KVConnectorBase_V1):
 
     @classmethod
     def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
-        """The ``kvstrata_*`` families on vLLM's ``/metrics`` (see :mod:`kvstrata.connectors.vllm_metrics`)."""
+        """The ``kvstrata_*`` families on vLLM's ``/metrics`` (see
+        :mod:`kvstrata.connectors.vllm_metrics`)."""
         return StrataPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:

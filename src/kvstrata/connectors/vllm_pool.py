@@ -141,7 +141,8 @@ class PoolIndex(Tier):
                 self._pending.pop(digest, None)
 
     def expect(self, digests: Sequence[bytes]) -> None:
-        """The scheduler ordered these chunks saved into the pool: a lookup waits for them, briefly."""
+        """The scheduler ordered these chunks saved into
+        the pool: a lookup waits for them, briefly."""
         until = time.monotonic() + self.pending_s
         with self._lock:
             for d in digests:

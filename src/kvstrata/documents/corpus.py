@@ -98,7 +98,8 @@ class Manifest:
 
 
 class Corpus:
-    """One corpus of one model over some tiers: reads try ``tiers`` in order, writes go to the first.
+    """One corpus of one model over some tiers: reads
+    try ``tiers`` in order, writes go to the first.
 
     Coroutines run on the background loop (:mod:`kvstrata.runtime`); the
     tiers' own contract applies (they may be shared with an orchestrator).

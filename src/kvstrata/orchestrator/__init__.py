@@ -196,7 +196,8 @@ class Orchestrator:
         skip_tokens: int = 0,
         limit_tokens: int | None = None,
     ) -> Plan:
-        """Plan the load of the longest worthwhile prefix beyond ``skip_tokens`` (what the engine holds).
+        """Plan the load of the longest worthwhile prefix
+        beyond ``skip_tokens`` (what the engine holds).
 
         Keys cover every full chunk of ``tokens`` (saves use them); loads stop
         at ``limit_tokens`` (an engine must compute at least the last token).
@@ -311,7 +312,8 @@ class Orchestrator:
         return plan
 
     async def _locate(self, route: Route, keys, first: int, n: int) -> list[PlannedChunk]:
-        """The contiguous run of chunks from ``first`` held by the read tiers, each from the first tier having it."""
+        """The contiguous run of chunks from ``first`` held by
+        the read tiers, each from the first tier having it."""
         where: dict[int, PlannedChunk] = {}
         for tier in route.read:
             todo = [i for i in range(first, n) if i not in where]
@@ -335,7 +337,8 @@ class Orchestrator:
         return run
 
     async def _call(self, tier: str, op: str, coro):
-        """Await one tier operation under its breaker and timeout; None if it failed or was skipped."""
+        """Await one tier operation under its breaker and
+        timeout; None if it failed or was skipped."""
         breaker = self.breakers[tier]
         if not breaker.allow():
             coro.close()
@@ -696,7 +699,8 @@ class Orchestrator:
         )
 
     def admitted(self, plan: Plan, chunk_index: int) -> tuple[str, ...]:
-        """The route's write tiers whose admission rule accepts this chunk now (rejections counted)."""
+        """The route's write tiers whose admission rule
+        accepts this chunk now (rejections counted)."""
         route = plan.decision.route
         count = self.reuse.count(plan.logical_keys()[chunk_index])
         admitted = []

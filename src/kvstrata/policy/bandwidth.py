@@ -145,8 +145,8 @@ class Deadline:
     @staticmethod
     def order(demands: Sequence[Demand], capacity: float, now: float) -> list[Demand]:
         """Least exposed work first (transfer its compute cannot hide: a compute-bound request
-        needs little bandwidth, but needs it now); a request whose deadline that order would miss moves
-        ahead only of requests that still meet their own deadlines (or have none) after it:
+        needs little bandwidth, but needs it now); a request whose deadline that order would miss
+        moves ahead only of requests that still meet their own deadlines (or have none) after it:
         it spends others' slack, never makes anyone late, and never delays a lost cause."""
         order = sorted(demands, key=lambda d: d.exposed_s(capacity))
         for d in sorted((d for d in order if d.deadline is not None), key=lambda d: d.deadline):
@@ -199,7 +199,8 @@ class _Transfer:
 
 @dataclass(eq=False)
 class Flow:
-    """One request's share of a link. ``progress()`` -> (layers delivered, layers the engine consumed)."""
+    """One request's share of a link. ``progress()`` ->
+    (layers delivered, layers the engine consumed)."""
 
     id: int
     size_bytes: float
@@ -335,7 +336,8 @@ class Link:
         return len(self._flows)
 
     def submit(self, flow: Flow, nbytes: float) -> asyncio.Future:
-        """Queue ``nbytes`` for ``flow`` behind its earlier transfers; the future completes when served."""
+        """Queue ``nbytes`` for ``flow`` behind its earlier
+        transfers; the future completes when served."""
         loop = asyncio.get_running_loop()
         t = _Transfer(float(nbytes), loop.create_future())
         if nbytes <= 0:

@@ -1,4 +1,5 @@
-"""The policy engine: the policy section compiled once into ranked rules, one :class:`Decision` per request.
+"""The policy engine: the policy section compiled once
+into ranked rules, one :class:`Decision` per request.
 
 Contract: a :class:`Policy` is immutable once built; :meth:`Policy.decide` is
 a pure function of the request (no I/O, no locks), safe to call from any
@@ -136,7 +137,8 @@ _Names = Annotated[list[str], BeforeValidator(_one_or_many), AfterValidator(_som
 
 
 class MatchSpec(_Frozen):
-    """``match:`` of a rule, as written; see :class:`kvstrata.policy.rules.Match` for its meaning."""
+    """``match:`` of a rule, as written; see
+    :class:`kvstrata.policy.rules.Match` for its meaning."""
 
     context_tokens: _TokenRange | None = None
     reuse: _ReuseRange | None = None
@@ -148,7 +150,8 @@ class MatchSpec(_Frozen):
 
 
 class RouteSpec(_Frozen):
-    """``route:`` (and ``default:``), as written; tier names are checked by :func:`compile_policy`."""
+    """``route:`` (and ``default:``), as written; tier
+    names are checked by :func:`compile_policy`."""
 
     read: list[str] = []
     write: list[str] = []
@@ -251,7 +254,8 @@ def _route(
 
 
 def known_tier(tier: str, where: FieldPath, tiers: Mapping[str, object], report: Reporter) -> bool:
-    """True if ``tier`` is defined; else reports it at ``where`` (every config field naming a tier)."""
+    """True if ``tier`` is defined; else reports it at
+    ``where`` (every config field naming a tier)."""
     if tier not in tiers:
         report.add(where, f"unknown tier {tier!r} (defined: {', '.join(tiers)})")
     return tier in tiers

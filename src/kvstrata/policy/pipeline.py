@@ -1,4 +1,5 @@
-"""The layer-wise pipeline: when does a request finish if layer l's KV arrives while layer l-1 computes?
+"""The layer-wise pipeline: when does a request finish
+if layer l's KV arrives while layer l-1 computes?
 
 ObjectCache's model, per layer ``l`` of ``L``: ``X_l`` is the time to transfer
 layer l's KV (every chunk of the request), ``C_l`` the time the engine computes
@@ -92,7 +93,8 @@ def plan_groups(
     window: int = 2,
     tolerance: float = 0.005,
 ) -> Groups:
-    """The grouping with the fewest GETs whose simulated finish is within ``tolerance`` of the best."""
+    """The grouping with the fewest GETs whose simulated
+    finish is within ``tolerance`` of the best."""
     n = len(x)
     scored = [(simulate(g, x, c, overhead_s, window), len(g), g) for g in candidates(n)]
     best = min(t for t, _, _ in scored)

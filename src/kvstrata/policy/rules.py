@@ -95,13 +95,15 @@ class Match:
     # a factory, not a default: Python 3.11 rejects unhashable (mappingproxy) dataclass defaults
     hints: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
 
-    @cached_property  # a frozen value: computed once (cached_property bypasses the frozen __setattr__)
+    # a frozen value: computed once (cached_property bypasses the frozen __setattr__)
+    @cached_property
     def specificity(self) -> int:
         ranges = sum(getattr(self, f) is not None for f in (*RANGE_FEATURES, *SET_FEATURES))
         return ranges + bool(self.tags) + len(self.hints)
 
     def matches(self, ctx: RequestContext, default_budget_ms: float) -> bool:
-        """Does ``ctx`` fall in this region? (:meth:`check` without the words: the per-request path.)"""
+        """Does ``ctx`` fall in this region? (:meth:`check`
+        without the words: the per-request path.)"""
         budget = default_budget_ms if ctx.budget_ms is None else ctx.budget_ms
         for interval, value in (
             (self.context_tokens, ctx.context_tokens),

@@ -254,7 +254,8 @@ def summarize(snapshot: dict, latency_op: str = "get") -> Summary:
 
 
 def latency_histograms(snapshot: dict, op: str = "get") -> dict[str, list[tuple[float, float]]]:
-    """Per tier, non-cumulative ``(upper bound, count)`` of ``op``'s latency (empty tiers left out)."""
+    """Per tier, non-cumulative ``(upper bound, count)``
+    of ``op``'s latency (empty tiers left out)."""
     s = _Samples(snapshot["samples"])
     out = {}
     for tier in sorted(s.values("kvstrata_tier_latency_seconds_bucket", "tier")):

@@ -601,7 +601,8 @@ _LIVE_RGW: set[RGWServer] = set()
 
 
 def start_rgw(state_dir: str | os.PathLike, bucket: str = BUCKET) -> RGWServer:
-    """Start a Ceph RGW with ``scripts/rgw.sh`` (files in ``state_dir``); return once ``bucket`` works."""
+    """Start a Ceph RGW with ``scripts/rgw.sh`` (files
+    in ``state_dir``); return once ``bucket`` works."""
     return RGWServer(state_dir, bucket).start()
 
 

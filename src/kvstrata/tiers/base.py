@@ -50,7 +50,8 @@ from kvstrata.keys import ChunkKey
 
 
 class TierError(Exception):
-    """A tier's backend failed to answer. The orchestrator maps it to a miss (load) or a drop (save)."""
+    """A tier's backend failed to answer. The orchestrator
+    maps it to a miss (load) or a drop (save)."""
 
     def __init__(self, tier: str, op: str, cause: BaseException | str):
         self.tier, self.op, self.cause = tier, op, cause
@@ -78,7 +79,8 @@ Fetch = Hit | Miss
 
 @dataclass(frozen=True)
 class Evicted:
-    """A chunk a capacity-bound tier pushed out; ``data`` is there when the tier still had it in memory."""
+    """A chunk a capacity-bound tier pushed out; ``data``
+    is there when the tier still had it in memory."""
 
     key: ChunkKey
     data: bytes | None
@@ -91,7 +93,8 @@ class PutResult:
 
 
 class TierSettings(BaseSettings):
-    """Base of every tier's settings: frozen, and ``KVSTRATA_<KIND>_*`` variables beat the YAML file."""
+    """Base of every tier's settings: frozen, and
+    ``KVSTRATA_<KIND>_*`` variables beat the YAML file."""
 
     model_config = SettingsConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 

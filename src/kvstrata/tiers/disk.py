@@ -222,7 +222,8 @@ class DiskTier(RangedTier):
         return self._verify_layers(keys, headers, layers, requests, blobs)
 
     def _read_header(self, key: ChunkKey) -> fmt.Header | Miss:
-        """The verified header of ``key``'s file (a probe read, a longer one if needed), or a Miss."""
+        """The verified header of ``key``'s file (a probe
+        read, a longer one if needed), or a Miss."""
         try:
             blob = self._read_one(ReadRequest(key, 0, fmt.HEADER_PROBE_BYTES))
             if blob is None:
@@ -338,7 +339,8 @@ class DiskTier(RangedTier):
             self._lru.remove(key)
 
     def _unlink(self, key: ChunkKey) -> None:
-        """Remove ``key``'s name: a file, FIFO, symlink or device node; a directory is left alone."""
+        """Remove ``key``'s name: a file, FIFO, symlink
+        or device node; a directory is left alone."""
         self._forget(key)
         try:
             os.unlink(self._file(key))

@@ -217,7 +217,8 @@ class RedisTier(RangedTier):
         return [b"" if i in present else (b or None) for i, b in enumerate(blobs)]
 
     def _read_command(self, client, r: ReadRequest):
-        """GET or GETRANGE of ``r`` on a client (returns the awaitable) or a pipeline (queues it)."""
+        """GET or GETRANGE of ``r`` on a client (returns
+        the awaitable) or a pipeline (queues it)."""
         name = self._name(r.key)
         if _whole(r):
             return client.get(name)
