@@ -64,10 +64,10 @@ from pathlib import Path
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import numpy as np
+import numpy as np  # noqa: E402 (after the thread variables above, which numpy reads on import)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
+from _common import (  # noqa: E402 (benchmarks/ is put on sys.path just above)
     RESULTS_DIR,
     command_line,
     machine_info,
@@ -364,7 +364,8 @@ def render(result: dict, png: Path | None) -> None:
     rows = result["rows"]
     tiers = result.get("tier_bandwidth_mb_per_s", {})
     print_table(
-        f"KV codecs on SmolLM2-135M, held-out text (reference perplexity {result['reference_perplexity']:.3f}; "
+        "KV codecs on SmolLM2-135M, held-out text "
+        f"(reference perplexity {result['reference_perplexity']:.3f}; "
         f"{result['profile']})",
         [
             "codec",
@@ -401,7 +402,8 @@ def render(result: dict, png: Path | None) -> None:
             ]
             for r in rows
         ],
-        caption="err: mean over layers of |x_hat-x|/|x|; top-1: next-token argmax agreement with the original KV; "
+        caption="err: mean over layers of |x_hat-x|/|x|; "
+        "top-1: next-token argmax agreement with the original KV; "
         "eff.: fp32 MB/s delivered reading compressed bytes at the tier's measured read bandwidth "
         "(tiers.json), then decoding (no overlap)",
     )
@@ -434,7 +436,7 @@ def render(result: dict, png: Path | None) -> None:
             "autoencoder": "tab:red",
             "linear-ae": "tab:green",
         }[kind]
-        for ax, y in zip(axes, (r["perplexity_delta_pct"], r["top1_agreement"])):
+        for ax, y in zip(axes, (r["perplexity_delta_pct"], r["top1_agreement"]), strict=True):
             ax.scatter(r["bytes_per_token"], y, marker=marker, color=color)
             ax.annotate(
                 r["codec"],

@@ -208,7 +208,8 @@ tiers:
         access_key_id: {srv.access_key}, secret_access_key: {srv.secret_key}, timeout_ms: 60000,
         max_concurrency: 64}}
   dram: {{kind: memory, capacity_bytes: 4GiB}}
-bandwidth: {{policy: {policy}, sharing: {sharing}, links: {{{tier}: {emulated}}}, read_window: {window}}}
+bandwidth:
+  {{policy: {policy}, sharing: {sharing}, links: {{{tier}: {emulated}}}, read_window: {window}}}
 policy:
   default: {{read: [{tier}], write: [{tier}], retrieval: layerwise, load: always}}
 """)
@@ -312,7 +313,8 @@ def single(bench: Bench, cases: list[Request], repeats: int) -> list[dict]:
         print(
             f"  {p.name} {req.context:>6} tokens: dram {dram:.3f}s, layer-wise "
             f"{row['s3 layer-wise']['ttft_s']:.3f}s ({row['s3 layer-wise']['gets']} GETs), "
-            f"1/GET {row['s3 1 layer/GET']['ttft_s']:.3f}s, whole {row['s3 whole']['ttft_s']:.3f}s, "
+            f"1/GET {row['s3 1 layer/GET']['ttft_s']:.3f}s, "
+            f"whole {row['s3 whole']['ttft_s']:.3f}s, "
             f"bound {row['bound_s3_s']:.3f}s",
             flush=True,
         )
@@ -384,11 +386,13 @@ def shared(
                     for i, r in enumerate(reqs)
                 ]
                 out = bench.run(orch, jobs)
-                added_runs.append([o["ttft_s"] - dram_ttft[r.kind] for o, r in zip(out, reqs)])
+                added_runs.append(
+                    [o["ttft_s"] - dram_ttft[r.kind] for o, r in zip(out, reqs, strict=True)]
+                )
             added = [statistics.median(run[i] for run in added_runs) for i in range(len(reqs))]
             missed = sum(
                 1
-                for a, r in zip(added, reqs)
+                for a, r in zip(added, reqs, strict=True)
                 if a + dram_ttft[r.kind] > r.budget_factor * dram_ttft[r.kind]
             )
             row["policies"][policy] = {
@@ -398,7 +402,8 @@ def shared(
                 "slo_missed": missed,
             }
             print(
-                f"  {label:>10} ({concurrency:>2} requests), {policy:<11}: mean added {statistics.fmean(added) * 1e3:8.1f} ms,"
+                f"  {label:>10} ({concurrency:>2} requests), {policy:<11}: "
+                f"mean added {statistics.fmean(added) * 1e3:8.1f} ms,"
                 f" SLO missed {missed}/{len(reqs)}",
                 flush=True,
             )
@@ -496,7 +501,8 @@ def print_tables(single_rows: list[dict], shared_rows: list[dict], cap_bps: floa
         ],
     )
     common.print_table(
-        "the same, rates fixed per request (sharing: fixed, ObjectCache's model) vs ours (work conserving)",
+        "the same, rates fixed per request (sharing: fixed, ObjectCache's model) "
+        "vs ours (work conserving)",
         [
             "requests",
             "equal (fixed)",

@@ -3,7 +3,8 @@ routing hint (``/lookup``) costs.
 
 Usage::
 
-    .venv/bin/python benchmarks/scale_out.py [--quick] [--rgw] [--out benchmarks/results/scale_out.json]
+    .venv/bin/python benchmarks/scale_out.py [--quick] [--rgw] \\
+        [--out benchmarks/results/scale_out.json]
 
 Starts its own servers (kvstrata.testing.services, stopped at the end): one Redis, a
 Redis Cluster (3 masters + 3 replicas), SeaweedFS, and with ``--rgw`` a Ceph RGW
@@ -125,7 +126,8 @@ def lookup_latency(cluster_url: str, tokens: int, batch: int, rounds: int) -> di
         version: 1
         chunk_tokens: {tokens}
         tiers:
-          shared: {{kind: redis, url: "{cluster_url}", key_prefix: "bench-lookup-{time.time_ns()}:"}}
+          shared:
+            {{kind: redis, url: "{cluster_url}", key_prefix: "bench-lookup-{time.time_ns()}:"}}
         engine: {{prefill_tokens_per_s: 200}}
         policy:
           default: {{read: [shared], write: [shared]}}

@@ -163,7 +163,8 @@ def _config(redis_url: str, extra: str = "") -> str:
         version: 1
         chunk_tokens: {CHUNK}
         tiers:
-          shared: {{kind: redis, url: "{redis_url}", key_prefix: "auth-{time.time_ns()}:", timeout_ms: 15000}}
+          shared: {{kind: redis, url: "{redis_url}", key_prefix: "auth-{time.time_ns()}:",
+                    timeout_ms: 15000}}
         engine: {{prefill_tokens_per_s: 1.0}}
         orchestrator: {{default_budget_ms: 60000}}
         policy:

@@ -435,11 +435,11 @@ def test_lae_rope_derotation_is_exact_and_matters() -> None:
     rng = np.random.default_rng(0)
     T, H, D = GEOM.n_tokens, GEOM.kv_heads, GEOM.head_dim
     basis = rng.standard_normal((6, H * D))
-    pre = lambda seed: (
-        (np.random.default_rng(seed).standard_normal((T, 6)) @ basis)
-        .reshape(T, H, D)
-        .astype(np.float32)
-    )
+
+    def pre(seed: int) -> np.ndarray:
+        x = np.random.default_rng(seed).standard_normal((T, 6)) @ basis
+        return x.reshape(T, H, D).astype(np.float32)
+
     data = {
         ("k", 0): [(p, rope_rotate(pre(p), p, THETA, 1)) for p in range(0, 4000, 200)],
         ("v", 0): [(0, pre(1))],
@@ -474,7 +474,10 @@ def test_lae_section_records_its_position_and_decodes_on_its_own(lae_path) -> No
     # the largest relative error -- here a tiny key unlike the training data
     odd = x.copy()
     odd[0, 7] = 1e-3 * np.random.default_rng(0).standard_normal(odd[0, 7].shape)
-    fp16 = lambda a: a.astype(np.float16).astype(np.float32)
+
+    def fp16(a: np.ndarray) -> np.ndarray:
+        return a.astype(np.float16).astype(np.float32)
+
     y = codec.decode(codec.encode(odd, 1, first_position=0), GEOM)
     np.testing.assert_array_equal(y[:, 0], fp16(odd[:, 0]))
     assert not np.array_equal(y[0, 7], fp16(odd[0, 7]))
@@ -604,7 +607,7 @@ async def test_every_codec_through_every_tier(tier: Tier, name: str, ckpt_path, 
     await tier.put(blobs)
     for layers in (None, range(1, 3)):
         fetched = await tier.get(keys, layers=layers)
-        for k, got in zip(keys, fetched):
+        for k, got in zip(keys, fetched, strict=True):
             assert isinstance(got, Hit), got
             m = got.obj.meta
             reader = codec_from_header(

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import pytest
 
-vllm = pytest.importorskip(
-    "vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)"
-)
-
 from kvstrata import runtime as rt
 from kvstrata.keys import chunk_keys
 from kvstrata.offline.convert import prepare_smollm2
 from kvstrata.offline.runner import generate, running_llm, text_tokens
 from kvstrata.orchestrator import flush_shared, shared_orchestrators
+
+vllm = pytest.importorskip(
+    "vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)"
+)
 
 PROMPT_TOKENS = 1100
 HIT = (PROMPT_TOKENS - 1) // 256 * 256
@@ -122,14 +122,20 @@ def test_repeated_prompt_through_a_lossy_codec(llm, tier: str, capsys) -> None:
     stored.pop("checkpoint", None), stored.pop("sha256", None)
     assert got.obj.meta.codec == name and stored == params  # stored through the codec
 
-    same = sum(a == b for a, b in zip(first.token_ids, second.token_ids))
+    same = sum(a == b for a, b in zip(first.token_ids, second.token_ids, strict=False))
     prefix = next(
-        (i for i, (a, b) in enumerate(zip(first.token_ids, second.token_ids)) if a != b), NEW_TOKENS
+        (
+            i
+            for i, (a, b) in enumerate(zip(first.token_ids, second.token_ids, strict=False))
+            if a != b
+        ),
+        NEW_TOKENS,
     )
     with capsys.disabled():
         print(
             f"\n[{tier} via {name} ({params['kind']})] greedy agreement with uncompressed: "
-            f"{same}/{NEW_TOKENS} tokens ({same / NEW_TOKENS:.0%}), identical prefix {prefix} tokens"
+            f"{same}/{NEW_TOKENS} tokens ({same / NEW_TOKENS:.0%}), "
+            f"identical prefix {prefix} tokens"
         )
     if minimum is not None:
         assert same / NEW_TOKENS >= minimum

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-vllm = pytest.importorskip(
-    "vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)"
-)
-
 from kvstrata import runtime
 from kvstrata.config import load_config
 from kvstrata.offline.convert import prepare_smollm2
 from kvstrata.offline.runner import generate, running_llm, text_tokens
+
+vllm = pytest.importorskip(
+    "vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)"
+)
 
 BLOCK = 128
 

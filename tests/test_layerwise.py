@@ -91,7 +91,7 @@ def test_each_layer_arrives_before_the_next_and_waits_never_wait_for_later_layer
             assert all(t is None for t in later), f"waiting on layer {layer} waited for a later one"
             np.testing.assert_array_equal(got[plan.chunks[0].index], kv_for(10)[layer])
         ready = handle.ready_at
-        assert all(ready[l] < ready[l + 1] for l in range(MODEL.n_layers - 1)), ready
+        assert all(ready[i] < ready[i + 1] for i in range(MODEL.n_layers - 1)), ready
         assert ready[-1] - ready[0] > 2.0, "layers were not spread over the transfer"
         assert handle.gets == MODEL.n_layers
         assert not handle.failed
@@ -155,7 +155,8 @@ chunk_tokens: {CHUNK}
 tiers: {{cold: {{kind: memory}}}}
 bandwidth: {{policy: deadline, links: {{cold: 1GB/s}}}}
 policy:
-  default: {{read: [cold], write: [cold], codec: {{cold: int8}}, retrieval: layerwise, load: always}}
+  default: {{read: [cold], write: [cold], codec: {{cold: int8}}, retrieval: layerwise,
+             load: always}}
 """)
     orch = Orchestrator(cfg, MODEL)
     try:
@@ -205,7 +206,7 @@ def test_plan_groups_trades_gets_for_time_only_within_tolerance():
     assert len(groups) * 4 <= n
     best = min(pipeline.simulate(g, x, c, 0.002) for g in pipeline.candidates(n))
     assert pipeline.simulate(groups, x, c, 0.002) <= best * 1.02
-    assert [l for g in groups for l in g] == list(range(n))
+    assert [layer for g in groups for layer in g] == list(range(n))
 
 
 # -- the policies -------------------------------------------------------------------

@@ -194,7 +194,8 @@ def test_a_shared_store_never_serves_one_checkpoints_kv_to_another(checkpoints, 
 
     config = tmp_path / "strata.yaml"
     config.write_text(
-        f'version: 1\nchunk_tokens: 256\ntiers:\n  local: {{kind: disk, path: "{tmp_path / "kv"}"}}\n'
+        "version: 1\nchunk_tokens: 256\ntiers:\n"
+        f'  local: {{kind: disk, path: "{tmp_path / "kv"}"}}\n'
         "policy:\n  default: {read: [local], write: [local]}\n"
     )
     runs = {}

@@ -54,8 +54,10 @@ def config_text(redis_url: str, s3, extra: str = "") -> str:
         policy:
           default: {{read: {READ}, write: [dram], load: always}}
           rules:
-            - {{name: to-shared, match: {{hints: {{to: shared}}}}, route: {{read: {READ}, write: [shared], load: always}}}}
-            - {{name: to-cold, match: {{hints: {{to: cold}}}}, route: {{read: {READ}, write: [cold], load: always}}}}
+            - {{name: to-shared, match: {{hints: {{to: shared}}}},
+               route: {{read: {READ}, write: [shared], load: always}}}}
+            - {{name: to-cold, match: {{hints: {{to: cold}}}},
+               route: {{read: {READ}, write: [cold], load: always}}}}
         """)
 
 

@@ -55,7 +55,8 @@ def setup(tmp_path_factory, redis_server) -> tuple[Path, Path]:
         policy:
           default: {{read: [dram], write: [dram]}}
           rules:
-            - {{name: via-shared, match: {{hints: {{tier: shared}}}}, route: {{read: [shared], write: [shared]}}}}
+            - {{name: via-shared, match: {{hints: {{tier: shared}}}},
+               route: {{read: [shared], write: [shared]}}}}
         """)
     )
     return config, tmp / "snapshot-scheduler+worker.json"
@@ -77,7 +78,8 @@ def served(setup):
         yield llm, _workload(llm)
     finally:
         telemetry = _service()[0].telemetry
-        llm.llm_engine.engine_core._finalizer()  # both roles' connectors shut down: the orchestrator closes
+        # both roles' connectors shut down: the orchestrator closes
+        llm.llm_engine.engine_core._finalizer()
         if has_kv_transfer_group():
             ensure_kv_transfer_shutdown()
         exporter.stop(telemetry)

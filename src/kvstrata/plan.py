@@ -121,7 +121,7 @@ class LoadHandle:
         delivered = 0
         while delivered < self.n_layers and self._ready[delivered].is_set():
             delivered += 1
-        consumed = 1 + max((l for l, t in enumerate(self.waited) if t is not None), default=-1)
+        consumed = 1 + max((i for i, t in enumerate(self.waited) if t is not None), default=-1)
         return delivered, consumed
 
     def abort(self, before_release=None) -> None:

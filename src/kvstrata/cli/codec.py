@@ -135,7 +135,7 @@ def train(
             bar.advance(task)
     n_layers, _, _, heads, head_dim = train_kv[0].shape
     if kind == "linear-ae":
-        for kb, vb in zip(k_bytes, v_bytes):
+        for kb, vb in zip(k_bytes, v_bytes, strict=True):
             _train_linear(
                 model,
                 train_kv,

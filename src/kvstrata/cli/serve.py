@@ -70,7 +70,8 @@ def serve(
         "--strata-config",
         exists=True,
         dir_okay=False,
-        help="kvstrata YAML (tiers, policy); default: $KVSTRATA_CONFIG, else the embedded DRAM + disk default",
+        help="kvstrata YAML (tiers, policy); default: $KVSTRATA_CONFIG, "
+        "else the embedded DRAM + disk default",
     ),
 ) -> None:
     """vLLM's OpenAI server with StrataConnector: every

@@ -179,7 +179,8 @@ def confirm_header(name: str, codec: Codec, codec_id: str, params: Mapping[str, 
             k for k in {*params, *expected} if params.get(k) != expected.get(k)
         ) or sorted(expected)
         raise CodecError(
-            f"codec {name!r}: the object's parameters differ from this reader's ({', '.join(differ)})"
+            f"codec {name!r}: the object's parameters differ from this reader's "
+            f"({', '.join(differ)})"
         )
 
 

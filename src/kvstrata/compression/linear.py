@@ -11,7 +11,8 @@ the allocation learned per layer, separately for K and V, from real KV)::
              u_c = z_c / scale_c                      (unit variance on the training data)
              s = max_c |u_c|                          (one fp16 scale per vector)
              q_c = floor(u_c / (clip_c * s) * L_c) clipped to b_c bits,  L_c = 2**(b_c - 1) - 1/2
-    decoder: x_hat = r^-1(z_hat @ dec + bias),        z_hat_c = (q_c + 1/2) / L_c * clip_c * s * scale_c
+    decoder: x_hat = r^-1(z_hat @ dec + bias),
+             z_hat_c = (q_c + 1/2) / L_c * clip_c * s * scale_c
 
 * ``enc`` is the training data's principal axes (PCA: the optimal linear
   encoder), ``dec``/``bias`` are then fitted by least squares to the
@@ -248,7 +249,8 @@ class LinearCheckpoint:
         for kv, b in self.budget.items():
             if b <= 0 or b % 8 or b > 8 * C:
                 raise CodecError(
-                    f"linear-ae checkpoint: {kv}_bits={b} must be a positive multiple of 8, <= {8 * C}"
+                    f"linear-ae checkpoint: {kv}_bits={b} must be a positive multiple of 8, "
+                    f"<= {8 * C}"
                 )
         if self.derotate and (
             self.head_dim % 2 or not math.isfinite(self.rope_theta) or self.rope_theta <= 1
@@ -279,7 +281,8 @@ class LinearCheckpoint:
                 for name, shape in shapes.items():
                     if w[name].shape != shape or not np.isfinite(w[name]).all():
                         raise CodecError(
-                            f"linear-ae checkpoint tensor {kv}{layer}.{name} misshaped or non-finite"
+                            f"linear-ae checkpoint tensor {kv}{layer}.{name} "
+                            "misshaped or non-finite"
                         )
                 bits = w["bits"]
                 if (

@@ -105,7 +105,8 @@ class Fp8Codec:
     def decode(self, section: memoryview | bytes, geometry: Geometry) -> np.ndarray:
         if len(section) != self.section_bytes(geometry):
             raise CodecError(
-                f"fp8 section is {len(section)} bytes, geometry needs {self.section_bytes(geometry)}"
+                f"fp8 section is {len(section)} bytes, "
+                f"geometry needs {self.section_bytes(geometry)}"
             )
         scales = np.frombuffer(section, dtype="<f4", count=2)
         codes = np.frombuffer(section, dtype=np.uint8, offset=8).reshape(geometry.shape)

@@ -166,7 +166,8 @@ class BandwidthConfig(_Frozen):
     sharing: Literal["work_conserving", "fixed"] = Field(
         "work_conserving",
         description=(
-            "work_conserving: the split is redone at every event and unused bandwidth goes to others; "
+            "work_conserving: the split is redone at every event "
+            "and unused bandwidth goes to others; "
             "fixed: a rate per request, set when a request starts (a per-request rate limit)"
         ),
     )

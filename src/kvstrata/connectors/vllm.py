@@ -84,7 +84,8 @@ class StrataConnector(KVConnectorBase_V1):
         self.worker = WorkerSide(self.orch, self.block_size)
         documents.attach(self)  # the documents branch of both sides (kvstrata.documents.connector)
         self._errors_reported = 0
-        self.orch.telemetry.forward()  # every change goes to vLLM's /metrics through the connector stats
+        # every change goes to vLLM's /metrics through the connector stats
+        self.orch.telemetry.forward()
         # opt-in extras (telemetry: in the YAML): a standalone exporter, for engines without vLLM's
         # /metrics (offline LLM), and snapshot files for kvstrata stats/report
         self.telemetry_service = exporter.serve(

@@ -82,7 +82,7 @@ class Journal(Tier):
 
     def _note(self, keys: Sequence[ChunkKey], held: Sequence[bool]) -> None:
         with self._lock:  # drained every engine step (build_connector_worker_meta)
-            for key, present in zip(keys, held):
+            for key, present in zip(keys, held, strict=True):
                 self._changes[key.digest] = present
 
     def drain(self) -> dict[bytes, bool]:

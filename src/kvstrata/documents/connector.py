@@ -252,7 +252,7 @@ class DocumentWorker:
             try:
                 fetched = future.result(timeout=FETCH_WAIT_S)
                 keys = list(dict.fromkeys(s[0] for s in spec.segments))
-                objects = dict(zip(keys, fetched))
+                objects = dict(zip(keys, fetched, strict=True))
                 if any(o is None for o in objects.values()):
                     raise LookupError("a document object is missing from every corpus tier")
                 segments = [Segment("", k, start, n, shift) for k, start, n, shift in spec.segments]

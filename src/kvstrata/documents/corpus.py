@@ -192,7 +192,7 @@ class Corpus:
             if not todo:
                 break
             got = await tier.get([keys[i] for i in todo])
-            for i, result in zip(todo, got):
+            for i, result in zip(todo, got, strict=True):
                 if isinstance(result, Hit) and self._fits(result.obj):
                     out[i] = result.obj
         return out

@@ -69,7 +69,7 @@ def cache_to_numpy(past) -> np.ndarray:
     if hasattr(past, "layers"):  # transformers >= 4.56: DynamicCache.layers[i].keys / .values
         pairs = [(layer.keys, layer.values) for layer in past.layers]
     elif hasattr(past, "key_cache"):
-        pairs = list(zip(past.key_cache, past.value_cache))
+        pairs = list(zip(past.key_cache, past.value_cache, strict=True))
     else:  # legacy tuple of (k, v)
         pairs = [(k, v) for k, v in past]
     # [B, H, T, D] -> [T, H, D]

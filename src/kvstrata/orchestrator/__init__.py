@@ -323,7 +323,7 @@ class Orchestrator:
             answer = await self._call(
                 tier, "contains", self.tiers[tier].contains([keys[codec][i] for i in todo])
             )
-            for i, present in zip(todo, answer or ()):
+            for i, present in zip(todo, answer or (), strict=False):
                 if present:
                     where[i] = PlannedChunk(i, tier, keys[codec][i], codec)
             if answer is not None:
@@ -544,7 +544,7 @@ class Orchestrator:
         self.telemetry.op(tier, "read_range", "issued", n=len(chunks))
         decoded: list[tuple[PlannedChunk, dict[int, np.ndarray]]] = []
         nbytes = 0
-        for chunk, result in zip(chunks, fetched or ()):
+        for chunk, result in zip(chunks, fetched or (), strict=False):
             kv = self._decode(tier, handle.plan.ctx.tenant, chunk, result, layers)
             if kv is None:
                 handle.fail([chunk.index])
@@ -779,7 +779,8 @@ class Orchestrator:
         )
         if kv.shape != (self.model.n_layers, *self.geometry.shape):
             raise ValueError(
-                f"chunk KV shaped {kv.shape}, expected {(self.model.n_layers, *self.geometry.shape)}"
+                f"chunk KV shaped {kv.shape}, "
+                f"expected {(self.model.n_layers, *self.geometry.shape)}"
             )
         return fmt.encode(
             meta,

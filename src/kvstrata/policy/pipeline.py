@@ -32,7 +32,7 @@ Groups = tuple[range, ...]
 def bound(x: Sequence[float], c: Sequence[float]) -> float:
     """The pipeline bound: per-layer transfer times ``x`` and compute times ``c``."""
     n = len(x)
-    return x[0] + sum(max(x[l + 1], c[l]) for l in range(n - 1)) + c[n - 1]
+    return x[0] + sum(max(x[i + 1], c[i]) for i in range(n - 1)) + c[n - 1]
 
 
 def simulate(
@@ -52,12 +52,12 @@ def simulate(
         # the GET is issued when a window slot frees (the group `window` earlier arrived)
         issued = arrived[g - window] if g >= window else 0.0
         start = max(link_free, issued + overhead_s)
-        link_free = start + sum(x[l] for l in layers)
+        link_free = start + sum(x[layer] for layer in layers)
         arrived.append(link_free)
     done = 0.0
     for g, layers in enumerate(groups):
-        for l in layers:
-            done = max(done, arrived[g]) + c[l]
+        for layer in layers:
+            done = max(done, arrived[g]) + c[layer]
     return done
 
 

@@ -109,7 +109,8 @@ FAMILIES = (
         "requests",
         "kvstrata_requests",
         "counter",
-        "Requests by where their prompt prefix came from (the tier that loaded most of it, engine, recompute).",
+        "Requests by where their prompt prefix came from "
+        "(the tier that loaded most of it, engine, recompute).",
         ("source",),
     ),
 )

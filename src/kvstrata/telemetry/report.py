@@ -420,7 +420,8 @@ def _html(path: Path, summary: Summary, images: list[str], n: int) -> Path:
         "<!doctype html><meta charset='utf-8'><title>kvstrata report</title>"
         "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:right}</style>"
         f"<h1>kvstrata report</h1><p>{n} snapshot(s); prompt tokens {summary.prompt_tokens}, "
-        f"hit rate {pct(summary.hit_rate)} (tokens not recomputed)</p>{table}<ul>{extra}</ul>{imgs}\n",
+        f"hit rate {pct(summary.hit_rate)} (tokens not recomputed)</p>"
+        f"{table}<ul>{extra}</ul>{imgs}\n",
         encoding="utf-8",
     )
     return path

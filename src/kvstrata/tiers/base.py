@@ -148,7 +148,7 @@ class Tier(abc.ABC):
     async def delete(self, keys: Sequence[ChunkKey]) -> None:
         """Remove objects; absent keys are ignored."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 (optional: a tier holding nothing keeps this no-op)
         """Release connections and files. The tier is unusable afterwards."""
 
 
@@ -226,7 +226,7 @@ class RangedTier(Tier):
     ) -> list[Fetch]:
         """The results of a whole-object get, from each key's read. Thread-safe, no I/O."""
         known = self._cached_headers(keys)
-        return [self._verify_one(k, b, known.get(k)) for k, b in zip(keys, blobs)]
+        return [self._verify_one(k, b, known.get(k)) for k, b in zip(keys, blobs, strict=True)]
 
     def _verify_one(
         self, key: ChunkKey, blob: bytes | memoryview | None, known: fmt.Header | None
@@ -262,7 +262,7 @@ class RangedTier(Tier):
     ) -> list[Fetch]:
         """The results of a layer get, from each key's header (or Miss) and the reads
         of :func:`_layer_requests`. Thread-safe, no I/O."""
-        bodies = {r.key: (r.start, b) for r, b in zip(requests, blobs)}
+        bodies = {r.key: (r.start, b) for r, b in zip(requests, blobs, strict=True)}
         results: list[Fetch] = []
         for key in keys:
             header = headers[key]
@@ -287,7 +287,7 @@ class RangedTier(Tier):
             return found
         probes = await self._read([ReadRequest(k, 0, fmt.HEADER_PROBE_BYTES) for k in missing])
         long_headers: list[ChunkKey] = []
-        for key, probe in zip(missing, probes):
+        for key, probe in zip(missing, probes, strict=True):
             if probe is None:
                 found[key] = Miss(key)
                 continue
@@ -303,7 +303,7 @@ class RangedTier(Tier):
             blobs = await self._read(
                 [ReadRequest(k, 0, fmt.MAX_HEADER_BYTES) for k in long_headers]
             )
-            for key, blob in zip(long_headers, blobs):
+            for key, blob in zip(long_headers, blobs, strict=True):
                 found[key] = Miss(key) if blob is None else self._parse_header(key, blob)
         return found
 

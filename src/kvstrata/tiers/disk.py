@@ -27,6 +27,7 @@ directory is a file) skips that object; the rest of its batch is stored.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -80,6 +81,10 @@ class DiskSettings(TierSettings):
     )
 
 
+#: The directory of a DiskTier built without one: the settings' default, read once at import.
+_DEFAULT_PATH = DiskSettings().path
+
+
 class _NotAnObject(Exception):
     """The name holds something this tier cannot have written (not a regular file, too large)."""
 
@@ -92,7 +97,7 @@ class DiskTier(RangedTier):
     def __init__(
         self,
         name: str = "disk",
-        path: str | Path = DiskSettings().path,
+        path: str | Path = _DEFAULT_PATH,
         capacity_bytes: int = 64 << 30,
         threads: int = 8,
         max_queued: int = 256,
@@ -201,7 +206,7 @@ class DiskTier(RangedTier):
                 good.append(key)
             except _NotAnObject as exc:
                 results[key] = Miss(key, "corrupt", str(exc))
-        results.update(zip(good, self._verify_whole(good, blobs)))
+        results.update(zip(good, self._verify_whole(good, blobs), strict=True))
         return [results[k] for k in keys]
 
     async def _get_layers(self, keys: Sequence[ChunkKey], layers: range) -> list[Fetch]:
@@ -382,10 +387,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _unlink_quietly(path: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.unlink(path)
-    except OSError:
-        pass
 
 
 def _pread(fd: int, offset: int, n: int) -> bytes:

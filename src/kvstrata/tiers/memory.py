@@ -130,7 +130,7 @@ class MemoryTier(Tier):
             entries = [self._objects.get(k) for k in keys]
         results = [
             Miss(k) if e is None else e.fetch(k, layers, self.keyring)
-            for k, e in zip(keys, entries)
+            for k, e in zip(keys, entries, strict=True)
         ]
         with self._lock:
             for r in results:

@@ -447,7 +447,8 @@ class _Release:
                 self.seconds,
             )
             self.done.set()
-            threading.Event().wait()  # never returns: a daemon thread's frame is not freed, even at exit
+            # never returns: a daemon thread's frame is not freed, even at exit
+            threading.Event().wait()
         self._free()
         self.outcome = "freed"
         self.seconds = time.monotonic() - started

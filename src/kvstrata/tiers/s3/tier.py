@@ -313,10 +313,9 @@ def _s3_session():
     loader.load_service_model("s3", "service-2")
     loader.load_service_model("s3", "endpoint-rule-set-1")
     for name in ("endpoints", "partitions", "_retry", "sdk-default-configuration"):
-        try:
+        # an optional file this botocore does not have: it loads nothing then
+        with contextlib.suppress(Exception):
             loader.load_data(name)
-        except Exception:  # an optional file this botocore does not have: it loads nothing then
-            pass
     core.get_component("endpoint_resolver")
     importlib.import_module("aioboto3.s3.inject")
     return session
