@@ -229,6 +229,53 @@ def dequantize(codes: np.ndarray, s: np.ndarray, clip: np.ndarray, bits: np.ndar
     )
 
 
+def _layer_weights(
+    tensors: Mapping[str, np.ndarray], kv: str, layer: int, C: int, budget: int
+) -> dict[str, np.ndarray]:
+    """One transform's tensors, validated (CodecError if any is missing, misshaped, non-finite or
+    out of range), with the decoder's folded constants precomputed."""
+    w = {}
+    for name in _NAMES:
+        t = tensors.get(f"{kv}{layer}.{name}")
+        if t is None:
+            raise CodecError(f"linear-ae checkpoint tensor {kv}{layer}.{name} missing")
+        w[name] = np.ascontiguousarray(t, dtype=np.float32)
+    r = len(w["bits"])
+    shapes = {
+        "mean": (C,),
+        "enc": (C, r),
+        "dec": (r, C),
+        "bias": (C,),
+        "scale": (r,),
+        "clip": (r,),
+        "bits": (r,),
+    }
+    for name, shape in shapes.items():
+        if w[name].shape != shape or not np.isfinite(w[name]).all():
+            raise CodecError(
+                f"linear-ae checkpoint tensor {kv}{layer}.{name} misshaped or non-finite"
+            )
+    bits = w["bits"]
+    if (
+        (bits != np.rint(bits)).any()
+        or (bits < 1).any()
+        or (bits > 8).any()
+        or int(bits.sum()) != budget
+    ):
+        raise CodecError(
+            f"linear-ae checkpoint {kv}{layer}: bits must be 1..8 summing to {kv}_bits"
+        )
+    if (w["scale"] <= 0).any() or (w["clip"] <= 0).any() or (w["clip"] > 1).any():
+        raise CodecError(f"linear-ae checkpoint {kv}{layer}: bad scale or clip")
+    w["bits"] = bits.astype(np.int64)
+    half = np.exp2(w["bits"] - 1).astype(np.float32)
+    w["_offset"] = half - np.float32(0.5)
+    w["_dec"] = np.ascontiguousarray(
+        (w["clip"] * w["scale"] / (half - np.float32(0.5)))[:, None] * w["dec"]
+    )
+    return w
+
+
 class LinearCheckpoint:
     """Per-layer K and V transforms, loaded from (or saved to) a safetensors file."""
 
@@ -262,46 +309,7 @@ class LinearCheckpoint:
         self.packers: dict[tuple[str, int], Packer] = {}
         for kv in "kv":
             for layer in range(self.n_layers):
-                w = {}
-                for name in _NAMES:
-                    t = tensors.get(f"{kv}{layer}.{name}")
-                    if t is None:
-                        raise CodecError(f"linear-ae checkpoint tensor {kv}{layer}.{name} missing")
-                    w[name] = np.ascontiguousarray(t, dtype=np.float32)
-                r = len(w["bits"])
-                shapes = {
-                    "mean": (C,),
-                    "enc": (C, r),
-                    "dec": (r, C),
-                    "bias": (C,),
-                    "scale": (r,),
-                    "clip": (r,),
-                    "bits": (r,),
-                }
-                for name, shape in shapes.items():
-                    if w[name].shape != shape or not np.isfinite(w[name]).all():
-                        raise CodecError(
-                            f"linear-ae checkpoint tensor {kv}{layer}.{name} "
-                            "misshaped or non-finite"
-                        )
-                bits = w["bits"]
-                if (
-                    (bits != np.rint(bits)).any()
-                    or (bits < 1).any()
-                    or (bits > 8).any()
-                    or int(bits.sum()) != self.budget[kv]
-                ):
-                    raise CodecError(
-                        f"linear-ae checkpoint {kv}{layer}: bits must be 1..8 summing to {kv}_bits"
-                    )
-                if (w["scale"] <= 0).any() or (w["clip"] <= 0).any() or (w["clip"] > 1).any():
-                    raise CodecError(f"linear-ae checkpoint {kv}{layer}: bad scale or clip")
-                w["bits"] = bits.astype(np.int64)
-                half = np.exp2(w["bits"] - 1).astype(np.float32)
-                w["_offset"] = half - np.float32(0.5)
-                w["_dec"] = np.ascontiguousarray(
-                    (w["clip"] * w["scale"] / (half - np.float32(0.5)))[:, None] * w["dec"]
-                )
+                w = _layer_weights(tensors, kv, layer, C, self.budget[kv])
                 self.weights[(kv, layer)] = w
                 self.packers[(kv, layer)] = Packer(w["bits"])
 
@@ -609,22 +617,10 @@ def train_linear(
         "seed": str(seed),
         **{k: str(v) for k, v in (meta or {}).items()},
     }
-    shell = LinearCheckpoint.__new__(LinearCheckpoint)
-    shell.derotate, shell.rope_theta = derotate, float(rope_theta)
-
-    def flat(seqs, kv):
-        rows = []
-        for pos, x in seqs:
-            x = np.asarray(x, dtype=np.float32)
-            if kv == "k" and derotate:
-                x = rope_rotate(x, pos, rope_theta, -1)
-            rows.append(x.reshape(len(x), -1))
-        return np.concatenate(rows)
-
     rng = np.random.default_rng(seed)
-    tensors, errs = {}, {}
+    tensors = {}
     for done, (kv, layer) in enumerate(keys):
-        x = flat(data[(kv, layer)], kv)
+        x = _flat(data[(kv, layer)], kv == "k" and derotate, rope_theta)
         if len(x) > max_vectors:
             x = x[np.sort(rng.choice(len(x), max_vectors, replace=False))]
         w = fit_layer(x, k_bits if kv == "k" else v_bits)
@@ -633,6 +629,27 @@ def train_linear(
         if progress is not None:
             progress(done + 1, len(keys), f"{kv}{layer}")
     ckpt = LinearCheckpoint(tensors, info)
+    errs = _heldout_errors(ckpt, keys, heldout)
+    ckpt.meta["heldout_rel_err"] = json.dumps(errs, sort_keys=True)
+    return ckpt
+
+
+def _flat(seqs, derotate: bool, rope_theta: float) -> np.ndarray:
+    """``(first_position, x [T, H, D])`` sequences as one [N, H * D] float32 array (keys
+    derotated to before RoPE when ``derotate``)."""
+    rows = []
+    for pos, x in seqs:
+        x = np.asarray(x, dtype=np.float32)
+        if derotate:
+            x = rope_rotate(x, pos, rope_theta, -1)
+        rows.append(x.reshape(len(x), -1))
+    return np.concatenate(rows)
+
+
+def _heldout_errors(ckpt: LinearCheckpoint, keys, heldout) -> dict[str, float]:
+    """``{"k0": err, ...}``: the stored reconstruction's relative error on the held-out chunks
+    (at their positions), per transform that has held-out data."""
+    errs = {}
     for kv, layer in keys:
         if (kv, layer) in heldout:
             num = den = 0.0
@@ -642,8 +659,7 @@ def train_linear(
                 num += float(((y.astype(np.float64) - x) ** 2).sum())
                 den += float((x.astype(np.float64) ** 2).sum())
             errs[f"{kv}{layer}"] = round(math.sqrt(num / max(den, 1e-30)), 5)
-    ckpt.meta["heldout_rel_err"] = json.dumps(errs, sort_keys=True)
-    return ckpt
+    return errs
 
 
 def linear_rel_error(
