@@ -10,10 +10,9 @@ Starts its own servers (kvstrata.testing.services, stopped at the end): one Redi
 Redis Cluster (3 masters + 3 replicas), SeaweedFS, and with ``--rgw`` a Ceph RGW
 (scripts/rgw.sh). For each store, through kvstrata's own tier (verified gets):
 
-* ``put``: objects/s and MB/s writing ``--batch`` x
-``--concurrency`` real chunk objects (``--tokens`` tokens of
-  SmolLM2-135M KV: 30 layers x 2 x 3 heads x 64 dims, fp32), ``--concurrency`` puts in
-  flight, one object per call (what a save worker does);
+* ``put``: objects/s and MB/s writing ``--batch`` x ``--concurrency`` real chunk objects
+  (``--tokens`` tokens of SmolLM2-135M KV: 30 layers x 2 x 3 heads x 64 dims, fp32),
+  ``--concurrency`` puts in flight, one object per call (what a save worker does);
 * ``get``: objects/s and MB/s of batched whole-object gets (``--batch`` chunks per call,
   as one request's load), ``--concurrency`` calls in flight (several engines loading);
 * ``contains``: batched existence checks per second (what every lookup costs).
