@@ -47,7 +47,7 @@ def test_limits_are_inclusive_and_counted_from_def_to_last_line(tmp_path: Path) 
     source = _function("fits", 60) + "\n" + _function("too_long", 61)
     found = code_shape.offenders_in(tmp_path / "m.py", source)
     assert [(o.kind, o.name, o.lines, o.limit) for o in found] == [("function", "too_long", 61, 60)]
-    assert str(found[0]).startswith(f"{tmp_path / 'm.py'}:{62}: function too_long is 61 lines")
+    assert str(found[0]).startswith(f"{tmp_path / 'm.py'}:62: function too_long is 61 lines")
 
 
 def test_classes_methods_nested_and_async_functions_are_all_checked(tmp_path: Path) -> None:
