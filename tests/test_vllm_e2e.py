@@ -25,6 +25,10 @@ from kvstrata.offline.runner import generate, running_llm, text_tokens
 from kvstrata.orchestrator import flush_shared, shared_orchestrators
 from kvstrata.testing import services as svc
 
+vllm = pytest.importorskip(
+    "vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)"
+)
+
 PROMPT_TOKENS = 1500
 HIT = (PROMPT_TOKENS - 1) // 256 * 256  # whole chunks; vLLM computes the last token itself
 TIERS = {"memory": "dram", "disk": "local", "redis": "shared", "s3": "cold"}
@@ -258,10 +262,6 @@ def test_an_s3_route_loads_layer_by_layer_through_the_bandwidth_scheduler(llm, r
 SECOND_PROCESS = """
 import json, sys
 from kvstrata.offline.runner import generate, make_llm
-
-vllm = pytest.importorskip(
-    "vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)"
-)
 if __name__ == "__main__":
     model, config, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     llm = make_llm(model, config, kv_cache_gib=1)
