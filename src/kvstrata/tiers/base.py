@@ -50,8 +50,8 @@ from kvstrata.keys import ChunkKey
 
 
 class TierError(Exception):
-    """A tier's backend failed to answer. The orchestrator
-    maps it to a miss (load) or a drop (save)."""
+    """A tier's backend failed to answer. The orchestrator maps it to a miss (load) or a drop
+    (save)."""
 
     def __init__(self, tier: str, op: str, cause: BaseException | str):
         self.tier, self.op, self.cause = tier, op, cause
@@ -79,8 +79,8 @@ Fetch = Hit | Miss
 
 @dataclass(frozen=True)
 class Evicted:
-    """A chunk a capacity-bound tier pushed out; ``data``
-    is there when the tier still had it in memory."""
+    """A chunk a capacity-bound tier pushed out; ``data`` is there when the tier still had it
+    in memory."""
 
     key: ChunkKey
     data: bytes | None
@@ -93,8 +93,8 @@ class PutResult:
 
 
 class TierSettings(BaseSettings):
-    """Base of every tier's settings: frozen, and
-    ``KVSTRATA_<KIND>_*`` variables beat the YAML file."""
+    """Base of every tier's settings: frozen, and ``KVSTRATA_<KIND>_*`` variables beat the YAML
+    file."""
 
     model_config = SettingsConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
@@ -116,6 +116,25 @@ class Tier(abc.ABC):
 
     kind: ClassVar[str]
     settings_class: ClassVar[type[TierSettings]]
+
+    # Per-kind facts: everything outside the tier that depends on its kind reads one of
+    # these (through ``tier_class(kind)``), never a table keyed by kind name.
+    #: the cost model's prior until it has measured the tier (a tier's ``cost:`` overrides it)
+    prior_latency_ms: ClassVar[float] = 5.0
+    prior_bandwidth_mbps: ClassVar[float] = 200.0
+    #: per-operation timeout when the tier's entry gives no ``timeout_ms``
+    default_timeout_ms: ClassVar[float] = 5000.0
+    #: the member of vLLM's ``CacheHitSource`` that tokens loaded from this tier count as
+    hit_source: ClassVar[str] = "EXTERNAL_UNSPECIFIED"
+    #: other hosts' writers reach it (a missing object secret is worth a warning)
+    shared: ClassVar[bool] = False
+    #: its objects live in one process's memory and die with it
+    process_local: ClassVar[bool] = False
+    #: where a document corpus goes when ``documents.tiers`` names none (the first such tier)
+    corpus_home: ClassVar[bool] = False
+    #: ``put`` takes ``ttl_s`` (a route's ``ttl_s`` may name the tier); see :meth:`put`
+    supports_ttl: ClassVar[bool] = False
+
     #: what verifies (and what writers MAC with): see :mod:`kvstrata.auth`
     keyring: auth.Keyring = auth.NO_SECRET
 
@@ -142,13 +161,18 @@ class Tier(abc.ABC):
 
     @abc.abstractmethod
     async def put(self, items: Sequence[tuple[ChunkKey, bytes]]) -> PutResult:
-        """Store encoded objects, replacing any object under the same key."""
+        """Store encoded objects, replacing any object under the same key.
+
+        A tier with :attr:`supports_ttl` also takes ``ttl_s`` (keyword, ``None``: the
+        tier's own default): the objects expire that many seconds after this put. Callers
+        pass it only to such tiers (the configuration refuses a route's ``ttl_s`` elsewhere).
+        """
 
     @abc.abstractmethod
     async def delete(self, keys: Sequence[ChunkKey]) -> None:
         """Remove objects; absent keys are ignored."""
 
-    async def close(self) -> None:  # noqa: B027 (optional: a tier holding nothing keeps this no-op)
+    async def close(self) -> None:  # noqa: B027 -- optional: a tier with nothing to release
         """Release connections and files. The tier is unusable afterwards."""
 
 
