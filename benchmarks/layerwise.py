@@ -71,8 +71,8 @@ HEADLINE_CONTEXTS = (4096, 16384)
 
 @dataclass(frozen=True)
 class Profile:
-    """A deployment to mimic: model shape, GPU throughput, links (bytes/s of the real
-    deployment)."""
+    """A deployment to mimic: model shape, GPU throughput,
+    links (bytes/s of the real deployment)."""
 
     name: str
     n_layers: int
@@ -136,8 +136,8 @@ def smollm2_cpu() -> Profile:
 
 @dataclass(frozen=True)
 class Request:
-    """A prompt of ``context`` tokens; the first ``cached`` are in the cache (default: the
-    profile's share)."""
+    """A prompt of ``context`` tokens; the first ``cached``
+    are in the cache (default: the profile's share)."""
 
     profile: Profile
     context: int
@@ -169,8 +169,8 @@ class Request:
 
 
 class Bench:
-    """One S3 server, objects written once per (profile, request index); orchestrators per
-    setting."""
+    """One S3 server, objects written once per (profile,
+    request index); orchestrators per setting."""
 
     def __init__(self, time_scale: float, workdir: Path, window: int = 2):
         self.s = time_scale
@@ -191,8 +191,8 @@ class Bench:
         )  # 16 B per token and layer
 
     def orch(self, p: Profile, tier: str, policy: str, cap_bps: float) -> Orchestrator:
-        """An orchestrator reading ``tier`` (s3 or dram) through a link of the (deployment)
-        capacity.
+        """An orchestrator reading ``tier`` (s3 or dram)
+        through a link of the (deployment) capacity.
 
         ``policy`` may end in ``+ra``: the same policy with unbounded read-ahead (every layer
         group requested at once, as a client without a loader window would); or in ``+fixed``:
@@ -212,8 +212,8 @@ tiers:
         access_key_id: {srv.access_key}, secret_access_key: {srv.secret_key}, timeout_ms: 60000,
         max_concurrency: 64}}
   dram: {{kind: memory, capacity_bytes: 4GiB}}
-bandwidth: {{policy: {policy}, sharing: {sharing}, links: {{{tier}: {emulated}}},
-  read_window: {window}}}
+bandwidth:
+  {{policy: {policy}, sharing: {sharing}, links: {{{tier}: {emulated}}}, read_window: {window}}}
 policy:
   default: {{read: [{tier}], write: [{tier}], retrieval: layerwise, load: always}}
 """)
@@ -326,8 +326,8 @@ def single(bench: Bench, cases: list[Request], repeats: int) -> list[dict]:
 
 
 def kinds(p: Profile) -> dict[str, Request]:
-    """Request kinds of a mixed serving workload: how much is cached decides how much is
-    computed."""
+    """Request kinds of a mixed serving workload: how
+    much is cached decides how much is computed."""
     return {
         "chat": Request(p, 4096, 3072, "chat"),  # a follow-up turn: short new text
         "doc-qa": Request(p, 16384, 15360, "doc-qa"),  # a question on a cached document
@@ -347,8 +347,8 @@ MIXES = {  # name -> request kinds (the default runs are the first three)
 }
 DEFAULT_MIXES = ("1", "4", "16")
 # kvstrata's link re-splits at every event (work conserving); "+fixed" runs the same policy with a
-# rate per request set when a request starts (sharing: fixed), the model ObjectCache's numbers
-# are in
+# rate per request set when a request starts (sharing:
+# fixed), the model ObjectCache's numbers are in
 POLICIES = ("equal", "stall_aware", "deadline", "equal+fixed", "stall_aware+fixed")
 
 

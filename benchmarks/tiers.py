@@ -861,8 +861,8 @@ def summarise(results: dict, rows: list[str]) -> list[dict]:
 
 
 def transport_comparison(rows: list[dict]) -> list[dict]:
-    """Each other S3 transport's throughput / obstore's, through the tier and raw, per size and
-    op."""
+    """Each other S3 transport's throughput / obstore's,
+    through the tier and raw, per size and op."""
     by = {(r["tier"], r["size"]): r for r in rows}
     out = []
     for transport in ("aioboto3", "nixl"):
@@ -1106,8 +1106,8 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_rounds": 1,
             "keys_per_set": {str(s): n_keys_for(s, args.concurrency) for s in args.sizes},
             "rows": args.rows,
-            "integrity": "format v2: keyed BLAKE3 MACs per namespace (header MAC + a 16-byte tag "
-            "per "
+            "integrity": "format v2: keyed BLAKE3 MACs per namespace "
+            "(header MAC + a 16-byte tag per "
             f"layer); rows ending {V1}: format v1 (xxh3_64 checksums, no MAC)",
             "settings": {
                 "memory": {"capacity_bytes": MEMORY_CAPACITY, "eviction": "s3fifo (default)"},

@@ -1,4 +1,5 @@
-"""Time to first token in vLLM with StrataConnector: recompute vs a hit from each tier.
+"""Time to first token in vLLM with StrataConnector:
+recompute vs a hit from each tier, side by side.
 
 Usage::
 
@@ -154,10 +155,12 @@ def strata_yaml(disk_path: Path, redis_url: str, s3) -> str:
         chunk_tokens: {CHUNK_TOKENS}
         tiers:
           dram: {{kind: memory, capacity_bytes: 2GiB}}
-          local: {{kind: disk, path: "{disk_path}", capacity_bytes: 32GiB,
-                   timeout_ms: {TIER_TIMEOUT_MS}}}
-          shared: {{kind: redis, url: "{redis_url}", key_prefix: "bench-ttft:",
-                    timeout_ms: {TIER_TIMEOUT_MS}}}
+          local:
+            {{kind: disk, path: "{disk_path}", capacity_bytes: 32GiB,
+              timeout_ms: {TIER_TIMEOUT_MS}}}
+          shared:
+            {{kind: redis, url: "{redis_url}", key_prefix: "bench-ttft:",
+              timeout_ms: {TIER_TIMEOUT_MS}}}
           cold:
             kind: s3
             endpoint: "{s3.endpoint}"
@@ -223,10 +226,10 @@ def main():
         u0 = usage()
         r = ttft(llm, cmd["ids"])
         user, system, minflt = (b - a for a, b in zip(u0, usage()))
-        print("RESULT " + json.dumps({"ttft_s": r.ttft_s, "cpu_s": user + system,
-                                      "cpu_user_s": user, "cpu_sys_s": system, "minflt": minflt,
-                                      "token_ids": list(r.token_ids),
-                                      "num_cached_tokens": r.num_cached_tokens}), flush=True)
+        result = {"ttft_s": r.ttft_s, "cpu_s": user + system, "cpu_user_s": user,
+                  "cpu_sys_s": system, "minflt": minflt, "token_ids": list(r.token_ids),
+                  "num_cached_tokens": r.num_cached_tokens}
+        print("RESULT " + json.dumps(result), flush=True)
 
 if __name__ == "__main__":
     main()
@@ -571,8 +574,8 @@ def measure(
                 )
                 log(
                     f"rep {rep} {n:>5} tok  {tier:<6}: recompute {first.ttft_s:.3f}s  hit "
-                    f"{hit.ttft_s:.3f}s  ({hit.num_cached_tokens} cached"
-                    f"{'' if ok else ', PROBLEM'})"
+                    f"{hit.ttft_s:.3f}s  "
+                    f"({hit.num_cached_tokens} cached{'' if ok else ', PROBLEM'})"
                 )
     return samples
 

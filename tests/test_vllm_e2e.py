@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 
+from kvstrata.keys import chunk_keys
+from kvstrata.offline.convert import prepare_smollm2
+from kvstrata.offline.runner import generate, running_llm, text_tokens
+from kvstrata.orchestrator import flush_shared, shared_orchestrators
+from kvstrata.testing import services as svc
+
 vllm = pytest.importorskip(
     "vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)"
 )
-
-from kvstrata.keys import chunk_keys  # noqa: E402
-from kvstrata.offline.convert import prepare_smollm2  # noqa: E402
-from kvstrata.offline.runner import generate, running_llm, text_tokens  # noqa: E402
-from kvstrata.orchestrator import flush_shared, shared_orchestrators  # noqa: E402
-from kvstrata.testing import services as svc  # noqa: E402
 
 PROMPT_TOKENS = 1500
 CHUNK = 128  # the default: the CPU build's block size, so a hit covers every full block
@@ -39,8 +39,8 @@ TIERS = {"memory": "dram", "disk": "local", "redis": "shared", "s3": "cold"}
 def strata_yaml(tmp: Path, redis_url: str, s3, fragile_url: str) -> str:
     rules = (
         "\n".join(
-            f"    - {{name: via-{name}, match: {{hints: {{tier: {name}}}}}, "
-            f"route: {{read: [{name}], write: [{name}]}}}}"
+            f"    - {{name: via-{name}, match: {{hints: {{tier: {name}}}}},"
+            f" route: {{read: [{name}], write: [{name}]}}}}"
             for name in ["local", "shared", "cold", "fragile"]
         )
         + "\n    - {name: via-both, match: {hints: {tier: both}},"
@@ -110,17 +110,22 @@ OFFSETS = {
     "layerwise": 75000,
 }
 
-REFERENCE = f"""
+REFERENCE = (
+    f"PROMPT_TOKENS = {PROMPT_TOKENS}\n"
+    + """
 import json, sys
 from kvstrata.offline.runner import generate, make_llm, text_tokens
 if __name__ == "__main__":
     llm = make_llm(sys.argv[1], connector=False, kv_cache_gib=1)
     offsets = json.loads(sys.argv[2])
     tok = llm.get_tokenizer()
-    out = {{name: list(generate(llm, text_tokens(tok, {PROMPT_TOKENS}, offset=o), 16).token_ids)
-           for name, o in offsets.items()}}
+    out = {
+        name: list(generate(llm, text_tokens(tok, PROMPT_TOKENS, offset=o), 16).token_ids)
+        for name, o in offsets.items()
+    }
     print("RESULT " + json.dumps(out))
 """
+)
 
 
 def run_script(tmp: Path, source: str, *args: str, env: dict | None = None) -> dict:
@@ -263,8 +268,11 @@ if __name__ == "__main__":
     model, config, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     llm = make_llm(model, config, kv_cache_gib=1)
     out = {tier: generate(llm, ids, 16, kv_params={"tier": tier}) for tier, ids in prompts.items()}
-    print("RESULT " + json.dumps({t: [r.num_cached_tokens, r.kvstrata["loaded_tokens"],
-                                      list(r.token_ids)] for t, r in out.items()}))
+    result = {
+        t: [r.num_cached_tokens, r.kvstrata["loaded_tokens"], list(r.token_ids)]
+        for t, r in out.items()
+    }
+    print("RESULT " + json.dumps(result))
 """
 
 
