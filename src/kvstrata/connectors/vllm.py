@@ -38,7 +38,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvstrata import layout
-from kvstrata.connectors import vllm_events, vllm_pool
+from kvstrata.connectors import vllm_async, vllm_events, vllm_pool
 from kvstrata.connectors.vllm_meta import StrataMetadata
 from kvstrata.connectors.vllm_metrics import StrataPromMetrics, StrataStats
 from kvstrata.connectors.vllm_scheduler import SchedulerSide
@@ -78,7 +78,9 @@ class StrataConnector(KVConnectorBase_V1):
         vllm_pool.attach(
             self.orch, worker=role == KVConnectorRole.WORKER
         )  # one DRAM pool, seen by both roles
-        self.scheduler = SchedulerSide(self.orch, self.block_size, self.model.name)
+        self.scheduler = SchedulerSide(
+            self.orch, self.block_size, self.model.name, vllm_async.AsyncSettings.from_extra(extra)
+        )
         self.events = vllm_events.EventLog(self.block_size, vllm_events.enabled(vllm_config))
         self.scheduler.events = self.events
         self.worker = WorkerSide(self.orch, self.block_size)
@@ -128,6 +130,7 @@ class StrataConnector(KVConnectorBase_V1):
         return self.scheduler.build_connector_meta(scheduler_output)
 
     def update_connector_output(self, connector_output) -> None:
+        self.scheduler.async_.finished(connector_output)  # async loads ended, abandoned ones
         self.events.changed(vllm_pool.apply(self.orch, connector_output.kv_connector_worker_meta))
         stats = connector_output.kv_connector_stats
         # a worker in this process shares our orchestrator: its reads are already counted
@@ -196,6 +199,10 @@ class StrataConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         if self.enabled:
             self.worker.finish_step()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Async loads that ended this step (see :mod:`kvstrata.connectors.vllm_async`)."""
+        return None, self.worker.async_loads.finished(finished_req_ids) if self.enabled else None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors = self.worker.load_errors()

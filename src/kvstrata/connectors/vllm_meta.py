@@ -66,3 +66,4 @@ class StrataMetadata(KVConnectorMetadata):
     documents: list = field(
         default_factory=list
     )  # kvstrata.documents.connector.DocLoadSpec (stitched prefixes)
+    async_loads: list = field(default_factory=list)  # kvstrata.connectors.vllm_async.AsyncLoad

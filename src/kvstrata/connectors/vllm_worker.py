@@ -17,6 +17,7 @@ import re
 import numpy as np
 import torch
 
+from kvstrata.connectors.vllm_async import AsyncLoads
 from kvstrata.connectors.vllm_meta import LoadSpec, SaveSpec, StrataMetadata
 from kvstrata.keys import ChunkKey
 from kvstrata.layout import PageLayout, from_numpy, to_numpy
@@ -42,6 +43,7 @@ class WorkerSide:
         self._staged: dict[tuple[str, int], list[torch.Tensor]] = {}
         self._errors: set[int] = set()
         self.documents = None  # a DocumentWorker (kvstrata.documents.connector), set by the facade
+        self.async_loads = AsyncLoads(self)  # loads between steps (kvstrata.connectors.vllm_async)
 
     def register(self, kv_caches: dict[str, torch.Tensor], layout: PageLayout) -> None:
         self._kv = dict(kv_caches)
@@ -53,6 +55,7 @@ class WorkerSide:
     def start_load(self, meta: StrataMetadata) -> None:
         for spec in meta.loads:
             self._loads.append((spec, self.orch.load(self._plan(spec))))
+        self.async_loads.start(meta.async_loads)
         if self.documents is not None and meta.documents:
             self.documents.start(meta.documents)
 
@@ -130,7 +133,7 @@ class WorkerSide:
         return blocks, (first - chunk_index * per_chunk) * self.block_size
 
     def load_errors(self) -> set[int]:
-        errors, self._errors = self._errors, set()
+        errors, self._errors = self._errors | self.async_loads.errors(), set()
         if self.documents is not None:
             errors |= self.documents.load_errors()
         return errors

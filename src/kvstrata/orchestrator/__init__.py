@@ -55,6 +55,7 @@ from kvstrata.policy.cost import CostModel
 from kvstrata.policy.engine import DEFAULT_RULE
 from kvstrata.policy.reuse import ReuseEstimator
 from kvstrata.policy.route import RequestContext, Route
+from kvstrata.telemetry import exporter
 from kvstrata.telemetry.metrics import ENGINE, RECOMPUTE, Telemetry
 from kvstrata.tiers.base import Hit, Tier, TierError, tier_class
 
@@ -133,6 +134,8 @@ class Orchestrator:
         }
         self.read_window = bw.read_window
         runtime.run(self._start(save_workers), timeout=30)
+        if exporter.requested_by_env():  # KVSTRATA_TELEMETRY_*: an exporter for any process
+            exporter.serve(self.telemetry, config.telemetry, "")
 
     async def _start(self, n: int) -> None:
         self._queue = asyncio.Queue()
