@@ -520,6 +520,7 @@ def main() -> None:
         try:
             alone.start()
             servers["vllm alone"] = alone.ready_s
+            log(f"warm-up (as kvstrata's): {warm(alone, w, kvstrata=False):.0f} s")
             rows += measure_reuse(alone, w, p, "vllm alone", None)
             rows.append(measure_no_reuse(alone, w, p, "vllm alone"))
         finally:

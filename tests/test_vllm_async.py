@@ -52,6 +52,7 @@ def test_the_cost_model_sends_slow_loads_async_only_when_others_run() -> None:
     assert wants_async(auto, slow, others_running=3)
     assert not wants_async(auto, slow, others_running=0)  # alone: latency first, layer-wise
     assert not wants_async(auto, fast, others_running=3)  # hides behind compute: stay sync
+    assert not wants_async(auto, slow, 3, remote=False)  # DRAM/disk: local work, stays sync
     assert wants_async(auto, _plan(0.001, 0.1, {"load": "async"}), 0)  # the request's own hint
     assert not wants_async(auto, _plan(0.8, 0.1, {"load": "sync"}), 3)
     assert wants_async(AsyncSettings("always"), fast, 0)

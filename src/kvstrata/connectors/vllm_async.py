@@ -19,10 +19,15 @@ Who decides (:func:`wants_async`, scheduler side): a request's hint
 ``load: async|sync`` (``kv_transfer_params``) first; else the connector's
 ``async_load`` setting (``kv_connector_extra_config``: ``auto``, the default,
 ``always`` or ``never``); in ``auto`` a load goes asynchronous when other
-requests are running and the cost model expects a synchronous load to stall
-the batch by at least ``async_min_stall_ms`` (its estimated time to first
-token minus the request's own compute). A request alone is loaded layer-wise,
-latency first.
+requests are running, it reads from a remote tier (not ``memory`` or
+``disk``), and the cost model expects a synchronous load to stall the batch
+by at least ``async_min_stall_ms`` (its estimated time to first token minus
+the request's own compute). A request alone is loaded layer-wise, latency
+first. Local tiers stay synchronous: their loads are the worker's own CPU and
+memory work (copies, checks, decoding), which an asynchronous load cannot
+overlap with the forward pass on a CPU build and which would cost the request
+at least one more engine step; a remote tier's time is mostly waiting on the
+network, which is what an asynchronous load hides.
 
 Deadlines: an asynchronous load not complete by its deadline (the request's
 ``budget_ms``, else ``orchestrator.default_budget_ms``, counted from the
@@ -84,8 +89,13 @@ class AsyncSettings:
         return cls(mode, stall)  # type: ignore[arg-type]
 
 
-def wants_async(settings: AsyncSettings, plan, others_running: int) -> bool:
-    """Load ``plan`` asynchronously? (see the module docstring for the rule)."""
+#: tier kinds whose loads are local work, never worth an asynchronous load in ``auto``
+LOCAL_KINDS = frozenset({"memory", "disk"})
+
+
+def wants_async(settings: AsyncSettings, plan, others_running: int, remote: bool = True) -> bool:
+    """Load ``plan`` asynchronously? ``remote``: it reads from a tier that is not local
+    (see the module docstring for the rule)."""
     if not plan.chunks:
         return False
     hint = str(plan.ctx.hints.get("load", "")).lower()
@@ -93,7 +103,7 @@ def wants_async(settings: AsyncSettings, plan, others_running: int) -> bool:
         return hint == "async"
     if settings.mode != "auto":
         return settings.mode == "always"
-    if others_running == 0 or plan.choice is None:
+    if others_running == 0 or plan.choice is None or not remote:
         return False
     return stall_s(plan.choice) * 1e3 >= settings.min_stall_ms
 
@@ -122,9 +132,12 @@ class AsyncScheduler:
     ``load_async``, ``async_abandoned``).
     """
 
-    def __init__(self, settings: AsyncSettings, default_budget_ms: float):
+    def __init__(
+        self, settings: AsyncSettings, default_budget_ms: float, kinds: dict[str, str] | None = None
+    ):
         self.settings = settings
         self.default_budget_ms = default_budget_ms
+        self.kinds = dict(kinds or {})  # tier name -> kind
         self._queued: dict[str, Any] = {}  # req_id -> state whose async load is to be handed out
         self._loading: dict[str, Any] = {}  # req_id -> state whose async load runs
         self._abandoned: set[str] = set()  # requests whose async load missed its deadline
@@ -139,7 +152,8 @@ class AsyncScheduler:
         if rid in self._abandoned:  # it came back after an abandoned load: recompute, never again
             return 0, False
         running = sum(1 for s in states if s.request.request_id != rid and _is_running(s.request))
-        state.load_async = wants_async(self.settings, state.plan, running)
+        remote = any(self.kinds.get(c.tier) not in LOCAL_KINDS for c in state.plan.chunks)
+        state.load_async = wants_async(self.settings, state.plan, running, remote)
         return tokens, state.load_async
 
     def after_alloc(self, state) -> None:

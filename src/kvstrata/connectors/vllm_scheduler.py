@@ -79,6 +79,7 @@ class SchedulerSide:
         self.async_ = vllm_async.AsyncScheduler(
             async_settings or vllm_async.AsyncSettings(),
             orchestrator.config.orchestrator.default_budget_ms,
+            {name: spec.kind for name, spec in orchestrator.config.tiers.items()},
         )
         self.events = None  # an EventLog (kvstrata.connectors.vllm_events), set by the facade
         self.documents = (
