@@ -71,7 +71,7 @@ def add(
         raise typer.Exit(1)
     with console.status("loading the model..."):
         store, computer = _setup(config_path, model_dir, model_id, corpus, threads)
-    if getattr(store.tiers[0], "kind", "") == "memory":
+    if getattr(store.tiers[0], "process_local", False):
         console.print(
             f"[yellow]warning[/yellow]: tier {store.tiers[0].name} is a memory tier; the corpus "
             "will not outlive this command (set documents.tiers to a disk, redis or s3 tier)"

@@ -216,14 +216,15 @@ class Corpus:
 
 
 def corpus_tiers(config, tiers: dict[str, Tier]) -> list[Tier]:
-    """The tiers ``documents:`` names (read order), else the first s3 tier, else every tier
-    with the ones that outlive a process (not ``memory``) first, since the first is written."""
+    """The tiers ``documents:`` names (read order), else the first tier whose kind is a
+    ``corpus_home`` (s3), else every tier with the ones that outlive a process (not
+    ``process_local``: memory) first, since the first is written."""
     names = list(config.documents.tiers)
     unknown = [n for n in names if n not in tiers]
     if unknown:
         raise ValueError(f"documents.tiers names unknown tiers {unknown}; defined: {list(tiers)}")
     if not names:
-        kinds = {n: spec.kind for n, spec in config.tiers.items() if n in tiers}
-        s3 = [n for n, kind in kinds.items() if kind == "s3"]
-        names = s3[:1] or sorted(kinds, key=lambda n: kinds[n] == "memory")
+        kinds = {n: spec.tier_class for n, spec in config.tiers.items() if n in tiers}
+        homes = [n for n, kind in kinds.items() if kind.corpus_home]
+        names = homes[:1] or sorted(kinds, key=lambda n: kinds[n].process_local)
     return [tiers[n] for n in names]

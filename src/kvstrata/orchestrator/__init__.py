@@ -798,7 +798,8 @@ class Orchestrator:
         if present[0]:
             self.telemetry.op(tier, "put", "present")
             return
-        result = await self._call(tier, "put", self.tiers[tier].put([(key, blob)]))
+        put = self.tiers[tier].put([(key, blob)], **_put_options(item.route, tier))
+        result = await self._call(tier, "put", put)
         if result is None:
             self.telemetry.dropped("tier_error")
             return
@@ -811,7 +812,8 @@ class Orchestrator:
                 and ev.data is not None
                 and item.route.codec_for(dst) == item.route.codec_for(tier)
             ):
-                moved = await self._call(dst, "put", self.tiers[dst].put([(ev.key, ev.data)]))
+                put = self.tiers[dst].put([(ev.key, ev.data)], **_put_options(item.route, dst))
+                moved = await self._call(dst, "put", put)
                 if moved is not None:
                     self.telemetry.moved("demote", tier, dst)
                     self.telemetry.moved_bytes(dst, "write", len(ev.data))
@@ -819,6 +821,13 @@ class Orchestrator:
 
 #: Miss reasons whose object is deleted: it can never be served here, and would block a rewrite.
 DROPPED_REASONS = frozenset({"corrupt", "unauthenticated", "foreign", "codec"})
+
+
+def _put_options(route: Route, tier: str) -> dict[str, int]:
+    """Keyword arguments of a put to ``tier`` under ``route``: its ``ttl_s``, if the route sets
+    one there (only for tiers whose kind ``supports_ttl``: the policy engine checks)."""
+    ttl = route.ttl_s.get(tier)
+    return {"ttl_s": ttl} if ttl else {}
 
 
 def _by_tier(chunks: Sequence[PlannedChunk]) -> dict[str, list[PlannedChunk]]:
