@@ -18,7 +18,9 @@ metadata (:mod:`~kvstrata.connectors.vllm_pool`); metrics reach vLLM's
 the tier as ``medium`` (:mod:`~kvstrata.connectors.vllm_events`).
 
 Loads are synchronous from vLLM's point of view (the step that uses them
-starts them), layer-wise inside: attention of layer l waits only for layer l.
+starts them), layer-wise inside: attention of layer l waits only for layer l;
+a load from a slow remote tier while others run goes asynchronous instead
+(``WAITING_FOR_REMOTE_KVS``, ``get_finished``: :mod:`~kvstrata.connectors.vllm_async`).
 If a load fails, its blocks are reported and vLLM recomputes them: kvstrata
 sets ``kv_load_failure_policy`` to ``recompute`` (vLLM's default, ``fail``,
 would fail the request), because a cache that is down must never fail a
