@@ -116,15 +116,17 @@ class LoadHandle:
                 self._ready[layer].set()
 
     def progress(self) -> tuple[int, int]:
-        """(layers complete in order from 0, layers the engine has asked for): how far ahead the load is."""
+        """(layers complete in order from 0, layers the
+        engine has asked for): how far ahead the load is."""
         delivered = 0
         while delivered < self.n_layers and self._ready[delivered].is_set():
             delivered += 1
-        consumed = 1 + max((l for l, t in enumerate(self.waited) if t is not None), default=-1)
+        consumed = 1 + max((i for i, t in enumerate(self.waited) if t is not None), default=-1)
         return delivered, consumed
 
     def abort(self, before_release=None) -> None:
-        """Fail everything not yet delivered and release every waiter (after ``before_release(self)``)."""
+        """Fail everything not yet delivered and release
+        every waiter (after ``before_release(self)``)."""
         self.fail([c.index for c in self.plan.chunks if not self._has_all(c.index)])
         if before_release is not None:
             before_release(self)

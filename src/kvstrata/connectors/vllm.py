@@ -86,7 +86,8 @@ class StrataConnector(KVConnectorBase_V1):
         self.worker = WorkerSide(self.orch, self.block_size)
         documents.attach(self)  # the documents branch of both sides (kvstrata.documents.connector)
         self._errors_reported = 0
-        self.orch.telemetry.forward()  # every change goes to vLLM's /metrics through the connector stats
+        # every change goes to vLLM's /metrics through the connector stats
+        self.orch.telemetry.forward()
         # opt-in extras (telemetry: in the YAML): a standalone exporter, for engines without vLLM's
         # /metrics (offline LLM), and snapshot files for kvstrata stats/report
         self.telemetry_service = exporter.serve(
@@ -138,7 +139,8 @@ class StrataConnector(KVConnectorBase_V1):
             self.scheduler.observe(stats.data["reads"])
 
     def take_events(self):
-        """KV cache events with the tier as ``medium`` (see :mod:`kvstrata.connectors.vllm_events`)."""
+        """KV cache events with the tier as ``medium`` (see
+        :mod:`kvstrata.connectors.vllm_events`)."""
         return self.events.take()
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -212,7 +214,8 @@ class StrataConnector(KVConnectorBase_V1):
         return vllm_pool.changes(self.orch) if self._role == KVConnectorRole.WORKER else None
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
-        """This role's changes since the last step: reads measured, load errors, the telemetry outbox.
+        """This role's changes since the last step: reads
+        measured, load errors, the telemetry outbox.
 
         When both roles share one orchestrator (one process), whichever asks
         first takes the changes: each is reported once.
@@ -236,7 +239,8 @@ class StrataConnector(KVConnectorBase_V1):
 
     @classmethod
     def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
-        """The ``kvstrata_*`` families on vLLM's ``/metrics`` (see :mod:`kvstrata.connectors.vllm_metrics`)."""
+        """The ``kvstrata_*`` families on vLLM's ``/metrics`` (see
+        :mod:`kvstrata.connectors.vllm_metrics`)."""
         return StrataPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:

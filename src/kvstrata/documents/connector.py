@@ -62,7 +62,8 @@ class _Stitched:
 
 
 def attach(connector) -> None:
-    """Give a StrataConnector's two sides their documents branch (or none, logged, if impossible)."""
+    """Give a StrataConnector's two sides their documents
+    branch (or none, logged, if impossible)."""
     try:
         rope = Rope.from_config(connector._vllm_config.model_config.hf_config)
     except UnsupportedRope as exc:
@@ -134,8 +135,8 @@ class DocumentScheduler:
             return None
         if plan is None:
             return None
-        # Stitched, even if the engine already holds the whole stitched part (its prefix cache kept it
-        # from an earlier identical request): such a request must never be saved as exact KV.
+        # Stitched, even if the engine already holds the whole stitched part (its prefix cache kept
+        # it from an earlier identical request): such a request must never be saved as exact KV.
         self._requests[request.request_id] = _Stitched(plan, num_computed)
         return max(plan.end - num_computed, 0)
 
@@ -251,7 +252,7 @@ class DocumentWorker:
             try:
                 fetched = future.result(timeout=FETCH_WAIT_S)
                 keys = list(dict.fromkeys(s[0] for s in spec.segments))
-                objects = dict(zip(keys, fetched))
+                objects = dict(zip(keys, fetched, strict=True))
                 if any(o is None for o in objects.values()):
                     raise LookupError("a document object is missing from every corpus tier")
                 segments = [Segment("", k, start, n, shift) for k, start, n, shift in spec.segments]

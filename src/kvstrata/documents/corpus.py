@@ -98,7 +98,8 @@ class Manifest:
 
 
 class Corpus:
-    """One corpus of one model over some tiers: reads try ``tiers`` in order, writes go to the first.
+    """One corpus of one model over some tiers: reads
+    try ``tiers`` in order, writes go to the first.
 
     Coroutines run on the background loop (:mod:`kvstrata.runtime`); the
     tiers' own contract applies (they may be shared with an orchestrator).
@@ -191,7 +192,7 @@ class Corpus:
             if not todo:
                 break
             got = await tier.get([keys[i] for i in todo])
-            for i, result in zip(todo, got):
+            for i, result in zip(todo, got, strict=True):
                 if isinstance(result, Hit) and self._fits(result.obj):
                     out[i] = result.obj
         return out

@@ -199,7 +199,8 @@ class Orchestrator:
         skip_tokens: int = 0,
         limit_tokens: int | None = None,
     ) -> Plan:
-        """Plan the load of the longest worthwhile prefix beyond ``skip_tokens`` (what the engine holds).
+        """Plan the load of the longest worthwhile prefix
+        beyond ``skip_tokens`` (what the engine holds).
 
         Keys cover every full chunk of ``tokens`` (saves use them); loads stop
         at ``limit_tokens`` (an engine must compute at least the last token).
@@ -314,7 +315,8 @@ class Orchestrator:
         return plan
 
     async def _locate(self, route: Route, keys, first: int, n: int) -> list[PlannedChunk]:
-        """The contiguous run of chunks from ``first`` held by the read tiers, each from the first tier having it."""
+        """The contiguous run of chunks from ``first`` held by
+        the read tiers, each from the first tier having it."""
         where: dict[int, PlannedChunk] = {}
         for tier in route.read:
             todo = [i for i in range(first, n) if i not in where]
@@ -324,7 +326,7 @@ class Orchestrator:
             answer = await self._call(
                 tier, "contains", self.tiers[tier].contains([keys[codec][i] for i in todo])
             )
-            for i, present in zip(todo, answer or ()):
+            for i, present in zip(todo, answer or (), strict=False):
                 if present:
                     where[i] = PlannedChunk(i, tier, keys[codec][i], codec)
             if answer is not None:
@@ -338,7 +340,8 @@ class Orchestrator:
         return run
 
     async def _call(self, tier: str, op: str, coro):
-        """Await one tier operation under its breaker and timeout; None if it failed or was skipped."""
+        """Await one tier operation under its breaker and
+        timeout; None if it failed or was skipped."""
         breaker = self.breakers[tier]
         if not breaker.allow():
             coro.close()
@@ -544,7 +547,7 @@ class Orchestrator:
         self.telemetry.op(tier, "read_range", "issued", n=len(chunks))
         decoded: list[tuple[PlannedChunk, dict[int, np.ndarray]]] = []
         nbytes = 0
-        for chunk, result in zip(chunks, fetched or ()):
+        for chunk, result in zip(chunks, fetched or (), strict=False):
             kv = self._decode(tier, handle.plan.ctx.tenant, chunk, result, layers)
             if kv is None:
                 handle.fail([chunk.index])
@@ -699,7 +702,8 @@ class Orchestrator:
         )
 
     def admitted(self, plan: Plan, chunk_index: int) -> tuple[str, ...]:
-        """The route's write tiers whose admission rule accepts this chunk now (rejections counted)."""
+        """The route's write tiers whose admission rule
+        accepts this chunk now (rejections counted)."""
         route = plan.decision.route
         count = self.reuse.count(plan.logical_keys()[chunk_index])
         admitted = []
@@ -778,7 +782,8 @@ class Orchestrator:
         )
         if kv.shape != (self.model.n_layers, *self.geometry.shape):
             raise ValueError(
-                f"chunk KV shaped {kv.shape}, expected {(self.model.n_layers, *self.geometry.shape)}"
+                f"chunk KV shaped {kv.shape}, "
+                f"expected {(self.model.n_layers, *self.geometry.shape)}"
             )
         return fmt.encode(
             meta,
