@@ -229,17 +229,7 @@ class SchedulerSide:
         state.load_pending = False
         state.loaded = True
         plan = state.plan
-        spec = LoadSpec(
-            req_id=state.request.request_id,
-            rule=plan.decision.rule,
-            tenant=plan.ctx.tenant,
-            skip_tokens=plan.skip_tokens,
-            chunks=[(c.index, c.tier, c.key.digest, c.codec) for c in plan.chunks],
-            block_ids=list(state.block_ids),
-            keys={codec: [k.digest for k in keys] for codec, keys in plan.keys.items()},
-            context_tokens=plan.ctx.context_tokens,
-            budget_ms=plan.ctx.budget_ms,
-        )
+        spec = _load_spec(state.request.request_id, plan, state.block_ids)
         if state.load_async:
             meta.async_loads.append(vllm_async.AsyncLoad(spec, self.async_.deadline_s(plan)))
         else:
@@ -322,3 +312,18 @@ class SchedulerSide:
         """Reads the worker measured: they teach this process's cost model."""
         for tier, seconds, nbytes in reads:
             self.orch.cost.observe_read(tier, seconds, nbytes)
+
+
+def _load_spec(req_id: str, plan: Plan, block_ids: list[int]) -> LoadSpec:
+    """What the worker needs to load ``plan`` into the request's blocks (plain, picklable data)."""
+    return LoadSpec(
+        req_id=req_id,
+        rule=plan.decision.rule,
+        tenant=plan.ctx.tenant,
+        skip_tokens=plan.skip_tokens,
+        chunks=[(c.index, c.tier, c.key.digest, c.codec) for c in plan.chunks],
+        block_ids=list(block_ids),
+        keys={codec: [k.digest for k in keys] for codec, keys in plan.keys.items()},
+        context_tokens=plan.ctx.context_tokens,
+        budget_ms=plan.ctx.budget_ms,
+    )
