@@ -21,7 +21,7 @@ from kvstrata.connectors.vllm_meta import LoadSpec, SaveSpec, StrataMetadata
 from kvstrata.keys import ChunkKey
 from kvstrata.layout import PageLayout, from_numpy, to_numpy
 from kvstrata.orchestrator import Orchestrator
-from kvstrata.plan import LoadHandle, Plan, PlannedChunk
+from kvstrata.plan import ChunkWrite, LoadHandle, Plan, PlannedChunk
 from kvstrata.policy.route import Decision, RequestContext
 
 log = logging.getLogger(__name__)
@@ -171,14 +171,10 @@ class WorkerSide:
             return to_numpy(torch.stack([layout.read(p, list(range(n))) for p in pages]))
 
         keys = {codec: ChunkKey(key) for codec, key in spec.keys.items()}
-        self.orch.save_chunk(
-            self.orch.route(spec.rule),
-            spec.tenant,
-            keys,
-            canonical,
-            spec.tiers,
-            spec.chunk_index * self.chunk,
-        )
+        route = self.orch.route(spec.rule)
+        first = spec.chunk_index * self.chunk
+        write = ChunkWrite(route, spec.tenant, keys, tuple(spec.tiers), first)
+        self.orch.write(write, canonical)
 
     def finish_step(self) -> None:
         """End of a step: anything still staged belongs to a step that did not reach the last layer."""
