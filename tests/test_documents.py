@@ -17,7 +17,7 @@ from kvstrata import runtime
 from kvstrata.config import parse_config
 from kvstrata.documents import Corpus, Rope, plan_stitch, tokens_hash
 from kvstrata.offline.precompute import Precomputer, add_documents, model_spec_for
-from kvstrata.tiers.base import tier_class
+from kvstrata.orchestrator import Orchestrator
 
 SMOLLM2 = {
     "architectures": ["LlamaForCausalLM"],
@@ -108,11 +108,10 @@ def open_test_corpus(tmp: Path, hf) -> tuple[Corpus, Precomputer]:
     config = parse_config(corpus_config(tmp))
     from kvstrata.documents import corpus_tiers
 
-    tiers = {n: tier_class(s.kind).from_settings(n, s.settings) for n, s in config.tiers.items()}
     spec = model_spec_for(model_dir, model.config)
-    corpus = Corpus(
-        "test", spec, corpus_tiers(config, tiers), Rope.from_config(model.config).describe()
-    )
+    orch = Orchestrator(config, spec)  # new tier objects, as a new process would have
+    rope = Rope.from_config(model.config).describe()
+    corpus = Corpus("test", spec, orch.whole, corpus_tiers(config), rope)
     return corpus, Precomputer(model, tokenizer, threads=1)
 
 

@@ -170,7 +170,8 @@ def test_a_missing_document_object_is_recomputed(setup, beta_full) -> None:
     before = orch.telemetry.value(
         "kvstrata_tier_ops_total", tier="documents", op="stitch", result="error"
     )
-    runtime.run(corpus.tiers[0].delete([ChunkKey.from_hex(manifest.documents["beta"].key)]))
+    key = ChunkKey.from_hex(manifest.documents["beta"].key)
+    runtime.run(corpus.store.calls.tiers[corpus.tiers[0]].delete([key]))
     again = generate(llm, prompt, 8, kv_params={"kvstrata": {"documents": ["beta"]}})
     assert again.token_ids == full.token_ids
     # the stitch failed and was reported (vLLM recomputed the blocks), it did not just happen to work

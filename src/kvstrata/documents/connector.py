@@ -70,11 +70,13 @@ def attach(connector) -> None:
         return
     config = connector.orch.config
     try:
-        tiers = corpus_tiers(config, connector.orch.tiers)
+        tiers = corpus_tiers(config)
     except ValueError as exc:
         log.warning("kvstrata: per-document KV disabled: %s", exc)
         return
-    corpus = Corpus(config.documents.corpus, connector.model, tiers, rope.describe())
+    corpus = Corpus(
+        config.documents.corpus, connector.model, connector.orch.whole, tiers, rope.describe()
+    )
     connector.scheduler.documents = DocumentScheduler(
         corpus, config.documents, connector.block_size, connector.orch.telemetry
     )

@@ -180,20 +180,17 @@ def open_corpus(
     name: str | None = None,
     threads: int | None = None,
 ):
-    """(corpus, precomputer) for a configuration and a checkpoint directory: the CLI's and benchmarks' entry."""
-    from kvstrata.auth import keyring_for
+    """(corpus, precomputer) for a configuration and a checkpoint directory: the CLI's and
+    benchmarks' entry. The corpus reads and writes through an orchestrator of ``config``."""
     from kvstrata.documents.corpus import corpus_tiers
     from kvstrata.offline.capture import load_model
-    from kvstrata.tiers.base import tier_class
+    from kvstrata.orchestrator import Orchestrator
 
     model, tokenizer = load_model(model_dir)
     spec = model_spec_for(model_dir, model.config, model_id)
-    tiers = {n: tier_class(s.kind).from_settings(n, s.settings) for n, s in config.tiers.items()}
-    keyring = keyring_for(config)
-    for tier in tiers.values():
-        tier.use_keyring(keyring)
+    orch = Orchestrator(config, spec)
     rope = Rope.from_config(model.config)
     corpus = Corpus(
-        name or config.documents.corpus, spec, corpus_tiers(config, tiers), rope.describe()
+        name or config.documents.corpus, spec, orch.whole, corpus_tiers(config), rope.describe()
     )
     return corpus, Precomputer(model, tokenizer, threads)

@@ -17,8 +17,9 @@ module: :mod:`.registry` (the process-wide share registry), :mod:`.calls`
 (the call wrapper: breaker, timeout, per-tier metrics, error mapping, as
 :class:`Ok` / :class:`Failed` values), :mod:`.objects` (codecs: chunk objects
 encoded and decoded), :mod:`.lookup`, :mod:`.loader` (paced layer loading),
-:mod:`.writer` (the save queue, one entry point) and :mod:`.movement`
-(promotion, demotion).
+:mod:`.writer` (the save queue, one entry point), :mod:`.movement`
+(promotion, demotion) and :mod:`.whole` (whole objects by key, for corpora:
+``orch.whole.fetch`` / ``store`` / ``holds``).
 
 Failure semantics: a tier error or timeout on lookup or load is a miss (the
 engine recomputes); on save it is counted and dropped. A tier that keeps
@@ -46,6 +47,7 @@ from kvstrata.orchestrator.lookup import Lookup
 from kvstrata.orchestrator.movement import Movement
 from kvstrata.orchestrator.objects import ChunkObjects
 from kvstrata.orchestrator.registry import flush_shared, shared_orchestrators
+from kvstrata.orchestrator.whole import WholeObjects
 from kvstrata.orchestrator.writer import KV, Writer
 from kvstrata.plan import ChunkWrite, LoadHandle, Plan
 from kvstrata.policy.cost import CostModel
@@ -106,6 +108,7 @@ class Orchestrator:
             config, model, self.calls, self.cost, self.reuse, self.telemetry, self.writer.inflight
         )
         self.loader = Loader(config, model, self.calls, self.objects, self.cost, self.telemetry)
+        self.whole = WholeObjects(self.calls, self.objects, self.telemetry)
         self.movement = Movement(self.calls, self.telemetry, self.writer.submit)
         self.writer.demote = self.movement.demote
         self.loader.after_load = self.movement.promote
