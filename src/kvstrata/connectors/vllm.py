@@ -78,11 +78,21 @@ class StrataConnector(KVConnectorBase_V1):
         vllm_pool.attach(
             self.orch, worker=role == KVConnectorRole.WORKER
         )  # one DRAM pool, seen by both roles
-        self.scheduler = SchedulerSide(self.orch, self.block_size, self.model.name)
+        # the documents branch of both sides (kvstrata.documents.connector), None if impossible
+        docs = documents.build_branch(
+            config,
+            self.model,
+            self.orch.whole,
+            vllm_config.model_config.hf_config,
+            self.block_size,
+            self.orch.telemetry,
+        )
+        self.scheduler = SchedulerSide(
+            self.orch, self.block_size, self.model.name, docs.scheduler if docs else None
+        )
         self.events = vllm_events.EventLog(self.block_size, vllm_events.enabled(vllm_config))
         self.scheduler.events = self.events
-        self.worker = WorkerSide(self.orch, self.block_size)
-        documents.attach(self)  # the documents branch of both sides (kvstrata.documents.connector)
+        self.worker = WorkerSide(self.orch, self.block_size, docs.worker if docs else None)
         self._errors_reported = 0
         self.orch.telemetry.forward()  # every change goes to vLLM's /metrics through the connector stats
         # opt-in extras (telemetry: in the YAML): a standalone exporter, for engines without vLLM's
@@ -144,8 +154,7 @@ class StrataConnector(KVConnectorBase_V1):
     def get_external_cache_hit_sources(self, request, num_external_tokens: int) -> dict:
         if num_external_tokens == 0:
             return {}
-        state = self.scheduler._requests.get(request.request_id)
-        by_tier = state.plan.tokens_by_tier() if state else {}
+        by_tier = self.scheduler.tokens_by_tier(request.request_id)
         sources: dict = {}
         for tier, tokens in by_tier.items():
             kind = self.orch.config.tiers[tier].kind

@@ -60,7 +60,7 @@ class _Request:
 
 
 class SchedulerSide:
-    def __init__(self, orchestrator: Orchestrator, block_size: int, model_id: str):
+    def __init__(self, orchestrator: Orchestrator, block_size: int, model_id: str, documents=None):
         self.orch = orchestrator
         self.chunk = orchestrator.chunk_tokens
         self.block_size = block_size
@@ -69,9 +69,7 @@ class SchedulerSide:
         self._lookups: dict[str, _Lookup] = {}
         self.inline_wait_s = INLINE_WAIT_S
         self.events = None  # an EventLog (kvstrata.connectors.vllm_events), set by the facade
-        self.documents = (
-            None  # a DocumentScheduler (kvstrata.documents.connector), set by the facade
-        )
+        self.documents = documents  # a DocumentScheduler (kvstrata.documents.connector) or None
 
     # -- admission --------------------------------------------------------------
 
@@ -296,6 +294,11 @@ class SchedulerSide:
                 "reason": plan.reason,
             }
         }
+
+    def tokens_by_tier(self, req_id: str) -> dict[str, int]:
+        """The tokens the request's plan loads from each tier ({} if it has no plan)."""
+        state = self._requests.get(req_id)
+        return state.plan.tokens_by_tier() if state else {}
 
     def observe(self, reads) -> None:
         """Reads the worker measured: they teach this process's cost model."""

@@ -30,7 +30,7 @@ LAYER_WAIT_S = 60.0
 
 
 class WorkerSide:
-    def __init__(self, orchestrator: Orchestrator, block_size: int):
+    def __init__(self, orchestrator: Orchestrator, block_size: int, documents=None):
         self.orch = orchestrator
         self.chunk = orchestrator.chunk_tokens
         self.block_size = block_size
@@ -41,7 +41,7 @@ class WorkerSide:
         self._loads: list[tuple[LoadSpec, LoadHandle]] = []
         self._staged: dict[tuple[str, int], list[torch.Tensor]] = {}
         self._errors: set[int] = set()
-        self.documents = None  # a DocumentWorker (kvstrata.documents.connector), set by the facade
+        self.documents = documents  # a DocumentWorker (kvstrata.documents.connector) or None
 
     def register(self, kv_caches: dict[str, torch.Tensor], layout: PageLayout) -> None:
         self._kv = dict(kv_caches)

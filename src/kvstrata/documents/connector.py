@@ -32,6 +32,7 @@ from kvstrata import runtime
 from kvstrata.documents.corpus import Corpus, Manifest, corpus_tiers
 from kvstrata.documents.rope import Rope, UnsupportedRope
 from kvstrata.documents.stitch import REPAIRS, Segment, StitchPlan, assemble_layer, plan_stitch
+from kvstrata.orchestrator.whole import WholeObjects
 
 log = logging.getLogger("vllm.kvstrata.documents")
 
@@ -61,26 +62,34 @@ class _Stitched:
     block_ids: tuple[int, ...] = ()
 
 
-def attach(connector) -> None:
-    """Give a StrataConnector's two sides their documents branch (or none, logged, if impossible)."""
+@dataclass(frozen=True)
+class DocumentsBranch:
+    """The two halves of the documents branch; StrataConnector gives each to its side."""
+
+    scheduler: DocumentScheduler
+    worker: DocumentWorker
+
+
+def build_branch(
+    config, model, store: WholeObjects, hf_config, block_size: int, telemetry=None
+) -> DocumentsBranch | None:
+    """The documents branch of a connector over an orchestrator's whole-object ``store``, or
+    None (logged) where it cannot work (an unsupported rotary embedding, unknown tiers)."""
     try:
-        rope = Rope.from_config(connector._vllm_config.model_config.hf_config)
+        rope = Rope.from_config(hf_config)
     except UnsupportedRope as exc:
         log.info("kvstrata: per-document KV disabled: %s", exc)
-        return
-    config = connector.orch.config
+        return None
     try:
         tiers = corpus_tiers(config)
     except ValueError as exc:
         log.warning("kvstrata: per-document KV disabled: %s", exc)
-        return
-    corpus = Corpus(
-        config.documents.corpus, connector.model, connector.orch.whole, tiers, rope.describe()
+        return None
+    corpus = Corpus(config.documents.corpus, model, store, tiers, rope.describe())
+    return DocumentsBranch(
+        DocumentScheduler(corpus, config.documents, block_size, telemetry),
+        DocumentWorker(corpus, rope, telemetry),
     )
-    connector.scheduler.documents = DocumentScheduler(
-        corpus, config.documents, connector.block_size, connector.orch.telemetry
-    )
-    connector.worker.documents = DocumentWorker(corpus, rope, connector.orch.telemetry)
 
 
 class DocumentScheduler:
