@@ -210,19 +210,7 @@ class SchedulerSide:
         state.load_pending = False
         state.loaded = True
         plan = state.plan
-        meta.loads.append(
-            LoadSpec(
-                req_id=state.request.request_id,
-                rule=plan.decision.rule,
-                tenant=plan.ctx.tenant,
-                skip_tokens=plan.skip_tokens,
-                chunks=[(c.index, c.tier, c.key.digest, c.codec) for c in plan.chunks],
-                block_ids=list(state.block_ids),
-                keys={codec: [k.digest for k in keys] for codec, keys in plan.keys.items()},
-                context_tokens=plan.ctx.context_tokens,
-                budget_ms=plan.ctx.budget_ms,
-            )
-        )
+        meta.loads.append(LoadSpec.of(state.request.request_id, plan, state.block_ids))
         state.next_save = max(state.next_save, plan.first_chunk + len(plan.chunks))
 
     def _saves(self, state: _Request, computed_tokens: int) -> list[SaveSpec]:
@@ -237,17 +225,7 @@ class SchedulerSide:
             tiers = self.orch.admitted(plan, index)
             blocks = state.block_ids[index * per_chunk : (index + 1) * per_chunk]
             if tiers and len(blocks) == per_chunk:
-                specs.append(
-                    SaveSpec(
-                        req_id=state.request.request_id,
-                        rule=plan.decision.rule,
-                        tenant=plan.ctx.tenant,
-                        chunk_index=index,
-                        keys={codec: keys[index].digest for codec, keys in plan.keys.items()},
-                        tiers=tiers,
-                        block_ids=blocks,
-                    )
-                )
+                specs.append(SaveSpec.of(state.request.request_id, plan, index, tiers, blocks))
         state.next_save = max(state.next_save, done)
         self._expect(plan, specs)
         if self.events is not None and self.events.enabled:

@@ -18,11 +18,9 @@ import numpy as np
 import torch
 
 from kvstrata.connectors.vllm_meta import LoadSpec, SaveSpec, StrataMetadata
-from kvstrata.keys import ChunkKey
 from kvstrata.layout import PageLayout, from_numpy, to_numpy
 from kvstrata.orchestrator import Orchestrator
-from kvstrata.plan import ChunkWrite, LoadHandle, Plan, PlannedChunk
-from kvstrata.policy.route import Decision, RequestContext
+from kvstrata.plan import LoadHandle, Plan
 
 log = logging.getLogger(__name__)
 
@@ -57,22 +55,7 @@ class WorkerSide:
             self.documents.start(meta.documents)
 
     def _plan(self, spec: LoadSpec) -> Plan:
-        decision = Decision(spec.rule, self.orch.route(spec.rule))
-        chunks = tuple(
-            PlannedChunk(i, tier, ChunkKey(key), codec) for i, tier, key, codec in spec.chunks
-        )
-        keys = {codec: tuple(ChunkKey(k) for k in ks) for codec, ks in spec.keys.items()}
-        return Plan(
-            RequestContext(
-                context_tokens=spec.context_tokens, budget_ms=spec.budget_ms, tenant=spec.tenant
-            ),
-            decision,
-            self.chunk,
-            spec.skip_tokens,
-            keys=keys,
-            first_chunk=chunks[0].index if chunks else 0,
-            chunks=chunks,
-        )
+        return spec.plan(self.orch.route(spec.rule), self.chunk)
 
     def wait_layer(self, layer_name: str) -> None:
         """Place layer ``layer_name`` of every load; never raises into the engine."""
@@ -170,11 +153,7 @@ class WorkerSide:
         def canonical() -> np.ndarray:  # runs on the orchestrator's save thread
             return to_numpy(torch.stack([layout.read(p, list(range(n))) for p in pages]))
 
-        keys = {codec: ChunkKey(key) for codec, key in spec.keys.items()}
-        route = self.orch.route(spec.rule)
-        first = spec.chunk_index * self.chunk
-        write = ChunkWrite(route, spec.tenant, keys, tuple(spec.tiers), first)
-        self.orch.write(write, canonical)
+        self.orch.write(spec.write(self.orch.route(spec.rule), self.chunk), canonical)
 
     def finish_step(self) -> None:
         """End of a step: anything still staged belongs to a step that did not reach the last layer."""

@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from kvstrata import runtime
+from kvstrata.connectors.vllm_meta import DocLoadSpec
 from kvstrata.documents.corpus import Corpus, Manifest, corpus_tiers
 from kvstrata.documents.rope import Rope, UnsupportedRope
-from kvstrata.documents.stitch import REPAIRS, Segment, StitchPlan, assemble_layer, plan_stitch
+from kvstrata.documents.stitch import REPAIRS, StitchPlan, assemble_layer, plan_stitch
 from kvstrata.orchestrator.whole import WholeObjects
 
 log = logging.getLogger("vllm.kvstrata.documents")
@@ -40,18 +41,6 @@ DOCUMENTS = "documents"  # the telemetry source of stitched tokens
 MANIFEST_REFRESH_S = 5.0  # at most this often when a request names an unknown document
 MANIFEST_MAX_AGE_S = 60.0  # re-read at least this often (one small read on the scheduler thread)
 FETCH_WAIT_S = 60.0
-
-
-@dataclass
-class DocLoadSpec:
-    """Write the stitched KV of prompt tokens ``[skip_tokens, end)`` into the request's blocks."""
-
-    req_id: str
-    block_ids: list[int]
-    skip_tokens: int
-    end: int
-    segments: list[tuple[bytes, int, int, int]]  # (key, start, n_tokens, shift)
-    doc_names: list[str]
 
 
 @dataclass
@@ -202,16 +191,7 @@ class DocumentScheduler:
                 continue
             state.load_pending = False
             plan = state.plan
-            out.append(
-                DocLoadSpec(
-                    req_id,
-                    list(state.block_ids),
-                    state.num_computed,
-                    plan.end,
-                    [(s.key, s.start, s.n_tokens, s.shift) for s in plan.segments],
-                    plan.documents,
-                )
-            )
+            out.append(DocLoadSpec.of(req_id, state.block_ids, state.num_computed, plan))
             if self.telemetry is not None:
                 self.telemetry.served(DOCUMENTS, max(plan.end - state.num_computed, 0))
         return out
@@ -245,10 +225,7 @@ class DocumentWorker:
 
     def start(self, specs: list[DocLoadSpec]) -> None:
         for spec in specs:
-            keys = list(dict.fromkeys(s[0] for s in spec.segments))
-            from kvstrata.keys import ChunkKey
-
-            self._loads.append((spec, runtime.submit(self.corpus.get([ChunkKey(k) for k in keys]))))
+            self._loads.append((spec, runtime.submit(self.corpus.get(spec.keys()))))
 
     def place(
         self, layer: int, last_layer: bool, target: torch.Tensor, layout, block_size: int
@@ -261,11 +238,10 @@ class DocumentWorker:
                 continue
             try:
                 fetched = future.result(timeout=FETCH_WAIT_S)
-                keys = list(dict.fromkeys(s[0] for s in spec.segments))
-                objects = dict(zip(keys, fetched))
+                objects = {k.digest: o for k, o in zip(spec.keys(), fetched, strict=True)}
                 if any(o is None for o in objects.values()):
                     raise LookupError("a document object is missing from every corpus tier")
-                segments = [Segment("", k, start, n, shift) for k, start, n, shift in spec.segments]
+                segments = spec.stitch_segments()
                 kv = assemble_layer(
                     self.corpus,
                     self.rope,

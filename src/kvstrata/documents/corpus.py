@@ -35,7 +35,8 @@ import numpy as np
 from kvstrata import format as fmt
 from kvstrata.keys import ChunkKey, Namespace, token_bytes
 from kvstrata.model import ModelSpec
-from kvstrata.orchestrator.whole import Expected, WholeObjects
+from kvstrata.orchestrator.objects import Expected
+from kvstrata.orchestrator.whole import WholeObjects
 
 MANIFEST_VERSION = 1
 HEAD_TOKENS = 16  # a document is detected in a prompt by its first tokens, then verified in full

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
@@ -90,6 +90,11 @@ class TierCalls:
         if op == "contains":  # a small round trip: it teaches the cost model the tier's latency
             self.cost.observe_read(tier, elapsed, 0)
         return Ok(result)
+
+    async def put(self, tier: str, items: Sequence[tuple[ChunkKey, bytes]]) -> Outcome:
+        """Store objects: the one place a tier's ``put`` is called (saves, promotions,
+        demotions, corpora). Per-write options of ``Tier.put`` (an expiry) belong here."""
+        return await self.call(tier, "put", lambda t: t.put(items))
 
     def _record(self, tier: str, ok: bool) -> None:
         if self.breakers[tier].record(ok):

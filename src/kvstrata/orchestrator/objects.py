@@ -4,10 +4,12 @@ Writing: :meth:`ChunkObjects.encode` builds one object (header + one section
 per layer) with the route's codec for a tier. Reading:
 :meth:`ChunkObjects.decode` checks what a tier returned against what this
 reader expects (geometry, codec, namespace) and decodes the layers asked for.
-A tier has already verified the object's structure and checksums (MACs) when
-it returns a :class:`~kvstrata.tiers.base.Hit`: verification happens there,
-once, and is not repeated here; this is the *fit* check (is it an object for
-this model, codec and tenant?), which a tier cannot know.
+Verification happens once per object and stage: a tier has already verified
+the object's structure and checksums (MACs) when it returns a
+:class:`~kvstrata.tiers.base.Hit` (the tier contract), and this is not
+repeated here; :class:`Expected` is the one *fit* check (is it an object for
+this model, codec and tenant?), which a tier cannot know, used for chunks
+and for whole objects (:mod:`.whole`) alike.
 """
 
 from __future__ import annotations
@@ -33,6 +35,28 @@ from kvstrata.plan import ChunkWrite, PlannedChunk
 from kvstrata.tiers.base import Fetch, Hit
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a reader expects of an object's header; ``n_tokens=None`` accepts any length."""
+
+    codec: str
+    namespace: bytes
+    dtype: str
+    kv_heads: int
+    head_dim: int
+    n_layers: int
+    n_tokens: int | None = None
+
+    def fits(self, obj: fmt.ChunkObject) -> bool:
+        meta = obj.meta
+        found = (meta.codec, meta.namespace, meta.dtype, meta.kv_heads, meta.head_dim)
+        if found != (self.codec, self.namespace, self.dtype, self.kv_heads, self.head_dim):
+            return False
+        if obj.header.n_layers != self.n_layers:
+            return False
+        return self.n_tokens is None or meta.n_tokens == self.n_tokens
 
 
 @dataclass(frozen=True)
@@ -103,7 +127,7 @@ class ChunkObjects:
         """The layers of one fetched chunk, or why it cannot be used."""
         if not isinstance(result, Hit):
             return Rejected(result.reason, by_tier=True)
-        if not self._fits(result, tenant, chunk.codec):
+        if not self.expected(tenant, chunk.codec).fits(result.obj):
             return Rejected("foreign")
         meta = result.obj.meta
         try:  # the reader's own codec; the header may only confirm it
@@ -115,9 +139,10 @@ class ChunkObjects:
             return Rejected("codec")
         return Decoded(out, sum(len(result.obj.layers[n]) for n in layers))
 
-    def _fits(self, hit: Hit, tenant: str, codec: str) -> bool:
-        m, meta = self.model, hit.obj.meta
-        found = (meta.kv_heads, meta.head_dim, meta.dtype, meta.n_tokens, hit.obj.header.n_layers)
-        expected = (m.kv_heads, m.head_dim, m.dtype, self.chunk_tokens, m.n_layers)
+    def expected(self, tenant: str, codec: str) -> Expected:
+        """What a chunk object of ``tenant`` stored with ``codec`` must say about itself."""
+        m = self.model
         namespace = m.namespace(tenant, codec).fingerprint
-        return found == expected and (meta.codec, meta.namespace) == (codec, namespace)
+        return Expected(
+            codec, namespace, m.dtype, m.kv_heads, m.head_dim, m.n_layers, self.chunk_tokens
+        )

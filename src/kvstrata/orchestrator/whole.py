@@ -4,14 +4,14 @@ The same path as chunks: every tier call goes through the call wrapper
 (:mod:`.calls`: breaker, timeout, per-tier metrics, error mapping), objects
 are encoded with the orchestrator's keyring and codecs (:mod:`.objects`),
 and what a tier returns is checked once against what the reader expects
-(:class:`Expected`); a bad object is counted and dropped like a bad chunk.
+(:class:`~kvstrata.orchestrator.objects.Expected`); a bad object is counted
+and dropped like a bad chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,35 +19,13 @@ from kvstrata import format as fmt
 from kvstrata.compression.base import Geometry
 from kvstrata.keys import ChunkKey
 from kvstrata.orchestrator.calls import Failed, Ok, TierCalls
-from kvstrata.orchestrator.objects import ChunkObjects
+from kvstrata.orchestrator.objects import ChunkObjects, Expected
 from kvstrata.telemetry.metrics import Telemetry
 from kvstrata.tiers.base import Hit
 
 
 class StoreFailed(OSError):
     """A tier did not take an object (skipped by its breaker, timed out, or failed)."""
-
-
-@dataclass(frozen=True)
-class Expected:
-    """What a reader expects of an object's header; ``n_tokens=None`` accepts any length."""
-
-    codec: str
-    namespace: bytes
-    dtype: str
-    kv_heads: int
-    head_dim: int
-    n_layers: int
-    n_tokens: int | None = None
-
-    def fits(self, obj: fmt.ChunkObject) -> bool:
-        meta = obj.meta
-        found = (meta.codec, meta.namespace, meta.dtype, meta.kv_heads, meta.head_dim)
-        if found != (self.codec, self.namespace, self.dtype, self.kv_heads, self.head_dim):
-            return False
-        if obj.header.n_layers != self.n_layers:
-            return False
-        return self.n_tokens is None or meta.n_tokens == self.n_tokens
 
 
 class WholeObjects:
@@ -99,7 +77,7 @@ class WholeObjects:
         """Write one object (encoded here, off the loop); raises :class:`StoreFailed`."""
         keyring = self.objects.keyring
         blob = await asyncio.to_thread(fmt.encode, meta, list(sections), keyring)
-        done = await self.calls.call(tier, "put", lambda t: t.put([(key, blob)]))
+        done = await self.calls.put(tier, [(key, blob)])
         if isinstance(done, Failed):
             raise StoreFailed(f"tier {tier!r} did not store {key}: {done.outcome}")
         self.telemetry.moved_bytes(tier, "write", len(blob))
