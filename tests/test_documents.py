@@ -1,4 +1,5 @@
-"""Per-document KV: exact position correction, precompute (resumable, change-aware), stitch planning, CLI.
+"""Per-document KV: exact position correction, precompute (resumable, change-aware), stitch
+planning, CLI.
 
 Real model (SmolLM2-135M through transformers), real text (CPython's
 ``pydoc_data.topics``), a real disk tier. No vLLM here (tests/test_documents_vllm.py).
@@ -78,7 +79,8 @@ def text(tokenizer, n_tokens: int, offset: int) -> list[int]:
 
 
 def test_first_layer_stitched_keys_equal_keys_computed_in_place(hf) -> None:
-    """Layer 0's K and V depend only on the token and its position: re-rotation must reproduce them."""
+    """Layer 0's K and V depend only on the token and its position: re-rotation must reproduce
+    them."""
     _, model, tokenizer = hf
     rope = Rope.from_config(model.config)
     computer = Precomputer(model, tokenizer, threads=1)
@@ -181,7 +183,8 @@ def test_stitch_plan_verifies_documents_and_never_guesses(tmp_path, hf) -> None:
     assert (
         plan_stitch(prompt, manifest, None, corpus, 128).end == plan.end
     )  # detection finds the same
-    # context repair: later documents use their variant computed after "sys", shifted by start - len(sys)
+    # context repair: later documents use their variant computed after "sys", shifted by
+    # start - len(sys)
     ctx = plan_stitch(prompt, manifest, ["sys", "a", "b"], corpus, 128, repair="context")
     assert [s.shift for s in ctx.segments] == [0, 0, n_a]
     assert ctx.segments[1].key != plan.segments[1].key
@@ -280,7 +283,8 @@ def test_scheduler_branch_plans_stitches_and_ignores_malformed_requests(tmp_path
             bad
         )  # exact computation, never an exception
     assert not sched.handles("r2")
-    # the engine already holds the stitched part: still a document request (never saved), nothing to load
+    # the engine already holds the stitched part: still a document request (never saved),
+    # nothing to load
     assert sched.match(request("r3", {"kvstrata": {"documents": ["sys", "a"]}}), 256) == 0
     assert sched.handles("r3")
     detecting = DocumentScheduler(corpus, DocumentsConfig(detect=True), 128)

@@ -1,4 +1,5 @@
-"""The orchestrator against the real Redis and S3 servers: routes, admission, faults, breaker, queue."""
+"""The orchestrator against the real Redis and S3 servers: routes, admission, faults, breaker,
+queue."""
 
 from __future__ import annotations
 
@@ -22,10 +23,9 @@ MODEL = ModelSpec("tiny-test-model", n_layers=4, kv_heads=2, head_dim=16, dtype=
 
 
 # Timeouts are generous: these tests are about what a tier returns, not when (the fault tests
-# are about timeouts). In 3 of 9 full runs (2026-11-29) a put in the first round-trip tests
-# timed out: a NIXL agent freed by the garbage collector while its S3 endpoint was down (left by
-# tests/test_nixl_transport.py's killed-server test) held the GIL for ~19 s. _settle (below) pays such
-# one-off costs before anything is timed.
+# are about timeouts). A process can stall for many seconds for reasons outside the test (a
+# NIXL agent left by another test, freed by the garbage collector, can hold the GIL for ~19 s);
+# _settle (below) pays such one-off costs before anything is timed.
 
 
 def config_text(redis_url: str, s3, tmp_path, policy: str, extra: str = "") -> str:
@@ -35,7 +35,12 @@ def config_text(redis_url: str, s3, tmp_path, policy: str, extra: str = "") -> s
         tiers:
           dram: {{kind: memory, capacity_bytes: 64MiB, timeout_ms: 15000}}
           local: {{kind: disk, path: {tmp_path / "disk"}, timeout_ms: 15000}}
-          shared: {{kind: redis, url: "{redis_url}", key_prefix: "orch-{time.time_ns()}:", timeout_ms: 15000, timeout_s: 15}}
+          shared:
+            kind: redis
+            url: "{redis_url}"
+            key_prefix: "orch-{time.time_ns()}:"
+            timeout_ms: 15000
+            timeout_s: 15
           cold:
             kind: s3
             endpoint: {s3.endpoint}

@@ -78,23 +78,10 @@ class StrataConnector(KVConnectorBase_V1):
         vllm_pool.attach(
             self.orch, worker=role == KVConnectorRole.WORKER
         )  # one DRAM pool, seen by both roles
-        # the documents branch of both sides (kvstrata.documents.connector), None if impossible
-        docs = documents.build_branch(
-            config,
-            self.model,
-            self.orch.whole,
-            vllm_config.model_config.hf_config,
-            self.block_size,
-            self.orch.telemetry,
-        )
-        self.scheduler = SchedulerSide(
-            self.orch, self.block_size, self.model.name, docs.scheduler if docs else None
-        )
-        self.events = vllm_events.EventLog(self.block_size, vllm_events.enabled(vllm_config))
-        self.scheduler.events = self.events
-        self.worker = WorkerSide(self.orch, self.block_size, docs.worker if docs else None)
+        self._build_sides(config, vllm_config)
         self._errors_reported = 0
-        self.orch.telemetry.forward()  # every change goes to vLLM's /metrics through the connector stats
+        # every change goes to vLLM's /metrics through the connector stats
+        self.orch.telemetry.forward()
         # opt-in extras (telemetry: in the YAML): a standalone exporter, for engines without vLLM's
         # /metrics (offline LLM), and snapshot files for kvstrata stats/report
         self.telemetry_service = exporter.serve(
@@ -114,6 +101,24 @@ class StrataConnector(KVConnectorBase_V1):
             list(config.tiers),
             self.enabled,
         )
+
+    def _build_sides(self, config, vllm_config) -> None:
+        """The scheduler and worker sides, each with its half of the documents branch
+        (:mod:`kvstrata.documents.connector`; none if the model or config cannot have one)."""
+        docs = documents.build_branch(
+            config,
+            self.model,
+            self.orch.whole,
+            vllm_config.model_config.hf_config,
+            self.block_size,
+            self.orch.telemetry,
+        )
+        self.scheduler = SchedulerSide(
+            self.orch, self.block_size, self.model.name, docs.scheduler if docs else None
+        )
+        self.events = vllm_events.EventLog(self.block_size, vllm_events.enabled(vllm_config))
+        self.scheduler.events = self.events
+        self.worker = WorkerSide(self.orch, self.block_size, docs.worker if docs else None)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -145,7 +150,8 @@ class StrataConnector(KVConnectorBase_V1):
             self.scheduler.observe(stats.data["reads"])
 
     def take_events(self):
-        """KV cache events with the tier as ``medium`` (see :mod:`kvstrata.connectors.vllm_events`)."""
+        """KV cache events with the tier as ``medium`` (see
+        :mod:`kvstrata.connectors.vllm_events`)."""
         return self.events.take()
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -215,7 +221,8 @@ class StrataConnector(KVConnectorBase_V1):
         return vllm_pool.changes(self.orch) if self._role == KVConnectorRole.WORKER else None
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
-        """This role's changes since the last step: reads measured, load errors, the telemetry outbox.
+        """This role's changes since the last step: reads measured, load errors, the telemetry
+        outbox.
 
         When both roles share one orchestrator (one process), whichever asks
         first takes the changes: each is reported once.
@@ -239,7 +246,8 @@ class StrataConnector(KVConnectorBase_V1):
 
     @classmethod
     def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
-        """The ``kvstrata_*`` families on vLLM's ``/metrics`` (see :mod:`kvstrata.connectors.vllm_metrics`)."""
+        """The ``kvstrata_*`` families on vLLM's ``/metrics`` (see
+        :mod:`kvstrata.connectors.vllm_metrics`)."""
         return StrataPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:

@@ -134,8 +134,9 @@ class DocumentScheduler:
             return None
         if plan is None:
             return None
-        # Stitched, even if the engine already holds the whole stitched part (its prefix cache kept it
-        # from an earlier identical request): such a request must never be saved as exact KV.
+        # Stitched, even if the engine already holds the whole stitched part (its prefix cache
+        # kept it from an earlier identical request): such a request must never be saved as
+        # exact KV.
         self._requests[request.request_id] = _Stitched(plan, num_computed)
         return max(plan.end - num_computed, 0)
 

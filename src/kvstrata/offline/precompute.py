@@ -35,7 +35,8 @@ class Added:
 def model_spec_for(
     model_dir: str | Path, config, model_id: str | None = None, dtype: str = "float32"
 ) -> ModelSpec:
-    """The ModelSpec vLLM's connector derives for this checkpoint (kvstrata.connectors.vllm_setup)."""
+    """The ModelSpec vLLM's connector derives for this checkpoint
+    (kvstrata.connectors.vllm_setup)."""
     from kvstrata.fingerprint import model_identity, model_label
 
     name = model_id or model_label(str(model_dir), config)
@@ -47,7 +48,8 @@ def model_spec_for(
 
 
 def read_documents(paths: Iterable[str | Path]) -> list[tuple[str, str]]:
-    """(id, text) of files and of the text files under directories; the id is the path as given/relative."""
+    """(id, text) of files and of the text files under directories; the id is the path as
+    given/relative."""
     out: list[tuple[str, str]] = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -77,7 +79,8 @@ class Precomputer:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def kv(self, tokens: Sequence[int], context: Sequence[int] = ()) -> np.ndarray:
-        """KV of ``tokens`` computed after ``context`` (alone if empty): ``[L, 2, T, H, D]`` float32."""
+        """KV of ``tokens`` computed after ``context`` (alone if empty): ``[L, 2, T, H, D]``
+        float32."""
         import torch
 
         from kvstrata.offline.capture import capture
@@ -100,7 +103,8 @@ def add_documents(
     progress: Callable[[str, int, int], None] | None = None,
     force: bool = False,
 ) -> list[Added]:
-    """Register ``(id, text)`` documents; with ``context_id`` also compute each after that document."""
+    """Register ``(id, text)`` documents; with ``context_id`` also compute each after that
+    document."""
     manifest: Manifest = runtime.run(corpus.load_manifest())
     results: list[Added] = []
     context: list[int] = []
