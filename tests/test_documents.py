@@ -289,3 +289,27 @@ def test_scheduler_branch_plans_stitches_and_ignores_malformed_requests(tmp_path
     assert sched.handles("r3")
     detecting = DocumentScheduler(corpus, DocumentsConfig(detect=True), 128)
     assert detecting.match(request("r4", None), 0) == (len(ids["sys"]) + len(ids["a"])) // 128 * 128
+
+
+def test_documents_use_the_orchestrator_and_connectors_no_private_attributes() -> None:
+    # documents' I/O goes through the orchestrator (breaker, timeout, metrics, codecs), and the
+    # connector builds the documents branch instead of reaching into other objects' internals
+    import ast
+
+    import kvstrata
+
+    root = Path(kvstrata.__file__).parent
+    for path in sorted((root / "documents").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.startswith("kvstrata.tiers") for n in names), (path.name, names)
+    for path in sorted([*(root / "connectors").glob("*.py"), *(root / "documents").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Attribute) or not node.attr.startswith("_"):
+                continue
+            if node.attr.startswith("__"):
+                continue
+            own = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+            assert own, f"{path.name}:{node.lineno} reaches into .{node.attr}"
