@@ -1,4 +1,5 @@
-"""Configuration loading: the schema, defaults, presets, and every error path with its exact message."""
+"""Configuration loading: the schema, defaults, presets, and every error path with its exact
+message."""
 
 from __future__ import annotations
 
@@ -78,8 +79,9 @@ policy:
         model: smollm2-135m
         tags: [rag]
         hints: {tier_hint: fast}
-      route: {read: [dram, shared], write: [dram, shared], admission: {shared: 2}, codec: {shared: int8},
-              retrieval: layerwise, ttl_s: {shared: 3600}, promote: false, demote: {local: cold}, load: always}
+      route: {read: [dram, shared], write: [dram, shared], admission: {shared: 2},
+              codec: {shared: int8}, retrieval: layerwise, ttl_s: {shared: 3600},
+              promote: false, demote: {local: cold}, load: always}
 """
 
 
@@ -395,7 +397,8 @@ ERRORS = {
     "unknown section, far": (
         HEAD + "servers: {}\n",
         "strata.yaml:5: servers: unknown key 'servers' (valid: version, "
-        "chunk_tokens, tiers, engine, orchestrator, reuse, telemetry, bandwidth, policy, codecs, documents, auth)",
+        "chunk_tokens, tiers, engine, orchestrator, reuse, telemetry, bandwidth, policy, codecs, "
+        "documents, auth)",
     ),
     "no version": (
         "tiers:\n  dram: {kind: memory}\n",
@@ -439,7 +442,8 @@ ERRORS = {
     ),
     "unknown kind": (
         one_tier("{kind: tape}"),
-        "strata.yaml:3: tiers.t.kind: unknown tier kind 'tape' (known: disk, lmcache, memory, redis, s3)",
+        "strata.yaml:3: tiers.t.kind: unknown tier kind 'tape' (known: disk, lmcache, memory, "
+        "redis, s3)",
     ),
     "kind not a string": (
         one_tier("{kind: [memory]}"),
@@ -474,7 +478,8 @@ ERRORS = {
     ),
     "cost key": (
         one_tier("{kind: memory, cost: {bandwith_mbps: 3}}"),
-        "strata.yaml:3: tiers.t.cost.bandwith_mbps: unknown key 'bandwith_mbps' (did you mean 'bandwidth_mbps'?)",
+        "strata.yaml:3: tiers.t.cost.bandwith_mbps: unknown key 'bandwith_mbps' (did you mean "
+        "'bandwidth_mbps'?)",
     ),
     "cost range": (
         "version: 1\ntiers:\n  t:\n    kind: disk\n    cost:\n      latency_ms: 0\n",
@@ -500,7 +505,8 @@ ERRORS = {
     ),
     "breaker": (
         HEAD + "orchestrator:\n  breaker: {failures: 0}\n",
-        "strata.yaml:6: orchestrator.breaker.failures: input should be greater than or equal to 1 (got 0)",
+        "strata.yaml:6: orchestrator.breaker.failures: input should be greater than or equal to 1 "
+        "(got 0)",
     ),
     "breaker key": (
         HEAD + "orchestrator:\n  breaker: {failure: 2}\n",
@@ -554,7 +560,8 @@ ERRORS = {
     # match shape
     "match key": (
         rules("- name: a", "  match: {tenants: [x]}", "  route: {read: [dram]}"),
-        "strata.yaml:8: policy.rules[0].match.tenants: unknown key 'tenants' (did you mean 'tenant'?)",
+        "strata.yaml:8: policy.rules[0].match.tenants: unknown key 'tenants' (did you mean "
+        "'tenant'?)",
     ),
     "range key": (
         rules("- {name: a, match: {context_tokens: {minimum: 1}}, route: {read: [dram]}}"),
@@ -595,7 +602,8 @@ ERRORS = {
     ),
     "hint type": (
         rules("- name: a", "  match:", "    hints: {priority: 1}", "  route: {read: [dram]}"),
-        "strata.yaml:9: policy.rules[0].match.hints.priority: input should be a valid string (got 1)",
+        "strata.yaml:9: policy.rules[0].match.hints.priority: input should be a valid string (got "
+        "1)",
     ),
     # route shape
     "read not a list": (
@@ -604,11 +612,13 @@ ERRORS = {
     ),
     "retrieval": (
         POLICY + "  default: {read: [dram], retrieval: layers}\n",
-        "strata.yaml:6: policy.default.retrieval: input should be 'layerwise' or 'whole' (got 'layers')",
+        "strata.yaml:6: policy.default.retrieval: input should be 'layerwise' or 'whole' (got "
+        "'layers')",
     ),
     "load": (
         POLICY + "  default: {read: [dram], load: maybe}\n",
-        "strata.yaml:6: policy.default.load: input should be 'cost', 'always' or 'never' (got 'maybe')",
+        "strata.yaml:6: policy.default.load: input should be 'cost', 'always' or 'never' (got "
+        "'maybe')",
     ),
     "admission zero": (
         POLICY + "  default: {write: [dram], admission: {dram: 0}}\n",
@@ -622,7 +632,8 @@ ERRORS = {
     # route meaning
     "unknown read tier": (
         rules("- name: a", "  route:", "    read: [shraed]"),
-        "strata.yaml:9: policy.rules[0].route.read[0]: unknown tier 'shraed' (defined: dram, local)",
+        "strata.yaml:9: policy.rules[0].route.read[0]: unknown tier 'shraed' (defined: dram, "
+        "local)",
     ),
     "unknown write tier": (
         POLICY + "  default:\n    write:\n      - dram\n      - s3\n",
@@ -677,9 +688,15 @@ ERRORS = {
         POLICY + "  default: {write: [dram], ttl_s: {dram: 60}}\n",
         "strata.yaml:6: policy.default.ttl_s.dram: tier 'dram' (kind memory) has no TTL",
     ),
+    "ttl on s3": (  # S3 has no per-object expiry on PUT: refused, not ignored
+        "version: 1\ntiers:\n  cold: {kind: s3}\npolicy:\n"
+        "  default: {write: [cold], ttl_s: {cold: 60}}\n",
+        "strata.yaml:5: policy.default.ttl_s.cold: tier 'cold' (kind s3) has no TTL",
+    ),
     "codec unused": (
         POLICY + "  default: {write: [dram], codec: {local: int8}}\n",
-        "strata.yaml:6: policy.default.codec.local: tier 'local' is neither read nor written by this route",
+        "strata.yaml:6: policy.default.codec.local: tier 'local' is neither read nor written by "
+        "this route",
     ),
     "demote to itself": (
         POLICY + "  default: {write: [dram], demote: {dram: dram}}\n",
@@ -707,16 +724,18 @@ ERRORS = {
             "- {name: long, match: {context_tokens: {min: 8192}}, route: {read: [dram]}}",
             "- {name: rag, match: {tags: rag}, route: {read: [local]}}",
         ),
-        "strata.yaml:8: policy.rules[1]: rule 'rag' overlaps rule 'long' (line 7): same specificity (1) and "
-        "priority (0); raise one rule's priority or make their matches disjoint",
+        "strata.yaml:8: policy.rules[1]: rule 'rag' overlaps rule 'long' (line 7): same "
+        "specificity (1) and priority (0); raise one rule's priority or make their matches "
+        "disjoint",
     ),
     "unreachable: more specific": (
         rules(
             "- {name: eu, match: {tenant: [acme]}, route: {read: [dram]}}",
-            "- {name: all, match: {tenant: [acme, globex], reuse: {min: 0}}, route: {read: [local]}}",
+            "- {name: all, match: {tenant: [acme, globex], reuse: {min: 0}}, route: {read: "
+            "[local]}}",
         ),
-        "strata.yaml:7: policy.rules[0]: rule 'eu' can never win: every request it matches also matches rule 'all' "
-        "(line 8), which is more specific (2 > 1)",
+        "strata.yaml:7: policy.rules[0]: rule 'eu' can never win: every request it matches also "
+        "matches rule 'all' (line 8), which is more specific (2 > 1)",
     ),
     "unreachable: priority": (
         rules(
@@ -728,12 +747,14 @@ ERRORS = {
             "  match: {tags: [rag]}",
             "  route: {read: [local]}",
         ),
-        "strata.yaml:7: policy.rules[0]: rule 'rag-eu' can never win: every request it matches also matches rule "
-        "'rag' (line 10), which has the same specificity (1) and a higher priority (1 > 0)",
+        "strata.yaml:7: policy.rules[0]: rule 'rag-eu' can never win: every request it matches "
+        "also matches rule 'rag' (line 10), which has the same specificity (1) and a higher "
+        "priority (1 > 0)",
     ),
     # several problems at once: all of the pass, by line
     "several": (
-        "version: 1\nchunk_tokens: 7\ntiers:\n  t: {kind: memory, eviction: x}\nengine: {prefill_tokens_per_s: 0}\n",
+        "version: 1\nchunk_tokens: 7\ntiers:\n  t: {kind: memory, eviction: x}\n"
+        "engine: {prefill_tokens_per_s: 0}\n",
         "strata.yaml:2: chunk_tokens: must be a positive multiple of 16 (got 7)\n"
         "strata.yaml:4: tiers.t.eviction: input should be 'lru' or 's3fifo' (got 'x')\n"
         "strata.yaml:5: engine.prefill_tokens_per_s: input should be greater than 0 (got 0)",

@@ -1,4 +1,4 @@
-"""Object format v2: layout, validation, and property-based corruption tests (MACs: test_auth.py)."""
+"""Object format v3: layout, validation, and property-based corruption tests (MACs: test_auth.py)."""
 
 from __future__ import annotations
 

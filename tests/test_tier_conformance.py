@@ -93,7 +93,7 @@ async def test_corrupt_foreign_and_future_objects_are_misses(tier: Tier) -> None
     header_flip = bytearray(good_b)
     header_flip[40] ^= 0x80
     future = bytearray(make_object(e, N_LAYERS)[0])
-    future[8] = 3  # version 3
+    future[8] = fmt.VERSION + 1  # a version this reader does not know
     await tier.put(
         [
             (a, bytes(body_flip)),
@@ -252,7 +252,7 @@ async def test_a_cached_header_never_vouches_for_changed_bytes(make_tier, kind: 
     body_flip = bytearray(good)
     body_flip[-10] ^= 0x01
     future = bytearray(good)
-    future[8] = 3
+    future[8] = fmt.VERSION + 1
     cases = [
         (bytes(body_flip), "unauthenticated"),  # a section tag fails
         (good[:-1], "corrupt"),  # truncated by one byte: the header is still intact

@@ -42,3 +42,51 @@ def test_memory_settings_from_environment(monkeypatch) -> None:
 def test_unknown_kind_names_the_known_ones() -> None:
     with pytest.raises(ValueError, match="known: .*'disk'.*'memory'.*'redis'.*'s3'"):
         tier_class("tape")
+
+
+# -- per-kind facts: class attributes, read through tier_class / TierSpec.tier_class --------
+
+#: kind -> (latency_ms, bandwidth_mbps, timeout_ms, hit source, shared, process_local,
+#: corpus_home, supports_ttl): what the tables these attributes replaced said
+FACTS = {
+    "memory": (0.02, 20000, 1000, "HOST", False, True, False, False),
+    "lmcache": (0.05, 5000, 1000, "EXTERNAL_UNSPECIFIED", False, False, False, False),
+    "disk": (0.3, 1500, 2000, "DISK", False, False, False, False),
+    "redis": (0.5, 800, 2000, "EXTERNAL_UNSPECIFIED", True, False, False, True),
+    "s3": (15, 250, 5000, "EXTERNAL_UNSPECIFIED", True, False, True, False),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FACTS))
+def test_each_kind_declares_its_facts(kind: str) -> None:
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+    cls = tier_class(kind)
+    facts = (
+        cls.prior_latency_ms,
+        cls.prior_bandwidth_mbps,
+        cls.default_timeout_ms,
+        cls.hit_source,
+        cls.shared,
+        cls.process_local,
+        cls.corpus_home,
+        cls.supports_ttl,
+    )
+    assert facts == FACTS[kind]
+    assert CacheHitSource[cls.hit_source]  # the connector looks the name up in vLLM's enum
+
+
+def test_the_configuration_reads_facts_from_the_kind_class() -> None:
+    from kvstrata.config import parse_config
+
+    cfg = parse_config(
+        "version: 1\ntiers:\n"
+        "  dram: {kind: memory}\n"
+        "  cold: {kind: s3, cost: {latency_ms: 30}}\n"
+        "  shared: {kind: redis, timeout_ms: 250}\n"
+    )
+    assert cfg.tiers["dram"].tier_class is tier_class("memory")
+    assert (cfg.tiers["dram"].cost.latency_ms, cfg.tiers["dram"].timeout_ms) == (0.02, 1000)
+    assert (cfg.tiers["cold"].cost.latency_ms, cfg.tiers["cold"].cost.bandwidth_mbps) == (30, 250)
+    assert cfg.tiers["shared"].timeout_ms == 250
+    assert cfg.tiers["shared"].cost.bandwidth_mbps == 800

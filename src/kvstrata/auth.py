@@ -145,11 +145,7 @@ def keyring_from_env(
     return Keyring(None, allow_unauthenticated)
 
 
-#: Tier kinds other writers can reach (a missing secret is worth a warning there).
-SHARED_KINDS = frozenset({"redis", "s3"})
-
-
 def keyring_for(config) -> Keyring:
     """A :class:`~kvstrata.config.StrataConfig`'s keyring: the secret from ``$auth.secret_env``."""
-    shared = tuple(name for name, spec in config.tiers.items() if spec.kind in SHARED_KINDS)
+    shared = tuple(name for name, spec in config.tiers.items() if spec.tier_class.shared)
     return keyring_from_env(config.auth.secret_env, config.auth.allow_unauthenticated_reads, shared)

@@ -71,7 +71,7 @@ def add(
         raise typer.Exit(1)
     with console.status("loading the model..."):
         config, store, computer = _setup(config_path, model_dir, model_id, corpus, threads)
-    if config.tiers[store.tiers[0]].kind == "memory":
+    if config.tiers[store.tiers[0]].tier_class.process_local:
         console.print(
             f"[yellow]warning[/yellow]: tier {store.tiers[0]} is a memory tier; the corpus "
             "will not outlive this command (set documents.tiers to a disk, redis or s3 tier)"

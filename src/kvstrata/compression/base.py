@@ -80,6 +80,14 @@ class Geometry:
 
 
 class Codec(Protocol):
+    """What every codec class declares (its per-kind facts, read from nowhere else) and does.
+
+    A codec with no ``local_params`` is also usable by its ``id`` alone: a route may
+    name it without a ``codecs:`` entry (:func:`builtin_codecs`). The configuration
+    resolves each ``local_params`` value against the file's directory and refuses
+    anything that is not a regular file of at most 1 GiB.
+    """
+
     id: ClassVar[str]
     lossless: ClassVar[bool]
     #: parameters that name a local resource (a file): configuration only, never in a header
@@ -139,6 +147,12 @@ def codec_kinds() -> dict[str, type]:
     return dict(_CODECS)
 
 
+def builtin_codecs() -> tuple[str, ...]:
+    """The codec ids a route may name without a ``codecs:`` entry: every registered codec that
+    needs no local resource, built with its default parameters."""
+    return tuple(sorted(id for id, cls in codec_kinds().items() if not cls.local_params))
+
+
 def codec_from_header(
     codec_id: str, params: Mapping[str, object], configured: Mapping[str, Codec] | None = None
 ) -> Codec:
@@ -179,7 +193,8 @@ def confirm_header(name: str, codec: Codec, codec_id: str, params: Mapping[str, 
             k for k in {*params, *expected} if params.get(k) != expected.get(k)
         ) or sorted(expected)
         raise CodecError(
-            f"codec {name!r}: the object's parameters differ from this reader's ({', '.join(differ)})"
+            f"codec {name!r}: the object's parameters differ from this reader's "
+            f"({', '.join(differ)})"
         )
 
 
@@ -194,7 +209,8 @@ def header_params(name: str, codec: Codec) -> dict[str, int | float | str | bool
 
 
 def codec_from_config(name: str, kind: str, params: Mapping[str, object]) -> Codec:
-    """A codec from trusted configuration: ``kind`` built from ``params`` (CodecError if it cannot be)."""
+    """A codec from trusted configuration: ``kind`` built from ``params`` (CodecError if it
+    cannot be)."""
     _load_builtins()
     if not isinstance(kind, str) or kind not in _CODECS:
         raise CodecError(f"unknown codec kind {kind!r} (codec {name!r})")
@@ -231,7 +247,8 @@ def from_float32(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def kv_dtype(kv: np.ndarray) -> str:
-    """The canonical dtype name of an array handed to ``encode`` (uint16 means bf16's bit pattern)."""
+    """The canonical dtype name of an array handed to ``encode`` (uint16 means bf16's bit
+    pattern)."""
     return {"<f4": "float32", "<f2": "float16", "<u2": "bfloat16"}.get(kv.dtype.str, "float32")
 
 

@@ -50,8 +50,6 @@ from kvstrata.telemetry import exporter
 
 log = logging.getLogger("vllm.kvstrata")  # under "vllm" so vLLM's logging shows it
 
-_SOURCES = {"memory": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
-
 
 class StrataConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
@@ -163,8 +161,7 @@ class StrataConnector(KVConnectorBase_V1):
         by_tier = self.scheduler.tokens_by_tier(request.request_id)
         sources: dict = {}
         for tier, tokens in by_tier.items():
-            kind = self.orch.config.tiers[tier].kind
-            source = _SOURCES.get(kind, CacheHitSource.EXTERNAL_UNSPECIFIED)
+            source = CacheHitSource[self.orch.config.tiers[tier].tier_class.hit_source]
             sources[source] = sources.get(source, 0) + tokens
         return (
             sources

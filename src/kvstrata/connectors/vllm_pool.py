@@ -46,8 +46,6 @@ try:  # the base class only exists where vLLM is installed
 except ImportError:  # pragma: no cover - kvstrata without vLLM
     KVConnectorWorkerMetadata = object  # type: ignore[assignment,misc]
 
-#: tier kinds whose bytes live in one process's memory
-PROCESS_LOCAL_KINDS = frozenset({"memory"})
 #: how often a lookup waiting for pending saves looks again
 POLL_S = 0.005
 
@@ -96,8 +94,8 @@ class Journal(Tier):
     async def get(self, keys: Sequence[ChunkKey], layers: range | None = None) -> list[Fetch]:
         return await self.pool.get(keys, layers)
 
-    async def put(self, items: Sequence[tuple[ChunkKey, bytes]]) -> PutResult:
-        result = await self.pool.put(items)
+    async def put(self, items: Sequence[tuple[ChunkKey, bytes]], **options) -> PutResult:
+        result = await self.pool.put(items, **options)  # options: ttl_s, for tiers that take one
         evicted = [e.key for e in result.evicted]
         self._note(evicted, [False] * len(evicted))
         keys = [k for k, _ in items]
@@ -195,7 +193,7 @@ def attach(orch, worker: bool) -> None:
                 orch.tiers[name] = Journal(tier.pool)
             elif not isinstance(tier, Journal):
                 orch.tiers[name] = Journal(tier)
-        elif spec.kind in PROCESS_LOCAL_KINDS and not isinstance(tier, (Journal, PoolIndex)):
+        elif spec.tier_class.process_local and not isinstance(tier, (Journal, PoolIndex)):
             orch.tiers[name] = PoolIndex(tier, orch.inflight_wait_s)
 
 

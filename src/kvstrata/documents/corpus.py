@@ -187,8 +187,9 @@ class Corpus:
 
 
 def corpus_tiers(config) -> list[str]:
-    """The tiers ``documents:`` names (read order), else the first s3 tier, else every tier
-    with the ones that outlive a process (not ``memory``) first, since the first is written."""
+    """The tiers ``documents:`` names (read order), else the first tier whose kind is a
+    ``corpus_home`` (s3), else every tier with the ones that outlive a process (not
+    ``process_local``: memory) first, since the first is written."""
     names = list(config.documents.tiers)
     unknown = [n for n in names if n not in config.tiers]
     if unknown:
@@ -197,6 +198,6 @@ def corpus_tiers(config) -> list[str]:
         )
     if names:
         return names
-    kinds = {n: spec.kind for n, spec in config.tiers.items()}
-    s3 = [n for n, kind in kinds.items() if kind == "s3"]
-    return s3[:1] or sorted(kinds, key=lambda n: kinds[n] == "memory")
+    kinds = {n: spec.tier_class for n, spec in config.tiers.items()}
+    homes = [n for n, kind in kinds.items() if kind.corpus_home]
+    return homes[:1] or sorted(kinds, key=lambda n: kinds[n].process_local)

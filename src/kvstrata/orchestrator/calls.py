@@ -91,10 +91,15 @@ class TierCalls:
             self.cost.observe_read(tier, elapsed, 0)
         return Ok(result)
 
-    async def put(self, tier: str, items: Sequence[tuple[ChunkKey, bytes]]) -> Outcome:
+    async def put(
+        self, tier: str, items: Sequence[tuple[ChunkKey, bytes]], ttl_s: int | None = None
+    ) -> Outcome:
         """Store objects: the one place a tier's ``put`` is called (saves, promotions,
-        demotions, corpora). Per-write options of ``Tier.put`` (an expiry) belong here."""
-        return await self.call(tier, "put", lambda t: t.put(items))
+        demotions, corpora). ``ttl_s``: a route's expiry for this tier (given only for tiers
+        whose kind ``supports_ttl``: the configuration refuses it elsewhere); None, the
+        tier's own default."""
+        options = {"ttl_s": ttl_s} if ttl_s else {}
+        return await self.call(tier, "put", lambda t: t.put(items, **options))
 
     def _record(self, tier: str, ok: bool) -> None:
         if self.breakers[tier].record(ok):

@@ -51,7 +51,7 @@ class Movement:
         for ev in evicted:
             if ev.data is None:
                 continue
-            moved = await self.calls.put(dst, [(ev.key, ev.data)])
+            moved = await self.calls.put(dst, [(ev.key, ev.data)], route.ttl_s.get(dst))
             if isinstance(moved, Ok):
                 self.telemetry.moved("demote", tier, dst)
                 self.telemetry.moved_bytes(dst, "write", len(ev.data))

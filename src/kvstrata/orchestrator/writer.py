@@ -122,7 +122,7 @@ class Writer:
         if present.value[0]:
             self.telemetry.op(tier, "put", "present")
             return
-        result = await self.calls.put(tier, [(key, blob)])
+        result = await self.calls.put(tier, [(key, blob)], write.route.ttl_s.get(tier))
         if isinstance(result, Failed):
             self.telemetry.dropped("tier_error")
             return

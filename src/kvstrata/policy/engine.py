@@ -1,4 +1,5 @@
-"""The policy engine: the policy section compiled once into ranked rules, one :class:`Decision` per request.
+"""The policy engine: the policy section compiled once into ranked rules, one :class:`Decision`
+per request.
 
 Contract: a :class:`Policy` is immutable once built; :meth:`Policy.decide` is
 a pure function of the request (no I/O, no locks), safe to call from any
@@ -16,7 +17,15 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from kvstrata.policy.route import Decision, RequestContext, Route
-from kvstrata.policy.rules import Interval, Match, Rule, conflicts, why_lost
+from kvstrata.policy.rules import (
+    RANGE_FEATURES,
+    SET_FEATURES,
+    Interval,
+    Match,
+    Rule,
+    conflicts,
+    why_lost,
+)
 
 if TYPE_CHECKING:
     from kvstrata.config import TierSpec
@@ -136,7 +145,8 @@ _Names = Annotated[list[str], BeforeValidator(_one_or_many), AfterValidator(_som
 
 
 class MatchSpec(_Frozen):
-    """``match:`` of a rule, as written; see :class:`kvstrata.policy.rules.Match` for its meaning."""
+    """``match:`` of a rule, as written; see :class:`kvstrata.policy.rules.Match` for its
+    meaning."""
 
     context_tokens: _TokenRange | None = None
     reuse: _ReuseRange | None = None
@@ -148,7 +158,8 @@ class MatchSpec(_Frozen):
 
 
 class RouteSpec(_Frozen):
-    """``route:`` (and ``default:``), as written; tier names are checked by :func:`compile_policy`."""
+    """``route:`` (and ``default:``), as written; tier names are checked by
+    :func:`compile_policy`."""
 
     read: list[str] = []
     write: list[str] = []
@@ -215,18 +226,11 @@ def compile_policy(
 
 
 def _match(spec: MatchSpec) -> Match:
-    def interval(r: _Range | None) -> Interval | None:
-        return None if r is None else Interval(r.min, r.max)
-
-    def names(v: list[str] | None) -> frozenset[str] | None:
-        return None if v is None else frozenset(v)
-
+    ranges = {f: getattr(spec, f) for f in RANGE_FEATURES}
+    sets = {f: getattr(spec, f) for f in SET_FEATURES}
     return Match(
-        context_tokens=interval(spec.context_tokens),
-        reuse=interval(spec.reuse),
-        budget_ms=interval(spec.budget_ms),
-        tenant=names(spec.tenant),
-        model=names(spec.model),
+        **{f: None if r is None else Interval(r.min, r.max) for f, r in ranges.items()},
+        **{f: None if v is None else frozenset(v) for f, v in sets.items()},
         tags=frozenset(spec.tags or ()),
         hints=MappingProxyType(dict(spec.hints)),
     )
@@ -251,7 +255,8 @@ def _route(
 
 
 def known_tier(tier: str, where: FieldPath, tiers: Mapping[str, object], report: Reporter) -> bool:
-    """True if ``tier`` is defined; else reports it at ``where`` (every config field naming a tier)."""
+    """True if ``tier`` is defined; else reports it at ``where`` (every config field naming a
+    tier)."""
     if tier not in tiers:
         report.add(where, f"unknown tier {tier!r} (defined: {', '.join(tiers)})")
     return tier in tiers
@@ -271,7 +276,7 @@ def _check_route(
         for tier in getattr(r, field):
             if known(tier, (*at, field, tier)) and tier not in r.write:
                 report.add((*at, field, tier), f"tier {tier!r} is not in this route's write list")
-            elif field == "ttl_s" and tier in tiers and not _has_ttl(tiers[tier]):
+            elif field == "ttl_s" and tier in tiers and not tiers[tier].tier_class.supports_ttl:
                 report.add(
                     (*at, field, tier), f"tier {tier!r} (kind {tiers[tier].kind}) has no TTL"
                 )
@@ -286,11 +291,6 @@ def _check_route(
             _check_demote(r, src, dst, where, report)
     if not r.read and not r.write:
         report.add(at, "the route reads from no tier and writes to no tier")
-
-
-def _has_ttl(tier: TierSpec) -> bool:
-    # a tier supports TTLs exactly when its settings have one (Redis)
-    return "ttl_s" in type(tier.settings).model_fields
 
 
 def _check_demote(r: RouteSpec, src: str, dst: str, where: FieldPath, report: Reporter) -> None:

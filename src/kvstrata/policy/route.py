@@ -1,9 +1,10 @@
 """The values that cross the policy boundary: what a request looks like, where its KV goes.
 
-The connector builds a :class:`RequestContext` per request; the policy engine
-answers with a :class:`Decision` (the matched rule and its :class:`Route`);
-the orchestrator carries the route out. All frozen: a decision never changes
-under the code that acts on it.
+The connector builds a :class:`RequestContext` per request (defined beside the
+rules that match on it, :mod:`kvstrata.policy.rules`, and re-exported here); the
+policy engine answers with a :class:`Decision` (the matched rule and its
+:class:`Route`); the orchestrator carries the route out. All frozen: a decision
+never changes under the code that acts on it.
 """
 
 from __future__ import annotations
@@ -13,32 +14,16 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
+from kvstrata.policy.rules import RequestContext
+
+__all__ = ["Decision", "LoadMode", "RequestContext", "Retrieval", "Route"]
+
 Retrieval = Literal["layerwise", "whole"]
 LoadMode = Literal["cost", "always", "never"]
 
 
 def _empty() -> Mapping:
     return MappingProxyType({})
-
-
-@dataclass(frozen=True)
-class RequestContext:
-    """Request features a policy can match on.
-
-    ``reuse`` is the predicted probability that this request's prefix is read
-    again (0..1): the request's own hint if it gave one, else the estimator's
-    prediction. ``budget_ms`` is the latency budget for loading (None: the
-    policy's default). ``hints`` carries any other key the request supplied
-    (``kv_transfer_params`` on vLLM), matched as strings.
-    """
-
-    context_tokens: int = 0
-    reuse: float = 0.0
-    budget_ms: float | None = None
-    tenant: str = ""
-    model: str = ""
-    tags: frozenset[str] = frozenset()
-    hints: Mapping[str, str] = field(default_factory=_empty)
 
 
 @dataclass(frozen=True)
@@ -52,7 +37,9 @@ class Route:
       it is written there (e.g. ``{"s3": 2}``: S3 only for chunks seen twice).
     * ``codec``: tier -> codec name; tiers not named use ``"none"``.
     * ``retrieval``: read layer by layer (overlapping compute) or whole objects.
-    * ``ttl_s``: tier -> TTL for tiers that support one (Redis).
+    * ``ttl_s``: tier -> seconds until what this route writes there expires, for
+      tiers whose kind takes a TTL per put (``Tier.supports_ttl``: Redis); it
+      overrides the tier's own ``ttl_s`` for these objects.
     * ``promote``: on a hit in a slower tier, also write the chunk to the
       faster tiers in ``read`` that are in ``write``.
     * ``demote``: tier -> tier that receives the chunks it evicts.

@@ -1,4 +1,5 @@
-"""Policy rules: what a request must look like (:class:`Match`) and where its KV goes.
+"""Policy rules: what a request looks like (:class:`RequestContext`), what a rule's request
+must look like (:class:`Match`) and where its KV goes.
 
 A :class:`Match` is a region of request-feature space. Each constrained
 feature narrows it:
@@ -28,9 +29,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
-from kvstrata.policy.route import RequestContext, Route
+if TYPE_CHECKING:
+    from kvstrata.policy.route import Route
 
+#: Range conditions (``min <= value < max``) and set conditions (value is one of): a condition
+#: is a field of :class:`RequestContext` and of :class:`Match` named here, and a field of
+#: ``MatchSpec`` (:mod:`kvstrata.policy.engine`); matching, overlap checks and explanations
+#: loop over these names.
 RANGE_FEATURES = ("context_tokens", "reuse", "budget_ms")
 SET_FEATURES = ("tenant", "model")
 
@@ -83,6 +90,26 @@ _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
+class RequestContext:
+    """Request features a policy can match on.
+
+    ``reuse`` is the predicted probability that this request's prefix is read
+    again (0..1): the request's own hint if it gave one, else the estimator's
+    prediction. ``budget_ms`` is the latency budget for loading (None: the
+    policy's default). ``hints`` carries any other key the request supplied
+    (``kv_transfer_params`` on vLLM), matched as strings.
+    """
+
+    context_tokens: int = 0
+    reuse: float = 0.0
+    budget_ms: float | None = None
+    tenant: str = ""
+    model: str = ""
+    tags: frozenset[str] = frozenset()
+    hints: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+
+
+@dataclass(frozen=True)
 class Match:
     """A region of requests; ``None`` / empty means the feature is unconstrained."""
 
@@ -95,25 +122,25 @@ class Match:
     # a factory, not a default: Python 3.11 rejects unhashable (mappingproxy) dataclass defaults
     hints: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
 
-    @cached_property  # a frozen value: computed once (cached_property bypasses the frozen __setattr__)
+    # a frozen value: computed once (cached_property bypasses the frozen __setattr__)
+    @cached_property
     def specificity(self) -> int:
         ranges = sum(getattr(self, f) is not None for f in (*RANGE_FEATURES, *SET_FEATURES))
         return ranges + bool(self.tags) + len(self.hints)
 
     def matches(self, ctx: RequestContext, default_budget_ms: float) -> bool:
-        """Does ``ctx`` fall in this region? (:meth:`check` without the words: the per-request path.)"""
-        budget = default_budget_ms if ctx.budget_ms is None else ctx.budget_ms
-        for interval, value in (
-            (self.context_tokens, ctx.context_tokens),
-            (self.reuse, ctx.reuse),
-            (self.budget_ms, budget),
-        ):
-            if interval is not None and not interval.contains(value):
+        """Does ``ctx`` fall in this region? (:meth:`check` without the words: the per-request
+        path.)"""
+        for feature in RANGE_FEATURES:
+            interval: Interval | None = getattr(self, feature)
+            if interval is not None and not interval.contains(
+                _value(ctx, feature, default_budget_ms)
+            ):
                 return False
-        if (self.tenant is not None and ctx.tenant not in self.tenant) or (
-            self.model is not None and ctx.model not in self.model
-        ):
-            return False
+        for feature in SET_FEATURES:
+            allowed: frozenset[str] | None = getattr(self, feature)
+            if allowed is not None and getattr(ctx, feature) not in allowed:
+                return False
         return self.tags <= ctx.tags and all(ctx.hints.get(k) == v for k, v in self.hints.items())
 
     def check(self, ctx: RequestContext, default_budget_ms: float) -> tuple[bool, tuple[str, ...]]:
@@ -135,10 +162,8 @@ class Match:
             interval: Interval | None = getattr(self, feature)
             if interval is None:
                 continue
-            value, note = getattr(ctx, feature), ""
-            if feature == "budget_ms" and value is None:
-                value, note = default_budget_ms, " (default)"
-            yield interval.explain(feature, value, note)
+            note = " (default)" if getattr(ctx, feature) is None else ""
+            yield interval.explain(feature, _value(ctx, feature, default_budget_ms), note)
         for feature in SET_FEATURES:
             allowed: frozenset[str] | None = getattr(self, feature)
             if allowed is not None:
@@ -205,6 +230,12 @@ class Match:
                 parts.append(f"{f.name} {{{', '.join(sorted(value))}}}")
         parts += [f"hint {k}={v!r}" for k, v in self.hints.items()]
         return "; ".join(parts) or "any request"
+
+
+def _value(ctx: RequestContext, feature: str, default_budget_ms: float) -> float:
+    """A range feature's value; a request without a budget is matched with the default one."""
+    value = getattr(ctx, feature)
+    return default_budget_ms if value is None and feature == "budget_ms" else value
 
 
 @dataclass(frozen=True)

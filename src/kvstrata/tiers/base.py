@@ -50,7 +50,8 @@ from kvstrata.keys import ChunkKey
 
 
 class TierError(Exception):
-    """A tier's backend failed to answer. The orchestrator maps it to a miss (load) or a drop (save)."""
+    """A tier's backend failed to answer. The orchestrator maps it to a miss (load) or a drop
+    (save)."""
 
     def __init__(self, tier: str, op: str, cause: BaseException | str):
         self.tier, self.op, self.cause = tier, op, cause
@@ -78,7 +79,8 @@ Fetch = Hit | Miss
 
 @dataclass(frozen=True)
 class Evicted:
-    """A chunk a capacity-bound tier pushed out; ``data`` is there when the tier still had it in memory."""
+    """A chunk a capacity-bound tier pushed out; ``data`` is there when the tier still had it
+    in memory."""
 
     key: ChunkKey
     data: bytes | None
@@ -91,7 +93,8 @@ class PutResult:
 
 
 class TierSettings(BaseSettings):
-    """Base of every tier's settings: frozen, and ``KVSTRATA_<KIND>_*`` variables beat the YAML file."""
+    """Base of every tier's settings: frozen, and ``KVSTRATA_<KIND>_*`` variables beat the YAML
+    file."""
 
     model_config = SettingsConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
@@ -113,6 +116,25 @@ class Tier(abc.ABC):
 
     kind: ClassVar[str]
     settings_class: ClassVar[type[TierSettings]]
+
+    # Per-kind facts: everything outside the tier that depends on its kind reads one of
+    # these (through ``tier_class(kind)``), never a table keyed by kind name.
+    #: the cost model's prior until it has measured the tier (a tier's ``cost:`` overrides it)
+    prior_latency_ms: ClassVar[float] = 5.0
+    prior_bandwidth_mbps: ClassVar[float] = 200.0
+    #: per-operation timeout when the tier's entry gives no ``timeout_ms``
+    default_timeout_ms: ClassVar[float] = 5000.0
+    #: the member of vLLM's ``CacheHitSource`` that tokens loaded from this tier count as
+    hit_source: ClassVar[str] = "EXTERNAL_UNSPECIFIED"
+    #: other hosts' writers reach it (a missing object secret is worth a warning)
+    shared: ClassVar[bool] = False
+    #: its objects live in one process's memory and die with it
+    process_local: ClassVar[bool] = False
+    #: where a document corpus goes when ``documents.tiers`` names none (the first such tier)
+    corpus_home: ClassVar[bool] = False
+    #: ``put`` takes ``ttl_s`` (a route's ``ttl_s`` may name the tier); see :meth:`put`
+    supports_ttl: ClassVar[bool] = False
+
     #: what verifies (and what writers MAC with): see :mod:`kvstrata.auth`
     keyring: auth.Keyring = auth.NO_SECRET
 
@@ -139,13 +161,18 @@ class Tier(abc.ABC):
 
     @abc.abstractmethod
     async def put(self, items: Sequence[tuple[ChunkKey, bytes]]) -> PutResult:
-        """Store encoded objects, replacing any object under the same key."""
+        """Store encoded objects, replacing any object under the same key.
+
+        A tier with :attr:`supports_ttl` also takes ``ttl_s`` (keyword, ``None``: the
+        tier's own default): the objects expire that many seconds after this put. Callers
+        pass it only to such tiers (the configuration refuses a route's ``ttl_s`` elsewhere).
+        """
 
     @abc.abstractmethod
     async def delete(self, keys: Sequence[ChunkKey]) -> None:
         """Remove objects; absent keys are ignored."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 -- optional: a tier with nothing to release
         """Release connections and files. The tier is unusable afterwards."""
 
 
@@ -223,7 +250,7 @@ class RangedTier(Tier):
     ) -> list[Fetch]:
         """The results of a whole-object get, from each key's read. Thread-safe, no I/O."""
         known = self._cached_headers(keys)
-        return [self._verify_one(k, b, known.get(k)) for k, b in zip(keys, blobs)]
+        return [self._verify_one(k, b, known.get(k)) for k, b in zip(keys, blobs, strict=True)]
 
     def _verify_one(
         self, key: ChunkKey, blob: bytes | memoryview | None, known: fmt.Header | None
@@ -259,7 +286,7 @@ class RangedTier(Tier):
     ) -> list[Fetch]:
         """The results of a layer get, from each key's header (or Miss) and the reads
         of :func:`_layer_requests`. Thread-safe, no I/O."""
-        bodies = {r.key: (r.start, b) for r, b in zip(requests, blobs)}
+        bodies = {r.key: (r.start, b) for r, b in zip(requests, blobs, strict=True)}
         results: list[Fetch] = []
         for key in keys:
             header = headers[key]
@@ -284,7 +311,7 @@ class RangedTier(Tier):
             return found
         probes = await self._read([ReadRequest(k, 0, fmt.HEADER_PROBE_BYTES) for k in missing])
         long_headers: list[ChunkKey] = []
-        for key, probe in zip(missing, probes):
+        for key, probe in zip(missing, probes, strict=True):
             if probe is None:
                 found[key] = Miss(key)
                 continue
@@ -300,7 +327,7 @@ class RangedTier(Tier):
             blobs = await self._read(
                 [ReadRequest(k, 0, fmt.MAX_HEADER_BYTES) for k in long_headers]
             )
-            for key, blob in zip(long_headers, blobs):
+            for key, blob in zip(long_headers, blobs, strict=True):
                 found[key] = Miss(key) if blob is None else self._parse_header(key, blob)
         return found
 

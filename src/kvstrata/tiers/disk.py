@@ -88,6 +88,10 @@ class _NotAnObject(Exception):
 class DiskTier(RangedTier):
     kind = "disk"
     settings_class = DiskSettings
+    prior_latency_ms = 0.3
+    prior_bandwidth_mbps = 1500
+    default_timeout_ms = 2000
+    hit_source = "DISK"
 
     def __init__(
         self,

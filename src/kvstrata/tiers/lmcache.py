@@ -142,6 +142,9 @@ def _load(name: str) -> _Lib:
 class LMCacheTier(RangedTier):
     kind = "lmcache"
     settings_class = LMCacheSettings
+    prior_latency_ms = 0.05  # a copy and a checksum per get
+    prior_bandwidth_mbps = 5000
+    default_timeout_ms = 1000
 
     def __init__(self, name: str = "lmcache", settings: LMCacheSettings | None = None):
         super().__init__(name)

@@ -92,6 +92,11 @@ class MemorySettings(TierSettings):
 class MemoryTier(Tier):
     kind = "memory"
     settings_class = MemorySettings
+    prior_latency_ms = 0.02
+    prior_bandwidth_mbps = 20000
+    default_timeout_ms = 1000
+    hit_source = "HOST"
+    process_local = True
 
     def __init__(
         self, name: str = "memory", capacity_bytes: int = 4 << 30, eviction: str = "s3fifo"
@@ -130,7 +135,7 @@ class MemoryTier(Tier):
             entries = [self._objects.get(k) for k in keys]
         results = [
             Miss(k) if e is None else e.fetch(k, layers, self.keyring)
-            for k, e in zip(keys, entries)
+            for k, e in zip(keys, entries, strict=True)
         ]
         with self._lock:
             for r in results:

@@ -72,6 +72,11 @@ _DOWN = object()  # the result of a command whose cluster node did not answer
 class RedisTier(RangedTier):
     kind = "redis"
     settings_class = RedisSettings
+    prior_latency_ms = 0.5
+    prior_bandwidth_mbps = 800
+    default_timeout_ms = 2000
+    shared = True
+    supports_ttl = True
 
     def __init__(self, name: str, settings: RedisSettings):
         super().__init__(name)
@@ -223,10 +228,14 @@ class RedisTier(RangedTier):
             return client.get(name)
         return client.getrange(name, r.start, -1 if r.end is None else r.end - 1)
 
-    async def put(self, items: Sequence[tuple[ChunkKey, bytes]]) -> PutResult:
+    async def put(
+        self, items: Sequence[tuple[ChunkKey, bytes]], ttl_s: int | None = None
+    ) -> PutResult:
+        """``SET ... EX``: objects expire ``ttl_s`` seconds from now (a route's ``ttl_s``), else
+        after the tier's ``ttl_s`` (None there: never)."""
         if not items:
             return PutResult(0)
-        ttl = self.settings.ttl_s
+        ttl = ttl_s or self.settings.ttl_s
         names = [self._name(k) for k, _ in items]
         done = await self._pipeline("put", names, lambda p, i: p.set(names[i], items[i][1], ex=ttl))
         self._forget_all([k for k, _ in items])

@@ -78,7 +78,8 @@ from typing import Any
 import numpy as np
 
 from kvstrata.tiers.base import TierError
-from kvstrata.tiers.s3.tier import ObstoreTransport, S3Settings
+from kvstrata.tiers.s3.obstore_transport import ObstoreTransport
+from kvstrata.tiers.s3.settings import S3Settings
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def _load_nixl(name: str) -> Any:
 
 
 class NixlTransport:
-    """The S3 tier's :class:`~kvstrata.tiers.s3.tier.Transport` over NIXL's OBJ plugin.
+    """The S3 tier's :class:`~kvstrata.tiers.s3.transport.Transport` over NIXL's OBJ plugin.
 
     Paths are full object keys (the tier adds its prefix). Methods are called
     from the tier's event loop; NIXL calls are serialised by a lock, the
@@ -122,13 +123,14 @@ class NixlTransport:
             if "OBJ" not in self._agent.get_plugin_list():
                 raise RuntimeError(f"no OBJ plugin (plugins here: {self._agent.get_plugin_list()})")
             with _sdk_retries(s.max_retries):
-                self._agent.create_backend("OBJ", self._backend_params(s))
+                self._agent.create_backend("OBJ", _backend_params(s))
         except TierError:
             raise
         except Exception as exc:
             detail = f"NIXL OBJ backend: {type(exc).__name__}: {exc}"
             raise TierError(name, "start", detail) from exc
         self._meta = ObstoreTransport(s)  # HEAD for sizes, DELETE: NIXL's OBJ plugin has neither
+        self._sizes = _Sizes(self._meta)
         self._free: dict[int, list[np.ndarray]] = {}  # size class -> registered idle buffers
         self._stranded: list[np.ndarray] = []  # buffers of transfers NIXL could not cancel
         self._parked: list[tuple[Any, np.ndarray]] = []  # transfers given up on while running
@@ -140,22 +142,6 @@ class NixlTransport:
         self._dev_ids: OrderedDict[str, int] = OrderedDict()  # object key -> OBJ devId (LRU)
         self._obj_regs: dict[str, Any] = {}
         self._next_dev = itertools.count(1)
-        self._sizes: OrderedDict[str, int] = OrderedDict()
-
-    @staticmethod
-    def _backend_params(s: S3Settings) -> dict[str, str]:
-        params = {
-            "bucket": s.bucket,
-            "region": s.region,
-            "use_virtual_addressing": "true" if s.addressing == "virtual" else "false",
-        }
-        if s.endpoint:
-            params["endpoint_override"] = s.endpoint
-            params["scheme"] = "http" if s.endpoint.startswith("http://") else "https"
-        if s.access_key_id and s.secret_access_key:
-            params["access_key"] = s.access_key_id.get_secret_value()
-            params["secret_key"] = s.secret_access_key.get_secret_value()
-        return params
 
     # -- registrations, made once and reused ----------------------------------
 
@@ -197,31 +183,6 @@ class NixlTransport:
                 old, _ = self._dev_ids.popitem(last=False)
                 self._agent.deregister_memory(self._obj_regs.pop(old), backends=["OBJ"])
             return dev
-
-    # -- object sizes (NIXL does not report them) -----------------------------
-
-    def _remember(self, path: str, size: int | None) -> None:
-        with self._lock:
-            if size is None:
-                self._sizes.pop(path, None)
-                return
-            self._sizes[path] = size
-            self._sizes.move_to_end(path)
-            while len(self._sizes) > SIZES:
-                self._sizes.popitem(last=False)
-
-    async def _size(self, path: str, fresh: bool = False) -> int | None:
-        with self._lock:
-            size = None if fresh else self._sizes.get(path)
-        if size is None:
-            try:
-                meta = await self._meta._ob.head_async(self._meta._store, path)
-            except FileNotFoundError:
-                self._remember(path, None)
-                return None
-            size = int(meta["size"])
-            self._remember(path, size)
-        return size
 
     # -- transfers ------------------------------------------------------------
 
@@ -306,7 +267,7 @@ class NixlTransport:
 
     async def read(self, path: str, start: int, end: int | None) -> bytes | None:
         for attempt in range(2):
-            size = await self._size(path, fresh=attempt > 0)
+            size = await self._sizes.get(path, fresh=attempt > 0)
             if size is None:
                 return None
             stop = size if end is None else min(end, size)
@@ -329,17 +290,17 @@ class NixlTransport:
         buf[: len(data)] = np.frombuffer(data, dtype=np.uint8)
         await self._transfer("WRITE", buf, len(data), path, 0)
         self._release(buf)
-        self._remember(path, len(data))
+        self._sizes.remember(path, len(data))
 
     async def exists(self, path: str) -> bool:
         # Not NIXL's queryMem: it is a blocking call (the event loop would wait on the HEAD),
         # and against a dead endpoint it blocked for ~25 s of SDK retries here. One async
         # HEAD answers, and teaches the size for the read that usually follows.
-        return await self._size(path, fresh=True) is not None
+        return await self._sizes.get(path, fresh=True) is not None
 
     async def remove(self, paths: Sequence[str]) -> None:
         for path in paths:
-            self._remember(path, None)
+            self._sizes.remember(path, None)
         await self._meta.remove(paths)
 
     async def close(self) -> None:
@@ -366,6 +327,51 @@ class NixlTransport:
             self._stranded.clear()
         self.release.start()
         await self._meta.close()
+
+
+def _backend_params(s: S3Settings) -> dict[str, str]:
+    """The OBJ backend's parameters for the tier's bucket, endpoint and credentials."""
+    params = {
+        "bucket": s.bucket,
+        "region": s.region,
+        "use_virtual_addressing": "true" if s.addressing == "virtual" else "false",
+    }
+    if s.endpoint:
+        params["endpoint_override"] = s.endpoint
+        params["scheme"] = "http" if s.endpoint.startswith("http://") else "https"
+    if s.access_key_id and s.secret_access_key:
+        params["access_key"] = s.access_key_id.get_secret_value()
+        params["secret_key"] = s.secret_access_key.get_secret_value()
+    return params
+
+
+class _Sizes:
+    """Object sizes (NIXL's OBJ plugin does not report them): a bounded LRU fed by this
+    transport's writes, else one async HEAD through ``meta``. Thread-safe."""
+
+    def __init__(self, meta: ObstoreTransport, entries: int = SIZES):
+        self._meta, self._entries = meta, entries
+        self._sizes: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, path: str, size: int | None) -> None:
+        with self._lock:
+            if size is None:
+                self._sizes.pop(path, None)
+                return
+            self._sizes[path] = size
+            self._sizes.move_to_end(path)
+            while len(self._sizes) > self._entries:
+                self._sizes.popitem(last=False)
+
+    async def get(self, path: str, fresh: bool = False) -> int | None:
+        """The size of ``path`` (None: absent); ``fresh`` asks the store even if one is cached."""
+        with self._lock:
+            size = None if fresh else self._sizes.get(path)
+        if size is None:
+            size = await self._meta.size(path)
+            self.remember(path, size)
+        return size
 
 
 _ENV_LOCK = threading.Lock()
@@ -447,7 +453,8 @@ class _Release:
                 self.seconds,
             )
             self.done.set()
-            threading.Event().wait()  # never returns: a daemon thread's frame is not freed, even at exit
+            # never returns: a daemon thread's frame is not freed, even at exit
+            threading.Event().wait()
         self._free()
         self.outcome = "freed"
         self.seconds = time.monotonic() - started
