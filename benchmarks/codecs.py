@@ -64,10 +64,10 @@ from pathlib import Path
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import numpy as np
+import numpy as np  # noqa: E402 (after the thread variables above, which numpy reads on import)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
+from _common import (  # noqa: E402 (benchmarks/ is put on sys.path just above)
     RESULTS_DIR,
     command_line,
     machine_info,
@@ -83,8 +83,8 @@ OUT_JSON = RESULTS_DIR / "codecs.json"
 OUT_PNG = RESULTS_DIR / "codecs.png"
 
 
-#: name suffix of rows measured with every chunk's first_position withheld (encode(..., first_position=0)),
-#: as the orchestrator writes until it passes positions
+#: name suffix of rows measured with every chunk's first_position withheld (encode(...,
+#: first_position=0)), as the orchestrator writes until it passes positions
 NO_POSITION_SUFFIX = "-nopos"
 
 
@@ -93,7 +93,8 @@ def codec_table(
     no_position: list[Path] | None = None,
     no_exact: list[Path] | None = None,
 ) -> list[tuple[str, str, dict]]:
-    """(name, kind, params) of every codec measured (a name ending in ``-nopos``: positions withheld;
+    """(name, kind, params) of every codec measured
+    (a name ending in ``-nopos``: positions withheld;
     ``-x0``: linear-ae with ``exact_tokens: 0``)."""
     table = [
         ("none", "none", {}),
@@ -161,7 +162,8 @@ def tier_bandwidth() -> dict[str, dict[str, float]]:
 def roundtrip(
     codec, kv: np.ndarray, positions: bool = True
 ) -> tuple[np.ndarray, int, float, float]:
-    """KV [L, 2, T, H, D] through the codec chunk by chunk, layer by layer: (decoded, bytes, enc s, dec s).
+    """KV [L, 2, T, H, D] through the codec chunk by
+    chunk, layer by layer: (decoded, bytes, enc s, dec s).
 
     ``positions``: each chunk's ``first_position`` is passed to ``encode`` (else 0, as today's
     orchestrator writes)."""
@@ -362,7 +364,8 @@ def render(result: dict, png: Path | None) -> None:
     rows = result["rows"]
     tiers = result.get("tier_bandwidth_mb_per_s", {})
     print_table(
-        f"KV codecs on SmolLM2-135M, held-out text (reference perplexity {result['reference_perplexity']:.3f}; "
+        "KV codecs on SmolLM2-135M, held-out text "
+        f"(reference perplexity {result['reference_perplexity']:.3f}; "
         f"{result['profile']})",
         [
             "codec",
@@ -399,7 +402,8 @@ def render(result: dict, png: Path | None) -> None:
             ]
             for r in rows
         ],
-        caption="err: mean over layers of |x_hat-x|/|x|; top-1: next-token argmax agreement with the original KV; "
+        caption="err: mean over layers of |x_hat-x|/|x|; "
+        "top-1: next-token argmax agreement with the original KV; "
         "eff.: fp32 MB/s delivered reading compressed bytes at the tier's measured read bandwidth "
         "(tiers.json), then decoding (no overlap)",
     )
@@ -432,7 +436,7 @@ def render(result: dict, png: Path | None) -> None:
             "autoencoder": "tab:red",
             "linear-ae": "tab:green",
         }[kind]
-        for ax, y in zip(axes, (r["perplexity_delta_pct"], r["top1_agreement"])):
+        for ax, y in zip(axes, (r["perplexity_delta_pct"], r["top1_agreement"]), strict=True):
             ax.scatter(r["bytes_per_token"], y, marker=marker, color=color)
             ax.annotate(
                 r["codec"],

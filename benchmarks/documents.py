@@ -1,4 +1,5 @@
-"""Per-document precomputed KV in vLLM: accuracy and TTFT of full prefill, prefix caching, stitching and repairs.
+"""Per-document precomputed KV in vLLM: accuracy and TTFT
+of full prefill, prefix caching, stitching and repairs.
 
 Usage::
 
@@ -18,9 +19,9 @@ Documents are ~500-token pieces of real English text (CPython's reference docs,
 the way in. A question asks for one fact (the answer is in one document) or for two
 (two documents). Each prompt (SmolLM2's chat template, token ids concatenated)::
 
-    system:   <|im_start|>system ... <|im_end|> <|im_start|>user \\n           (a registered document)
-    docs:     K documents drawn from the pool, in a random order           (registered documents)
-    question: Question: ... <|im_end|> <|im_start|>assistant \\n             (computed by vLLM)
+    system:   <|im_start|>system ... <|im_end|> <|im_start|>user \\n    (a registered document)
+    docs:     K documents drawn from the pool, in a random order    (registered documents)
+    question: Question: ... <|im_end|> <|im_start|>assistant \\n      (computed by vLLM)
 
 Score: exact match of the answer -- the gold answer string (a number or a name) appears
 in the first 16 generated tokens (both of them, for two-document questions).
@@ -190,7 +191,8 @@ def strata_yaml(corpus_dir: Path) -> str:
           dram: {{kind: memory, capacity_bytes: 64MiB}}
           corpus: {{kind: disk, path: "{corpus_dir}"}}
         policy:
-          default: {{read: [dram], write: []}}   # nothing but documents is reused: full prefill is full
+          # nothing but documents is reused: full prefill is full
+          default: {{read: [dram], write: []}}
         documents: {{tiers: [corpus], corpus: bench}}
         """)
 
@@ -312,7 +314,8 @@ def print_report(payload: dict[str, Any]) -> None:
         for r in payload["rows"]
     ]
     common.print_table(
-        f"Documents in vLLM (CPU, SmolLM2-135M fp32): {p['questions']} questions, {p['docs_per_prompt']} documents "
+        f"Documents in vLLM (CPU, SmolLM2-135M fp32): {p['questions']} questions, "
+        f"{p['docs_per_prompt']} documents "
         f"of ~{DOC_TOKENS} tokens per prompt",
         [
             "variant",
@@ -325,7 +328,8 @@ def print_report(payload: dict[str, Any]) -> None:
             "cached / prompt tokens",
         ],
         rows,
-        caption=f"precompute: {p['precompute_s']:.0f} s for {p['pool']} documents (+ context variants); "
+        caption=f"precompute: {p['precompute_s']:.0f} s for {p['pool']} documents "
+        "(+ context variants); "
         f"{payload['command']}",
     )
 
@@ -406,7 +410,8 @@ def main() -> None:
         pool, system = build_pool(tokenizer, profile["pool"], args.seed)
         questions = build_questions(pool, profile["questions"], profile["per_prompt"], args.seed)
         log(
-            f"precomputing {len(pool)} documents + system prompt (alone and after the system prompt)"
+            f"precomputing {len(pool)} documents + system prompt "
+            "(alone and after the system prompt)"
         )
         ids, precompute_s = precompute(config_path, model_dir, pool, system)
         for q, item in enumerate(questions):

@@ -67,7 +67,8 @@ EMULATED_BYTES_PER_TOKEN_LAYER = 16
 
 @dataclass(frozen=True)
 class Profile:
-    """A deployment to mimic: model shape, GPU throughput, links (bytes/s of the real deployment)."""
+    """A deployment to mimic: model shape, GPU throughput,
+    links (bytes/s of the real deployment)."""
 
     name: str
     n_layers: int
@@ -131,7 +132,8 @@ def smollm2_cpu() -> Profile:
 
 @dataclass(frozen=True)
 class Request:
-    """A prompt of ``context`` tokens; the first ``cached`` are in the cache (default: the profile's share)."""
+    """A prompt of ``context`` tokens; the first ``cached``
+    are in the cache (default: the profile's share)."""
 
     profile: Profile
     context: int
@@ -163,7 +165,8 @@ class Request:
 
 
 class Bench:
-    """One S3 server, objects written once per (profile, request index); orchestrators per setting."""
+    """One S3 server, objects written once per (profile,
+    request index); orchestrators per setting."""
 
     def __init__(self, time_scale: float, workdir: Path, window: int = 2):
         self.s = time_scale
@@ -184,7 +187,8 @@ class Bench:
         )  # 16 B per token and layer
 
     def orch(self, p: Profile, tier: str, policy: str, cap_bps: float) -> Orchestrator:
-        """An orchestrator reading ``tier`` (s3 or dram) through a link of the (deployment) capacity.
+        """An orchestrator reading ``tier`` (s3 or dram)
+        through a link of the (deployment) capacity.
 
         ``policy`` may end in ``+ra``: the same policy with unbounded read-ahead (every layer
         group requested at once, as a client without a loader window would); or in ``+fixed``:
@@ -204,7 +208,8 @@ tiers:
         access_key_id: {srv.access_key}, secret_access_key: {srv.secret_key}, timeout_ms: 60000,
         max_concurrency: 64}}
   dram: {{kind: memory, capacity_bytes: 4GiB}}
-bandwidth: {{policy: {policy}, sharing: {sharing}, links: {{{tier}: {emulated}}}, read_window: {window}}}
+bandwidth:
+  {{policy: {policy}, sharing: {sharing}, links: {{{tier}: {emulated}}}, read_window: {window}}}
 policy:
   default: {{read: [{tier}], write: [{tier}], retrieval: layerwise, load: always}}
 """)
@@ -308,7 +313,8 @@ def single(bench: Bench, cases: list[Request], repeats: int) -> list[dict]:
         print(
             f"  {p.name} {req.context:>6} tokens: dram {dram:.3f}s, layer-wise "
             f"{row['s3 layer-wise']['ttft_s']:.3f}s ({row['s3 layer-wise']['gets']} GETs), "
-            f"1/GET {row['s3 1 layer/GET']['ttft_s']:.3f}s, whole {row['s3 whole']['ttft_s']:.3f}s, "
+            f"1/GET {row['s3 1 layer/GET']['ttft_s']:.3f}s, "
+            f"whole {row['s3 whole']['ttft_s']:.3f}s, "
             f"bound {row['bound_s3_s']:.3f}s",
             flush=True,
         )
@@ -316,7 +322,8 @@ def single(bench: Bench, cases: list[Request], repeats: int) -> list[dict]:
 
 
 def kinds(p: Profile) -> dict[str, Request]:
-    """Request kinds of a mixed serving workload: how much is cached decides how much is computed."""
+    """Request kinds of a mixed serving workload: how
+    much is cached decides how much is computed."""
     return {
         "chat": Request(p, 4096, 3072, "chat"),  # a follow-up turn: short new text
         "doc-qa": Request(p, 16384, 15360, "doc-qa"),  # a question on a cached document
@@ -336,7 +343,8 @@ MIXES = {  # name -> request kinds (the default runs are the first three)
 }
 DEFAULT_MIXES = ("1", "4", "16")
 # kvstrata's link re-splits at every event (work conserving); "+fixed" runs the same policy with a
-# rate per request set when a request starts (sharing: fixed), the model ObjectCache's numbers are in
+# rate per request set when a request starts (sharing:
+# fixed), the model ObjectCache's numbers are in
 POLICIES = ("equal", "stall_aware", "deadline", "equal+fixed", "stall_aware+fixed")
 
 
@@ -378,11 +386,13 @@ def shared(
                     for i, r in enumerate(reqs)
                 ]
                 out = bench.run(orch, jobs)
-                added_runs.append([o["ttft_s"] - dram_ttft[r.kind] for o, r in zip(out, reqs)])
+                added_runs.append(
+                    [o["ttft_s"] - dram_ttft[r.kind] for o, r in zip(out, reqs, strict=True)]
+                )
             added = [statistics.median(run[i] for run in added_runs) for i in range(len(reqs))]
             missed = sum(
                 1
-                for a, r in zip(added, reqs)
+                for a, r in zip(added, reqs, strict=True)
                 if a + dram_ttft[r.kind] > r.budget_factor * dram_ttft[r.kind]
             )
             row["policies"][policy] = {
@@ -392,7 +402,8 @@ def shared(
                 "slo_missed": missed,
             }
             print(
-                f"  {label:>10} ({concurrency:>2} requests), {policy:<11}: mean added {statistics.fmean(added) * 1e3:8.1f} ms,"
+                f"  {label:>10} ({concurrency:>2} requests), {policy:<11}: "
+                f"mean added {statistics.fmean(added) * 1e3:8.1f} ms,"
                 f" SLO missed {missed}/{len(reqs)}",
                 flush=True,
             )
@@ -490,7 +501,8 @@ def print_tables(single_rows: list[dict], shared_rows: list[dict], cap_bps: floa
         ],
     )
     common.print_table(
-        "the same, rates fixed per request (sharing: fixed, ObjectCache's model) vs ours (work conserving)",
+        "the same, rates fixed per request (sharing: fixed, ObjectCache's model) "
+        "vs ours (work conserving)",
         [
             "requests",
             "equal (fixed)",

@@ -58,7 +58,8 @@ policy:
                 times.append(time.perf_counter() - started)
             times.sort()
             print(
-                f"{mode:32s} plan {found.tokens_by_tier()}  median {statistics.median(times) * 1e3:.3f} ms"
+                f"{mode:32s} plan {found.tokens_by_tier()}  "
+                f"median {statistics.median(times) * 1e3:.3f} ms"
                 f"  p90 {times[int(0.9 * n)] * 1e3:.3f} ms"
             )
         finally:

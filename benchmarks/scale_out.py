@@ -3,15 +3,16 @@ routing hint (``/lookup``) costs.
 
 Usage::
 
-    .venv/bin/python benchmarks/scale_out.py [--quick] [--rgw] [--out benchmarks/results/scale_out.json]
+    .venv/bin/python benchmarks/scale_out.py [--quick] [--rgw] \\
+        [--out benchmarks/results/scale_out.json]
 
 Starts its own servers (kvstrata.testing.services, stopped at the end): one Redis, a
 Redis Cluster (3 masters + 3 replicas), SeaweedFS, and with ``--rgw`` a Ceph RGW
 (scripts/rgw.sh). For each store, through kvstrata's own tier (verified gets):
 
-* ``put``: objects/s and MB/s writing ``--batch`` x ``--concurrency`` real chunk objects (``--tokens`` tokens of
-  SmolLM2-135M KV: 30 layers x 2 x 3 heads x 64 dims, fp32), ``--concurrency`` puts in
-  flight, one object per call (what a save worker does);
+* ``put``: objects/s and MB/s writing ``--batch`` x ``--concurrency`` real chunk objects
+  (``--tokens`` tokens of SmolLM2-135M KV: 30 layers x 2 x 3 heads x 64 dims, fp32),
+  ``--concurrency`` puts in flight, one object per call (what a save worker does);
 * ``get``: objects/s and MB/s of batched whole-object gets (``--batch`` chunks per call,
   as one request's load), ``--concurrency`` calls in flight (several engines loading);
 * ``contains``: batched existence checks per second (what every lookup costs).
@@ -124,7 +125,8 @@ def lookup_latency(cluster_url: str, tokens: int, batch: int, rounds: int) -> di
         version: 1
         chunk_tokens: {tokens}
         tiers:
-          shared: {{kind: redis, url: "{cluster_url}", key_prefix: "bench-lookup-{time.time_ns()}:"}}
+          shared:
+            {{kind: redis, url: "{cluster_url}", key_prefix: "bench-lookup-{time.time_ns()}:"}}
         engine: {{prefill_tokens_per_s: 200}}
         policy:
           default: {{read: [shared], write: [shared]}}

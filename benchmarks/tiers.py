@@ -838,7 +838,9 @@ def summarise(results: dict, rows: list[str]) -> list[dict]:
             }
             for op in OPS:
                 t, r = per_row[row][op]["tier"], per_row[row][op]["raw"]
-                round_ratios = [a / b for a, b in zip(t.round_mbps, r.round_mbps) if b > 0]
+                round_ratios = [
+                    a / b for a, b in zip(t.round_mbps, r.round_mbps, strict=False) if b > 0
+                ]
                 entry[op] = {
                     "tier": t.summary(),
                     "raw": r.summary(),
@@ -854,7 +856,8 @@ def summarise(results: dict, rows: list[str]) -> list[dict]:
 
 
 def transport_comparison(rows: list[dict]) -> list[dict]:
-    """Each other S3 transport's throughput / obstore's, through the tier and raw, per size and op."""
+    """Each other S3 transport's throughput / obstore's,
+    through the tier and raw, per size and op."""
     by = {(r["tier"], r["size"]): r for r in rows}
     out = []
     for transport in ("aioboto3", "nixl"):
@@ -1098,7 +1101,8 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_rounds": 1,
             "keys_per_set": {str(s): n_keys_for(s, args.concurrency) for s in args.sizes},
             "rows": args.rows,
-            "integrity": "format v2: keyed BLAKE3 MACs per namespace (header MAC + a 16-byte tag per "
+            "integrity": "format v2: keyed BLAKE3 MACs per namespace "
+            "(header MAC + a 16-byte tag per "
             f"layer); rows ending {V1}: format v1 (xxh3_64 checksums, no MAC)",
             "settings": {
                 "memory": {"capacity_bytes": MEMORY_CAPACITY, "eviction": "s3fifo (default)"},

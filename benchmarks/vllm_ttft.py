@@ -1,4 +1,5 @@
-"""Time to first token in vLLM with StrataConnector: recompute vs a hit from each tier, side by side.
+"""Time to first token in vLLM with StrataConnector:
+recompute vs a hit from each tier, side by side.
 
 Usage::
 
@@ -148,8 +149,12 @@ def strata_yaml(disk_path: Path, redis_url: str, s3) -> str:
         chunk_tokens: {CHUNK_TOKENS}
         tiers:
           dram: {{kind: memory, capacity_bytes: 2GiB}}
-          local: {{kind: disk, path: "{disk_path}", capacity_bytes: 32GiB, timeout_ms: {TIER_TIMEOUT_MS}}}
-          shared: {{kind: redis, url: "{redis_url}", key_prefix: "bench-ttft:", timeout_ms: {TIER_TIMEOUT_MS}}}
+          local:
+            {{kind: disk, path: "{disk_path}", capacity_bytes: 32GiB,
+              timeout_ms: {TIER_TIMEOUT_MS}}}
+          shared:
+            {{kind: redis, url: "{redis_url}", key_prefix: "bench-ttft:",
+              timeout_ms: {TIER_TIMEOUT_MS}}}
           cold:
             kind: s3
             endpoint: "{s3.endpoint}"
@@ -205,7 +210,8 @@ def main():
     for n, offset in warmup:
         r = ttft(llm, text_tokens(tok, n, offset=offset))
         warm.append({"tokens": n, "offset": offset, "ttft_s": r.ttft_s})
-    print("READY " + json.dumps({"pid": os.getpid(), "start_s": start_s, "warmup": warm}), flush=True)
+    ready = {"pid": os.getpid(), "start_s": start_s, "warmup": warm}
+    print("READY " + json.dumps(ready), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd.get("op") == "quit":
@@ -213,10 +219,10 @@ def main():
         u0 = usage()
         r = ttft(llm, cmd["ids"])
         user, system, minflt = (b - a for a, b in zip(u0, usage()))
-        print("RESULT " + json.dumps({"ttft_s": r.ttft_s, "cpu_s": user + system, "cpu_user_s": user,
-                                      "cpu_sys_s": system, "minflt": minflt,
-                                      "token_ids": list(r.token_ids),
-                                      "num_cached_tokens": r.num_cached_tokens}), flush=True)
+        result = {"ttft_s": r.ttft_s, "cpu_s": user + system, "cpu_user_s": user,
+                  "cpu_sys_s": system, "minflt": minflt, "token_ids": list(r.token_ids),
+                  "num_cached_tokens": r.num_cached_tokens}
+        print("RESULT " + json.dumps(result), flush=True)
 
 if __name__ == "__main__":
     main()
@@ -343,7 +349,7 @@ def timed(llm, ids: list[int], **kw) -> tuple[Any, dict[str, Any]]:
     before = telemetry()
     u0 = usage()
     r = ttft(llm, ids, **kw)
-    use = tuple(b - a for a, b in zip(u0, usage()))
+    use = tuple(b - a for a, b in zip(u0, usage(), strict=True))
     after = telemetry()
     delta = {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
     return r, {**run_info(r, use), "tier_ops": delta}
@@ -491,7 +497,8 @@ def measure(
                 )
                 log(
                     f"rep {rep} {n:>5} tok  {tier:<6}: recompute {first.ttft_s:.3f}s  hit "
-                    f"{hit.ttft_s:.3f}s  ({hit.num_cached_tokens} cached{'' if ok else ', PROBLEM'})"
+                    f"{hit.ttft_s:.3f}s  "
+                    f"({hit.num_cached_tokens} cached{'' if ok else ', PROBLEM'})"
                 )
     return samples
 
@@ -686,7 +693,8 @@ def print_report(rows: list[dict[str, Any]]) -> None:
         "Inside the connector (medians, ms)",
         ["prompt", *(f"{t} read" for t in TIERS), "miss: contains", "miss: save drain"],
         detail,
-        caption="read = the tier's get during a hit's TTFT (kvstrata telemetry). For a cold run (miss) "
+        caption="read = the tier's get during a hit's TTFT (kvstrata telemetry). "
+        "For a cold run (miss) "
         "with the connector: contains = seconds of 'contains' calls in its TTFT window (the "
         "lookup in all 4 tiers + the save path's per-chunk presence checks); save drain = "
         "flush_shared() after it, not in TTFT",
@@ -744,7 +752,7 @@ def plot(payload: dict[str, Any], path: Path) -> Path | None:
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(sizes))]
         heights = [get(r)["median_s"] or 0 for r in rows]
         ax1.bar(xs, heights, width, label=label, color=color)
-        for x, n, r in zip(xs, sizes, rows):
+        for x, n, r in zip(xs, sizes, rows, strict=True):
             pts = raw(n)
             ax1.scatter([x] * len(pts), pts, s=8, color="black", zorder=3)
             if i:
@@ -766,7 +774,10 @@ def plot(payload: dict[str, Any], path: Path) -> Path | None:
         ax1.set_ylim(bottom=min(lows) / 2)
     ax1.set_xticks(
         range(len(sizes)),
-        [f"{n:,} tokens\n({r['hit_tokens']:,} cached on a hit)" for n, r in zip(sizes, rows)],
+        [
+            f"{n:,} tokens\n({r['hit_tokens']:,} cached on a hit)"
+            for n, r in zip(sizes, rows, strict=True)
+        ],
     )
     ax1.set_ylabel("time to first token, s (log scale)")
     ax1.set_title("Recompute vs a hit from each tier (bars: median, dots: samples)", fontsize=10)
@@ -783,7 +794,7 @@ def plot(payload: dict[str, Any], path: Path) -> Path | None:
         xs = [j + (i - 0.5) * width for j in range(len(sizes))]
         stat = "no_connector_cold" if key == "no_connector" else "connector_cold"
         ax2.bar(xs, [r[stat]["median_s"] or 0 for r in rows], width, label=label, color=color)
-        for x, n in zip(xs, sizes):
+        for x, n in zip(xs, sizes, strict=True):
             pts = [
                 p[key]["ttft_s"]
                 for p in samples
@@ -1003,7 +1014,8 @@ def main(argv: list[str] | None = None) -> int:
             "pairs_per_repeat": PAIRS_PER_REPEAT,
             "chunk_tokens": CHUNK_TOKENS,
             "hit_tokens": {str(n): hit_tokens(n) for n in profile.sizes},
-            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized, fp32), kvstrata.offline.convert.prepare_smollm2",
+            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized, fp32), "
+            "kvstrata.offline.convert.prepare_smollm2",
             "model_dir": str(model_dir),
             "engine": {
                 "dtype": "float32",
@@ -1012,7 +1024,8 @@ def main(argv: list[str] | None = None) -> int:
                 "max_model_len": 8192,
                 "kv_cache_gib": KV_CACHE_GIB,
                 "greedy": True,
-                "ttft": "wall time of llm.generate with max_tokens=1 (kvstrata.offline.runner.ttft)",
+                "ttft": "wall time of llm.generate with max_tokens=1 "
+                "(kvstrata.offline.runner.ttft)",
                 "env": {
                     k: os.environ.get(k)
                     for k in (
@@ -1025,7 +1038,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 },
             },
-            "prompts": "kvstrata.offline.runner.text_tokens (pydoc_data topics), a fresh offset per prompt",
+            "prompts": "kvstrata.offline.runner.text_tokens (pydoc_data topics), "
+            "a fresh offset per prompt",
             "warmup_tier_tokens": WARMUP_TIER_TOKENS,
             "strata_yaml": config_text,
             "dropped_env": dropped,

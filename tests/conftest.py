@@ -194,7 +194,8 @@ def unique() -> str:
 async def make_tier(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[Callable[..., Tier]]:
-    """Build a fresh, isolated tier of a kind (own key prefix / directory); closed after the test."""
+    """Build a fresh, isolated tier of a kind (own key
+    prefix / directory); closed after the test."""
     made: list[Tier] = []
 
     def build(kind: str, **settings) -> Tier:

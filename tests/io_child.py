@@ -37,7 +37,8 @@ def config(redis_url: str, disk: Path) -> str:
         tiers:
           dram: {{kind: memory, capacity_bytes: 256MiB, timeout_ms: 2000}}
           local: {{kind: disk, path: {disk}, timeout_ms: 500, threads: 4, max_queued: 8}}
-          shared: {{kind: redis, url: "{redis_url}", key_prefix: "io-child-{time.time_ns()}:", timeout_ms: 2000}}
+          shared: {{kind: redis, url: "{redis_url}", key_prefix: "io-child-{time.time_ns()}:",
+                    timeout_ms: 2000}}
         orchestrator:
           save_queue_chunks: 1024
           breaker: {{failures: 2, cooldown_s: 30}}

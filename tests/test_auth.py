@@ -1,4 +1,5 @@
-"""Authenticated objects: only holders of the secret write what readers accept (docs/reliability.md)."""
+"""Authenticated objects: only holders of the secret
+write what readers accept (docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -162,7 +163,8 @@ def _config(redis_url: str, extra: str = "") -> str:
         version: 1
         chunk_tokens: {CHUNK}
         tiers:
-          shared: {{kind: redis, url: "{redis_url}", key_prefix: "auth-{time.time_ns()}:", timeout_ms: 15000}}
+          shared: {{kind: redis, url: "{redis_url}", key_prefix: "auth-{time.time_ns()}:",
+                    timeout_ms: 15000}}
         engine: {{prefill_tokens_per_s: 1.0}}
         orchestrator: {{default_budget_ms: 60000}}
         policy:

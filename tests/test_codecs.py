@@ -1,4 +1,5 @@
-"""Codecs: registry, error bounds, every codec through every tier, config and orchestrator wiring."""
+"""Codecs: registry, error bounds, every codec through
+every tier, config and orchestrator wiring."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ N_LAYERS = 3
 
 
 def realistic_kv(seed: int, geometry: Geometry = GEOM) -> np.ndarray:
-    """[2, T, H, D] float32: keys with a few large outlier channels (as real keys have), values plain."""
+    """[2, T, H, D] float32: keys with a few large outlier
+    channels (as real keys have), values plain."""
     rng = np.random.default_rng(seed)
     T, H, D = geometry.n_tokens, geometry.kv_heads, geometry.head_dim
     k = rng.standard_normal((T, H, D)) * rng.uniform(0.2, 2.0, size=(1, H, D))
@@ -110,8 +112,10 @@ LAE_BITS = {"k": 8 * 40, "v": 8 * 56}  # of 96 elements per vector: 3.3 and 4.7 
 
 
 def lae_training_data(seeds, geometry: Geometry = GEOM) -> dict:
-    """``{(kv, layer): [(first_position, x [T, H, D])]}``: :func:`realistic_kv` as stored KV of chunks at
-    positions ``40 * seed`` (the fixture derotates these keys: harmless, they are not RoPE'd data)."""
+    """``{(kv, layer): [(first_position, x [T, H, D])]}``:
+    :func:`realistic_kv` as stored KV of chunks at
+    positions ``40 * seed`` (the fixture derotates
+    these keys: harmless, they are not RoPE'd data)."""
     out: dict = {}
     for seed in seeds:
         for layer in range(N_LAYERS):
@@ -167,7 +171,8 @@ def make_codec(name: str, ckpt: Path, lae: Path | None = None):
     return codec_from_config(name, kind, params)
 
 
-# the linear-ae fixture's relative error on realistic_kv data (measured: K <= 0.066, V <= 0.091), with margin
+# the linear-ae fixture's relative error on realistic_kv
+# data (measured: K <= 0.066, V <= 0.091), with margin
 LAE_MAX_REL_ERR = {"k": 0.08, "v": 0.12}
 
 
@@ -201,8 +206,8 @@ def check_within_bound(
             rel = np.linalg.norm(y[i] - ref) / np.linalg.norm(ref)
             assert rel < (0.05 if codec.latent_int8 else 2e-3), rel
     elif codec.id == "linear-ae":
-        # exactly the checkpoint's quantized transform but for up to exact_tokens tokens, which are x in
-        # fp16; and within the error measured on this data
+        # exactly the checkpoint's quantized transform but for up to exact_tokens tokens, which are
+        # x in fp16; and within the error measured on this data
         recorded = json.loads(codec.ckpt.meta["heldout_rel_err"])
         for i, kv in enumerate("kv"):
             ref = codec.ckpt.roundtrip(x[i], kv, layer, first_position)
@@ -430,11 +435,11 @@ def test_lae_rope_derotation_is_exact_and_matters() -> None:
     rng = np.random.default_rng(0)
     T, H, D = GEOM.n_tokens, GEOM.kv_heads, GEOM.head_dim
     basis = rng.standard_normal((6, H * D))
-    pre = lambda seed: (
-        (np.random.default_rng(seed).standard_normal((T, 6)) @ basis)
-        .reshape(T, H, D)
-        .astype(np.float32)
-    )
+
+    def pre(seed: int) -> np.ndarray:
+        x = np.random.default_rng(seed).standard_normal((T, 6)) @ basis
+        return x.reshape(T, H, D).astype(np.float32)
+
     data = {
         ("k", 0): [(p, rope_rotate(pre(p), p, THETA, 1)) for p in range(0, 4000, 200)],
         ("v", 0): [(0, pre(1))],
@@ -465,11 +470,14 @@ def test_lae_section_records_its_position_and_decodes_on_its_own(lae_path) -> No
     assert len(a) == 8 + GEOM.n_tokens * ((LAE_BITS["k"] + LAE_BITS["v"]) // 8 + 4) + 2 * (
         2 + 2 * C
     )
-    # exact tokens (fp16): the sequence's first token when the chunk holds it, else the token with the
-    # largest relative error -- here a tiny key unlike the training data
+    # exact tokens (fp16): the sequence's first token when the chunk holds it, else the token with
+    # the largest relative error -- here a tiny key unlike the training data
     odd = x.copy()
     odd[0, 7] = 1e-3 * np.random.default_rng(0).standard_normal(odd[0, 7].shape)
-    fp16 = lambda a: a.astype(np.float16).astype(np.float32)
+
+    def fp16(a: np.ndarray) -> np.ndarray:
+        return a.astype(np.float16).astype(np.float32)
+
     y = codec.decode(codec.encode(odd, 1, first_position=0), GEOM)
     np.testing.assert_array_equal(y[:, 0], fp16(odd[:, 0]))
     assert not np.array_equal(y[0, 7], fp16(odd[0, 7]))
@@ -599,7 +607,7 @@ async def test_every_codec_through_every_tier(tier: Tier, name: str, ckpt_path, 
     await tier.put(blobs)
     for layers in (None, range(1, 3)):
         fetched = await tier.get(keys, layers=layers)
-        for k, got in zip(keys, fetched):
+        for k, got in zip(keys, fetched, strict=True):
             assert isinstance(got, Hit), got
             m = got.obj.meta
             reader = codec_from_header(

@@ -5,9 +5,9 @@ One engine with the connector (vLLM's CPU build, SmolLM2-135M, fp32) and a
 configuration whose routes store KV with a lossy codec: memory with int8,
 disk with int4, a second memory tier with linear-ae (a checkpoint fitted by
 the fixture on KV captured from the model, ~1 min of CPU; keys not derotated,
-since the orchestrator does not pass chunk positions to codecs yet). The first run of a prompt is a miss (computed from scratch:
-the uncompressed reference); the second run must load every whole chunk from
-the tier -- decoded from the lossy codec -- and its greedy tokens are compared
+since the orchestrator does not pass chunk positions to codecs yet). The first run of a prompt is a
+miss (computed from scratch: the uncompressed reference); the second run must load every whole chunk
+from the tier -- decoded from the lossy codec -- and its greedy tokens are compared
 with the first run's. The agreement rate is printed with the test output;
 int8 must agree on at least half of the 16 tokens (it agrees on all here),
 int4 and linear-ae are reported only.
@@ -20,22 +20,22 @@ from pathlib import Path
 
 import pytest
 
-vllm = pytest.importorskip(
-    "vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)"
-)
-
 from kvstrata import runtime as rt
 from kvstrata.keys import chunk_keys
 from kvstrata.offline.convert import prepare_smollm2
 from kvstrata.offline.runner import generate, running_llm, text_tokens
 from kvstrata.orchestrator import flush_shared, shared_orchestrators
 
+vllm = pytest.importorskip(
+    "vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)"
+)
+
 PROMPT_TOKENS = 1100
 HIT = (PROMPT_TOKENS - 1) // 256 * 256
 NEW_TOKENS = 16
-# tier -> (codec name, its header params, text offset, minimum greedy agreement or None: reported only).
-# int4 is reported, not held to a rate: free-running greedy decoding diverges for good at the first
-# flipped token (teacher-forced top-1 agreement is in benchmarks/results/codecs.json).
+# tier -> (codec name, its header params, text offset, minimum greedy agreement or None: reported
+# only). int4 is reported, not held to a rate: free-running greedy decoding diverges for good at the
+# first flipped token (teacher-forced top-1 agreement is in benchmarks/results/codecs.json).
 CASES = {
     "dram": ("q8", {"kind": "int8", "group_size": 32}, 7000, 0.5),
     "local": ("q4", {"kind": "int4", "group_size": 32}, 12000, None),
@@ -122,14 +122,20 @@ def test_repeated_prompt_through_a_lossy_codec(llm, tier: str, capsys) -> None:
     stored.pop("checkpoint", None), stored.pop("sha256", None)
     assert got.obj.meta.codec == name and stored == params  # stored through the codec
 
-    same = sum(a == b for a, b in zip(first.token_ids, second.token_ids))
+    same = sum(a == b for a, b in zip(first.token_ids, second.token_ids, strict=False))
     prefix = next(
-        (i for i, (a, b) in enumerate(zip(first.token_ids, second.token_ids)) if a != b), NEW_TOKENS
+        (
+            i
+            for i, (a, b) in enumerate(zip(first.token_ids, second.token_ids, strict=False))
+            if a != b
+        ),
+        NEW_TOKENS,
     )
     with capsys.disabled():
         print(
             f"\n[{tier} via {name} ({params['kind']})] greedy agreement with uncompressed: "
-            f"{same}/{NEW_TOKENS} tokens ({same / NEW_TOKENS:.0%}), identical prefix {prefix} tokens"
+            f"{same}/{NEW_TOKENS} tokens ({same / NEW_TOKENS:.0%}), "
+            f"identical prefix {prefix} tokens"
         )
     if minimum is not None:
         assert same / NEW_TOKENS >= minimum

@@ -33,14 +33,19 @@ version: 1
 chunk_tokens: 256
 tiers:
   dram: {kind: memory, capacity_bytes: 4GiB, eviction: s3fifo, timeout_ms: 1000}
-  local: {kind: disk, path: /tmp/kvstrata-fuzz, capacity_bytes: 64GiB, cost: {latency_ms: 0.3, bandwidth_mbps: 1500}}
-  shared: {kind: redis, url: "redis://127.0.0.1:6379/0", ttl_s: 3600, max_connections: 8, timeout_s: 2}
-  cold: {kind: s3, endpoint: "http://127.0.0.1:8333", bucket: kv, timeout_s: 5, max_retries: 2, max_concurrency: 8}
+  local: {kind: disk, path: /tmp/kvstrata-fuzz, capacity_bytes: 64GiB,
+          cost: {latency_ms: 0.3, bandwidth_mbps: 1500}}
+  shared: {kind: redis, url: "redis://127.0.0.1:6379/0", ttl_s: 3600, max_connections: 8,
+           timeout_s: 2}
+  cold: {kind: s3, endpoint: "http://127.0.0.1:8333", bucket: kv, timeout_s: 5, max_retries: 2,
+         max_concurrency: 8}
 engine: {prefill_tokens_per_s: 150}
-orchestrator: {save_queue_chunks: 128, default_budget_ms: 1500, breaker: {failures: 5, cooldown_s: 2.5}}
+orchestrator: {save_queue_chunks: 128, default_budget_ms: 1500,
+               breaker: {failures: 5, cooldown_s: 2.5}}
 reuse: {half_life_s: 60, sketch_width: 1024, sketch_depth: 2}
 telemetry: {prometheus_port: 0}
-bandwidth: {policy: deadline, links: {cold: 1.25GB/s, shared: auto}, read_window: 2, group_tolerance: 0.005}
+bandwidth: {policy: deadline, links: {cold: 1.25GB/s, shared: auto}, read_window: 2,
+            group_tolerance: 0.005}
 codecs:
   q4: {kind: int4, group_size: 32}
 policy:
@@ -48,8 +53,10 @@ policy:
   rules:
     - name: long-rag
       priority: 3
-      match: {context_tokens: {min: 8192, max: 131072}, reuse: {min: 0.5}, budget_ms: {max: 500}, tags: [rag]}
-      route: {read: [dram, shared, cold], write: [dram, shared], admission: {shared: 2}, codec: {shared: q4}}
+      match: {context_tokens: {min: 8192, max: 131072}, reuse: {min: 0.5}, budget_ms: {max: 500},
+              tags: [rag]}
+      route: {read: [dram, shared, cold], write: [dram, shared], admission: {shared: 2},
+              codec: {shared: q4}}
 """
 
 #: Values that are wrong (or absurd) almost anywhere a scalar goes.
@@ -100,7 +107,8 @@ def value_mutations() -> list[tuple[int, str]]:
 
 
 def structural_mutations() -> list[bytes]:
-    """Damage to the file as a whole: truncation, stray bytes, nesting, bombs, duplicates, huge text."""
+    """Damage to the file as a whole: truncation, stray
+    bytes, nesting, bombs, duplicates, huge text."""
     raw = BASE.encode()
     out = [raw[:cut] for cut in range(0, len(raw), 23)]
     out += [
@@ -160,7 +168,8 @@ def corpus(tmp_path_factory) -> dict[Path, int | None]:
 
 
 def test_policy_check_never_prints_a_traceback(corpus: dict[Path, int | None]) -> None:
-    """>= 1,000 broken files through the real CLI: each broken one reported as file:line, nothing else."""
+    """>= 1,000 broken files through the real CLI: each
+    broken one reported as file:line, nothing else."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "COLUMNS": "200"}
     env = {k: v for k, v in env.items() if not k.startswith("KVSTRATA_") or k == "KVSTRATA_NO_SKIP"}
     result = subprocess.run(
@@ -321,7 +330,8 @@ BOUNDS = {
     ),
     "huge budget": (
         "orchestrator: {default_budget_ms: 1.0e+300}",
-        "orchestrator.default_budget_ms: input should be less than or equal to 3600000 (got 1e+300)",
+        "orchestrator.default_budget_ms: "
+        "input should be less than or equal to 3600000 (got 1e+300)",
     ),
     "nan prefill": (
         "engine: {prefill_tokens_per_s: .nan}",
@@ -361,7 +371,8 @@ BOUNDS = {
     ),
     "priority": (
         "policy: {rules: [{name: a, priority: 10000000000000, route: {read: [dram]}}]}",
-        "policy.rules[0].priority: input should be less than or equal to 1000000 (got 10000000000000)",
+        "policy.rules[0].priority: "
+        "input should be less than or equal to 1000000 (got 10000000000000)",
     ),
     "codec checkpoint is a device": (
         "codecs: {q: {kind: linear-ae, checkpoint: /dev/zero}}",
@@ -372,8 +383,10 @@ BOUNDS = {
         "codecs.q.checkpoint: checkpoint '/tmp' is not a regular file",
     ),
     "context": (
-        "policy: {rules: [{name: a, match: {context_tokens: {min: 10000000000000}}, route: {read: [dram]}}]}",
-        "policy.rules[0].match.context_tokens.min: input should be less than or equal to 1073741824",
+        "policy: {rules: [{name: a, match: {context_tokens: {min: 10000000000000}}, "
+        "route: {read: [dram]}}]}",
+        "policy.rules[0].match.context_tokens.min: "
+        "input should be less than or equal to 1073741824",
     ),
 }
 
@@ -410,7 +423,8 @@ def test_sizes_are_exact_and_bounded() -> None:
 
 
 def test_environment_sizes_parse_like_the_file(monkeypatch) -> None:
-    """``KVSTRATA_<KIND>_CAPACITY_BYTES=8GiB`` works as it does in YAML; a bad one names the variable."""
+    """``KVSTRATA_<KIND>_CAPACITY_BYTES=8GiB`` works as
+    it does in YAML; a bad one names the variable."""
     monkeypatch.setenv("KVSTRATA_MEMORY_CAPACITY_BYTES", "8GiB")
     monkeypatch.setenv("KVSTRATA_DISK_CAPACITY_BYTES", "1.5 TB")
     cfg = parse_config(HEAD + "  local: {kind: disk, path: /tmp/x, capacity_bytes: 1GiB}\n")

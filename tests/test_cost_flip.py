@@ -29,7 +29,8 @@ def make(redis_url: str, prefix: str) -> Orchestrator:
 version: 1
 chunk_tokens: {CHUNK}
 tiers:
-  shared: {{kind: redis, url: "{redis_url}", key_prefix: "{prefix}:", timeout_ms: 20000, timeout_s: 20}}
+  shared: {{kind: redis, url: "{redis_url}", key_prefix: "{prefix}:", timeout_ms: 20000,
+           timeout_s: 20}}
 engine: {{prefill_tokens_per_s: {PREFILL_TPS}}}
 orchestrator: {{default_budget_ms: 600000}}
 policy:

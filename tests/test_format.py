@@ -1,4 +1,5 @@
-"""Object format v3: layout, validation, and property-based corruption tests (MACs: test_auth.py)."""
+"""Object format v3: layout, validation, and property-based corruption tests
+(MACs: test_auth.py)."""
 
 from __future__ import annotations
 

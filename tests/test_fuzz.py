@@ -264,7 +264,8 @@ def _tier(kind: str, redis_server, s3_server):
 @pytest.mark.parametrize("kind", ["memory", "redis", "s3"])
 def test_damaged_and_forged_objects_in_tiers_are_misses_never_wrong_kv(kind, request) -> None:
     """Every kind of damage, stored in a real tier and read whole and by layer range: a Miss
-    (corrupt, unauthenticated, foreign or unsupported) or the genuine sections; never an exception."""
+    (corrupt, unauthenticated, foreign or unsupported)
+    or the genuine sections; never an exception."""
     redis_server = request.getfixturevalue("redis_server") if kind == "redis" else None
     s3_server = request.getfixturevalue("s3_server") if kind == "s3" else None
     tier = _tier(kind, redis_server, s3_server)

@@ -66,7 +66,8 @@ def test_bad_tokens_are_refused() -> None:
 def test_same_keys_in_another_process_with_another_hash_seed() -> None:
     code = (
         "from kvstrata.keys import Namespace, chunk_keys;"
-        f"print(','.join(str(k) for k in chunk_keys({TOKENS!r}, Namespace('smollm2-135m','float32'))))"
+        "ns = Namespace('smollm2-135m','float32');"
+        f"print(','.join(str(k) for k in chunk_keys({TOKENS!r}, ns)))"
     )
     outputs = set()
     for seed in ("1", "2", "random"):

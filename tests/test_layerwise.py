@@ -91,7 +91,7 @@ def test_each_layer_arrives_before_the_next_and_waits_never_wait_for_later_layer
             assert all(t is None for t in later), f"waiting on layer {layer} waited for a later one"
             np.testing.assert_array_equal(got[plan.chunks[0].index], kv_for(10)[layer])
         ready = handle.ready_at
-        assert all(ready[l] < ready[l + 1] for l in range(MODEL.n_layers - 1)), ready
+        assert all(ready[i] < ready[i + 1] for i in range(MODEL.n_layers - 1)), ready
         assert ready[-1] - ready[0] > 2.0, "layers were not spread over the transfer"
         assert handle.gets == MODEL.n_layers
         assert not handle.failed
@@ -105,7 +105,8 @@ def test_adaptive_groups_cut_gets_and_whole_retrieval_is_one_get_per_chunk(s3_se
     whole = orchestrator(s3_server.endpoint, s3_server, retrieval="whole")
     try:
         plan = stored_plan(orch, 3, seed=2)
-        # the engine computes 50 ms per layer; a layer's transfer is far shorter: few, growing groups
+        # the engine computes 50 ms per layer; a layer's
+        # transfer is far shorter: few, growing groups
         handle = orch.load(plan, compute_s_per_layer=0.05)
         assert handle.wait_all(60) and not handle.failed
         assert (
@@ -154,7 +155,8 @@ chunk_tokens: {CHUNK}
 tiers: {{cold: {{kind: memory}}}}
 bandwidth: {{policy: deadline, links: {{cold: 1GB/s}}}}
 policy:
-  default: {{read: [cold], write: [cold], codec: {{cold: int8}}, retrieval: layerwise, load: always}}
+  default: {{read: [cold], write: [cold], codec: {{cold: int8}}, retrieval: layerwise,
+             load: always}}
 """)
     orch = Orchestrator(cfg, MODEL)
     try:
@@ -204,7 +206,7 @@ def test_plan_groups_trades_gets_for_time_only_within_tolerance():
     assert len(groups) * 4 <= n
     best = min(pipeline.simulate(g, x, c, 0.002) for g in pipeline.candidates(n))
     assert pipeline.simulate(groups, x, c, 0.002) <= best * 1.02
-    assert [l for g in groups for l in g] == list(range(n))
+    assert [layer for g in groups for layer in g] == list(range(n))
 
 
 # -- the policies -------------------------------------------------------------------
@@ -294,7 +296,8 @@ def test_fixed_sharing_keeps_each_requests_rate_until_another_starts():
     shared, fixed = asyncio.run(finish_times("work_conserving")), asyncio.run(finish_times("fixed"))
     # both start at 10 MB/s; the small one is done at 0.1 s either way
     assert 0.08 < shared["small"] < 0.2 and 0.08 < fixed["small"] < 0.2
-    # work conserving, the large one then takes the whole link (4 MB at 20 MB/s); fixed, it keeps 10 MB/s
+    # work conserving, the large one then takes the whole
+    # link (4 MB at 20 MB/s); fixed, it keeps 10 MB/s
     assert shared["large"] < 0.26 and fixed["large"] > 0.28, (shared, fixed)
     with pytest.raises(ValueError, match="unknown sharing"):
         Link(1e6, "equal", sharing="fair")

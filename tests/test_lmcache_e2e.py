@@ -35,7 +35,8 @@ def strata_yaml(s3) -> str:
           dram:
             kind: lmcache
             capacity_bytes: 256MiB
-            cost: {{latency_ms: 0.02, bandwidth_mbps: 20000}}  # memory's prior, faster than lmcache's default
+            # memory's prior, faster than lmcache's default
+            cost: {{latency_ms: 0.02, bandwidth_mbps: 20000}}
             timeout_ms: 20000  # generous: this machine is shared, and a timeout here is a miss
           cold:
             kind: s3
@@ -50,7 +51,8 @@ def strata_yaml(s3) -> str:
         policy:
           default: {{read: [dram], write: [dram]}}
           rules:
-            - {{name: via-cold, match: {{hints: {{tier: cold}}}}, route: {{read: [cold], write: [cold]}}}}
+            - {{name: via-cold, match: {{hints: {{tier: cold}}}},
+               route: {{read: [cold], write: [cold]}}}}
         """)
 
 

@@ -100,8 +100,9 @@ def test_without_lmcache_one_clear_start_up_error(monkeypatch) -> None:
 
 def test_a_vllm_engine_can_still_start_after_lmcache_was_loaded(make_tier) -> None:
     """vLLM's worker start scans every module and calls ``vars(x).get``; LMCache pulls in
-    llvmlite, whose library object broke that scan (the tier seeds it a real ``__dict__``)."""
+    llvmlite, whose library object makes that scan raise unless the tier seeds it a real
+    ``__dict__``."""
     dispatcher = pytest.importorskip("vllm.triton_utils.dispatcher")
     make_tier("lmcache")
     assert "llvmlite.binding.ffi" in sys.modules  # the trigger is really there
-    dispatcher._rebind_kernels([])  # the scan vLLM 0.32 runs in init_worker; raised before
+    dispatcher._rebind_kernels([])  # the scan vLLM 0.32 runs in init_worker

@@ -1,4 +1,5 @@
-"""A model's identity is its weights: SmolLM2 and perturbed copies of it, through vLLM's own ModelConfig.
+"""A model's identity is its weights: SmolLM2 and
+perturbed copies of it, through vLLM's own ModelConfig.
 
 Copies of the real checkpoint live in directories with the SAME name
 (``a/smollm2``, ``b/smollm2``, ...), so anything keyed by the directory name
@@ -54,7 +55,8 @@ def _header(path: Path) -> bytes:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """original; same (identical copy); kv (k/v projections x1.05); one (one tensor changed); all named smollm2."""
+    """original; same (identical copy); kv (k/v projections
+    x1.05); one (one tensor changed); all named smollm2."""
     original = prepare_smollm2(progress=False)
     root = tmp_path_factory.mktemp("identity")
     out = {"original": original}
@@ -71,7 +73,8 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def spec_of():
-    """The connector's own ModelSpec (kvstrata.connectors.vllm_setup.model_spec) from vLLM's ModelConfig."""
+    """The connector's own ModelSpec
+    (kvstrata.connectors.vllm_setup.model_spec) from vLLM's ModelConfig."""
     from vllm.config import ModelConfig, ParallelConfig
 
     from kvstrata.connectors.vllm_setup import model_spec
@@ -103,14 +106,16 @@ def test_different_weights_in_same_named_directories_share_no_key(checkpoints, s
 
 
 def test_an_identical_copy_shares_every_key(checkpoints, spec_of) -> None:
-    """Another directory name, another file (inode, mtime): same weights, same keys -- cross-host sharing."""
+    """Another directory name, another file (inode, mtime):
+    same weights, same keys -- cross-host sharing."""
     original, same = spec_of(checkpoints["original"]), spec_of(checkpoints["same"])
     assert original.name != same.name  # smollm2-135m-instruct/... vs smollm2/...
     assert original.identity == same.identity and keys(original) == keys(same)
 
 
 def test_one_changed_tensor_is_found_though_the_header_is_unchanged(checkpoints) -> None:
-    """A fine-tune of one tensor keeps every shape and offset: only sampling every tensor catches it."""
+    """A fine-tune of one tensor keeps every shape and
+    offset: only sampling every tensor catches it."""
     a, b = checkpoints["same"] / "model.safetensors", checkpoints["one"] / "model.safetensors"
     assert _header(a) == _header(b) and a.stat().st_size == b.stat().st_size
     assert checkpoint_fingerprint(a) != checkpoint_fingerprint(b)
@@ -178,7 +183,8 @@ def test_hub_models_are_named_by_their_snapshot_commit(tmp_path, monkeypatch) ->
 
 @pytest.mark.slow
 def test_a_shared_store_never_serves_one_checkpoints_kv_to_another(checkpoints, tmp_path) -> None:
-    """The issue's scenario, through vLLM: three engines in turn on one disk store, 1,000-token prompt.
+    """The issue's scenario, through vLLM: three engines
+    in turn on one disk store, 1,000-token prompt.
 
     ``same/smollm2`` writes; ``kv/smollm2`` (same directory name, k/v projections scaled) must load
     nothing; the original (another directory name, the same weights) must load every whole chunk.
@@ -188,7 +194,8 @@ def test_a_shared_store_never_serves_one_checkpoints_kv_to_another(checkpoints, 
 
     config = tmp_path / "strata.yaml"
     config.write_text(
-        f'version: 1\nchunk_tokens: 256\ntiers:\n  local: {{kind: disk, path: "{tmp_path / "kv"}"}}\n'
+        "version: 1\nchunk_tokens: 256\ntiers:\n"
+        f'  local: {{kind: disk, path: "{tmp_path / "kv"}"}}\n'
         "policy:\n  default: {read: [local], write: [local]}\n"
     )
     runs = {}

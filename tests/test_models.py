@@ -49,7 +49,8 @@ def test_default_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 def test_prepared_dir_is_reused_without_heavy_imports(tmp_path: Path) -> None:
     target = _fake_prepared(tmp_path / "model")
     code = (
-        "import sys, time; from pathlib import Path; from kvstrata.offline.convert import prepare_smollm2\n"
+        "import sys, time; from pathlib import Path\n"
+        "from kvstrata.offline.convert import prepare_smollm2\n"
         "t = time.monotonic(); p = prepare_smollm2(Path(sys.argv[1])); dt = time.monotonic() - t\n"
         "heavy = [m for m in ('torch', 'transformers', 'gguf') if m in sys.modules]\n"
         "print(p, dt, heavy)\n"
@@ -161,7 +162,8 @@ def test_concurrent_prepare_converts_once(tmp_path: Path) -> None:
     _need_conversion_deps()
     target = tmp_path / "shared" / "smollm2"
     code = (
-        "import sys; from pathlib import Path; from kvstrata.offline.convert import prepare_smollm2\n"
+        "import sys; from pathlib import Path\n"
+        "from kvstrata.offline.convert import prepare_smollm2\n"
         "print(prepare_smollm2(Path(sys.argv[1]), progress=True))\n"
     )
     env = {
@@ -180,7 +182,7 @@ def test_concurrent_prepare_converts_once(tmp_path: Path) -> None:
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=280) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]
         assert out.strip() == str(target)
     assert models.is_prepared(target)

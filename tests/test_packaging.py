@@ -31,7 +31,8 @@ def test_plain_pip_installs_the_core_package_in_a_fresh_venv(tmp_path: Path) -> 
             python,
             "-c",
             "import kvstrata, kvstrata.orchestrator, kvstrata.cli.main; "
-            "import importlib.util as u; print(u.find_spec('torch') is None, u.find_spec('vllm') is None)",
+            "import importlib.util as u; "
+            "print(u.find_spec('torch') is None, u.find_spec('vllm') is None)",
         ],
         capture_output=True,
         text=True,

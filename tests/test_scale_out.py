@@ -45,7 +45,9 @@ PROMPTS = {
     "c": (93000, "shared"),
 }
 
-ENGINE = """
+ENGINE = (
+    f"PROMPT_TOKENS, CHUNK = {PROMPT_TOKENS}, {CHUNK}\n"
+    + """
 import json, sys
 from kvstrata.telemetry import exporter
 from kvstrata.offline.runner import generate, make_llm, text_tokens
@@ -59,7 +61,10 @@ if __name__ == "__main__":
     llm = make_llm(sys.argv[1], sys.argv[2], kv_cache_gib=1)
     prompts = json.loads(sys.argv[3])
     tok = llm.get_tokenizer()
-    ids = {name: text_tokens(tok, %d, offset=offset) for name, (offset, _) in prompts.items()}
+    ids = {
+        name: text_tokens(tok, PROMPT_TOKENS, offset=offset)
+        for name, (offset, _) in prompts.items()
+    }
     (orch,) = shared_orchestrators()
     (service,) = exporter.services()
     print("READY " + json.dumps({"url": service.url, "ids": ids}), flush=True)
@@ -69,7 +74,7 @@ if __name__ == "__main__":
             break
         if cmd["op"] == "keys":
             from kvstrata.keys import chunk_keys
-            keys = chunk_keys(ids[cmd["name"]], orch.model.namespace(), %d)
+            keys = chunk_keys(ids[cmd["name"]], orch.model.namespace(), CHUNK)
             out = [orch.tiers["shared"]._name(k) for k in keys]
         else:
             out = {}
@@ -80,7 +85,8 @@ if __name__ == "__main__":
             assert flush_shared(120)
             out = {"results": out, "bad_objects": bad_objects(orch)}
         print("RESULT " + json.dumps(out), flush=True)
-""" % (PROMPT_TOKENS, CHUNK)
+"""
+)
 
 
 def strata_yaml(cluster_url: str, s3) -> str:
@@ -101,8 +107,10 @@ def strata_yaml(cluster_url: str, s3) -> str:
         policy:
           default: {{read: [shared], write: [shared]}}
           rules:
-            - {{name: via-shared, match: {{hints: {{tier: shared}}}}, route: {{read: [shared], write: [shared]}}}}
-            - {{name: via-cold, match: {{hints: {{tier: cold}}}}, route: {{read: [cold], write: [cold]}}}}
+            - {{name: via-shared, match: {{hints: {{tier: shared}}}},
+               route: {{read: [shared], write: [shared]}}}}
+            - {{name: via-cold, match: {{hints: {{tier: cold}}}},
+               route: {{read: [cold], write: [cold]}}}}
         """)
 
 

@@ -54,8 +54,10 @@ def config_text(redis_url: str, s3, extra: str = "") -> str:
         policy:
           default: {{read: {READ}, write: [dram], load: always}}
           rules:
-            - {{name: to-shared, match: {{hints: {{to: shared}}}}, route: {{read: {READ}, write: [shared], load: always}}}}
-            - {{name: to-cold, match: {{hints: {{to: cold}}}}, route: {{read: {READ}, write: [cold], load: always}}}}
+            - {{name: to-shared, match: {{hints: {{to: shared}}}},
+               route: {{read: {READ}, write: [shared], load: always}}}}
+            - {{name: to-cold, match: {{hints: {{to: cold}}}},
+               route: {{read: {READ}, write: [cold], load: always}}}}
         """)
 
 
@@ -113,7 +115,8 @@ def workload(redis_server, s3_server):
         "cold": 96
     }  # the engine held chunk 0; promoted to dram
     t = orch.telemetry
-    # a load's accounting and promotions run after the engine got its data: wait for them to be queued
+    # a load's accounting and promotions run after the
+    # engine got its data: wait for them to be queued
     eventually(lambda: t.value("kvstrata_tokens_total", source="cold") == 96)
     eventually(
         lambda: t.value("kvstrata_chunk_moves_total", kind="promote", src="cold", dst="dram") == 3
@@ -158,7 +161,8 @@ def test_counters_are_exact(workload: Orchestrator) -> None:
         assert v("kvstrata_tier_ops_total", tier=tier, op="read_chunk", result="hit") == chunks
         assert v("kvstrata_tier_bytes_total", tier=tier, direction="read") == chunks * RAW_CHUNK
     assert v("kvstrata_load_seconds_count") == 3
-    # writes: dram got A's 3 chunks and 5 promotions, shared B's 2, cold C's 4 -- all one object size
+    # writes: dram got A's 3 chunks and 5 promotions,
+    # shared B's 2, cold C's 4 -- all one object size
     promoted = {"shared": 2, "cold": 3}
     for src, n in promoted.items():
         assert v("kvstrata_chunk_moves_total", kind="promote", src=src, dst="dram") == n

@@ -55,7 +55,8 @@ def setup(tmp_path_factory, redis_server) -> tuple[Path, Path]:
         policy:
           default: {{read: [dram], write: [dram]}}
           rules:
-            - {{name: via-shared, match: {{hints: {{tier: shared}}}}, route: {{read: [shared], write: [shared]}}}}
+            - {{name: via-shared, match: {{hints: {{tier: shared}}}},
+               route: {{read: [shared], write: [shared]}}}}
         """)
     )
     return config, tmp / "snapshot-scheduler+worker.json"
@@ -63,7 +64,8 @@ def setup(tmp_path_factory, redis_server) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def served(setup):
-    """Runs the workload once: each prompt stored, then served from its tier; shuts the engine down after."""
+    """Runs the workload once: each prompt stored, then
+    served from its tier; shuts the engine down after."""
     from vllm.distributed.kv_transfer import ensure_kv_transfer_shutdown, has_kv_transfer_group
 
     config, _ = setup
@@ -76,7 +78,8 @@ def served(setup):
         yield llm, _workload(llm)
     finally:
         telemetry = _service()[0].telemetry
-        llm.llm_engine.engine_core._finalizer()  # both roles' connectors shut down: the orchestrator closes
+        # both roles' connectors shut down: the orchestrator closes
+        llm.llm_engine.engine_core._finalizer()
         if has_kv_transfer_group():
             ensure_kv_transfer_shutdown()
         exporter.stop(telemetry)
@@ -145,7 +148,8 @@ def test_stats_command_from_the_exporter_and_a_snapshot(served, setup) -> None:
         result = CliRunner().invoke(stats_app, ["stats", *args], env={"COLUMNS": "200"})
         assert result.exit_code == 0, result.output
         table = _table(result.output)
-        # tier, lookups, hit rate, hit tokens: each tier was asked about 5 chunks twice, and had them once
+        # tier, lookups, hit rate, hit tokens: each tier
+        # was asked about 5 chunks twice, and had them once
         assert table["dram"][1:4] == ["10", "50.0%", f"{HIT:,}"], result.output
         assert table["shared"][1:4] == ["10", "50.0%", f"{HIT:,}"], result.output
 

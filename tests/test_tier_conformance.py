@@ -25,17 +25,17 @@ ALL_RANGES = [range(a, b) for a in range(N_LAYERS) for b in range(a + 1, N_LAYER
 async def test_round_trip_every_layer_range_is_bit_exact(tier: Tier) -> None:
     keys = make_keys(3)
     objects = [make_object(k, N_LAYERS, seed=i) for i, k in enumerate(keys)]
-    result = await tier.put([(k, blob) for k, (blob, _) in zip(keys, objects)])
+    result = await tier.put([(k, blob) for k, (blob, _) in zip(keys, objects, strict=True)])
     assert result.stored == 3
 
     whole = await tier.get(keys)
-    for fetched, (blob, sections) in zip(whole, objects):
+    for fetched, (_, sections) in zip(whole, objects, strict=True):
         assert isinstance(fetched, Hit)
         assert [bytes(fetched.obj.layers[i]) for i in range(N_LAYERS)] == sections
 
     for layers in ALL_RANGES:
         fetched = await tier.get(keys, layers=layers)
-        for got, (_, sections) in zip(fetched, objects):
+        for got, (_, sections) in zip(fetched, objects, strict=True):
             assert isinstance(got, Hit), (layers, got)
             assert sorted(got.obj.layers) == list(layers)
             assert all(bytes(got.obj.layers[i]) == sections[i] for i in layers)

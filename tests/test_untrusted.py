@@ -237,15 +237,15 @@ async def test_one_truncated_object_in_a_batch_of_16_loses_exactly_that_object(
         if fresh:
             tier._forget(victim)
         fetched = await tier.get(keys, layers=late)
-        assert [k for k, f in zip(keys, fetched) if not isinstance(f, Hit)] == [victim]
+        assert [k for k, f in zip(keys, fetched, strict=True) if not isinstance(f, Hit)] == [victim]
         assert fetched[5].reason == "corrupt" and "truncated" in fetched[5].detail
-        for k, f in zip(keys, fetched):
+        for k, f in zip(keys, fetched, strict=True):
             if k != victim:
                 assert [bytes(f.obj.layers[i]) for i in late] == objects[k][1][2:]
     # layers still present are still served; a whole get is the same single miss
     assert isinstance((await tier.get([victim], layers=range(0, 2)))[0], Hit)
     whole = await tier.get(keys)
-    assert [k for k, f in zip(keys, whole) if not isinstance(f, Hit)] == [victim]
+    assert [k for k, f in zip(keys, whole, strict=True) if not isinstance(f, Hit)] == [victim]
 
 
 def test_a_truncated_s3_object_costs_one_chunk_not_the_batch_or_the_breaker(orch_with) -> None:

@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 
+from kvstrata.keys import chunk_keys
+from kvstrata.offline.convert import prepare_smollm2
+from kvstrata.offline.runner import generate, running_llm, text_tokens
+from kvstrata.orchestrator import flush_shared, shared_orchestrators
+from kvstrata.testing import services as svc
+
 vllm = pytest.importorskip(
     "vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)"
 )
-
-from kvstrata.keys import chunk_keys  # noqa: E402
-from kvstrata.offline.convert import prepare_smollm2  # noqa: E402
-from kvstrata.offline.runner import generate, running_llm, text_tokens  # noqa: E402
-from kvstrata.orchestrator import flush_shared, shared_orchestrators  # noqa: E402
-from kvstrata.testing import services as svc  # noqa: E402
 
 PROMPT_TOKENS = 1500
 HIT = (PROMPT_TOKENS - 1) // 256 * 256  # whole chunks; vLLM computes the last token itself
@@ -37,10 +37,12 @@ TIERS = {"memory": "dram", "disk": "local", "redis": "shared", "s3": "cold"}
 def strata_yaml(tmp: Path, redis_url: str, s3, fragile_url: str) -> str:
     rules = (
         "\n".join(
-            f"    - {{name: via-{name}, match: {{hints: {{tier: {name}}}}}, route: {{read: [{name}], write: [{name}]}}}}"
+            f"    - {{name: via-{name}, match: {{hints: {{tier: {name}}}}},"
+            f" route: {{read: [{name}], write: [{name}]}}}}"
             for name in ["local", "shared", "cold", "fragile"]
         )
-        + "\n    - {name: via-both, match: {hints: {tier: both}}, route: {read: [dram, local], write: [dram, local]}}"
+        + "\n    - {name: via-both, match: {hints: {tier: both}},"
+        " route: {read: [dram, local], write: [dram, local]}}"
         + "\n    - {name: via-cold-layerwise, match: {hints: {tier: cold-layerwise}},"
         " route: {read: [cold], write: [cold], retrieval: layerwise}}"
     )
@@ -52,7 +54,8 @@ def strata_yaml(tmp: Path, redis_url: str, s3, fragile_url: str) -> str:
           dram: {{kind: memory, capacity_bytes: 1GiB}}
           local: {{kind: disk, path: "{tmp / "disk"}"}}
           shared: {{kind: redis, url: "{redis_url}", key_prefix: "e2e:"}}
-          fragile: {{kind: redis, url: "{fragile_url}", key_prefix: "e2e:", timeout_ms: 1000, timeout_s: 1}}
+          fragile: {{kind: redis, url: "{fragile_url}", key_prefix: "e2e:", timeout_ms: 1000,
+                     timeout_s: 1}}
           cold:
             kind: s3
             endpoint: "{s3.endpoint}"
@@ -106,17 +109,20 @@ OFFSETS = {
 }
 
 REFERENCE = (
-    """
+    f"PROMPT_TOKENS = {PROMPT_TOKENS}\n"
+    + """
 import json, sys
 from kvstrata.offline.runner import generate, make_llm, text_tokens
 if __name__ == "__main__":
     llm = make_llm(sys.argv[1], connector=False, kv_cache_gib=1)
     offsets = json.loads(sys.argv[2])
     tok = llm.get_tokenizer()
-    out = {name: list(generate(llm, text_tokens(tok, %d, offset=o), 16).token_ids) for name, o in offsets.items()}
+    out = {
+        name: list(generate(llm, text_tokens(tok, PROMPT_TOKENS, offset=o), 16).token_ids)
+        for name, o in offsets.items()
+    }
     print("RESULT " + json.dumps(out))
 """
-    % PROMPT_TOKENS
 )
 
 
@@ -233,9 +239,12 @@ def test_an_s3_route_loads_layer_by_layer_through_the_bandwidth_scheduler(llm, r
     generate(llm, ids, 16, kv_params=hints)
     assert flush_shared(60)
     (orch,) = shared_orchestrators()
-    gets = lambda: orch.telemetry.value(
-        "kvstrata_tier_ops_total", tier="cold", op="read_range", result="issued"
-    )  # noqa: E731
+
+    def gets() -> float:
+        return orch.telemetry.value(
+            "kvstrata_tier_ops_total", tier="cold", op="read_range", result="issued"
+        )
+
     served = orch.links["cold"].served_bytes
     before = gets()
     again = generate(llm, ids, 16, kv_params=hints)
@@ -257,8 +266,11 @@ if __name__ == "__main__":
     model, config, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     llm = make_llm(model, config, kv_cache_gib=1)
     out = {tier: generate(llm, ids, 16, kv_params={"tier": tier}) for tier, ids in prompts.items()}
-    print("RESULT " + json.dumps({t: [r.num_cached_tokens, r.kvstrata["loaded_tokens"], list(r.token_ids)]
-                                  for t, r in out.items()}))
+    result = {
+        t: [r.num_cached_tokens, r.kvstrata["loaded_tokens"], list(r.token_ids)]
+        for t, r in out.items()
+    }
+    print("RESULT " + json.dumps(result))
 """
 
 

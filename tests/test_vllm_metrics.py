@@ -1,4 +1,5 @@
-"""kvstrata's families through vLLM's metrics path, without an engine: outbox -> stats -> Prometheus.
+"""kvstrata's families through vLLM's metrics path,
+without an engine: outbox -> stats -> Prometheus.
 
 Real prometheus_client metrics in a private registry stand in for vLLM's
 front end; the orchestrator and its tiers are real. And the Grafana

@@ -1,4 +1,5 @@
-"""The DRAM pool's journal (worker) and index (scheduler), without an engine: real tiers, real keys."""
+"""The DRAM pool's journal (worker) and index
+(scheduler), without an engine: real tiers, real keys."""
 
 from __future__ import annotations
 

@@ -128,7 +128,8 @@ def server(model_dir, tmp_path_factory):
         """)
     )
     kvstrata = Path(sys.executable).with_name("kvstrata")  # the console script setup installs
-    # vLLM's defaults: not what an offline engine earlier in this process set (kvstrata.offline.runner.make_llm:
+    # vLLM's defaults: not what an offline engine earlier in this process set
+    # (kvstrata.offline.runner.make_llm:
     # single-process mode, and a thread binding "all" that multiprocess mode cannot parse)
     env = {
         k: v
@@ -173,8 +174,8 @@ def server(model_dir, tmp_path_factory):
         env,
         tmp / "server.log",
     )
-    # the KV events subscriber binds before the server starts: vLLM's publisher (its endpoint names a
-    # host, so it connects) finds it there from its first event on
+    # the KV events subscriber binds before the server starts: vLLM's publisher (its endpoint names
+    # a host, so it connects) finds it there from its first event on
     import zmq
 
     context = zmq.Context()
@@ -225,7 +226,8 @@ def test_repeated_prompt_is_served_from_dram_in_multiprocess_mode(server, tokeni
 
 
 def _samples(text: str, name: str) -> dict[str, float]:
-    """``{source or tier label: value}`` of one family on vLLM's /metrics (summed over other labels)."""
+    """``{source or tier label: value}`` of one family
+    on vLLM's /metrics (summed over other labels)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out: dict[str, float] = {}
@@ -268,7 +270,8 @@ def test_kvstrata_metrics_are_on_vllms_metrics(server, tokenizer) -> None:
 
 
 def test_kv_events_name_kvstratas_tier_as_medium(server, tokenizer) -> None:
-    """BlockStored events for the prompt's blocks, one per chunk and tier, with vLLM's block hashes."""
+    """BlockStored events for the prompt's blocks, one
+    per chunk and tier, with vLLM's block hashes."""
     import msgspec
     from vllm.distributed.kv_events import BlockStored, KVEventBatch
 

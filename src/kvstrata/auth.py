@@ -100,7 +100,8 @@ def section_tag(section_key: bytes, section: bytes | memoryview) -> bytes:
 
 
 def header_mac(header_key: bytes, header: bytes | memoryview) -> bytes:
-    """The 32-byte MAC of a header's bytes (everything before the MAC) under a namespace's header key."""
+    """The 32-byte MAC of a header's bytes (everything
+    before the MAC) under a namespace's header key."""
     return blake3.blake3(header, key=header_key).digest(HEADER_MAC_BYTES)
 
 

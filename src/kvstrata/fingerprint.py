@@ -76,7 +76,8 @@ _memo_lock = threading.Lock()
 
 
 def model_label(model: str, hf_config: Any) -> str:
-    """The human name of a model: its directory's or hub name's last component, architecture and sizes."""
+    """The human name of a model: its directory's or hub
+    name's last component, architecture and sizes."""
     return "/".join([os.path.basename(model.rstrip("/")), _shape(hf_config)])
 
 
@@ -127,7 +128,8 @@ def model_identity(model: str, hf_config: Any, revision: str | None = None) -> s
 
 
 def hub_commit(repo_id: str, revision: str | None = None) -> str | None:
-    """The commit ``revision`` of hub model ``repo_id`` resolves to in the local cache (no network), or None."""
+    """The commit ``revision`` of hub model ``repo_id``
+    resolves to in the local cache (no network), or None."""
     if revision and _COMMIT.match(revision):
         return revision
     try:
@@ -143,7 +145,8 @@ def hub_commit(repo_id: str, revision: str | None = None) -> str | None:
 
 
 def _snapshot_commit(path: Path) -> str | None:
-    """``<commit>`` if ``path`` is a Hugging Face cache snapshot (``models--org--name/snapshots/<commit>``)."""
+    """``<commit>`` if ``path`` is a Hugging Face cache snapshot
+    (``models--org--name/snapshots/<commit>``)."""
     try:
         parts = path.resolve().parts
     except OSError:
@@ -215,7 +218,8 @@ def _hash_file(h, path: Path) -> None:
 
 
 def _safetensors_ranges(fd: int, size: int) -> list[tuple[int, int, int]] | None:
-    """[(start, end, blocks)]: the header whole, then every tensor's byte range; None if not safetensors."""
+    """[(start, end, blocks)]: the header whole, then
+    every tensor's byte range; None if not safetensors."""
     head = os.pread(fd, 8, 0)
     n = int.from_bytes(head, "little") if len(head) == 8 else -1
     if not 0 < n <= min(_MAX_HEADER, size - 8):
@@ -243,7 +247,8 @@ def _safetensors_ranges(fd: int, size: int) -> list[tuple[int, int, int]] | None
 
 
 def _offsets(start: int, end: int, blocks: int) -> list[int]:
-    """``blocks`` offsets of SAMPLE_BYTES-blocks spread evenly over [start, end) (all of it if it is short)."""
+    """``blocks`` offsets of SAMPLE_BYTES-blocks spread
+    evenly over [start, end) (all of it if it is short)."""
     length = end - start
     if length <= blocks * SAMPLE_BYTES:
         return list(range(start, end, SAMPLE_BYTES))

@@ -363,7 +363,7 @@ def header_length(prefix: bytes | memoryview, keyring: Keyring | None = None) ->
 def decode_header(buf: bytes | memoryview, keyring: Keyring | None = None) -> Header:
     """Parse and verify the header at the start of ``buf`` (the body may be absent).
 
-    The MAC (v2) or checksum (v1) is checked before any other field is parsed.
+    The MAC (v2, v3) or checksum (v1) is checked before any other field is parsed.
     """
     view = memoryview(buf)
     header_len = header_length(view, keyring)
@@ -371,23 +371,7 @@ def decode_header(buf: bytes | memoryview, keyring: Keyring | None = None) -> He
         raise FormatError(f"truncated header: need {header_len} bytes, have {len(view)}")
     version = _PREAMBLE.unpack_from(view)[1]
     entry, trailer = _table_entry(version)
-    body_tag = None
-    if version == 1:
-        key = None
-        (stored,) = _CHECKSUM_V1.unpack_from(view, header_len - trailer)
-        if checksum(view[: header_len - trailer]) != stored:
-            raise FormatError("header checksum mismatch")
-    else:
-        key, header_key = (keyring or auth.NO_SECRET).keys(
-            bytes(view[_NAMESPACE_AT : _NAMESPACE_AT + 32])
-        )
-        expected = auth.header_mac(header_key, view[: header_len - _MAC_BYTES])
-        if not auth.same(expected, view[header_len - _MAC_BYTES : header_len]):
-            raise Unauthenticated(
-                "header MAC does not verify (not written with this deployment's secret, or damaged)"
-            )
-        if version >= 3:
-            body_tag = bytes(view[header_len - trailer : header_len - _MAC_BYTES])
+    key, body_tag = _verify_header(view, header_len, version, keyring)
     (
         codec,
         dtype,
@@ -423,6 +407,31 @@ def decode_header(buf: bytes | memoryview, keyring: Keyring | None = None) -> He
     )
     _check_table(sections, header_len)
     return Header(meta, sections, header_len, bytes(view[:header_len]), key, body_tag)
+
+
+def _verify_header(
+    view: memoryview, header_len: int, version: int, keyring: Keyring | None
+) -> tuple[bytes | None, bytes | None]:
+    """Check the header's checksum (v1) or MAC (v2, v3) before anything else is parsed.
+
+    Returns the namespace's section key (None for v1) and the body tag (v3 only).
+    """
+    if version == 1:
+        (stored,) = _CHECKSUM_V1.unpack_from(view, header_len - _CHECKSUM_V1.size)
+        if checksum(view[: header_len - _CHECKSUM_V1.size]) != stored:
+            raise FormatError("header checksum mismatch")
+        return None, None
+    key, header_key = (keyring or auth.NO_SECRET).keys(
+        bytes(view[_NAMESPACE_AT : _NAMESPACE_AT + 32])
+    )
+    expected = auth.header_mac(header_key, view[: header_len - _MAC_BYTES])
+    if not auth.same(expected, view[header_len - _MAC_BYTES : header_len]):
+        raise Unauthenticated(
+            "header MAC does not verify (not written with this deployment's secret, or damaged)"
+        )
+    if version < 3:
+        return key, None
+    return key, bytes(view[header_len - _MAC_BYTES - _BODY_TAG_BYTES : header_len - _MAC_BYTES])
 
 
 def _table_entry(version: int) -> tuple[struct.Struct, int]:

@@ -40,7 +40,8 @@ from kvstrata.policy.route import RequestContext
 
 @dataclass(frozen=True)
 class TierPrefix:
-    """One read tier's share: ``tokens`` leading tokens held (whole chunks, from ``skip_tokens``)."""
+    """One read tier's share: ``tokens`` leading tokens
+    held (whole chunks, from ``skip_tokens``)."""
 
     tier: str
     tokens: int
@@ -133,50 +134,10 @@ async def probe(
             empty, reason="route does not load" if route.load == "never" else "nothing to load"
         )
 
-    held: dict[str, list[bool]] = {}
-    for tier in route.read:
-        codec = route.codec_for(tier)
-        wanted = list(keys[codec][first:last])
-        answer = await orch.calls.call(tier, "contains", lambda t, w=wanted: t.contains(w))
-        held[tier] = list(value_or(answer, [False] * (last - first)))
-    prefixes = []
-    for tier in route.read:
-        n = next((i for i, present in enumerate(held[tier]) if not present), len(held[tier]))
-        moved = n * chunk_bytes * orch.cost.stored_fraction(route.codec_for(tier))
-        prefixes.append(
-            TierPrefix(
-                tier,
-                n * chunk,
-                n,
-                orch.cost.read_s(tier, moved) if n else 0.0,
-                orch.cost.recompute_s(n * chunk),
-            )
-        )
-
-    run: list[str] = []  # the tier each chunk would come from: the first read tier holding it
-    for i in range(last - first):
-        tier = next((t for t in route.read if held[t][i]), None)
-        if tier is None:
-            break
-        run.append(tier)
-    if route.load == "always":
-        n, load_s, ttft_s, reason = len(run), float("nan"), float("nan"), "route always loads"
-    else:
-        budget = (
-            ctx.budget_ms
-            if ctx.budget_ms is not None
-            else orch.config.orchestrator.default_budget_ms
-        )
-        choice = orch.cost.choose(
-            run,
-            chunk,
-            chunk_bytes,
-            rest,
-            budget / 1e3,
-            route.retrieval == "layerwise",
-            codecs={t: route.codec_for(t) for t in route.read},
-        )
-        n, load_s, ttft_s, reason = choice.chunks, choice.load_s, choice.ttft_s, choice.reason
+    held = await _held(orch, route, keys, first, last)
+    prefixes = _prefixes(orch, route, held, chunk, chunk_bytes)
+    run = _run(route, held, last - first)
+    n, load_s, ttft_s, reason = _choose(orch, ctx, route, run, chunk, chunk_bytes, rest)
     plan: dict[str, int] = {}
     for i, tier in enumerate(run[:n], start=first):  # as Plan.tokens_by_tier counts them
         plan[tier] = plan.get(tier, 0) + (i + 1) * chunk - max(i * chunk, skip_tokens)
@@ -192,6 +153,66 @@ async def probe(
         recompute_all,
         reason,
     )
+
+
+async def _held(orch, route, keys, first: int, last: int) -> dict[str, list[bool]]:
+    """Per read tier, which of chunks ``[first, last)`` it holds (a failed call: none)."""
+    held: dict[str, list[bool]] = {}
+    for tier in route.read:
+        codec = route.codec_for(tier)
+        wanted = list(keys[codec][first:last])
+        answer = await orch.calls.call(tier, "contains", lambda t, w=wanted: t.contains(w))
+        held[tier] = list(value_or(answer, [False] * (last - first)))
+    return held
+
+
+def _run(route, held: dict[str, list[bool]], n: int) -> list[str]:
+    """The tier each of the ``n`` chunks would come from (the first read tier holding it), up to
+    the first chunk none holds."""
+    run: list[str] = []
+    for i in range(n):
+        tier = next((t for t in route.read if held[t][i]), None)
+        if tier is None:
+            break
+        run.append(tier)
+    return run
+
+
+def _prefixes(orch, route, held, chunk: int, chunk_bytes: int) -> list[TierPrefix]:
+    """Each read tier's own leading run of chunks, with its load and recompute estimates."""
+    prefixes = []
+    for tier in route.read:
+        n = next((i for i, present in enumerate(held[tier]) if not present), len(held[tier]))
+        moved = n * chunk_bytes * orch.cost.stored_fraction(route.codec_for(tier))
+        prefixes.append(
+            TierPrefix(
+                tier,
+                n * chunk,
+                n,
+                orch.cost.read_s(tier, moved) if n else 0.0,
+                orch.cost.recompute_s(n * chunk),
+            )
+        )
+    return prefixes
+
+
+def _choose(orch, ctx, route, run, chunk: int, chunk_bytes: int, rest: int):
+    """``(chunks, load_s, ttft_s, reason)``: how much of ``run`` the route's load rule takes."""
+    if route.load == "always":
+        return len(run), float("nan"), float("nan"), "route always loads"
+    budget = (
+        ctx.budget_ms if ctx.budget_ms is not None else orch.config.orchestrator.default_budget_ms
+    )
+    choice = orch.cost.choose(
+        run,
+        chunk,
+        chunk_bytes,
+        rest,
+        budget / 1e3,
+        route.retrieval == "layerwise",
+        codecs={t: route.codec_for(t) for t in route.read},
+    )
+    return choice.chunks, choice.load_s, choice.ttft_s, choice.reason
 
 
 def lookup(
@@ -211,7 +232,8 @@ def lookup(
 def context(
     cache_salt: str | None = None, params: Mapping | None = None, model: str = ""
 ) -> RequestContext:
-    """The request context vLLM would build from a request's ``cache_salt`` and ``kv_transfer_params``."""
+    """The request context vLLM would build from a
+    request's ``cache_salt`` and ``kv_transfer_params``."""
     params = dict(params or {})
     budget = _as_float(params.pop("budget_ms", None))
     tags = params.pop("tags", None) or ()

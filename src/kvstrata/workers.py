@@ -38,7 +38,8 @@ T = TypeVar("T")
 
 
 class WorkersBusy(RuntimeError):
-    """Every thread of the pool is busy and its queue is full (the backend is stuck or overloaded)."""
+    """Every thread of the pool is busy and its queue
+    is full (the backend is stuck or overloaded)."""
 
 
 class Workers:
@@ -79,7 +80,8 @@ class Workers:
         return future
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` in a pool thread, awaited; cancelling the await drops a call not yet started."""
+        """``fn(*args)`` in a pool thread, awaited;
+        cancelling the await drops a call not yet started."""
         return await asyncio.wrap_future(self.submit(fn, *args))
 
     def _serve(self) -> None:

@@ -98,28 +98,51 @@ def train(
     ),
 ) -> None:
     """Capture KV from SmolLM2 and train per-layer K/V codecs; print the checkpoint's sha256."""
-    import numpy as np
+    out = _checked_options(kind, out, k_bytes, v_bytes, latent)
+    started = time.perf_counter()
+    model, train_kv, held_kv = _capture(model_dir, sequences, heldout_sequences, seq_len)
+    train_tokens = len(train_kv) * seq_len
+    if kind == "autoencoder":
+        fit = dict(latent=latent, hidden=hidden, steps=steps, batch=batch, lr=lr, seed=seed)
+        _train_autoencoder(train_kv, held_kv, out, fit, train_tokens, started)
+        return
+    meta = {
+        "model": "SmolLM2-135M-Instruct",
+        "corpus": "pydoc_data.topics[:70%]",
+        "train_tokens": train_tokens,
+        "sequences": sequences,
+        "seq_len": seq_len,
+    }
+    for kb, vb in zip(k_bytes, v_bytes, strict=True):
+        path = out or default_linear_checkpoint(kb, vb, derotate)
+        fit = dict(k_bytes=kb, v_bytes=vb, derotate=derotate, max_vectors=max_vectors, seed=seed)
+        _train_linear(model, train_kv, held_kv, path, fit, meta, started)
 
-    from kvstrata.compression import autoencoder
-    from kvstrata.offline import capture
 
+def _checked_options(
+    kind: str, out: Path | None, k_bytes: list[int], v_bytes: list[int], latent: int
+) -> Path | None:
+    """``out`` (the autoencoder's default filled in); BadParameter for options that clash."""
     if kind not in ("linear-ae", "autoencoder"):
         raise typer.BadParameter(f"--kind must be linear-ae or autoencoder, not {kind!r}")
-    if kind == "linear-ae":
-        if len(k_bytes) != len(v_bytes):
-            raise typer.BadParameter("give --k-bytes and --v-bytes the same number of times")
-        if out is not None and len(k_bytes) > 1:
-            raise typer.BadParameter(
-                "--out names one checkpoint: give one --k-bytes/--v-bytes pair"
-            )
-    else:
-        out = out or default_checkpoint(latent)
+    if kind == "autoencoder":
+        return out or default_checkpoint(latent)
+    if len(k_bytes) != len(v_bytes):
+        raise typer.BadParameter("give --k-bytes and --v-bytes the same number of times")
+    if out is not None and len(k_bytes) > 1:
+        raise typer.BadParameter("--out names one checkpoint: give one --k-bytes/--v-bytes pair")
+    return out
+
+
+def _capture(model_dir: Path | None, sequences: int, heldout_sequences: int, seq_len: int):
+    """(model, training KV, held-out KV): each KV ``[L, 2, T, H, D]`` per captured sequence."""
     import torch
 
-    # one torch thread: the captured KV -- and so the checkpoint -- must not depend on the core count
-    # (numpy's BLAS: run with OPENBLAS_NUM_THREADS=1 for bit-identical linear-ae fits)
+    from kvstrata.offline import capture
+
+    # one torch thread: the captured KV -- and so the checkpoint -- must not depend on the core
+    # count (numpy's BLAS: run with OPENBLAS_NUM_THREADS=1 for bit-identical linear-ae fits)
     torch.set_num_threads(1)
-    started = time.perf_counter()
     console.print("loading SmolLM2-135M (transformers, fp32) ...")
     model, tok = capture.load_model(model_dir)
     train_ids = capture.sequences(tok, "train", sequences, seq_len)
@@ -133,29 +156,18 @@ def train(
         for ids in held_ids:
             held_kv.append(capture.capture(model, ids))
             bar.advance(task)
+    return model, train_kv, held_kv
+
+
+def _train_autoencoder(
+    train_kv, held_kv, out: Path, fit: dict, train_tokens: int, started: float
+) -> None:
+    """Fit the per-head MLP autoencoders (``fit``: their hyperparameters), save and report."""
+    import numpy as np
+
+    from kvstrata.compression import autoencoder
+
     n_layers, _, _, heads, head_dim = train_kv[0].shape
-    if kind == "linear-ae":
-        for kb, vb in zip(k_bytes, v_bytes):
-            _train_linear(
-                model,
-                train_kv,
-                held_kv,
-                out or default_linear_checkpoint(kb, vb, derotate),
-                k_bytes=kb,
-                v_bytes=vb,
-                derotate=derotate,
-                max_vectors=max_vectors,
-                seed=seed,
-                started=started,
-                meta={
-                    "model": "SmolLM2-135M-Instruct",
-                    "corpus": "pydoc_data.topics[:70%]",
-                    "train_tokens": len(train_ids) * seq_len,
-                    "sequences": sequences,
-                    "seq_len": seq_len,
-                },
-            )
-        return
 
     def by_layer(kvs):
         stacked = np.concatenate(kvs, axis=2)  # [L, 2, T_total, H, D]
@@ -167,7 +179,7 @@ def train(
 
     data, held = by_layer(train_kv), by_layer(held_kv)
     with _progress() as bar:
-        task = bar.add_task(f"training {2 * n_layers} autoencoders", total=steps, info="")
+        task = bar.add_task(f"training {2 * n_layers} autoencoders", total=fit["steps"], info="")
 
         def report(step: int, total: int, loss: float) -> None:
             bar.update(task, completed=step, info=f"loss {loss:.4f}")
@@ -175,53 +187,59 @@ def train(
         ckpt = autoencoder.train(
             data,
             held,
-            latent=latent,
-            hidden=hidden,
-            steps=steps,
-            batch=batch,
-            lr=lr,
-            seed=seed,
+            **fit,
             progress=report,
             meta={
                 "model": "SmolLM2-135M-Instruct",
                 "kv_heads": heads,
                 "corpus": "pydoc_data.topics[:70%]",
-                "train_tokens": len(train_ids) * seq_len,
+                "train_tokens": train_tokens,
                 "k": "post-RoPE",
             },
         )
-    digest = ckpt.save(out)
-    errs = json.loads(ckpt.meta["heldout_rel_err"])
-    k = [errs[f"k{i}"] for i in range(n_layers)]
-    v = [errs[f"v{i}"] for i in range(n_layers)]
-    console.print(
-        f"held-out relative error: K mean {np.mean(k):.3f} (max {max(k):.3f}), "
-        f"V mean {np.mean(v):.3f} (max {max(v):.3f})"
-    )
-    console.print(f"{time.perf_counter() - started:.0f} s; checkpoint {out}")
-    typer.echo(json.dumps({"checkpoint": str(out), "sha256": digest}))
+    _report(ckpt, out, ckpt.save(out), n_layers, started)
 
 
 def _train_linear(
-    model,
-    train_kv,
-    held_kv,
-    out: Path,
-    *,
-    k_bytes,
-    v_bytes,
-    derotate,
-    max_vectors,
-    seed,
-    started,
-    meta,
+    model, train_kv, held_kv, out: Path, fit: dict, meta: dict, started: float
 ) -> None:
-    import numpy as np
-
+    """Fit one linear-ae checkpoint (``fit``: its code sizes and options), save and report."""
     from kvstrata.compression import linear
 
     n_layers, _, _, heads, head_dim = train_kv[0].shape
-    theta = _rope_theta(model.config)
+    data, held = _linear_data(train_kv, held_kv)
+    with _progress() as bar:
+        task = bar.add_task(f"fitting {2 * n_layers} transforms", total=2 * n_layers, info="")
+
+        def report(done: int, total: int, info: str) -> None:
+            bar.update(task, completed=done, info=info)
+
+        derotate = fit["derotate"]
+        ckpt = linear.train_linear(
+            data,
+            held,
+            kv_heads=heads,
+            head_dim=head_dim,
+            k_bits=8 * fit["k_bytes"],
+            v_bits=8 * fit["v_bytes"],
+            derotate=derotate,
+            rope_theta=_rope_theta(model.config),
+            max_vectors=fit["max_vectors"],
+            seed=fit["seed"],
+            progress=report,
+            meta={
+                **meta,
+                "k": "post-RoPE as stored" + (", derotated by the codec" if derotate else ""),
+            },
+        )
+    per_element = (fit["k_bytes"] + fit["v_bytes"] + 4) / (2 * heads * head_dim)
+    prefix = f"{per_element:.3f} bytes/element (bf16: 2); "
+    _report(ckpt, out, ckpt.save(out), n_layers, started, prefix)
+
+
+def _linear_data(train_kv, held_kv) -> tuple[dict, dict]:
+    """Training vectors (position 0: keys as stored) and held-out chunks at their positions."""
+    n_layers = train_kv[0].shape[0]
     chunk = 256  # held-out error measured per 256-token chunk at its absolute position, as stored
     data = {
         ("kv"[i], layer): [(0, kv[layer, i]) for kv in train_kv]
@@ -235,37 +253,18 @@ def _train_linear(
         for layer in range(n_layers)
         for i in (0, 1)
     }
-    with _progress() as bar:
-        task = bar.add_task(f"fitting {2 * n_layers} transforms", total=2 * n_layers, info="")
+    return data, held
 
-        def report(done: int, total: int, info: str) -> None:
-            bar.update(task, completed=done, info=info)
 
-        ckpt = linear.train_linear(
-            data,
-            held,
-            kv_heads=heads,
-            head_dim=head_dim,
-            k_bits=8 * k_bytes,
-            v_bits=8 * v_bytes,
-            derotate=derotate,
-            rope_theta=theta,
-            max_vectors=max_vectors,
-            seed=seed,
-            progress=report,
-            meta={
-                **meta,
-                "k": "post-RoPE as stored" + (", derotated by the codec" if derotate else ""),
-            },
-        )
-    digest = ckpt.save(out)
+def _report(ckpt, out: Path, digest: str, n_layers: int, started: float, prefix: str = "") -> None:
+    """Print the held-out error and the time; the checkpoint and its sha256 as JSON on stdout."""
+    import numpy as np
+
     errs = json.loads(ckpt.meta["heldout_rel_err"])
     k = [errs[f"k{i}"] for i in range(n_layers)]
     v = [errs[f"v{i}"] for i in range(n_layers)]
-    elems = heads * head_dim
     console.print(
-        f"{(k_bytes + v_bytes + 4) / (2 * elems):.3f} bytes/element "
-        f"(bf16: 2); held-out relative error: K mean {np.mean(k):.3f} (max {max(k):.3f}), "
+        f"{prefix}held-out relative error: K mean {np.mean(k):.3f} (max {max(k):.3f}), "
         f"V mean {np.mean(v):.3f} (max {max(v):.3f})"
     )
     console.print(f"{time.perf_counter() - started:.0f} s; checkpoint {out}")

@@ -52,7 +52,7 @@ def _random_kv(n_chunks: int, seed: int):
 def _encode(kvs, keys, namespace) -> list[tuple]:
     codec = IdentityCodec()
     objects = []
-    for key, layers in zip(keys, kvs):
+    for key, layers in zip(keys, kvs, strict=True):
         meta = fmt.ObjectMeta(
             codec.id, "float32", CHUNK, KV_HEADS, HEAD_DIM, namespace.fingerprint, key.digest
         )
@@ -100,7 +100,7 @@ async def round_trip(
             and part is not None
             and all(np.array_equal(got[layer], kv) for layer, kv in enumerate(layers))
             and all(np.array_equal(part[layer], layers[layer]) for layer in part)
-            for got, part, layers in zip(whole, half, kvs)
+            for got, part, layers in zip(whole, half, kvs, strict=True)
         )
         await tier.close()
         rows.append(

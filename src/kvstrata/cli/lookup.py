@@ -57,7 +57,8 @@ def lookup(
     salt: str = typer.Option(None, "--salt", help="the request's cache_salt (tenant)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
-    """Per read tier: prefix tokens held and estimated load time; and what a request now would load."""
+    """Per read tier: prefix tokens held and estimated
+    load time; and what a request now would load."""
     ids = _prompt(tokens, tokens_file, text, model)
     params = dict(_pair(p) for p in param or ())
     if url:
@@ -146,7 +147,8 @@ def _local(
 
 
 def model_spec(model: Path, dtype: str, model_id: str | None = None):
-    """The ModelSpec the vLLM connector builds for ``model`` (see connectors.vllm_setup.model_spec)."""
+    """The ModelSpec the vLLM connector builds for ``model`` (see
+    connectors.vllm_setup.model_spec)."""
     from kvstrata.model import ModelSpec
 
     hf = json.loads((model / "config.json").read_text())

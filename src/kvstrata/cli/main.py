@@ -47,7 +47,8 @@ class _App(typer.Typer):
             if root not in EXTRAS:
                 raise
             Console(stderr=True, soft_wrap=True).print(
-                f"this command needs {root}, which is not installed: pip install 'kvstrata[{EXTRAS[root]}]' "
+                f"this command needs {root}, which is not installed: "
+                f"pip install 'kvstrata[{EXTRAS[root]}]' "
                 "(or scripts/setup.sh, which installs everything)",
                 markup=False,
                 style="red",

@@ -29,7 +29,8 @@ INTERNAL_ERROR = "internal error while checking this file (please report it)"
 
 
 def _checked(path: Path) -> StrataConfig:
-    """``load_config(path)``, every failure a ConfigError (the unexpected ones as an internal error)."""
+    """``load_config(path)``, every failure a ConfigError
+    (the unexpected ones as an internal error)."""
     try:
         return load_config(path)
     except ConfigError:

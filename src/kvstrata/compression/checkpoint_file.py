@@ -102,7 +102,8 @@ _CACHE_LOCK = threading.Lock()
 
 
 def load_cached(path: str, sha256: str | None, parse: Callable[[str, str], T]) -> T:
-    """``parse(path, digest)`` once per (parser, path, content); the file is hashed on every call."""
+    """``parse(path, digest)`` once per (parser, path,
+    content); the file is hashed on every call."""
     try:
         digest = file_sha256(path)
     except OSError as exc:
@@ -118,7 +119,8 @@ def load_cached(path: str, sha256: str | None, parse: Callable[[str, str], T]) -
 
 
 def check_format(meta: Mapping[str, str], fmt: str, version: int, name: str) -> None:
-    """Refuse a checkpoint of another kind (``format``) or of a version this reader does not know."""
+    """Refuse a checkpoint of another kind (``format``)
+    or of a version this reader does not know."""
     if meta.get("format") != fmt:
         raise CodecError(f"not a kvstrata {name} checkpoint (format {meta.get('format')!r})")
     if meta.get("version") != str(version):

@@ -11,7 +11,8 @@ the allocation learned per layer, separately for K and V, from real KV)::
              u_c = z_c / scale_c                      (unit variance on the training data)
              s = max_c |u_c|                          (one fp16 scale per vector)
              q_c = floor(u_c / (clip_c * s) * L_c) clipped to b_c bits,  L_c = 2**(b_c - 1) - 1/2
-    decoder: x_hat = r^-1(z_hat @ dec + bias),        z_hat_c = (q_c + 1/2) / L_c * clip_c * s * scale_c
+    decoder: x_hat = r^-1(z_hat @ dec + bias),
+             z_hat_c = (q_c + 1/2) / L_c * clip_c * s * scale_c
 
 * ``enc`` is the training data's principal axes (PCA: the optimal linear
   encoder), ``dec``/``bias`` are then fitted by least squares to the
@@ -184,7 +185,8 @@ class Packer:
 
 
 def pack_codes(codes: np.ndarray, bits: np.ndarray) -> np.ndarray:
-    """Codes [N, r] (uint8, code c < 2**bits[c]) -> [N, sum(bits) / 8] bytes (see :class:`Packer`)."""
+    """Codes [N, r] (uint8, code c < 2**bits[c]) ->
+    [N, sum(bits) / 8] bytes (see :class:`Packer`)."""
     return Packer(bits).pack(codes)
 
 
@@ -227,6 +229,53 @@ def dequantize(codes: np.ndarray, s: np.ndarray, clip: np.ndarray, bits: np.ndar
     )
 
 
+def _layer_weights(
+    tensors: Mapping[str, np.ndarray], kv: str, layer: int, C: int, budget: int
+) -> dict[str, np.ndarray]:
+    """One transform's tensors, validated (CodecError if any is missing, misshaped, non-finite or
+    out of range), with the decoder's folded constants precomputed."""
+    w = {}
+    for name in _NAMES:
+        t = tensors.get(f"{kv}{layer}.{name}")
+        if t is None:
+            raise CodecError(f"linear-ae checkpoint tensor {kv}{layer}.{name} missing")
+        w[name] = np.ascontiguousarray(t, dtype=np.float32)
+    r = len(w["bits"])
+    shapes = {
+        "mean": (C,),
+        "enc": (C, r),
+        "dec": (r, C),
+        "bias": (C,),
+        "scale": (r,),
+        "clip": (r,),
+        "bits": (r,),
+    }
+    for name, shape in shapes.items():
+        if w[name].shape != shape or not np.isfinite(w[name]).all():
+            raise CodecError(
+                f"linear-ae checkpoint tensor {kv}{layer}.{name} misshaped or non-finite"
+            )
+    bits = w["bits"]
+    if (
+        (bits != np.rint(bits)).any()
+        or (bits < 1).any()
+        or (bits > 8).any()
+        or int(bits.sum()) != budget
+    ):
+        raise CodecError(
+            f"linear-ae checkpoint {kv}{layer}: bits must be 1..8 summing to {kv}_bits"
+        )
+    if (w["scale"] <= 0).any() or (w["clip"] <= 0).any() or (w["clip"] > 1).any():
+        raise CodecError(f"linear-ae checkpoint {kv}{layer}: bad scale or clip")
+    w["bits"] = bits.astype(np.int64)
+    half = np.exp2(w["bits"] - 1).astype(np.float32)
+    w["_offset"] = half - np.float32(0.5)
+    w["_dec"] = np.ascontiguousarray(
+        (w["clip"] * w["scale"] / (half - np.float32(0.5)))[:, None] * w["dec"]
+    )
+    return w
+
+
 class LinearCheckpoint:
     """Per-layer K and V transforms, loaded from (or saved to) a safetensors file."""
 
@@ -247,7 +296,8 @@ class LinearCheckpoint:
         for kv, b in self.budget.items():
             if b <= 0 or b % 8 or b > 8 * C:
                 raise CodecError(
-                    f"linear-ae checkpoint: {kv}_bits={b} must be a positive multiple of 8, <= {8 * C}"
+                    f"linear-ae checkpoint: {kv}_bits={b} must be a positive multiple of 8, "
+                    f"<= {8 * C}"
                 )
         if self.derotate and (
             self.head_dim % 2 or not math.isfinite(self.rope_theta) or self.rope_theta <= 1
@@ -259,45 +309,7 @@ class LinearCheckpoint:
         self.packers: dict[tuple[str, int], Packer] = {}
         for kv in "kv":
             for layer in range(self.n_layers):
-                w = {}
-                for name in _NAMES:
-                    t = tensors.get(f"{kv}{layer}.{name}")
-                    if t is None:
-                        raise CodecError(f"linear-ae checkpoint tensor {kv}{layer}.{name} missing")
-                    w[name] = np.ascontiguousarray(t, dtype=np.float32)
-                r = len(w["bits"])
-                shapes = {
-                    "mean": (C,),
-                    "enc": (C, r),
-                    "dec": (r, C),
-                    "bias": (C,),
-                    "scale": (r,),
-                    "clip": (r,),
-                    "bits": (r,),
-                }
-                for name, shape in shapes.items():
-                    if w[name].shape != shape or not np.isfinite(w[name]).all():
-                        raise CodecError(
-                            f"linear-ae checkpoint tensor {kv}{layer}.{name} misshaped or non-finite"
-                        )
-                bits = w["bits"]
-                if (
-                    (bits != np.rint(bits)).any()
-                    or (bits < 1).any()
-                    or (bits > 8).any()
-                    or int(bits.sum()) != self.budget[kv]
-                ):
-                    raise CodecError(
-                        f"linear-ae checkpoint {kv}{layer}: bits must be 1..8 summing to {kv}_bits"
-                    )
-                if (w["scale"] <= 0).any() or (w["clip"] <= 0).any() or (w["clip"] > 1).any():
-                    raise CodecError(f"linear-ae checkpoint {kv}{layer}: bad scale or clip")
-                w["bits"] = bits.astype(np.int64)
-                half = np.exp2(w["bits"] - 1).astype(np.float32)
-                w["_offset"] = half - np.float32(0.5)
-                w["_dec"] = np.ascontiguousarray(
-                    (w["clip"] * w["scale"] / (half - np.float32(0.5)))[:, None] * w["dec"]
-                )
+                w = _layer_weights(tensors, kv, layer, C, self.budget[kv])
                 self.weights[(kv, layer)] = w
                 self.packers[(kv, layer)] = Packer(w["bits"])
 
@@ -322,10 +334,12 @@ class LinearCheckpoint:
     def encode_vectors(
         self, x: np.ndarray, kv: str, layer: int, first_position: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(packed codes [T, bits/8] uint8, fp16 scales [T], estimated squared error per vector [T]).
+        """(packed codes [T, bits/8] uint8, fp16 scales
+        [T], estimated squared error per vector [T]).
 
         The estimate is taken in the latent space (the encoder's columns are orthonormal): what the
-        coded components do not hold, ``|x - mean|^2 - |z|^2``, plus the latent's quantization error."""
+        coded components do not hold, ``|x - mean|^2 -
+        |z|^2``, plus the latent's quantization error."""
         w = self.weights[(kv, layer)]
         if kv == "k" and self.derotate:
             x = rope_rotate(x, first_position, self.rope_theta, -1)
@@ -351,8 +365,8 @@ class LinearCheckpoint:
         shape: tuple[int, int, int],
     ) -> np.ndarray:
         w = self.weights[(kv, layer)]
-        # z_hat = (code - half + 1/2) * (clip * scale / L) * s: the per-component factor is folded into
-        # the decoder matrix, the per-vector scale applied after it
+        # z_hat = (code - half + 1/2) * (clip * scale / L) * s: the per-component factor is folded
+        # into the decoder matrix, the per-vector scale applied after it
         codes = self.packers[(kv, layer)].unpack(packed).astype(np.float32) - w["_offset"]
         x = ((codes @ w["_dec"]) * s.astype(np.float32)[:, None] + w["bias"]).reshape(shape)
         if kv == "k" and self.derotate:
@@ -360,13 +374,15 @@ class LinearCheckpoint:
         return x
 
     def roundtrip(self, x: np.ndarray, kv: str, layer: int, first_position: int = 0) -> np.ndarray:
-        """``x`` [T, H, D] through the quantized transform (what the codec stores and returns, in float32)."""
+        """``x`` [T, H, D] through the quantized transform
+        (what the codec stores and returns, in float32)."""
         packed, s, _ = self.encode_vectors(x, kv, layer, first_position)
         return self.decode_vectors(packed, s, kv, layer, first_position, x.shape)
 
 
 def load_linear_checkpoint(path: str, sha256: str | None) -> LinearCheckpoint:
-    """A checkpoint by path (and hash), verified from the file on every call, parsed once per content."""
+    """A checkpoint by path (and hash), verified from
+    the file on every call, parsed once per content."""
     return checkpoint_file.load_cached(path, sha256, LinearCheckpoint.load)
 
 
@@ -520,8 +536,8 @@ def allocate_bits(variance: np.ndarray, budget: int) -> np.ndarray:
 def fit_layer(
     x: np.ndarray, budget: int, sample: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
-    """Fit one transform on ``x`` [N, C] float32 (K already derotated if so): PCA encoder, bit allocation,
-    per-component clip, least-squares decoder on the quantized latents."""
+    """Fit one transform on ``x`` [N, C] float32 (K already derotated if so): PCA encoder, bit
+    allocation, per-component clip, least-squares decoder on the quantized latents."""
     x64 = x.astype(np.float64)
     mean = x64.mean(axis=0)
     xc = x64 - mean
@@ -601,22 +617,10 @@ def train_linear(
         "seed": str(seed),
         **{k: str(v) for k, v in (meta or {}).items()},
     }
-    shell = LinearCheckpoint.__new__(LinearCheckpoint)
-    shell.derotate, shell.rope_theta = derotate, float(rope_theta)
-
-    def flat(seqs, kv):
-        rows = []
-        for pos, x in seqs:
-            x = np.asarray(x, dtype=np.float32)
-            if kv == "k" and derotate:
-                x = rope_rotate(x, pos, rope_theta, -1)
-            rows.append(x.reshape(len(x), -1))
-        return np.concatenate(rows)
-
     rng = np.random.default_rng(seed)
-    tensors, errs = {}, {}
+    tensors = {}
     for done, (kv, layer) in enumerate(keys):
-        x = flat(data[(kv, layer)], kv)
+        x = _flat(data[(kv, layer)], kv == "k" and derotate, rope_theta)
         if len(x) > max_vectors:
             x = x[np.sort(rng.choice(len(x), max_vectors, replace=False))]
         w = fit_layer(x, k_bits if kv == "k" else v_bits)
@@ -625,6 +629,27 @@ def train_linear(
         if progress is not None:
             progress(done + 1, len(keys), f"{kv}{layer}")
     ckpt = LinearCheckpoint(tensors, info)
+    errs = _heldout_errors(ckpt, keys, heldout)
+    ckpt.meta["heldout_rel_err"] = json.dumps(errs, sort_keys=True)
+    return ckpt
+
+
+def _flat(seqs, derotate: bool, rope_theta: float) -> np.ndarray:
+    """``(first_position, x [T, H, D])`` sequences as one [N, H * D] float32 array (keys
+    derotated to before RoPE when ``derotate``)."""
+    rows = []
+    for pos, x in seqs:
+        x = np.asarray(x, dtype=np.float32)
+        if derotate:
+            x = rope_rotate(x, pos, rope_theta, -1)
+        rows.append(x.reshape(len(x), -1))
+    return np.concatenate(rows)
+
+
+def _heldout_errors(ckpt: LinearCheckpoint, keys, heldout) -> dict[str, float]:
+    """``{"k0": err, ...}``: the stored reconstruction's relative error on the held-out chunks
+    (at their positions), per transform that has held-out data."""
+    errs = {}
     for kv, layer in keys:
         if (kv, layer) in heldout:
             num = den = 0.0
@@ -634,13 +659,13 @@ def train_linear(
                 num += float(((y.astype(np.float64) - x) ** 2).sum())
                 den += float((x.astype(np.float64) ** 2).sum())
             errs[f"{kv}{layer}"] = round(math.sqrt(num / max(den, 1e-30)), 5)
-    ckpt.meta["heldout_rel_err"] = json.dumps(errs, sort_keys=True)
-    return ckpt
+    return errs
 
 
 def linear_rel_error(
     ckpt: LinearCheckpoint, x: np.ndarray, kv: str, layer: int, first_position: int = 0
 ) -> float:
-    """Relative error ``|x - x_hat| / |x|`` of the stored (quantized) reconstruction of ``x`` [T, H, D]."""
+    """Relative error ``|x - x_hat| / |x|`` of the stored
+    (quantized) reconstruction of ``x`` [T, H, D]."""
     y = ckpt.roundtrip(np.asarray(x, dtype=np.float32), kv, layer, first_position)
     return float(np.linalg.norm(y.astype(np.float64) - x) / max(np.linalg.norm(x), 1e-30))

@@ -105,7 +105,8 @@ class Fp8Codec:
     def decode(self, section: memoryview | bytes, geometry: Geometry) -> np.ndarray:
         if len(section) != self.section_bytes(geometry):
             raise CodecError(
-                f"fp8 section is {len(section)} bytes, geometry needs {self.section_bytes(geometry)}"
+                f"fp8 section is {len(section)} bytes, "
+                f"geometry needs {self.section_bytes(geometry)}"
             )
         scales = np.frombuffer(section, dtype="<f4", count=2)
         codes = np.frombuffer(section, dtype=np.uint8, offset=8).reshape(geometry.shape)
@@ -306,7 +307,8 @@ class Int4Codec(_GroupQuant):
 
 
 def group_error_bound(x: np.ndarray, axis: int, group: int, bits: int) -> np.ndarray:
-    """The documented per-element error bound of int8/int4 for one tensor ``x`` (K: axis 0, V: axis 2)."""
+    """The documented per-element error bound of int8/int4
+    for one tensor ``x`` (K: axis 0, V: axis 2)."""
     g, n = _groups(np.asarray(x, dtype=np.float64), axis, group)
     lo, hi = g.min(axis=-1), g.max(axis=-1)
     step = (hi - lo + 2.0**-9 * np.abs(lo)) / ((1 << bits) - 1) * (1 + 2.0**-10)

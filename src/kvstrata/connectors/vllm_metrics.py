@@ -1,4 +1,5 @@
-"""kvstrata's metrics inside vLLM: connector stats for its log, Prometheus families on its ``/metrics``.
+"""kvstrata's metrics inside vLLM: connector stats
+for its log, Prometheus families on its ``/metrics``.
 
 The path (vLLM 0.32): each role's connector returns :class:`StrataStats`
 from ``get_kv_connector_stats`` every step -- the worker's (loads, saves) and
@@ -68,7 +69,8 @@ def tokens_by_source(telemetry: dict | None) -> dict[str, int]:
 
 @dataclass
 class StrataStats(KVConnectorStats):
-    """Worker and scheduler -> front end: reads measured (for the cost model) and the telemetry outbox.
+    """Worker and scheduler -> front end: reads measured
+    (for the cost model) and the telemetry outbox.
 
     ``data``: ``reads`` [(tier, seconds, bytes)], ``load_error_blocks`` int,
     ``telemetry`` (:meth:`kvstrata.telemetry.metrics.Telemetry.drain`). vLLM prints

@@ -80,7 +80,7 @@ class Journal(Tier):
 
     def _note(self, keys: Sequence[ChunkKey], held: Sequence[bool]) -> None:
         with self._lock:  # drained every engine step (build_connector_worker_meta)
-            for key, present in zip(keys, held):
+            for key, present in zip(keys, held, strict=True):
                 self._changes[key.digest] = present
 
     def drain(self) -> dict[bytes, bool]:
@@ -139,7 +139,8 @@ class PoolIndex(Tier):
                 self._pending.pop(digest, None)
 
     def expect(self, digests: Sequence[bytes]) -> None:
-        """The scheduler ordered these chunks saved into the pool: a lookup waits for them, briefly."""
+        """The scheduler ordered these chunks saved into
+        the pool: a lookup waits for them, briefly."""
         until = time.monotonic() + self.pending_s
         with self._lock:
             for d in digests:

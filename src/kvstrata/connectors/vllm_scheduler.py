@@ -17,6 +17,7 @@ miss, the prompt is recomputed (and still saved).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -118,10 +119,9 @@ class SchedulerSide:
             pending = self._lookups[req_id] = _Lookup(
                 future, ctx, num_computed, time.monotonic() + budget / 1e3
             )
-            try:
+            # not done yet, or failed: both handled below
+            with contextlib.suppress(Exception):
                 future.result(self.inline_wait_s)
-            except Exception:  # not done yet, or failed: both handled below
-                pass
         if not pending.future.done():
             if time.monotonic() < pending.give_up_at:
                 return None

@@ -26,7 +26,8 @@ _DTYPES = {
 
 
 def strata_config(extra: Mapping[str, Any]) -> StrataConfig:
-    """``kv_connector_extra_config["config"]`` (a YAML path) or the embedded default (memory + disk).
+    """``kv_connector_extra_config["config"]`` (a YAML
+    path) or the embedded default (memory + disk).
 
     The default is parsed once per process, so vLLM's two roles in one
     process get the same configuration object and share one orchestrator.
@@ -79,7 +80,8 @@ def model_spec(vllm_config, extra: Mapping[str, Any]) -> ModelSpec:
 
 
 def request_context(request, model: str) -> RequestContext:
-    """Policy features of a vLLM request: its cache salt is the tenant, kv_transfer_params the hints.
+    """Policy features of a vLLM request: its cache
+    salt is the tenant, kv_transfer_params the hints.
 
     Recognised params: ``budget_ms`` (number), ``reuse`` (0..1), ``tags``
     (list of strings); every other scalar becomes a string hint.

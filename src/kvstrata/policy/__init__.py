@@ -1,1 +1,2 @@
-"""Routing policies: which tiers a request reads and writes, and whether loading beats recomputing."""
+"""Routing policies: which tiers a request reads and
+writes, and whether loading beats recomputing."""

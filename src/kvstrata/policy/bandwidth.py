@@ -38,8 +38,9 @@ How rates follow the load (``bandwidth.sharing``):
   request's rate is set (from its steady demand: its size, and the no-stall rate
   of one layer per layer of compute) and kept until the next request starts
   (or, for a request the split gave nothing, until one leaves); bandwidth a
-  request leaves unused -- it is ahead of its compute, or done -- idles. This is the model ObjectCache's allocation is stated in (one rate per
-  request), and the one in which its stall-aware split beats equal shares; see
+  request leaves unused -- it is ahead of its compute, or done -- idles. This is
+  the model ObjectCache's allocation is stated in (one rate per request), and
+  the one in which its stall-aware split beats equal shares; see
   docs/layerwise.md.
 
 A policy is a pure function of :class:`Demand` values, so it is tested and
@@ -49,6 +50,7 @@ benchmarked without a network.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import deque
@@ -145,8 +147,8 @@ class Deadline:
     @staticmethod
     def order(demands: Sequence[Demand], capacity: float, now: float) -> list[Demand]:
         """Least exposed work first (transfer its compute cannot hide: a compute-bound request
-        needs little bandwidth, but needs it now); a request whose deadline that order would miss moves
-        ahead only of requests that still meet their own deadlines (or have none) after it:
+        needs little bandwidth, but needs it now); a request whose deadline that order would miss
+        moves ahead only of requests that still meet their own deadlines (or have none) after it:
         it spends others' slack, never makes anyone late, and never delays a lost cause."""
         order = sorted(demands, key=lambda d: d.exposed_s(capacity))
         for d in sorted((d for d in order if d.deadline is not None), key=lambda d: d.deadline):
@@ -199,7 +201,8 @@ class _Transfer:
 
 @dataclass(eq=False)
 class Flow:
-    """One request's share of a link. ``progress()`` -> (layers delivered, layers the engine consumed)."""
+    """One request's share of a link. ``progress()`` ->
+    (layers delivered, layers the engine consumed)."""
 
     id: int
     size_bytes: float
@@ -246,7 +249,7 @@ class Flow:
         bytes per layer of compute, ObjectCache's X_{l+1} = C_l, when every read is one layer)."""
         n_layers, c = self._shape()
         sizes = self.group_layers or (1,)
-        ratio = max([nxt / cur for cur, nxt in zip(sizes, sizes[1:])], default=1.0)
+        ratio = max([nxt / cur for cur, nxt in zip(sizes, sizes[1:], strict=False)], default=1.0)
         return Demand(
             self.id,
             max(self.size_bytes - self.sent, 0.0),
@@ -335,7 +338,8 @@ class Link:
         return len(self._flows)
 
     def submit(self, flow: Flow, nbytes: float) -> asyncio.Future:
-        """Queue ``nbytes`` for ``flow`` behind its earlier transfers; the future completes when served."""
+        """Queue ``nbytes`` for ``flow`` behind its earlier
+        transfers; the future completes when served."""
         loop = asyncio.get_running_loop()
         t = _Transfer(float(nbytes), loop.create_future())
         if nbytes <= 0:
@@ -377,10 +381,8 @@ class Link:
             finish = [f.queue[0].remaining / rates[f.id] for f in waiting if rates.get(f.id, 0) > 0]
             timeout = min([self.tick_s, *finish])
             self._wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 1e-4))
-            except TimeoutError:
-                pass
 
     def _rates(self, waiting: list[Flow], now: float) -> dict[int, float]:
         if self.sharing == "work_conserving":

@@ -131,7 +131,8 @@ class CostModel:
             self._get_s[tier] = per_get if old is None else old + self.alpha * (per_get - old)
 
     def per_get_s(self, tier: str) -> float:
-        """Seconds per GET in a batch, as observed; before any observation, an eighth of the latency."""
+        """Seconds per GET in a batch, as observed; before
+        any observation, an eighth of the latency."""
         with self._lock:
             found = self._get_s.get(tier)
         return found if found is not None else self.tier(tier)[0] / 8
@@ -143,8 +144,8 @@ class CostModel:
             self._stored[codec] = fraction if old is None else old + self.alpha * (fraction - old)
 
     def stored_fraction(self, codec: str) -> float:
-        """Stored bytes per uncompressed byte of ``codec``'s layers, as reads found them; 1 before any
-        (a link then reserves too much, never too little)."""
+        """Stored bytes per uncompressed byte of ``codec``'s layers, as reads found them; 1 before
+        any (a link then reserves too much, never too little)."""
         with self._lock:
             return self._stored.get(codec, 1.0)
 

@@ -1,4 +1,5 @@
-"""The layer-wise pipeline: when does a request finish if layer l's KV arrives while layer l-1 computes?
+"""The layer-wise pipeline: when does a request finish
+if layer l's KV arrives while layer l-1 computes?
 
 ObjectCache's model, per layer ``l`` of ``L``: ``X_l`` is the time to transfer
 layer l's KV (every chunk of the request), ``C_l`` the time the engine computes
@@ -31,7 +32,7 @@ Groups = tuple[range, ...]
 def bound(x: Sequence[float], c: Sequence[float]) -> float:
     """The pipeline bound: per-layer transfer times ``x`` and compute times ``c``."""
     n = len(x)
-    return x[0] + sum(max(x[l + 1], c[l]) for l in range(n - 1)) + c[n - 1]
+    return x[0] + sum(max(x[i + 1], c[i]) for i in range(n - 1)) + c[n - 1]
 
 
 def simulate(
@@ -51,12 +52,12 @@ def simulate(
         # the GET is issued when a window slot frees (the group `window` earlier arrived)
         issued = arrived[g - window] if g >= window else 0.0
         start = max(link_free, issued + overhead_s)
-        link_free = start + sum(x[l] for l in layers)
+        link_free = start + sum(x[layer] for layer in layers)
         arrived.append(link_free)
     done = 0.0
     for g, layers in enumerate(groups):
-        for l in layers:
-            done = max(done, arrived[g]) + c[l]
+        for layer in layers:
+            done = max(done, arrived[g]) + c[layer]
     return done
 
 
@@ -92,7 +93,8 @@ def plan_groups(
     window: int = 2,
     tolerance: float = 0.005,
 ) -> Groups:
-    """The grouping with the fewest GETs whose simulated finish is within ``tolerance`` of the best."""
+    """The grouping with the fewest GETs whose simulated
+    finish is within ``tolerance`` of the best."""
     n = len(x)
     scored = [(simulate(g, x, c, overhead_s, window), len(g), g) for g in candidates(n)]
     best = min(t for t, _, _ in scored)

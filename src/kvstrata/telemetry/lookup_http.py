@@ -40,7 +40,8 @@ class BadRequest(ValueError):
 
 
 def make_app(registry, telemetry):
-    """A WSGI app: ``/lookup`` answered for the orchestrator of ``telemetry``, the rest by Prometheus."""
+    """A WSGI app: ``/lookup`` answered for the orchestrator
+    of ``telemetry``, the rest by Prometheus."""
     metrics = make_wsgi_app(registry)
 
     def app(environ, start_response):

@@ -109,7 +109,8 @@ FAMILIES = (
         "requests",
         "kvstrata_requests",
         "counter",
-        "Requests by where their prompt prefix came from (the tier that loaded most of it, engine, recompute).",
+        "Requests by where their prompt prefix came from "
+        "(the tier that loaded most of it, engine, recompute).",
         ("source",),
     ),
 )
@@ -241,7 +242,8 @@ class Telemetry:
         self._set(self.breaker_open, 1 if is_open else 0, tier=tier)
 
     def request(self, source: str) -> None:
-        """One request finished; ``source`` served most of its prompt prefix (a tier, engine or recompute)."""
+        """One request finished; ``source`` served most of
+        its prompt prefix (a tier, engine or recompute)."""
         self._inc(self.requests, source=source)
 
     # -- reading ------------------------------------------------------------

@@ -254,7 +254,8 @@ def summarize(snapshot: dict, latency_op: str = "get") -> Summary:
 
 
 def latency_histograms(snapshot: dict, op: str = "get") -> dict[str, list[tuple[float, float]]]:
-    """Per tier, non-cumulative ``(upper bound, count)`` of ``op``'s latency (empty tiers left out)."""
+    """Per tier, non-cumulative ``(upper bound, count)``
+    of ``op``'s latency (empty tiers left out)."""
     s = _Samples(snapshot["samples"])
     out = {}
     for tier in sorted(s.values("kvstrata_tier_latency_seconds_bucket", "tier")):
@@ -294,35 +295,9 @@ def write_report(
 
     fig, (ax_rate, ax_tokens) = plt.subplots(1, 2, figsize=(11, 4))
     if len(summaries) == 1:
-        names = [t.tier for t in last.tiers]
-        rates = [100 * (t.hit_rate or 0) for t in last.tiers]
-        ax_rate.bar(names, rates, color="tab:blue")
-        for i, t in enumerate(last.tiers):
-            ax_rate.annotate(
-                f"{t.hits}/{t.lookups}", (i, rates[i]), ha="center", va="bottom", fontsize=8
-            )
-        ax_rate.set_ylim(0, 105)
-        sources = last.tokens_by_source()
-        ax_tokens.bar(list(sources), list(sources.values()), color=_colors(sources))
-        ax_tokens.set_ylabel("prompt tokens")
+        _plot_one(last, ax_rate, ax_tokens)
     else:
-        t0 = summaries[0].time
-        xs = [(s.time - t0) for s in summaries]
-        for tier in sorted({t.tier for s in summaries for t in s.tiers}):
-            rates = [_tier_rate(s, tier) for s in summaries]
-            ax_rate.plot(xs, rates, marker="o", label=tier)
-        ax_rate.plot(
-            xs, [100 * (s.hit_rate or 0) for s in summaries], "k--", label="overall (tokens)"
-        )
-        ax_rate.set_xlabel("seconds")
-        ax_rate.legend(fontsize=8)
-        tiers = sorted({k for s in summaries for k in s.tokens_by_source()} - {ENGINE, RECOMPUTE})
-        sources = [ENGINE, *tiers, RECOMPUTE]
-        stacks = [[s.tokens_by_source().get(src, 0) for s in summaries] for src in sources]
-        ax_tokens.stackplot(xs, stacks, labels=sources, colors=_colors(sources))
-        ax_tokens.set_xlabel("seconds")
-        ax_tokens.set_ylabel("prompt tokens (cumulative)")
-        ax_tokens.legend(fontsize=8, loc="upper left")
+        _plot_series(summaries, ax_rate, ax_tokens)
     ax_rate.set_title("lookup hit rate by tier (% of chunks asked)")
     ax_rate.set_ylabel("%")
     ax_tokens.set_title("prompt tokens by who served them")
@@ -331,21 +306,61 @@ def write_report(
 
     histograms = latency_histograms(snapshots[-1], latency_op)
     if histograms:
-        fig, ax = plt.subplots(figsize=(8, 4))
-        for tier, counts in histograms.items():
-            finite = [(b, c) for b, c in counts if not math.isinf(b)]
-            # a bucket's count covers (previous bound, bound]: drawn leftwards from its bound
-            ax.step([b for b, _ in finite], [c for _, c in finite], where="pre", label=tier)
-        ax.set_xscale("log")
-        ax.set_xlabel(f"{latency_op} latency, seconds (bucket upper bound)")
-        ax.set_ylabel("operations")
-        ax.set_title(f"tier {latency_op} latency")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+        fig = _plot_latency(histograms, latency_op, plt)
         files.append(_save(fig, out / "latency.png", plt))
 
     files.append(_html(out / "index.html", last, [f.name for f in files], len(summaries)))
     return files
+
+
+def _plot_one(last: Summary, ax_rate, ax_tokens) -> None:
+    """One snapshot: hit rate per tier and prompt tokens per source, as bars."""
+    names = [t.tier for t in last.tiers]
+    rates = [100 * (t.hit_rate or 0) for t in last.tiers]
+    ax_rate.bar(names, rates, color="tab:blue")
+    for i, t in enumerate(last.tiers):
+        ax_rate.annotate(
+            f"{t.hits}/{t.lookups}", (i, rates[i]), ha="center", va="bottom", fontsize=8
+        )
+    ax_rate.set_ylim(0, 105)
+    sources = last.tokens_by_source()
+    ax_tokens.bar(list(sources), list(sources.values()), color=_colors(sources))
+    ax_tokens.set_ylabel("prompt tokens")
+
+
+def _plot_series(summaries: Sequence[Summary], ax_rate, ax_tokens) -> None:
+    """A series: hit rate per tier and overall as lines, tokens per source stacked, over time."""
+    t0 = summaries[0].time
+    xs = [(s.time - t0) for s in summaries]
+    for tier in sorted({t.tier for s in summaries for t in s.tiers}):
+        rates = [_tier_rate(s, tier) for s in summaries]
+        ax_rate.plot(xs, rates, marker="o", label=tier)
+    ax_rate.plot(xs, [100 * (s.hit_rate or 0) for s in summaries], "k--", label="overall (tokens)")
+    ax_rate.set_xlabel("seconds")
+    ax_rate.legend(fontsize=8)
+    tiers = sorted({k for s in summaries for k in s.tokens_by_source()} - {ENGINE, RECOMPUTE})
+    sources = [ENGINE, *tiers, RECOMPUTE]
+    stacks = [[s.tokens_by_source().get(src, 0) for s in summaries] for src in sources]
+    ax_tokens.stackplot(xs, stacks, labels=sources, colors=_colors(sources))
+    ax_tokens.set_xlabel("seconds")
+    ax_tokens.set_ylabel("prompt tokens (cumulative)")
+    ax_tokens.legend(fontsize=8, loc="upper left")
+
+
+def _plot_latency(histograms: dict[str, list[tuple[float, float]]], op: str, plt):
+    """The figure of each tier's ``op`` latency histogram (log-scaled bounds)."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for tier, counts in histograms.items():
+        finite = [(b, c) for b, c in counts if not math.isinf(b)]
+        # a bucket's count covers (previous bound, bound]: drawn leftwards from its bound
+        ax.step([b for b, _ in finite], [c for _, c in finite], where="pre", label=tier)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{op} latency, seconds (bucket upper bound)")
+    ax.set_ylabel("operations")
+    ax.set_title(f"tier {op} latency")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def _tier_rate(summary: Summary, tier: str) -> float:
@@ -419,7 +434,8 @@ def _html(path: Path, summary: Summary, images: list[str], n: int) -> Path:
         "<!doctype html><meta charset='utf-8'><title>kvstrata report</title>"
         "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:right}</style>"
         f"<h1>kvstrata report</h1><p>{n} snapshot(s); prompt tokens {summary.prompt_tokens}, "
-        f"hit rate {pct(summary.hit_rate)} (tokens not recomputed)</p>{table}<ul>{extra}</ul>{imgs}\n",
+        f"hit rate {pct(summary.hit_rate)} (tokens not recomputed)</p>"
+        f"{table}<ul>{extra}</ul>{imgs}\n",
         encoding="utf-8",
     )
     return path

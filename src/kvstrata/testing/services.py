@@ -268,7 +268,7 @@ class RedisCluster:
         binary = _find_binary(server, f"/usr/bin/{server}")  # e.g. valkey-server, valkey-cli
         self.nodes = [
             RedisClusterNode(self.state_dir, p, b, node_timeout_ms, binary)
-            for p, b in zip(ports[:n], ports[n:])
+            for p, b in zip(ports[:n], ports[n:], strict=True)
         ]
         self.cli = _find_binary(cli, f"/usr/bin/{cli}")
         self.ready_seconds: float | None = None
@@ -468,7 +468,7 @@ class S3Server(_Server):
     ) -> None:
         super().__init__(state_dir)
         self.bucket, self.access_key, self.secret_key = bucket, access_key, secret_key
-        self.ports = dict(zip(_WEED_PORT_FLAGS, free_ports(len(_WEED_PORT_FLAGS))))
+        self.ports = dict(zip(_WEED_PORT_FLAGS, free_ports(len(_WEED_PORT_FLAGS)), strict=True))
         self.binary = _find_binary("weed")
         self._client = None
 
@@ -601,7 +601,8 @@ _LIVE_RGW: set[RGWServer] = set()
 
 
 def start_rgw(state_dir: str | os.PathLike, bucket: str = BUCKET) -> RGWServer:
-    """Start a Ceph RGW with ``scripts/rgw.sh`` (files in ``state_dir``); return once ``bucket`` works."""
+    """Start a Ceph RGW with ``scripts/rgw.sh`` (files
+    in ``state_dir``); return once ``bucket`` works."""
     return RGWServer(state_dir, bucket).start()
 
 

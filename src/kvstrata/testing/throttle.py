@@ -12,6 +12,7 @@ instead of mocking its timings.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -74,14 +75,12 @@ class ThrottledProxy:
         except OSError:
             writer.close()
             return
-        try:
+        with contextlib.suppress(asyncio.CancelledError):  # the proxy is closing
             await asyncio.gather(
                 self._pipe(reader, up_writer, self._buckets[0]),
                 self._pipe(up_reader, writer, self._buckets[1]),
                 return_exceptions=True,
             )
-        except asyncio.CancelledError:
-            pass  # the proxy is closing
 
     async def _pipe(self, reader, writer, bucket: _Bucket) -> None:
         try:

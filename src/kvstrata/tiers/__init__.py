@@ -1,4 +1,5 @@
-"""Where KV objects live: memory (DRAM), disk, Redis and S3, behind one small interface (base.py)."""
+"""Where KV objects live: memory (DRAM), disk, Redis
+and S3, behind one small interface (base.py)."""
 
 from kvstrata.tiers.base import (
     Evicted,

@@ -27,6 +27,7 @@ directory is a file) skips that object; the rest of its batch is stored.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -80,6 +81,10 @@ class DiskSettings(TierSettings):
     )
 
 
+#: The directory of a DiskTier built without one: the settings' default, read once at import.
+_DEFAULT_PATH = DiskSettings().path
+
+
 class _NotAnObject(Exception):
     """The name holds something this tier cannot have written (not a regular file, too large)."""
 
@@ -96,7 +101,7 @@ class DiskTier(RangedTier):
     def __init__(
         self,
         name: str = "disk",
-        path: str | Path = DiskSettings().path,
+        path: str | Path = _DEFAULT_PATH,
         capacity_bytes: int = 64 << 30,
         threads: int = 8,
         max_queued: int = 256,
@@ -205,7 +210,7 @@ class DiskTier(RangedTier):
                 good.append(key)
             except _NotAnObject as exc:
                 results[key] = Miss(key, "corrupt", str(exc))
-        results.update(zip(good, self._verify_whole(good, blobs)))
+        results.update(zip(good, self._verify_whole(good, blobs), strict=True))
         return [results[k] for k in keys]
 
     async def _get_layers(self, keys: Sequence[ChunkKey], layers: range) -> list[Fetch]:
@@ -226,7 +231,8 @@ class DiskTier(RangedTier):
         return self._verify_layers(keys, headers, layers, requests, blobs)
 
     def _read_header(self, key: ChunkKey) -> fmt.Header | Miss:
-        """The verified header of ``key``'s file (a probe read, a longer one if needed), or a Miss."""
+        """The verified header of ``key``'s file (a probe
+        read, a longer one if needed), or a Miss."""
         try:
             blob = self._read_one(ReadRequest(key, 0, fmt.HEADER_PROBE_BYTES))
             if blob is None:
@@ -342,7 +348,8 @@ class DiskTier(RangedTier):
             self._lru.remove(key)
 
     def _unlink(self, key: ChunkKey) -> None:
-        """Remove ``key``'s name: a file, FIFO, symlink or device node; a directory is left alone."""
+        """Remove ``key``'s name: a file, FIFO, symlink
+        or device node; a directory is left alone."""
         self._forget(key)
         try:
             os.unlink(self._file(key))
@@ -384,10 +391,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _unlink_quietly(path: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.unlink(path)
-    except OSError:
-        pass
 
 
 def _pread(fd: int, offset: int, n: int) -> bytes:

@@ -27,6 +27,7 @@ others), so a whole-cluster outage still reaches the orchestrator's breaker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 
 from pydantic import Field, SecretStr
@@ -143,9 +144,9 @@ class RedisTier(RangedTier):
         ):
             raise TierError(self.name, op, errors[0])
         out: list = [_DOWN] * len(names)
-        for indices, reply in zip(groups.values(), replies):
+        for indices, reply in zip(groups.values(), replies, strict=True):
             if not isinstance(reply, BaseException):
-                for i, value in zip(indices, reply):
+                for i, value in zip(indices, reply, strict=True):
                     out[i] = value
         return out
 
@@ -212,17 +213,20 @@ class RedisTier(RangedTier):
         # (truncated) one; objects are never empty. The rare empty ranged answers are told
         # apart with one EXISTS round trip: b"" (present, too short) is that object's miss.
         empty = [
-            i for i, (r, blob) in enumerate(zip(requests, blobs)) if blob == b"" and not _whole(r)
+            i
+            for i, (r, blob) in enumerate(zip(requests, blobs, strict=True))
+            if blob == b"" and not _whole(r)
         ]
         present = set()
         if empty:
             names = [self._name(requests[i].key) for i in empty]
             found = await self._pipeline("get", names, lambda p, j: p.exists(names[j]))
-            present = {i for i, n in zip(empty, found) if n is not _DOWN and n}
+            present = {i for i, n in zip(empty, found, strict=True) if n is not _DOWN and n}
         return [b"" if i in present else (b or None) for i, b in enumerate(blobs)]
 
     def _read_command(self, client, r: ReadRequest):
-        """GET or GETRANGE of ``r`` on a client (returns the awaitable) or a pipeline (queues it)."""
+        """GET or GETRANGE of ``r`` on a client (returns
+        the awaitable) or a pipeline (queues it)."""
         name = self._name(r.key)
         if _whole(r):
             return client.get(name)
@@ -248,10 +252,9 @@ class RedisTier(RangedTier):
         self._forget_all(keys)
 
     async def close(self) -> None:
-        try:
+        # closing a dead connection is not an error worth raising
+        with contextlib.suppress(RedisError, OSError):
             await self._client.aclose()
-        except (RedisError, OSError):
-            pass  # closing a dead connection is not an error worth raising
 
 
 def _whole(r: ReadRequest) -> bool:
