@@ -78,13 +78,7 @@ class StrataConnector(KVConnectorBase_V1):
         vllm_pool.attach(
             self.orch, worker=role == KVConnectorRole.WORKER
         )  # one DRAM pool, seen by both roles
-        self.scheduler = SchedulerSide(
-            self.orch, self.block_size, self.model.name, vllm_async.AsyncSettings.from_extra(extra)
-        )
-        self.events = vllm_events.EventLog(self.block_size, vllm_events.enabled(vllm_config))
-        self.scheduler.events = self.events
-        self.worker = WorkerSide(self.orch, self.block_size)
-        documents.attach(self)  # the documents branch of both sides (kvstrata.documents.connector)
+        self._build_sides(config, vllm_config)
         self._errors_reported = 0
         # every change goes to vLLM's /metrics through the connector stats
         self.orch.telemetry.forward()
@@ -107,6 +101,30 @@ class StrataConnector(KVConnectorBase_V1):
             list(config.tiers),
             self.enabled,
         )
+
+    def _build_sides(self, config, vllm_config) -> None:
+        """The scheduler and worker sides, each with its half of the documents branch
+        (:mod:`kvstrata.documents.connector`; none if the model or config cannot have one)."""
+        docs = documents.build_branch(
+            config,
+            self.model,
+            self.orch.whole,
+            vllm_config.model_config.hf_config,
+            self.block_size,
+            self.orch.telemetry,
+        )
+        self.scheduler = SchedulerSide(
+            self.orch,
+            self.block_size,
+            self.model.name,
+            docs.scheduler if docs else None,
+            async_settings=vllm_async.AsyncSettings.from_extra(
+                dict(self._kv_transfer_config.kv_connector_extra_config or {})
+            ),
+        )
+        self.events = vllm_events.EventLog(self.block_size, vllm_events.enabled(vllm_config))
+        self.scheduler.events = self.events
+        self.worker = WorkerSide(self.orch, self.block_size, docs.worker if docs else None)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -149,8 +167,7 @@ class StrataConnector(KVConnectorBase_V1):
     def get_external_cache_hit_sources(self, request, num_external_tokens: int) -> dict:
         if num_external_tokens == 0:
             return {}
-        state = self.scheduler._requests.get(request.request_id)
-        by_tier = state.plan.tokens_by_tier() if state else {}
+        by_tier = self.scheduler.tokens_by_tier(request.request_id)
         sources: dict = {}
         for tier, tokens in by_tier.items():
             source = CacheHitSource[self.orch.config.tiers[tier].tier_class.hit_source]
@@ -214,8 +231,8 @@ class StrataConnector(KVConnectorBase_V1):
         return vllm_pool.changes(self.orch) if self._role == KVConnectorRole.WORKER else None
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
-        """This role's changes since the last step: reads
-        measured, load errors, the telemetry outbox.
+        """This role's changes since the last step: reads measured, load errors, the telemetry
+        outbox.
 
         When both roles share one orchestrator (one process), whichever asks
         first takes the changes: each is reported once.

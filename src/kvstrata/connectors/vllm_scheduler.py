@@ -68,6 +68,7 @@ class SchedulerSide:
         orchestrator: Orchestrator,
         block_size: int,
         model_id: str,
+        documents=None,
         async_settings: vllm_async.AsyncSettings | None = None,
     ):
         self.orch = orchestrator
@@ -83,9 +84,7 @@ class SchedulerSide:
             {name: spec.kind for name, spec in orchestrator.config.tiers.items()},
         )
         self.events = None  # an EventLog (kvstrata.connectors.vllm_events), set by the facade
-        self.documents = (
-            None  # a DocumentScheduler (kvstrata.documents.connector), set by the facade
-        )
+        self.documents = documents  # a DocumentScheduler (kvstrata.documents.connector) or None
 
     # -- admission --------------------------------------------------------------
 
@@ -229,7 +228,7 @@ class SchedulerSide:
         state.load_pending = False
         state.loaded = True
         plan = state.plan
-        spec = _load_spec(state.request.request_id, plan, state.block_ids)
+        spec = LoadSpec.of(state.request.request_id, plan, state.block_ids)
         if state.load_async:
             meta.async_loads.append(vllm_async.AsyncLoad(spec, self.async_.deadline_s(plan)))
         else:
@@ -248,17 +247,7 @@ class SchedulerSide:
             tiers = self.orch.admitted(plan, index)
             blocks = state.block_ids[index * per_chunk : (index + 1) * per_chunk]
             if tiers and len(blocks) == per_chunk:
-                specs.append(
-                    SaveSpec(
-                        req_id=state.request.request_id,
-                        rule=plan.decision.rule,
-                        tenant=plan.ctx.tenant,
-                        chunk_index=index,
-                        keys={codec: keys[index].digest for codec, keys in plan.keys.items()},
-                        tiers=tiers,
-                        block_ids=blocks,
-                    )
-                )
+                specs.append(SaveSpec.of(state.request.request_id, plan, index, tiers, blocks))
         state.next_save = max(state.next_save, done)
         self._expect(plan, specs)
         if self.events is not None and self.events.enabled:
@@ -308,22 +297,12 @@ class SchedulerSide:
             }
         }
 
+    def tokens_by_tier(self, req_id: str) -> dict[str, int]:
+        """The tokens the request's plan loads from each tier ({} if it has no plan)."""
+        state = self._requests.get(req_id)
+        return state.plan.tokens_by_tier() if state else {}
+
     def observe(self, reads) -> None:
         """Reads the worker measured: they teach this process's cost model."""
         for tier, seconds, nbytes in reads:
             self.orch.cost.observe_read(tier, seconds, nbytes)
-
-
-def _load_spec(req_id: str, plan: Plan, block_ids: list[int]) -> LoadSpec:
-    """What the worker needs to load ``plan`` into the request's blocks (plain, picklable data)."""
-    return LoadSpec(
-        req_id=req_id,
-        rule=plan.decision.rule,
-        tenant=plan.ctx.tenant,
-        skip_tokens=plan.skip_tokens,
-        chunks=[(c.index, c.tier, c.key.digest, c.codec) for c in plan.chunks],
-        block_ids=list(block_ids),
-        keys={codec: [k.digest for k in keys] for codec, keys in plan.keys.items()},
-        context_tokens=plan.ctx.context_tokens,
-        budget_ms=plan.ctx.budget_ms,
-    )
