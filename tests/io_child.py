@@ -21,7 +21,7 @@ import numpy as np
 from kvstrata import runtime
 from kvstrata.config import parse_config
 from kvstrata.model import ModelSpec
-from kvstrata.orchestrator import Orchestrator
+from kvstrata.orchestrator import Ok, Orchestrator
 from kvstrata.policy.route import RequestContext
 
 CHUNK = 32
@@ -110,10 +110,10 @@ def main(redis_url: str, disk_dir: str) -> None:
 
     # Every FIFO read, directly through the orchestrator's call wrapper (timeout, breaker).
     disk = orch.tiers["local"]
+    keys = [p.logical_keys()[0] for p in fifo_plans]
     started = time.monotonic()
-    fetched = runtime.run(
-        orch._call("local", "get", disk.get([p.logical_keys()[0] for p in fifo_plans])), timeout=10
-    )
+    outcome = runtime.run(orch.calls.call("local", "get", lambda t: t.get(keys)), timeout=10)
+    fetched = outcome.value if isinstance(outcome, Ok) else None
     out["fifo_get"] = {
         "seconds": round(time.monotonic() - started, 4),
         "reasons": sorted({getattr(f, "reason", "hit") for f in fetched or ()}),

@@ -789,7 +789,7 @@ def test_object_of_a_replaced_checkpoint_is_a_miss(orch_for, tmp_path) -> None:
     plan, handle = save_and_load(orch, tokens)
     assert not handle.failed
     random_checkpoint(path, seed=2)  # same path, other weights
-    orch._codecs.clear()  # as a new reader process would start
+    orch.objects.codecs.clear()  # as a new reader process would start
     plan = orch.lookup(tokens, RequestContext())
     handle = orch.load(plan)
     assert handle.wait_all(30) and handle.failed == {0}
@@ -817,7 +817,7 @@ def test_orchestrator_gives_codecs_each_chunks_position(orch_for, lae_path) -> N
     orch = orch_for(f"lae: {{kind: linear-ae, checkpoint: {lae_path}}}\n", "lae")
     plan, handle = save_and_load(orch, np.arange(3 * 32 + 3) + 11)
     assert not handle.failed and [c.index for c in plan.chunks] == [0, 1, 2]
-    codec = orch._codec("lae")
+    codec = orch.objects.codec("lae")
     for c in plan.chunks:
         (got,) = rt.run(orch.tiers["dram"].get([c.key]))
         loaded = handle.chunk_kv(c.index)

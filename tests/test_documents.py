@@ -1,5 +1,5 @@
-"""Per-document KV: exact position correction, precompute
-(resumable, change-aware), stitch planning, CLI.
+"""Per-document KV: exact position correction, precompute (resumable, change-aware), stitch
+planning, CLI.
 
 Real model (SmolLM2-135M through transformers), real text (CPython's
 ``pydoc_data.topics``), a real disk tier. No vLLM here (tests/test_documents_vllm.py).
@@ -18,7 +18,7 @@ from kvstrata import runtime
 from kvstrata.config import parse_config
 from kvstrata.documents import Corpus, Rope, plan_stitch, tokens_hash
 from kvstrata.offline.precompute import Precomputer, add_documents, model_spec_for
-from kvstrata.tiers.base import tier_class
+from kvstrata.orchestrator import Orchestrator
 
 SMOLLM2 = {
     "architectures": ["LlamaForCausalLM"],
@@ -79,8 +79,8 @@ def text(tokenizer, n_tokens: int, offset: int) -> list[int]:
 
 
 def test_first_layer_stitched_keys_equal_keys_computed_in_place(hf) -> None:
-    """Layer 0's K and V depend only on the token and
-    its position: re-rotation must reproduce them."""
+    """Layer 0's K and V depend only on the token and its position: re-rotation must reproduce
+    them."""
     _, model, tokenizer = hf
     rope = Rope.from_config(model.config)
     computer = Precomputer(model, tokenizer, threads=1)
@@ -110,11 +110,10 @@ def open_test_corpus(tmp: Path, hf) -> tuple[Corpus, Precomputer]:
     config = parse_config(corpus_config(tmp))
     from kvstrata.documents import corpus_tiers
 
-    tiers = {n: tier_class(s.kind).from_settings(n, s.settings) for n, s in config.tiers.items()}
     spec = model_spec_for(model_dir, model.config)
-    corpus = Corpus(
-        "test", spec, corpus_tiers(config, tiers), Rope.from_config(model.config).describe()
-    )
+    orch = Orchestrator(config, spec)  # new tier objects, as a new process would have
+    rope = Rope.from_config(model.config).describe()
+    corpus = Corpus("test", spec, orch.whole, corpus_tiers(config), rope)
     return corpus, Precomputer(model, tokenizer, threads=1)
 
 
@@ -184,8 +183,8 @@ def test_stitch_plan_verifies_documents_and_never_guesses(tmp_path, hf) -> None:
     assert (
         plan_stitch(prompt, manifest, None, corpus, 128).end == plan.end
     )  # detection finds the same
-    # context repair: later documents use their variant
-    # computed after "sys", shifted by start - len(sys)
+    # context repair: later documents use their variant computed after "sys", shifted by
+    # start - len(sys)
     ctx = plan_stitch(prompt, manifest, ["sys", "a", "b"], corpus, 128, repair="context")
     assert [s.shift for s in ctx.segments] == [0, 0, n_a]
     assert ctx.segments[1].key != plan.segments[1].key
@@ -284,9 +283,33 @@ def test_scheduler_branch_plans_stitches_and_ignores_malformed_requests(tmp_path
             bad
         )  # exact computation, never an exception
     assert not sched.handles("r2")
-    # the engine already holds the stitched part: still
-    # a document request (never saved), nothing to load
+    # the engine already holds the stitched part: still a document request (never saved),
+    # nothing to load
     assert sched.match(request("r3", {"kvstrata": {"documents": ["sys", "a"]}}), 256) == 0
     assert sched.handles("r3")
     detecting = DocumentScheduler(corpus, DocumentsConfig(detect=True), 128)
     assert detecting.match(request("r4", None), 0) == (len(ids["sys"]) + len(ids["a"])) // 128 * 128
+
+
+def test_documents_use_the_orchestrator_and_connectors_no_private_attributes() -> None:
+    # documents' I/O goes through the orchestrator (breaker, timeout, metrics, codecs), and the
+    # connector builds the documents branch instead of reaching into other objects' internals
+    import ast
+
+    import kvstrata
+
+    root = Path(kvstrata.__file__).parent
+    for path in sorted((root / "documents").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.startswith("kvstrata.tiers") for n in names), (path.name, names)
+    for path in sorted([*(root / "connectors").glob("*.py"), *(root / "documents").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Attribute) or not node.attr.startswith("_"):
+                continue
+            if node.attr.startswith("__"):
+                continue
+            own = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+            assert own, f"{path.name}:{node.lineno} reaches into .{node.attr}"

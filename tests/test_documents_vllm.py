@@ -1,5 +1,5 @@
-"""Stitched document prefixes served through vLLM's CPU
-build (SmolLM2-135M), corpus in real S3 (SeaweedFS).
+"""Stitched document prefixes served through vLLM's CPU build (SmolLM2-135M), corpus in real S3
+(SeaweedFS).
 
 The reference is full prefill by the same engine (a request that names no
 documents: computed normally; vLLM's prefix cache is off and the connector's
@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from kvstrata import runtime
-from kvstrata.config import load_config
-from kvstrata.offline.convert import prepare_smollm2
-from kvstrata.offline.runner import generate, running_llm, text_tokens
-
 vllm = pytest.importorskip(
     "vllm", reason="needs vLLM's CPU build (scripts/setup.sh test installs it)"
 )
+
+from kvstrata import runtime  # noqa: E402
+from kvstrata.config import load_config  # noqa: E402
+from kvstrata.offline.convert import prepare_smollm2  # noqa: E402
+from kvstrata.offline.runner import generate, running_llm, text_tokens  # noqa: E402
 
 BLOCK = 128
 
@@ -47,8 +47,8 @@ def config_text(s3) -> str:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, s3_server):
-    """The corpus precomputed into S3 (the default
-    documents tier), then one engine with the connector."""
+    """The corpus precomputed into S3 (the default documents tier), then one engine with the
+    connector."""
     from kvstrata.offline.precompute import add_documents, open_corpus
 
     model_dir = prepare_smollm2(progress=False)
@@ -92,8 +92,8 @@ def test_two_documents_are_stitched_and_repairs_change_what_is_loaded(setup) -> 
 def transformers_greedy(
     computer, segments: list[tuple[list[int], int, np.ndarray]], rest: list[int], n: int
 ):
-    """Greedy tokens of transformers continuing from stitched
-    KV: (tokens, start, KV computed at 0..) per segment."""
+    """Greedy tokens of transformers continuing from stitched KV: (tokens, start, KV computed
+    at 0..) per segment."""
     from kvstrata.documents import Rope
     from kvstrata.offline.capture import numpy_to_cache
 
@@ -173,11 +173,12 @@ def test_a_missing_document_object_is_recomputed(setup, beta_full) -> None:
     before = orch.telemetry.value(
         "kvstrata_tier_ops_total", tier="documents", op="stitch", result="error"
     )
-    runtime.run(corpus.tiers[0].delete([ChunkKey.from_hex(manifest.documents["beta"].key)]))
+    key = ChunkKey.from_hex(manifest.documents["beta"].key)
+    runtime.run(corpus.store.calls.tiers[corpus.tiers[0]].delete([key]))
     again = generate(llm, prompt, 8, kv_params={"kvstrata": {"documents": ["beta"]}})
     assert again.token_ids == full.token_ids
-    # the stitch failed and was reported (vLLM recomputed
-    # the blocks), it did not just happen to work
+    # the stitch failed and was reported (vLLM recomputed the blocks), it did not just happen
+    # to work
     assert (
         orch.telemetry.value(
             "kvstrata_tier_ops_total", tier="documents", op="stitch", result="error"

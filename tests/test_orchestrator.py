@@ -1,5 +1,5 @@
-"""The orchestrator against the real Redis and S3
-servers: routes, admission, faults, breaker, queue."""
+"""The orchestrator against the real Redis and S3 servers: routes, admission, faults, breaker,
+queue."""
 
 from __future__ import annotations
 
@@ -10,9 +10,13 @@ import time
 import numpy as np
 import pytest
 
+from kvstrata import runtime as rt
 from kvstrata.config import parse_config
+from kvstrata.keys import ChunkKey
 from kvstrata.model import ModelSpec
-from kvstrata.orchestrator import Orchestrator
+from kvstrata.orchestrator import Failed, Ok, Orchestrator
+from kvstrata.orchestrator.objects import Expected
+from kvstrata.orchestrator.whole import StoreFailed
 from kvstrata.policy.route import RequestContext
 from kvstrata.testing import services as svc
 from kvstrata.testing.throttle import ThrottledProxy
@@ -23,10 +27,9 @@ MODEL = ModelSpec("tiny-test-model", n_layers=4, kv_heads=2, head_dim=16, dtype=
 
 
 # Timeouts are generous: these tests are about what a tier returns, not when (the fault tests
-# are about timeouts). In a full run, the first round trip can meet a process-wide pause: a NIXL
-# agent whose S3 endpoint is gone (tests/test_nixl_transport.py's killed-server test leaves one)
-# holds the GIL for many seconds when the garbage collector frees it. _settle (below) pays such
-# one-off costs before anything is timed.
+# are about timeouts). A process can stall for many seconds for reasons outside the test (a
+# NIXL agent left by another test, freed by the garbage collector, can hold the GIL for ~19 s);
+# _settle (below) pays such one-off costs before anything is timed.
 
 
 def config_text(redis_url: str, s3, tmp_path, policy: str, extra: str = "") -> str:
@@ -36,8 +39,12 @@ def config_text(redis_url: str, s3, tmp_path, policy: str, extra: str = "") -> s
         tiers:
           dram: {{kind: memory, capacity_bytes: 64MiB, timeout_ms: 15000}}
           local: {{kind: disk, path: {tmp_path / "disk"}, timeout_ms: 15000}}
-          shared: {{kind: redis, url: "{redis_url}", key_prefix: "orch-{time.time_ns()}:",
-                    timeout_ms: 15000, timeout_s: 15}}
+          shared:
+            kind: redis
+            url: "{redis_url}"
+            key_prefix: "orch-{time.time_ns()}:"
+            timeout_ms: 15000
+            timeout_s: 15
           cold:
             kind: s3
             endpoint: {s3.endpoint}
@@ -327,3 +334,50 @@ def test_lookup_waits_for_chunks_still_being_written(make_orch, redis_server) ->
     finally:
         proxy.set_rate(0)
         proxy.close()
+
+
+def test_tier_calls_answer_values_not_none(make_orch, tmp_path) -> None:
+    # a Redis port nothing listens on: a real connection refusal, no mock
+    (port,) = svc.free_ports(1)
+    orch = make_orch(ONLY % ("shared", "shared"), redis_url=f"redis://127.0.0.1:{port}/0")
+    key = ChunkKey(b"\5" * 32)
+    answers = [
+        rt.run(orch.calls.call("shared", "contains", lambda t: t.contains([key]))) for _ in range(3)
+    ]
+    assert [a.outcome for a in answers] == ["error", "error", "skipped"]  # breaker: 2 failures
+    assert all(isinstance(a, Failed) and a.tier == "shared" for a in answers)
+    held = rt.run(orch.calls.call("dram", "contains", lambda t: t.contains([key])))
+    assert isinstance(held, Ok) and held.value == [False]
+
+
+def test_whole_objects_go_through_the_call_wrapper(make_orch) -> None:
+    # what a corpus uses: store, fetch with the reader's expectation, holds; tier metrics counted
+    (port,) = svc.free_ports(1)
+    orch = make_orch(ONLY % ("local", "local"), redis_url=f"redis://127.0.0.1:{port}/0")
+    ns, key, other = b"\1" * 32, ChunkKey(b"\2" * 32), ChunkKey(b"\3" * 32)
+    kv = np.random.default_rng(5).standard_normal(
+        (MODEL.n_layers, 2, 7, MODEL.kv_heads, MODEL.head_dim), dtype=np.float32
+    )
+    rt.run(orch.whole.store_kv("local", key, ns, kv))
+    m = MODEL
+    expected = Expected("none", ns, m.dtype, m.kv_heads, m.head_dim, m.n_layers)
+    # a tier that fails is a miss for its keys, the next tier answers
+    got, missing = rt.run(orch.whole.fetch(["shared", "local"], [key, other], expected))
+    assert missing is None
+    np.testing.assert_array_equal(orch.whole.layer(got, 2), kv[2])
+    ops = "kvstrata_tier_ops_total"
+    assert orch.telemetry.value(ops, tier="local", op="put", result="ok") == 1
+    assert orch.telemetry.value(ops, tier="local", op="get", result="ok") == 1
+    assert orch.telemetry.value(ops, tier="shared", op="get", result="error") == 1
+    assert rt.run(orch.whole.holds(["shared", "local"], key))
+    # another reader's object under this key (another namespace) is foreign: counted, dropped
+    foreign = Expected("none", b"\4" * 32, m.dtype, m.kv_heads, m.head_dim, m.n_layers)
+    assert rt.run(orch.whole.fetch(["local"], [key], foreign)) == [None]
+    assert orch.telemetry.value("kvstrata_bad_objects_total", tier="local", reason="foreign") == 1
+    deadline = time.monotonic() + 10
+    while rt.run(orch.whole.holds(["local"], key)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not rt.run(orch.whole.holds(["local"], key))
+    # a write that a tier does not take raises (a corpus build must not report success)
+    with pytest.raises(StoreFailed, match="shared"):
+        rt.run(orch.whole.store_kv("shared", key, ns, kv))

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from kvstrata import runtime
 from kvstrata.keys import chunk_keys
+from kvstrata.orchestrator.calls import value_or
 from kvstrata.policy.route import RequestContext
 
 
@@ -159,10 +160,9 @@ async def _held(orch, route, keys, first: int, last: int) -> dict[str, list[bool
     held: dict[str, list[bool]] = {}
     for tier in route.read:
         codec = route.codec_for(tier)
-        answer = await orch._call(
-            tier, "contains", orch.tiers[tier].contains(list(keys[codec][first:last]))
-        )
-        held[tier] = list(answer) if answer is not None else [False] * (last - first)
+        wanted = list(keys[codec][first:last])
+        answer = await orch.calls.call(tier, "contains", lambda t, w=wanted: t.contains(w))
+        held[tier] = list(value_or(answer, [False] * (last - first)))
     return held
 
 
@@ -225,7 +225,7 @@ def lookup(
     """:func:`probe` from a thread other than the background loop (blocks until answered)."""
     ctx = ctx or RequestContext()
     return runtime.run(
-        probe(orch, tokens, ctx, skip_tokens), timeout=timeout or orch._lookup_timeout()
+        probe(orch, tokens, ctx, skip_tokens), timeout=timeout or orch.lookup_timeout_s()
     )
 
 

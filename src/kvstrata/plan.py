@@ -1,4 +1,4 @@
-"""Values the orchestrator hands out: a lookup's Plan, a load's handle."""
+"""Values the orchestrator hands out and takes: a lookup's plan, a load's handle, a chunk write."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 
 from kvstrata.keys import ChunkKey
 from kvstrata.policy.cost import Choice
-from kvstrata.policy.route import Decision, RequestContext
+from kvstrata.policy.route import Decision, RequestContext, Route
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,30 @@ class PlannedChunk:
     tier: str
     key: ChunkKey
     codec: str
+
+
+@dataclass(frozen=True)
+class ChunkWrite:
+    """One chunk to store: what every save becomes before it is queued.
+
+    ``keys`` maps codec -> this chunk's key ("none", the logical key, must be
+    present); ``tiers`` is the final write set (admission already applied);
+    ``first_position`` is the position of the chunk's first token in the
+    prompt (codecs that undo RoPE need it).
+    """
+
+    route: Route
+    tenant: str
+    keys: Mapping[str, ChunkKey]
+    tiers: tuple[str, ...]
+    first_position: int = 0
+
+    @property
+    def logical_key(self) -> ChunkKey:
+        return self.keys["none"]
+
+    def key_for(self, tier: str) -> ChunkKey:
+        return self.keys[self.route.codec_for(tier)]
 
 
 @dataclass(frozen=True)
@@ -61,6 +85,13 @@ class Plan:
 
     def logical_keys(self) -> tuple[ChunkKey, ...]:
         return self.keys.get("none", ())
+
+    def chunk_write(self, index: int, tiers: tuple[str, ...]) -> ChunkWrite:
+        """Chunk ``index`` of the prompt, to be written to ``tiers``."""
+        keys = {codec: ks[index] for codec, ks in self.keys.items()}
+        return ChunkWrite(
+            self.decision.route, self.ctx.tenant, keys, tuple(tiers), index * self.chunk_tokens
+        )
 
 
 @dataclass
@@ -116,17 +147,17 @@ class LoadHandle:
                 self._ready[layer].set()
 
     def progress(self) -> tuple[int, int]:
-        """(layers complete in order from 0, layers the
-        engine has asked for): how far ahead the load is."""
+        """(layers complete in order from 0, layers the engine has asked for): how far ahead
+        the load is."""
         delivered = 0
         while delivered < self.n_layers and self._ready[delivered].is_set():
             delivered += 1
-        consumed = 1 + max((i for i, t in enumerate(self.waited) if t is not None), default=-1)
+        consumed = 1 + max((n for n, t in enumerate(self.waited) if t is not None), default=-1)
         return delivered, consumed
 
     def abort(self, before_release=None) -> None:
-        """Fail everything not yet delivered and release
-        every waiter (after ``before_release(self)``)."""
+        """Fail everything not yet delivered and release every waiter (after
+        ``before_release(self)``)."""
         self.fail([c.index for c in self.plan.chunks if not self._has_all(c.index)])
         if before_release is not None:
             before_release(self)

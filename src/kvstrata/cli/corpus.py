@@ -38,7 +38,7 @@ def _setup(
 
     config = load_config(config_path) if config_path else default_config()
     model_dir = model_dir or prepare_smollm2(progress=False)
-    return open_corpus(config, model_dir, model_id, corpus, threads)
+    return (config, *open_corpus(config, model_dir, model_id, corpus, threads))
 
 
 @corpus_app.command("add")
@@ -70,10 +70,10 @@ def add(
         console.print("[red]no documents found[/red]")
         raise typer.Exit(1)
     with console.status("loading the model..."):
-        store, computer = _setup(config_path, model_dir, model_id, corpus, threads)
-    if getattr(store.tiers[0], "process_local", False):
+        config, store, computer = _setup(config_path, model_dir, model_id, corpus, threads)
+    if config.tiers[store.tiers[0]].tier_class.process_local:
         console.print(
-            f"[yellow]warning[/yellow]: tier {store.tiers[0].name} is a memory tier; the corpus "
+            f"[yellow]warning[/yellow]: tier {store.tiers[0]} is a memory tier; the corpus "
             "will not outlive this command (set documents.tiers to a disk, redis or s3 tier)"
         )
     with Progress(
@@ -94,7 +94,7 @@ def add(
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
-    tier = store.tiers[0].name
+    tier = store.tiers[0]
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     console.print(
         f"corpus [bold]{store.name}[/bold] in tier {tier}: {summary}; "
@@ -112,7 +112,7 @@ def list_(
     """Print the corpus manifest: documents, token counts, variants."""
     from kvstrata import runtime
 
-    store, _ = _setup(config_path, model_dir, model_id, corpus)
+    _, store, _ = _setup(config_path, model_dir, model_id, corpus)
     manifest = runtime.run(store.load_manifest())
     table = Table(title=f"corpus {store.name} ({manifest.model}, {manifest.dtype})")
     for column in ("document", "tokens", "content sha256", "context variants"):

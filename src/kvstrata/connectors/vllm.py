@@ -18,7 +18,9 @@ metadata (:mod:`~kvstrata.connectors.vllm_pool`); metrics reach vLLM's
 the tier as ``medium`` (:mod:`~kvstrata.connectors.vllm_events`).
 
 Loads are synchronous from vLLM's point of view (the step that uses them
-starts them), layer-wise inside: attention of layer l waits only for layer l.
+starts them), layer-wise inside: attention of layer l waits only for layer l;
+a load from a slow remote tier while others run goes asynchronous instead
+(``WAITING_FOR_REMOTE_KVS``, ``get_finished``: :mod:`~kvstrata.connectors.vllm_async`).
 If a load fails, its blocks are reported and vLLM recomputes them: kvstrata
 sets ``kv_load_failure_policy`` to ``recompute`` (vLLM's default, ``fail``,
 would fail the request), because a cache that is down must never fail a
@@ -38,7 +40,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvstrata import layout
-from kvstrata.connectors import vllm_events, vllm_pool
+from kvstrata.connectors import vllm_async, vllm_events, vllm_pool
 from kvstrata.connectors.vllm_meta import StrataMetadata
 from kvstrata.connectors.vllm_metrics import StrataPromMetrics, StrataStats
 from kvstrata.connectors.vllm_scheduler import SchedulerSide
@@ -76,11 +78,7 @@ class StrataConnector(KVConnectorBase_V1):
         vllm_pool.attach(
             self.orch, worker=role == KVConnectorRole.WORKER
         )  # one DRAM pool, seen by both roles
-        self.scheduler = SchedulerSide(self.orch, self.block_size, self.model.name)
-        self.events = vllm_events.EventLog(self.block_size, vllm_events.enabled(vllm_config))
-        self.scheduler.events = self.events
-        self.worker = WorkerSide(self.orch, self.block_size)
-        documents.attach(self)  # the documents branch of both sides (kvstrata.documents.connector)
+        self._build_sides(config, vllm_config)
         self._errors_reported = 0
         # every change goes to vLLM's /metrics through the connector stats
         self.orch.telemetry.forward()
@@ -103,6 +101,30 @@ class StrataConnector(KVConnectorBase_V1):
             list(config.tiers),
             self.enabled,
         )
+
+    def _build_sides(self, config, vllm_config) -> None:
+        """The scheduler and worker sides, each with its half of the documents branch
+        (:mod:`kvstrata.documents.connector`; none if the model or config cannot have one)."""
+        docs = documents.build_branch(
+            config,
+            self.model,
+            self.orch.whole,
+            vllm_config.model_config.hf_config,
+            self.block_size,
+            self.orch.telemetry,
+        )
+        self.scheduler = SchedulerSide(
+            self.orch,
+            self.block_size,
+            self.model.name,
+            docs.scheduler if docs else None,
+            async_settings=vllm_async.AsyncSettings.from_extra(
+                dict(self._kv_transfer_config.kv_connector_extra_config or {})
+            ),
+        )
+        self.events = vllm_events.EventLog(self.block_size, vllm_events.enabled(vllm_config))
+        self.scheduler.events = self.events
+        self.worker = WorkerSide(self.orch, self.block_size, docs.worker if docs else None)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -127,6 +149,7 @@ class StrataConnector(KVConnectorBase_V1):
         return self.scheduler.build_connector_meta(scheduler_output)
 
     def update_connector_output(self, connector_output) -> None:
+        self.scheduler.async_.finished(connector_output)  # async loads ended, abandoned ones
         self.events.changed(vllm_pool.apply(self.orch, connector_output.kv_connector_worker_meta))
         stats = connector_output.kv_connector_stats
         # a worker in this process shares our orchestrator: its reads are already counted
@@ -144,8 +167,7 @@ class StrataConnector(KVConnectorBase_V1):
     def get_external_cache_hit_sources(self, request, num_external_tokens: int) -> dict:
         if num_external_tokens == 0:
             return {}
-        state = self.scheduler._requests.get(request.request_id)
-        by_tier = state.plan.tokens_by_tier() if state else {}
+        by_tier = self.scheduler.tokens_by_tier(request.request_id)
         sources: dict = {}
         for tier, tokens in by_tier.items():
             source = CacheHitSource[self.orch.config.tiers[tier].tier_class.hit_source]
@@ -196,6 +218,10 @@ class StrataConnector(KVConnectorBase_V1):
         if self.enabled:
             self.worker.finish_step()
 
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Async loads that ended this step (see :mod:`kvstrata.connectors.vllm_async`)."""
+        return None, self.worker.async_loads.finished(finished_req_ids) if self.enabled else None
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors = self.worker.load_errors()
         self._errors_reported += len(errors)
@@ -205,8 +231,8 @@ class StrataConnector(KVConnectorBase_V1):
         return vllm_pool.changes(self.orch) if self._role == KVConnectorRole.WORKER else None
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
-        """This role's changes since the last step: reads
-        measured, load errors, the telemetry outbox.
+        """This role's changes since the last step: reads measured, load errors, the telemetry
+        outbox.
 
         When both roles share one orchestrator (one process), whichever asks
         first takes the changes: each is reported once.

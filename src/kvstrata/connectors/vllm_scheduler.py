@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvstrata import runtime
-from kvstrata.connectors import vllm_pool
+from kvstrata.connectors import vllm_async, vllm_pool
 from kvstrata.connectors.vllm_meta import LoadSpec, SaveSpec, StrataMetadata
 from kvstrata.connectors.vllm_setup import request_context
 from kvstrata.keys import chunk_keys
@@ -57,11 +57,20 @@ class _Request:
     block_ids: list[int] = field(default_factory=list)
     load_pending: bool = False
     loaded: bool = False  # a load of the plan was handed to the worker
+    load_async: bool = False  # the load runs between steps (kvstrata.connectors.vllm_async)
+    async_abandoned: bool = False  # ... and missed its deadline: the prompt was recomputed
     next_save: int = 0  # chunks before this index are stored, loaded or engine-held
 
 
 class SchedulerSide:
-    def __init__(self, orchestrator: Orchestrator, block_size: int, model_id: str):
+    def __init__(
+        self,
+        orchestrator: Orchestrator,
+        block_size: int,
+        model_id: str,
+        documents=None,
+        async_settings: vllm_async.AsyncSettings | None = None,
+    ):
         self.orch = orchestrator
         self.chunk = orchestrator.chunk_tokens
         self.block_size = block_size
@@ -69,10 +78,13 @@ class SchedulerSide:
         self._requests: dict[str, _Request] = {}
         self._lookups: dict[str, _Lookup] = {}
         self.inline_wait_s = INLINE_WAIT_S
-        self.events = None  # an EventLog (kvstrata.connectors.vllm_events), set by the facade
-        self.documents = (
-            None  # a DocumentScheduler (kvstrata.documents.connector), set by the facade
+        self.async_ = vllm_async.AsyncScheduler(
+            async_settings or vllm_async.AsyncSettings(),
+            orchestrator.config.orchestrator.default_budget_ms,
+            {name: spec.kind for name, spec in orchestrator.config.tiers.items()},
         )
+        self.events = None  # an EventLog (kvstrata.connectors.vllm_events), set by the facade
+        self.documents = documents  # a DocumentScheduler (kvstrata.documents.connector) or None
 
     # -- admission --------------------------------------------------------------
 
@@ -92,7 +104,8 @@ class SchedulerSide:
                 return None, False  # still looking: vLLM asks again at a later step
             state = _Request(request, plan, num_computed_tokens)
             self._requests[request.request_id] = state
-        return max(state.plan.end_token - num_computed_tokens, 0) if state.plan.chunks else 0, False
+        tokens = max(state.plan.end_token - num_computed_tokens, 0) if state.plan.chunks else 0
+        return self.async_.answer(state, tokens, self._requests.values())
 
     def _plan(self, request, num_computed: int) -> Plan | None:
         """The lookup's plan for this request, None while it runs (started on the first call)."""
@@ -172,6 +185,7 @@ class SchedulerSide:
                 state.plan.end_token,
             )
             state.load_pending = False
+        self.async_.after_alloc(state)
 
     # -- per step ---------------------------------------------------------------
 
@@ -179,6 +193,8 @@ class SchedulerSide:
         meta = StrataMetadata()
         if self.documents is not None:
             meta.documents = self.documents.loads(out)
+        for state in self.async_.take():  # async loads: their requests wait, not scheduled
+            self._take_load(state, meta)
         progress: list[tuple[_Request, int]] = []
         for new in out.scheduled_new_reqs:
             state = self._requests.get(new.req_id)
@@ -212,19 +228,11 @@ class SchedulerSide:
         state.load_pending = False
         state.loaded = True
         plan = state.plan
-        meta.loads.append(
-            LoadSpec(
-                req_id=state.request.request_id,
-                rule=plan.decision.rule,
-                tenant=plan.ctx.tenant,
-                skip_tokens=plan.skip_tokens,
-                chunks=[(c.index, c.tier, c.key.digest, c.codec) for c in plan.chunks],
-                block_ids=list(state.block_ids),
-                keys={codec: [k.digest for k in keys] for codec, keys in plan.keys.items()},
-                context_tokens=plan.ctx.context_tokens,
-                budget_ms=plan.ctx.budget_ms,
-            )
-        )
+        spec = LoadSpec.of(state.request.request_id, plan, state.block_ids)
+        if state.load_async:
+            meta.async_loads.append(vllm_async.AsyncLoad(spec, self.async_.deadline_s(plan)))
+        else:
+            meta.loads.append(spec)
         state.next_save = max(state.next_save, plan.first_chunk + len(plan.chunks))
 
     def _saves(self, state: _Request, computed_tokens: int) -> list[SaveSpec]:
@@ -239,17 +247,7 @@ class SchedulerSide:
             tiers = self.orch.admitted(plan, index)
             blocks = state.block_ids[index * per_chunk : (index + 1) * per_chunk]
             if tiers and len(blocks) == per_chunk:
-                specs.append(
-                    SaveSpec(
-                        req_id=state.request.request_id,
-                        rule=plan.decision.rule,
-                        tenant=plan.ctx.tenant,
-                        chunk_index=index,
-                        keys={codec: keys[index].digest for codec, keys in plan.keys.items()},
-                        tiers=tiers,
-                        block_ids=blocks,
-                    )
-                )
+                specs.append(SaveSpec.of(state.request.request_id, plan, index, tiers, blocks))
         state.next_save = max(state.next_save, done)
         self._expect(plan, specs)
         if self.events is not None and self.events.enabled:
@@ -279,6 +277,7 @@ class SchedulerSide:
         pending = self._lookups.pop(request.request_id, None)
         if pending is not None:
             pending.future.cancel()
+        self.async_.forget(request.request_id)
         state = self._requests.pop(request.request_id, None)
         if state is None:
             return None
@@ -293,9 +292,15 @@ class SchedulerSide:
                 "rule": plan.decision.rule,
                 "engine_tokens": plan.skip_tokens,
                 "loaded_tokens": plan.tokens_by_tier(),
+                "load": ("async" if state.load_async else "sync") if state.loaded else None,
                 "reason": plan.reason,
             }
         }
+
+    def tokens_by_tier(self, req_id: str) -> dict[str, int]:
+        """The tokens the request's plan loads from each tier ({} if it has no plan)."""
+        state = self._requests.get(req_id)
+        return state.plan.tokens_by_tier() if state else {}
 
     def observe(self, reads) -> None:
         """Reads the worker measured: they teach this process's cost model."""

@@ -19,12 +19,11 @@ from collections import deque
 import numpy as np
 import torch
 
+from kvstrata.connectors.vllm_async import AsyncLoads
 from kvstrata.connectors.vllm_meta import LoadSpec, SaveSpec, StrataMetadata
-from kvstrata.keys import ChunkKey
 from kvstrata.layout import PageLayout, to_numpy
 from kvstrata.orchestrator import Orchestrator
-from kvstrata.plan import LoadHandle, Plan, PlannedChunk
-from kvstrata.policy.route import Decision, RequestContext
+from kvstrata.plan import LoadHandle, Plan
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ PLACEMENTS: deque[tuple[int, int, float]] = deque(maxlen=256)
 
 
 class WorkerSide:
-    def __init__(self, orchestrator: Orchestrator, block_size: int):
+    def __init__(self, orchestrator: Orchestrator, block_size: int, documents=None):
         self.orch = orchestrator
         self.chunk = orchestrator.chunk_tokens
         self.block_size = block_size
@@ -48,7 +47,8 @@ class WorkerSide:
         self._staged: dict[tuple[str, int], list[torch.Tensor]] = {}
         self._errors: set[int] = set()
         self._placed = [0, 0, 0.0]  # this step's loads so far: blocks, bytes, seconds
-        self.documents = None  # a DocumentWorker (kvstrata.documents.connector), set by the facade
+        self.documents = documents  # a DocumentWorker (kvstrata.documents.connector) or None
+        self.async_loads = AsyncLoads(self)  # loads between steps (kvstrata.connectors.vllm_async)
 
     def register(self, kv_caches: dict[str, torch.Tensor], layout: PageLayout) -> None:
         self._kv = dict(kv_caches)
@@ -60,26 +60,12 @@ class WorkerSide:
     def start_load(self, meta: StrataMetadata) -> None:
         for spec in meta.loads:
             self._loads.append((spec, self.orch.load(self._plan(spec))))
+        self.async_loads.start(meta.async_loads)
         if self.documents is not None and meta.documents:
             self.documents.start(meta.documents)
 
     def _plan(self, spec: LoadSpec) -> Plan:
-        decision = Decision(spec.rule, self.orch.route(spec.rule))
-        chunks = tuple(
-            PlannedChunk(i, tier, ChunkKey(key), codec) for i, tier, key, codec in spec.chunks
-        )
-        keys = {codec: tuple(ChunkKey(k) for k in ks) for codec, ks in spec.keys.items()}
-        return Plan(
-            RequestContext(
-                context_tokens=spec.context_tokens, budget_ms=spec.budget_ms, tenant=spec.tenant
-            ),
-            decision,
-            self.chunk,
-            spec.skip_tokens,
-            keys=keys,
-            first_chunk=chunks[0].index if chunks else 0,
-            chunks=chunks,
-        )
+        return spec.plan(self.orch.route(spec.rule), self.chunk)
 
     def wait_layer(self, layer_name: str) -> None:
         """Place layer ``layer_name`` of every load; never raises into the engine."""
@@ -155,7 +141,7 @@ class WorkerSide:
         return blocks, (first - chunk_index * per_chunk) * self.block_size
 
     def load_errors(self) -> set[int]:
-        errors, self._errors = self._errors, set()
+        errors, self._errors = self._errors | self.async_loads.errors(), set()
         if self.documents is not None:
             errors |= self.documents.load_errors()
         return errors
@@ -194,15 +180,7 @@ class WorkerSide:
         def canonical() -> np.ndarray:  # runs on the orchestrator's save thread
             return to_numpy(torch.stack([layout.read(p, list(range(n))) for p in pages]))
 
-        keys = {codec: ChunkKey(key) for codec, key in spec.keys.items()}
-        self.orch.save_chunk(
-            self.orch.route(spec.rule),
-            spec.tenant,
-            keys,
-            canonical,
-            spec.tiers,
-            spec.chunk_index * self.chunk,
-        )
+        self.orch.write(spec.write(self.orch.route(spec.rule), self.chunk), canonical)
 
     def finish_step(self) -> None:
         """End of a step: anything still staged belongs

@@ -29,9 +29,11 @@ import numpy as np
 import torch
 
 from kvstrata import runtime
+from kvstrata.connectors.vllm_meta import DocLoadSpec
 from kvstrata.documents.corpus import Corpus, Manifest, corpus_tiers
 from kvstrata.documents.rope import Rope, UnsupportedRope
-from kvstrata.documents.stitch import REPAIRS, Segment, StitchPlan, assemble_layer, plan_stitch
+from kvstrata.documents.stitch import REPAIRS, StitchPlan, assemble_layer, plan_stitch
+from kvstrata.orchestrator.whole import WholeObjects
 
 log = logging.getLogger("vllm.kvstrata.documents")
 
@@ -42,18 +44,6 @@ FETCH_WAIT_S = 60.0
 
 
 @dataclass
-class DocLoadSpec:
-    """Write the stitched KV of prompt tokens ``[skip_tokens, end)`` into the request's blocks."""
-
-    req_id: str
-    block_ids: list[int]
-    skip_tokens: int
-    end: int
-    segments: list[tuple[bytes, int, int, int]]  # (key, start, n_tokens, shift)
-    doc_names: list[str]
-
-
-@dataclass
 class _Stitched:
     plan: StitchPlan
     num_computed: int
@@ -61,25 +51,34 @@ class _Stitched:
     block_ids: tuple[int, ...] = ()
 
 
-def attach(connector) -> None:
-    """Give a StrataConnector's two sides their documents
-    branch (or none, logged, if impossible)."""
+@dataclass(frozen=True)
+class DocumentsBranch:
+    """The two halves of the documents branch; StrataConnector gives each to its side."""
+
+    scheduler: DocumentScheduler
+    worker: DocumentWorker
+
+
+def build_branch(
+    config, model, store: WholeObjects, hf_config, block_size: int, telemetry=None
+) -> DocumentsBranch | None:
+    """The documents branch of a connector over an orchestrator's whole-object ``store``, or
+    None (logged) where it cannot work (an unsupported rotary embedding, unknown tiers)."""
     try:
-        rope = Rope.from_config(connector._vllm_config.model_config.hf_config)
+        rope = Rope.from_config(hf_config)
     except UnsupportedRope as exc:
         log.info("kvstrata: per-document KV disabled: %s", exc)
-        return
-    config = connector.orch.config
+        return None
     try:
-        tiers = corpus_tiers(config, connector.orch.tiers)
+        tiers = corpus_tiers(config)
     except ValueError as exc:
         log.warning("kvstrata: per-document KV disabled: %s", exc)
-        return
-    corpus = Corpus(config.documents.corpus, connector.model, tiers, rope.describe())
-    connector.scheduler.documents = DocumentScheduler(
-        corpus, config.documents, connector.block_size, connector.orch.telemetry
+        return None
+    corpus = Corpus(config.documents.corpus, model, store, tiers, rope.describe())
+    return DocumentsBranch(
+        DocumentScheduler(corpus, config.documents, block_size, telemetry),
+        DocumentWorker(corpus, rope, telemetry),
     )
-    connector.worker.documents = DocumentWorker(corpus, rope, connector.orch.telemetry)
 
 
 class DocumentScheduler:
@@ -135,8 +134,9 @@ class DocumentScheduler:
             return None
         if plan is None:
             return None
-        # Stitched, even if the engine already holds the whole stitched part (its prefix cache kept
-        # it from an earlier identical request): such a request must never be saved as exact KV.
+        # Stitched, even if the engine already holds the whole stitched part (its prefix cache
+        # kept it from an earlier identical request): such a request must never be saved as
+        # exact KV.
         self._requests[request.request_id] = _Stitched(plan, num_computed)
         return max(plan.end - num_computed, 0)
 
@@ -192,16 +192,7 @@ class DocumentScheduler:
                 continue
             state.load_pending = False
             plan = state.plan
-            out.append(
-                DocLoadSpec(
-                    req_id,
-                    list(state.block_ids),
-                    state.num_computed,
-                    plan.end,
-                    [(s.key, s.start, s.n_tokens, s.shift) for s in plan.segments],
-                    plan.documents,
-                )
-            )
+            out.append(DocLoadSpec.of(req_id, state.block_ids, state.num_computed, plan))
             if self.telemetry is not None:
                 self.telemetry.served(DOCUMENTS, max(plan.end - state.num_computed, 0))
         return out
@@ -235,10 +226,7 @@ class DocumentWorker:
 
     def start(self, specs: list[DocLoadSpec]) -> None:
         for spec in specs:
-            keys = list(dict.fromkeys(s[0] for s in spec.segments))
-            from kvstrata.keys import ChunkKey
-
-            self._loads.append((spec, runtime.submit(self.corpus.get([ChunkKey(k) for k in keys]))))
+            self._loads.append((spec, runtime.submit(self.corpus.get(spec.keys()))))
 
     def place(
         self, layer: int, last_layer: bool, target: torch.Tensor, layout, block_size: int
@@ -251,11 +239,10 @@ class DocumentWorker:
                 continue
             try:
                 fetched = future.result(timeout=FETCH_WAIT_S)
-                keys = list(dict.fromkeys(s[0] for s in spec.segments))
-                objects = dict(zip(keys, fetched, strict=True))
+                objects = {k.digest: o for k, o in zip(spec.keys(), fetched, strict=True)}
                 if any(o is None for o in objects.values()):
                     raise LookupError("a document object is missing from every corpus tier")
-                segments = [Segment("", k, start, n, shift) for k, start, n, shift in spec.segments]
+                segments = spec.stitch_segments()
                 kv = assemble_layer(
                     self.corpus,
                     self.rope,

@@ -17,13 +17,13 @@ key, an unchanged one is found again.
 The manifest (one object in the same tiers, key ``H(namespace, "manifest")``,
 JSON in a one-section object) maps document id -> content hash, token hash,
 head hash (its first tokens, for detection), token count, key, variants; it
-also records the model fingerprint and the rotary embedding. Tiers are used
-directly (their public API), on the process's background loop.
+also records the model fingerprint and the rotary embedding. Every read and
+write goes through the orchestrator (:mod:`kvstrata.orchestrator.whole`), on
+the process's background loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 from collections.abc import Sequence
@@ -35,7 +35,8 @@ import numpy as np
 from kvstrata import format as fmt
 from kvstrata.keys import ChunkKey, Namespace, token_bytes
 from kvstrata.model import ModelSpec
-from kvstrata.tiers.base import Hit, Tier
+from kvstrata.orchestrator.objects import Expected
+from kvstrata.orchestrator.whole import WholeObjects
 
 MANIFEST_VERSION = 1
 HEAD_TOKENS = 16  # a document is detected in a prompt by its first tokens, then verified in full
@@ -98,19 +99,37 @@ class Manifest:
 
 
 class Corpus:
-    """One corpus of one model over some tiers: reads
-    try ``tiers`` in order, writes go to the first.
+    """One corpus of one model in some tiers: reads try ``tiers`` in order, writes go to the first.
 
-    Coroutines run on the background loop (:mod:`kvstrata.runtime`); the
-    tiers' own contract applies (they may be shared with an orchestrator).
+    All I/O goes through the orchestrator's whole-object store
+    (:class:`~kvstrata.orchestrator.whole.WholeObjects`: the call wrapper's
+    breaker, timeout and metrics, its keyring and codecs); ``tiers`` are tier
+    names. Coroutines run on the background loop (:mod:`kvstrata.runtime`).
     """
 
-    def __init__(self, name: str, model: ModelSpec, tiers: Sequence[Tier], rope: dict[str, Any]):
+    def __init__(
+        self,
+        name: str,
+        model: ModelSpec,
+        store: WholeObjects,
+        tiers: Sequence[str],
+        rope: dict[str, Any],
+    ):
         if not tiers:
             raise ValueError("a corpus needs at least one tier")
-        self.name, self.model, self.tiers, self.rope = name, model, list(tiers), rope
+        self.name, self.model, self.store, self.tiers, self.rope = (
+            name,
+            model,
+            store,
+            list(tiers),
+            rope,
+        )
         base = model.namespace()
         self.namespace = Namespace(base.model, base.kv_dtype, "none", f"corpus:{name}")
+        fp = self.namespace.fingerprint
+        m = model
+        self._doc = Expected("none", fp, m.dtype, m.kv_heads, m.head_dim, m.n_layers)
+        self._manifest = Expected(_MANIFEST_CODEC, fp, "uint8", 1, 1, 1, 1)
 
     def _key(self, *parts: bytes) -> ChunkKey:
         h = hashlib.sha256(self.namespace.fingerprint)
@@ -135,97 +154,50 @@ class Corpus:
 
     async def load_manifest(self) -> Manifest:
         """The stored manifest (from the first tier holding one), or an empty one."""
-        for tier in self.tiers:
-            (got,) = await tier.get([self.manifest_key])
-            if isinstance(got, Hit):
-                manifest = Manifest.from_json(bytes(got.obj.layers[0]))
-                if (manifest.model, manifest.dtype) != (self.namespace.model, self.model.dtype):
-                    raise ValueError(f"manifest of corpus {self.name!r} is for {manifest.model}")
-                return manifest
-        return self.empty_manifest()
+        (got,) = await self.store.fetch(self.tiers, [self.manifest_key], self._manifest)
+        if got is None:
+            return self.empty_manifest()
+        manifest = Manifest.from_json(bytes(got.layers[0]))
+        if (manifest.model, manifest.dtype) != (self.namespace.model, self.model.dtype):
+            raise ValueError(f"manifest of corpus {self.name!r} is for {manifest.model}")
+        return manifest
 
     async def save_manifest(self, manifest: Manifest) -> None:
-        raw = manifest.to_json()
-        meta = fmt.ObjectMeta(
-            _MANIFEST_CODEC, "uint8", 1, 1, 1, self.namespace.fingerprint, self.manifest_key.digest
-        )
-        await self.tiers[0].put(
-            [(self.manifest_key, fmt.encode(meta, [raw], self.tiers[0].keyring))]
-        )
+        fp, key = self.namespace.fingerprint, self.manifest_key
+        meta = fmt.ObjectMeta(_MANIFEST_CODEC, "uint8", 1, 1, 1, fp, key.digest)
+        await self.store.store(self.tiers[0], key, meta, [manifest.to_json()])
 
     # -- document KV --------------------------------------------------------------
 
     async def put(self, key: ChunkKey, kv: np.ndarray) -> None:
         """Store one document's KV ``[n_layers, 2, T, H, D]`` (model dtype) under ``key``."""
-        m = self.model
-        if kv.shape[0] != m.n_layers or kv.shape[3:] != (m.kv_heads, m.head_dim):
-            raise ValueError(f"document KV shaped {kv.shape} does not fit {m}")
-        kv = np.ascontiguousarray(kv, dtype=m.dtype)
-        meta = fmt.ObjectMeta(
-            "none",
-            m.dtype,
-            kv.shape[2],
-            m.kv_heads,
-            m.head_dim,
-            self.namespace.fingerprint,
-            key.digest,
-        )
-        blob = await asyncio.to_thread(
-            fmt.encode,
-            meta,
-            [kv[layer].tobytes() for layer in range(m.n_layers)],
-            self.tiers[0].keyring,
-        )
-        await self.tiers[0].put([(key, blob)])
+        await self.store.store_kv(self.tiers[0], key, self.namespace.fingerprint, kv)
 
     async def contains(self, key: ChunkKey) -> bool:
-        for tier in self.tiers:
-            if (await tier.contains([key]))[0]:
-                return True
-        return False
+        return await self.store.holds(self.tiers, key)
 
     async def get(self, keys: Sequence[ChunkKey]) -> list[fmt.ChunkObject | None]:
-        """Whole verified objects, each from the first tier holding it; None where no tier does."""
-        out: list[fmt.ChunkObject | None] = [None] * len(keys)
-        for tier in self.tiers:
-            todo = [i for i, o in enumerate(out) if o is None]
-            if not todo:
-                break
-            got = await tier.get([keys[i] for i in todo])
-            for i, result in zip(todo, got, strict=True):
-                if isinstance(result, Hit) and self._fits(result.obj):
-                    out[i] = result.obj
-        return out
-
-    def _fits(self, obj: fmt.ChunkObject) -> bool:
-        m, meta = self.model, obj.meta
-        return (
-            meta.codec,
-            meta.dtype,
-            meta.kv_heads,
-            meta.head_dim,
-            obj.header.n_layers,
-            meta.namespace,
-        ) == ("none", m.dtype, m.kv_heads, m.head_dim, m.n_layers, self.namespace.fingerprint)
+        """Whole objects that fit this corpus, each from the first tier holding it; None where
+        no tier does."""
+        return await self.store.fetch(self.tiers, keys, self._doc)
 
     def layer(self, obj: fmt.ChunkObject, layer: int) -> np.ndarray:
         """One layer of a document object as a read-only ``[2, T, H, D]`` array."""
-        m = self.model
-        return np.frombuffer(obj.layers[layer], dtype=m.dtype).reshape(
-            2, obj.meta.n_tokens, m.kv_heads, m.head_dim
-        )
+        return self.store.layer(obj, layer)
 
 
-def corpus_tiers(config, tiers: dict[str, Tier]) -> list[Tier]:
+def corpus_tiers(config) -> list[str]:
     """The tiers ``documents:`` names (read order), else the first tier whose kind is a
     ``corpus_home`` (s3), else every tier with the ones that outlive a process (not
     ``process_local``: memory) first, since the first is written."""
     names = list(config.documents.tiers)
-    unknown = [n for n in names if n not in tiers]
+    unknown = [n for n in names if n not in config.tiers]
     if unknown:
-        raise ValueError(f"documents.tiers names unknown tiers {unknown}; defined: {list(tiers)}")
-    if not names:
-        kinds = {n: spec.tier_class for n, spec in config.tiers.items() if n in tiers}
-        homes = [n for n, kind in kinds.items() if kind.corpus_home]
-        names = homes[:1] or sorted(kinds, key=lambda n: kinds[n].process_local)
-    return [tiers[n] for n in names]
+        raise ValueError(
+            f"documents.tiers names unknown tiers {unknown}; defined: {list(config.tiers)}"
+        )
+    if names:
+        return names
+    kinds = {n: spec.tier_class for n, spec in config.tiers.items()}
+    homes = [n for n, kind in kinds.items() if kind.corpus_home]
+    return homes[:1] or sorted(kinds, key=lambda n: kinds[n].process_local)

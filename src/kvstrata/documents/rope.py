@@ -99,8 +99,8 @@ class Rope:
         return cls(tuple(float(x) for x in inv), style)
 
     def rotate(self, keys: np.ndarray | torch.Tensor, shift: int) -> torch.Tensor:
-        """Keys ``[..., head_dim]`` computed at positions
-        ``i`` -> the same keys at ``i + shift``."""
+        """Keys ``[..., head_dim]`` computed at positions ``i`` -> the same keys at
+        ``i + shift``."""
         k = torch.as_tensor(keys)
         if shift == 0:
             return k.clone()
@@ -115,8 +115,8 @@ class Rope:
         return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
 
     def apply(self, x: np.ndarray | torch.Tensor, positions: np.ndarray) -> torch.Tensor:
-        """RoPE of un-rotated vectors ``[T, ..., head_dim]``
-        at ``positions`` (float64 reference, tests)."""
+        """RoPE of un-rotated vectors ``[T, ..., head_dim]`` at ``positions`` (float64
+        reference, tests)."""
         x = torch.as_tensor(x, dtype=torch.float64)
         angle = torch.from_numpy(np.outer(np.asarray(positions, dtype=np.float64), self.inv_freq))
         shape = (len(positions),) + (1,) * (x.dim() - 2) + (self.head_dim // 2,)

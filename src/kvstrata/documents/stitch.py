@@ -149,8 +149,8 @@ def assemble_layer(
     skip: int,
     end: int,
 ) -> torch.Tensor:
-    """Canonical ``[2, end - skip, H, D]`` float KV of
-    prompt tokens ``[skip, end)`` for one layer."""
+    """Canonical ``[2, end - skip, H, D]`` float KV of prompt tokens ``[skip, end)`` for one
+    layer."""
     m = corpus.model
     out = torch.empty(2, end - skip, m.kv_heads, m.head_dim, dtype=torch.float32)
     for seg in segments:

@@ -48,8 +48,8 @@ def model_spec_for(
 
 
 def read_documents(paths: Iterable[str | Path]) -> list[tuple[str, str]]:
-    """(id, text) of files and of the text files under
-    directories; the id is the path as given/relative."""
+    """(id, text) of files and of the text files under directories; the id is the path as
+    given/relative."""
     out: list[tuple[str, str]] = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -79,8 +79,8 @@ class Precomputer:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def kv(self, tokens: Sequence[int], context: Sequence[int] = ()) -> np.ndarray:
-        """KV of ``tokens`` computed after ``context``
-        (alone if empty): ``[L, 2, T, H, D]`` float32."""
+        """KV of ``tokens`` computed after ``context`` (alone if empty): ``[L, 2, T, H, D]``
+        float32."""
         import torch
 
         from kvstrata.offline.capture import capture
@@ -103,8 +103,8 @@ def add_documents(
     progress: Callable[[str, int, int], None] | None = None,
     force: bool = False,
 ) -> list[Added]:
-    """Register ``(id, text)`` documents; with
-    ``context_id`` also compute each after that document."""
+    """Register ``(id, text)`` documents; with ``context_id`` also compute each after that
+    document."""
     manifest: Manifest = runtime.run(corpus.load_manifest())
     results: list[Added] = []
     context: list[int] = []
@@ -184,21 +184,17 @@ def open_corpus(
     name: str | None = None,
     threads: int | None = None,
 ):
-    """(corpus, precomputer) for a configuration and a
-    checkpoint directory: the CLI's and benchmarks' entry."""
-    from kvstrata.auth import keyring_for
+    """(corpus, precomputer) for a configuration and a checkpoint directory: the CLI's and
+    benchmarks' entry. The corpus reads and writes through an orchestrator of ``config``."""
     from kvstrata.documents.corpus import corpus_tiers
     from kvstrata.offline.capture import load_model
-    from kvstrata.tiers.base import tier_class
+    from kvstrata.orchestrator import Orchestrator
 
     model, tokenizer = load_model(model_dir)
     spec = model_spec_for(model_dir, model.config, model_id)
-    tiers = {n: tier_class(s.kind).from_settings(n, s.settings) for n, s in config.tiers.items()}
-    keyring = keyring_for(config)
-    for tier in tiers.values():
-        tier.use_keyring(keyring)
+    orch = Orchestrator(config, spec)
     rope = Rope.from_config(model.config)
     corpus = Corpus(
-        name or config.documents.corpus, spec, corpus_tiers(config, tiers), rope.describe()
+        name or config.documents.corpus, spec, orch.whole, corpus_tiers(config), rope.describe()
     )
     return corpus, Precomputer(model, tokenizer, threads)

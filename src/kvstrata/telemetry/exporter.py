@@ -17,6 +17,14 @@ One :class:`TelemetryService` per :class:`~kvstrata.telemetry.metrics.Telemetry`
   samples are written there (:meth:`Telemetry.save_snapshot`); ``{role}`` and
   ``{pid}`` in the path are replaced, so processes need not share one file.
 
+The environment overrides the file, so a process that is not a vLLM server
+(an offline ``LLM``, a script using the orchestrator) can be given an
+exporter without editing the YAML: ``KVSTRATA_TELEMETRY_PROMETHEUS_PORT``
+(``0``: any free port; ``off``/empty: none), ``KVSTRATA_TELEMETRY_PROMETHEUS_ADDR``,
+``KVSTRATA_TELEMETRY_SNAPSHOT_PATH`` (:func:`settings`). A value that does not
+parse is logged and ignored: metrics never keep an engine from starting.
+A vLLM server needs none of this: its ``/metrics`` carries kvstrata's families.
+
 Threads: the exporter serves from prometheus_client's daemon thread; snapshots
 are written from one daemon thread per service. Neither touches the
 orchestrator, only its registry (which is thread-safe).
@@ -71,7 +79,7 @@ class TelemetryService:
 
     @property
     def role(self) -> str:
-        return "+".join(sorted(self.roles)) or "none"
+        return "+".join(sorted(self.roles)) or "process"  # a process that is not a vLLM role
 
     def start_exporter(self, addr: str, port: int) -> str:
         registry = CollectorRegistry(auto_describe=True)
@@ -130,19 +138,54 @@ class TelemetryService:
             self._server = None
 
 
+ENV_PREFIX = "KVSTRATA_TELEMETRY_"
+
+
+def settings(config=None, environ=None):
+    """``config`` (a ``TelemetryConfig``; None: the defaults) with the environment's overrides."""
+    from kvstrata.config import TelemetryConfig
+
+    environ = os.environ if environ is None else environ
+    out = config if config is not None else TelemetryConfig()
+    port = environ.get(f"{ENV_PREFIX}PROMETHEUS_PORT")
+    if port is not None:
+        text = port.strip().lower()
+        if text in ("", "off", "none"):
+            out = out.model_copy(update={"prometheus_port": None})
+        elif text.isdigit() and int(text) <= 65535:
+            out = out.model_copy(update={"prometheus_port": int(text)})
+        else:
+            log.warning("kvstrata: ignoring %sPROMETHEUS_PORT=%.20r (not a port)", ENV_PREFIX, port)
+    addr = environ.get(f"{ENV_PREFIX}PROMETHEUS_ADDR")
+    if addr:
+        out = out.model_copy(update={"prometheus_addr": addr.strip()[:255]})
+    path = environ.get(f"{ENV_PREFIX}SNAPSHOT_PATH")
+    if path is not None:
+        out = out.model_copy(update={"snapshot_path": path.strip() or None})
+    return out
+
+
+def requested_by_env(environ=None) -> bool:
+    """Does the environment ask for an exporter or snapshots (``KVSTRATA_TELEMETRY_*`` set)?"""
+    environ = os.environ if environ is None else environ
+    return any(k.startswith(ENV_PREFIX) and environ[k].strip() for k in environ)
+
+
 def serve(telemetry: Telemetry, config, role: str) -> TelemetryService | None:
-    """Start (once per telemetry) what ``config`` (a ``TelemetryConfig``) asks for; None if nothing.
+    """Start (once per telemetry) what ``config`` (a ``TelemetryConfig``, None: the defaults) and
+    the environment (:func:`settings`) ask for; None if nothing.
 
     A second role sharing the same telemetry joins the running service (its
     ``role`` label becomes ``scheduler+worker``).
     """
+    config = settings(config)
     if config.prometheus_port is None and not config.snapshot_path:
         return None
     with _LOCK:
         service = _SERVICES.get(id(telemetry))
         if service is None:
             service = _SERVICES[id(telemetry)] = TelemetryService(telemetry, config.snapshot_path)
-            service.roles.add(role)
+            service.roles.update({role} - {""})
             if config.prometheus_port is not None:
                 try:
                     url = service.start_exporter(config.prometheus_addr, config.prometheus_port)
@@ -154,7 +197,7 @@ def serve(telemetry: Telemetry, config, role: str) -> TelemetryService | None:
                     target=service._snapshots, name="kvstrata-snapshots", daemon=True
                 ).start()
         else:
-            service.roles.add(role)
+            service.roles.update({role} - {""})
         return service
 
 

@@ -3,10 +3,14 @@
 ``ThrottledProxy(target_host, target_port, bytes_per_s)`` listens on a free
 127.0.0.1 port and forwards every connection to the target, passing at most
 ``bytes_per_s`` per direction across all connections (one shared token
-bucket per direction), plus an optional fixed ``delay_s`` per chunk of data.
-It runs its own event loop in a daemon thread; ``set_rate`` changes the cap
-while it runs. Used by tests and benchmarks to make a tier slow for real,
-instead of mocking its timings.
+bucket per direction), plus an optional fixed ``delay_s`` per chunk of data
+(64 KiB reads: a bulk transfer pays it many times) and an optional
+``request_latency_s``: a delay for the first chunk a client sends after the
+server last answered on that connection, i.e. once per request of a
+request/response protocol (a Redis command, a pipeline, an HTTP request),
+however large the answer. It runs its own event loop in a daemon thread;
+``set_rate`` and the two attributes change it while it runs. Used by tests
+and benchmarks to make a tier slow for real, instead of mocking its timings.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class ThrottledProxy:
     ):
         self.target = (target_host, target_port)
         self.delay_s = delay_s
+        self.request_latency_s = 0.0
         self._buckets = (_Bucket(bytes_per_s), _Bucket(bytes_per_s))
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.AbstractServer | None = None
@@ -75,16 +80,22 @@ class ThrottledProxy:
         except OSError:
             writer.close()
             return
+        turn = {"answered": True}  # the server answered since the client last sent: a new request
         with contextlib.suppress(asyncio.CancelledError):  # the proxy is closing
             await asyncio.gather(
-                self._pipe(reader, up_writer, self._buckets[0]),
-                self._pipe(up_reader, writer, self._buckets[1]),
+                self._pipe(reader, up_writer, self._buckets[0], turn, upstream=True),
+                self._pipe(up_reader, writer, self._buckets[1], turn),
                 return_exceptions=True,
             )
 
-    async def _pipe(self, reader, writer, bucket: _Bucket) -> None:
+    async def _pipe(
+        self, reader, writer, bucket: _Bucket, turn: dict, upstream: bool = False
+    ) -> None:
         try:
             while data := await reader.read(64 * 1024):
+                if upstream and turn["answered"] and self.request_latency_s:
+                    await asyncio.sleep(self.request_latency_s)  # a new request
+                turn["answered"] = not upstream
                 await bucket.take(len(data))
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
