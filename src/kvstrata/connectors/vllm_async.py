@@ -232,7 +232,7 @@ class AsyncLoads:
     def start(self, loads: list[AsyncLoad]) -> None:
         now = time.monotonic()
         for load in loads:
-            handle = self.worker.orch.load(self.worker._plan(load.spec))
+            handle = self.worker.orch.load(self.worker.plan_of(load.spec))
             self._running[load.spec.req_id] = _Running(load.spec, handle, now + load.deadline_s)
 
     @property

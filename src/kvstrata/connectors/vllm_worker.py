@@ -59,12 +59,13 @@ class WorkerSide:
 
     def start_load(self, meta: StrataMetadata) -> None:
         for spec in meta.loads:
-            self._loads.append((spec, self.orch.load(self._plan(spec))))
+            self._loads.append((spec, self.orch.load(self.plan_of(spec))))
         self.async_loads.start(meta.async_loads)
         if self.documents is not None and meta.documents:
             self.documents.start(meta.documents)
 
-    def _plan(self, spec: LoadSpec) -> Plan:
+    def plan_of(self, spec: LoadSpec) -> Plan:
+        """The plan a load spec from the scheduler stands for, on this worker."""
         return spec.plan(self.orch.route(spec.rule), self.chunk)
 
     def wait_layer(self, layer_name: str) -> None:
