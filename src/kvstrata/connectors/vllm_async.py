@@ -56,10 +56,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import numpy as np
-
 from kvstrata.connectors.vllm_meta import LoadSpec
-from kvstrata.layout import from_numpy
 from kvstrata.plan import LoadHandle
 
 log = logging.getLogger(__name__)
@@ -271,19 +268,9 @@ class AsyncLoads:
 
     def _place(self, run: _Running) -> set[int]:
         """Write every delivered chunk into its blocks; the blocks of the failed ones."""
-        worker, spec, handle = self.worker, run.spec, run.handle
-        failed: set[int] = set()
         try:
-            for name, layer in worker._index.items():
-                target = worker._kv[name]
-                for chunk_index, kv in handle.wait_layer(layer, timeout=0).items():
-                    blocks, skip = worker._blocks(spec, chunk_index)
-                    if blocks:
-                        data = from_numpy(np.ascontiguousarray(kv[:, skip:]), target.dtype)
-                        worker.layout.write(target, blocks, data)
+            return self.worker.place_arrived(run.spec, run.handle)
         except Exception:  # a bad object or a bug costs a recompute, never the request
-            log.exception("kvstrata: placing the async load of %s failed", spec.req_id)
-            handle.fail([c[0] for c in spec.chunks])
-        for chunk_index in handle.failed:
-            failed.update(worker._blocks(spec, chunk_index)[0])
-        return failed
+            log.exception("kvstrata: placing the async load of %s failed", run.spec.req_id)
+            run.handle.fail([c[0] for c in run.spec.chunks])
+            return self.worker.failed_blocks(run.spec)

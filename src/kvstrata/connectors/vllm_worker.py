@@ -117,6 +117,23 @@ class WorkerSide:
                     self._errors.update(self._blocks(spec, chunk_index)[0])
             self._loads.clear()
 
+    def place_arrived(self, spec: LoadSpec, handle: LoadHandle) -> set[int]:
+        """Write every layer an (async) load has delivered so far into the request's pages, one
+        batched copy per layer; the block ids of its chunks that failed. On the engine thread."""
+        for name, layer in self._index.items():
+            writes: list[tuple[int, np.ndarray]] = []
+            for chunk_index, kv in handle.wait_layer(layer, timeout=0).items():
+                writes.extend(self._block_writes(spec, chunk_index, kv))
+            self._place(self._kv[name], writes)
+        failed: set[int] = set()
+        for chunk_index in handle.failed:
+            failed.update(self._blocks(spec, chunk_index)[0])
+        return failed
+
+    def failed_blocks(self, spec: LoadSpec) -> set[int]:
+        """Every block a load would have filled (what vLLM recomputes when it fails whole)."""
+        return {b for chunk in spec.chunks for b in self._blocks(spec, chunk[0])[0]}
+
     def _place(self, target: torch.Tensor, writes: list[tuple[int, np.ndarray]]) -> None:
         """Every load's blocks of one layer in one call (timed: the hit path's page copy)."""
         started = time.perf_counter()
