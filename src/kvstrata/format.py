@@ -455,18 +455,19 @@ def read_layers(header: Header, data: bytes | memoryview, start: int, layers: ra
             f"have {start}..{start + len(view)}"
         )
     sections = header.sections
-    whole = header.body_tag is not None and len(layers) == header.n_layers
-    if whole and not header.body_ok(view[lo - start : hi - start]):
-        whole = False  # find the damaged layer, for the error
+    # every layer of a v3 object: one body tag instead of a tag per layer
+    covers_body = header.body_tag is not None and len(layers) == header.n_layers
+    body_verified = covers_body and header.body_ok(view[lo - start : hi - start])
     out: dict[int, memoryview] = {}
     for layer in layers:
         offset, length, _ = sections[layer]
         offset -= start
         section = view[offset : offset + length]
-        if not whole and not header.section_ok(layer, section):
+        # a body that fails: the layer tags name the damaged layer in the error
+        if not body_verified and not header.section_ok(layer, section):
             raise _section_error(header, layer)
         out[layer] = section
-    if not whole and header.body_tag is not None and len(layers) == header.n_layers:
+    if covers_body and not body_verified:
         raise Unauthenticated("body tag does not verify (forged or damaged)")
     return ChunkObject(header, MappingProxyType(out))
 
