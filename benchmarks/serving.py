@@ -224,10 +224,12 @@ def strata_yaml(tmp: Path, redis_url: str, proxy_port: int, s3) -> str:
             f"      route: {{read: [{read}], write: [{write}]{extra}}}\n"
         )
 
+    pages = "dram: pages, local: pages"  # the embedded default's codec for its two tiers
+
     return (
         textwrap.dedent(f"""\
         version: 1
-        chunk_tokens: 256
+        chunk_tokens: 128
         tiers:
           dram: {{kind: memory, capacity_bytes: 1GiB}}
           local: {{kind: disk, path: "{tmp / "kv"}"}}
@@ -242,10 +244,10 @@ def strata_yaml(tmp: Path, redis_url: str, proxy_port: int, s3) -> str:
             access_key_id: {s3.access_key}
             secret_access_key: {s3.secret_key}
         policy:
-          default: {{read: [dram, local], write: [dram, local]}}
+          default: {{read: [dram, local], write: [dram, local], codec: {{{pages}}}}}
           rules:
         """)
-        + rule("warm", "dram", "dram, local, shared, cold", ", load: never")
+        + rule("warm", "dram", "dram, local, shared, cold", f", load: never, codec: {{{pages}}}")
         + rule("redis", "shared", "shared")
         + rule("s3", "cold", "cold")
         + rule("slow", "slow", "shared")

@@ -143,10 +143,19 @@ def log(msg: str) -> None:
 # -- configuration ------------------------------------------------------------------
 
 
-def strata_yaml(disk_path: Path, redis_url: str, s3) -> str:
+#: the tiers the embedded default stores in the engine's page layout (codec ``pages``); the
+#: shared tiers keep the portable canonical order, as a deployment would
+PAGES_TIERS = ("dram", "local")
+
+
+def strata_yaml(disk_path: Path, redis_url: str, s3, pages: bool = True) -> str:
+    def codec(tiers) -> str:
+        named = [t for t in tiers if pages and t in PAGES_TIERS]
+        return f", codec: {{{', '.join(f'{t}: pages' for t in named)}}}" if named else ""
+
     rules = "\n".join(
         f"    - {{name: hit-{t}, match: {{hints: {{tier: {t}}}}}, "
-        f"route: {{read: [{t}], write: [{t}], load: always}}}}"
+        f"route: {{read: [{t}], write: [{t}], load: always{codec([t])}}}}}"
         for t in TIERS
     )
     return (
@@ -170,7 +179,7 @@ def strata_yaml(disk_path: Path, redis_url: str, s3) -> str:
             secret_access_key: {s3.secret_key}
             timeout_ms: {TIER_TIMEOUT_MS}
         policy:
-          default: {{read: [dram, local, shared, cold], write: [dram, local]}}
+          default: {{read: [dram, local, shared, cold], write: [dram, local]{codec(TIERS)}}}
           rules:
         """)
         + rules
@@ -1029,6 +1038,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="1K and 2K tokens, one repeat (~2-3 min)")
+    ap.add_argument(
+        "--canonical",
+        action="store_true",
+        help="dram and local in the portable canonical order (codec none) instead of the "
+        "engine's page layout (codec pages, the embedded default)",
+    )
     ap.add_argument("--sizes", default=None, help="prompt sizes in tokens, e.g. 1000,2000,4000")
     ap.add_argument("--repeats", type=int, default=None, help="override the repeats")
     ap.add_argument(
@@ -1137,7 +1152,9 @@ def main(argv: list[str] | None = None) -> int:
             s3_server = services.start_seaweedfs(workdir / "s3")
             ready = {"redis": redis_server.ready_seconds, "seaweedfs": s3_server.ready_seconds}
             log(f"servers ready {ready}")
-            config_text = strata_yaml(workdir / "disk", redis_server.url, s3_server)
+            config_text = strata_yaml(
+                workdir / "disk", redis_server.url, s3_server, pages=not args.canonical
+            )
             config_path = workdir / "strata.yaml"
             config_path.write_text(config_text)
             t = time.perf_counter()

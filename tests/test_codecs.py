@@ -677,7 +677,7 @@ def test_config_codec_section_errors() -> None:
         "s.yaml:10: codecs.badvalue: codec 'int8': group_size must be in 1..4096",
         "s.yaml:11: codecs.this-name-is-too-long-for-a-header: invalid codec name",
         "s.yaml:12: codecs.noae: cannot read checkpoint",
-        "s.yaml:13: codecs.none: 'none' is the uncompressed codec and cannot be redefined",
+        "s.yaml:13: codecs.none: 'none' is a built-in lossless codec and cannot be redefined",
     ):
         assert expected in msg, msg
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from kvstrata import runtime
 from kvstrata.keys import chunk_keys
 from kvstrata.offline.convert import prepare_smollm2
 from kvstrata.offline.runner import generate, running_llm, text_tokens
@@ -47,6 +48,13 @@ def strata_yaml(tmp: Path, redis_url: str, s3, fragile_url: str) -> str:
         " route: {read: [dram, local], write: [dram, local]}}"
         + "\n    - {name: via-cold-layerwise, match: {hints: {tier: cold-layerwise}},"
         " route: {read: [cold], write: [cold], retrieval: layerwise}}"
+        + "".join(
+            f"\n    - {{name: pages-{name}, match: {{hints: {{tier: pages-{name}}}}},"
+            f" route: {{read: [{name}], write: [{name}], codec: {{{name}: pages}}}}}}"
+            for name in ["dram", "local", "shared", "cold"]
+        )
+        + "\n    - {name: pages-and-canonical, match: {hints: {tier: pages-and-canonical}},"
+        " route: {read: [dram, shared], write: [dram, shared], codec: {dram: pages}}}"
     )
     return (
         textwrap.dedent(f"""\
@@ -108,6 +116,11 @@ OFFSETS = {
     "second-cold": 65000,
     "promote": 70000,
     "layerwise": 75000,
+    "pages-memory": 80000,
+    "pages-disk": 85000,
+    "pages-redis": 90000,
+    "pages-s3": 95000,
+    "pages-and-canonical": 100000,
 }
 
 REFERENCE = (
@@ -171,6 +184,45 @@ def test_repeated_prompt_is_served_from_each_tier(llm, reference, kind: str) -> 
     assert second.token_ids == expected
 
 
+@pytest.mark.parametrize("kind", list(TIERS))
+def test_engine_pages_are_served_from_each_tier(llm, reference, kind: str) -> None:
+    """Codec ``pages`` (vLLM's own page layout, no transpose): same tokens, every full block."""
+    tier, name = TIERS[kind], f"pages-{kind}"
+    ids = prompt(llm, name)
+    hints = {"tier": f"pages-{tier}"}
+    first = generate(llm, ids, 16, kv_params=hints)
+    assert first.num_cached_tokens == 0 and first.token_ids == reference[name]
+    assert flush_shared(60)
+    (orch,) = shared_orchestrators()
+    keys = chunk_keys(ids, orch.model.namespace(codec="pages"), CHUNK)
+    hit = runtime.run(orch.tiers[tier].get(keys[:1]))[0]
+    assert hit.obj.meta.codec_params == {"layout": "cpu-vec", "block_size": CHUNK}
+    second = generate(llm, ids, 16, kv_params=hints)
+    assert second.num_cached_tokens == HIT
+    assert second.kvstrata["loaded_tokens"] == {tier: HIT}
+    assert second.token_ids == reference[name]
+
+
+def test_pages_and_canonical_tiers_convert_both_ways(llm, reference) -> None:
+    """One save to DRAM as engine pages and to Redis in canonical order (converted); a Redis hit
+    (canonical) promoted into DRAM as pages (converted back): the same tokens every time."""
+    ids, hints = prompt(llm, "pages-and-canonical"), {"tier": "pages-and-canonical"}
+    expected = reference["pages-and-canonical"]
+    assert generate(llm, ids, 16, kv_params=hints).token_ids == expected
+    assert flush_shared(60)
+    (orch,) = shared_orchestrators()
+    runtime.run(
+        orch.tiers["dram"].delete(chunk_keys(ids, orch.model.namespace("", "pages"), CHUNK))
+    )
+    from_redis = generate(llm, ids, 16, kv_params=hints)
+    assert from_redis.kvstrata["loaded_tokens"] == {"shared": HIT}
+    assert from_redis.token_ids == expected
+    assert flush_shared(60)
+    from_dram = generate(llm, ids, 16, kv_params=hints)
+    assert from_dram.kvstrata["loaded_tokens"] == {"dram": HIT}
+    assert from_dram.token_ids == expected
+
+
 def test_tenants_do_not_share(llm) -> None:
     ids = prompt(llm, "tenant")
     generate(llm, ids, 4, cache_salt="tenant-a")
@@ -217,8 +269,6 @@ def test_corrupt_chunk_in_a_shared_store_is_recomputed(llm, reference, redis_ser
 
 
 def test_a_disk_hit_is_promoted_into_dram(llm, reference) -> None:
-    from kvstrata import runtime
-
     ids = prompt(llm, "promote")
     both = {"tier": "both"}
     generate(llm, ids, 16, kv_params=both)

@@ -12,6 +12,8 @@ order; block ``i`` holds tokens ``[i*block_size, (i+1)*block_size)``.
   head) page K is stored dimension-major ``[head_dim][block_size]`` and V
   token-major ``[block_size][head_dim]`` (measured against transformers'
   K/V: docs/vllm-cpu.md).
+  Objects of the ``pages`` codec hold these pages as they are
+  (:mod:`kvstrata.compression.pages`): no transpose on either path.
 * :class:`FlashLayout` -- GPU builds (FlashAttention and FlashInfer NHD):
   per layer ``[2, num_blocks, block_size, kv_heads, head_dim]``. Written for
   GPU builds, tested here on CPU tensors of that shape.
@@ -50,6 +52,20 @@ class PageLayout(Protocol):
     def place(self, kv_layer: torch.Tensor, blocks: Sequence[tuple[int, np.ndarray]]) -> None:
         """Write canonical ``[2, block_size, H, D]`` arrays into their blocks: a load's whole
         layer (every chunk of every request) in one call, the hit path's only copy."""
+
+    def read_pages(self, kv_layer: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
+        """Copy whole blocks out in the page layout itself (what codec ``pages`` stores)."""
+
+    def split_pages(self, pages: np.ndarray, n_blocks: int) -> list[np.ndarray]:
+        """The flat pages of ``n_blocks`` blocks (from :meth:`read_pages`), one array per block."""
+
+    def place_pages(self, kv_layer: torch.Tensor, blocks: Sequence[tuple[int, np.ndarray]]) -> None:
+        """:meth:`place` for arrays from :meth:`split_pages`: a plain copy per block."""
+
+    def place_pages_layers(
+        self, layers: Sequence[tuple[torch.Tensor, Sequence[tuple[int, np.ndarray]]]]
+    ) -> None:
+        """:meth:`place_pages` for several layers in one call (split over threads as a whole)."""
 
 
 class CpuVecLayout:
@@ -96,6 +112,32 @@ class CpuVecLayout:
 
         _in_parallel(copy, blocks)
 
+    def read_pages(self, kv_layer: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
+        return kv_layer[block_ids]  # indexing by a list copies
+
+    def split_pages(self, pages: np.ndarray, n_blocks: int) -> list[np.ndarray]:
+        return list(pages.reshape(n_blocks, self.kv_heads, self.block_size, 2 * self.head_dim))
+
+    def place_pages(self, kv_layer: torch.Tensor, blocks: Sequence[tuple[int, np.ndarray]]) -> None:
+        self.place_pages_layers([(kv_layer, blocks)])
+
+    def place_pages_layers(
+        self, layers: Sequence[tuple[torch.Tensor, Sequence[tuple[int, np.ndarray]]]]
+    ) -> None:
+        if any(t.device.type != "cpu" or not t.is_contiguous() for t, _ in layers):
+            for kv_layer, blocks in layers:
+                for block, page in blocks:
+                    kv_layer[block] = from_numpy(np.ascontiguousarray(page), kv_layer.dtype)
+            return
+        copies = [(to_numpy(t), block, page) for t, blocks in layers for block, page in blocks]
+
+        def copy(part: Sequence[tuple[np.ndarray, int, np.ndarray]]) -> None:
+            for flat, block, page in part:
+                flat[block] = page
+
+        if copies:
+            _in_parallel(copy, copies)
+
 
 class FlashLayout:
     name = "flash-nhd"
@@ -121,6 +163,23 @@ class FlashLayout:
         ids = torch.tensor([block for block, _ in blocks], device=kv_layer.device)
         kv = from_numpy(np.stack([kv for _, kv in blocks], axis=1), kv_layer.dtype)
         kv_layer.index_copy_(1, ids, kv.to(kv_layer.device, kv_layer.dtype))
+
+    # a chunk's pages [2, n, block_size, H, D] are the canonical order itself
+    def read_pages(self, kv_layer: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
+        return kv_layer[:, block_ids].cpu()
+
+    def split_pages(self, pages: np.ndarray, n_blocks: int) -> list[np.ndarray]:
+        per_block = pages.reshape(2, n_blocks, self.block_size, self.kv_heads, self.head_dim)
+        return [per_block[:, i] for i in range(n_blocks)]
+
+    def place_pages(self, kv_layer: torch.Tensor, blocks: Sequence[tuple[int, np.ndarray]]) -> None:
+        self.place(kv_layer, blocks)
+
+    def place_pages_layers(
+        self, layers: Sequence[tuple[torch.Tensor, Sequence[tuple[int, np.ndarray]]]]
+    ) -> None:
+        for kv_layer, blocks in layers:
+            self.place(kv_layer, blocks)
 
 
 #: threads that copy one layer's blocks into pages (the caller's and PLACE_THREADS - 1 more);
@@ -164,6 +223,14 @@ def detect(
     if len(shape) == 5 and shape[0] == 2 and shape[2:] == (block_size, kv_heads, head_dim):
         return FlashLayout(block_size, kv_heads, head_dim)
     return None
+
+
+def expected_name(device_type: str, isa: str | None) -> str:
+    """The name of the layout :func:`detect` finds on this platform (known before any tensor
+    exists, so both connector roles key ``pages`` objects alike); "canonical" if none."""
+    if device_type == "cpu":
+        return CpuVecLayout.name if isa in (None, "vec") else "canonical"
+    return FlashLayout.name
 
 
 def to_numpy(t: torch.Tensor):

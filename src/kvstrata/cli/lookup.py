@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -48,6 +49,10 @@ def lookup(
         None, "--model-id", help="the connector's model_id, if it was set"
     ),
     dtype: str = typer.Option("float32", help="the engine's KV dtype (with --config)"),
+    page_layout: str = typer.Option(
+        "cpu-vec/128",
+        help="the engine's page layout and block size, for tiers with codec pages (with --config)",
+    ),
     tokens: str = typer.Option(None, "--tokens", help="comma-separated token ids"),
     tokens_file: Path = typer.Option(None, "--tokens-file", help="a JSON list of token ids"),
     text: str = typer.Option(None, "--text", help="prompt text (needs --model)"),
@@ -64,7 +69,7 @@ def lookup(
     if url:
         report = _ask(url, {"tokens": ids, "cache_salt": salt, "kv_transfer_params": params})
     elif config and model:
-        report = _local(config, model, model_id, dtype, ids, salt, params)
+        report = _local(config, model, model_id, dtype, page_layout, ids, salt, params)
     else:
         raise typer.BadParameter("give --url (a running engine) or --config with --model")
     if as_json:
@@ -132,13 +137,23 @@ def _ask(url: str, body: dict) -> dict:
 
 
 def _local(
-    config: Path, model: Path, model_id: str | None, dtype: str, ids: list[int], salt, params
+    config: Path,
+    model: Path,
+    model_id: str | None,
+    dtype: str,
+    page_layout: str,
+    ids: list[int],
+    salt,
+    params,
 ) -> dict:
     from kvstrata import lookup as lk
     from kvstrata.config import load_config
     from kvstrata.orchestrator import Orchestrator
 
-    spec = model_spec(model, dtype, model_id)
+    layout, _, block = page_layout.partition("/")
+    if not block.isdigit():
+        raise typer.BadParameter(f"--page-layout: LAYOUT/BLOCK_SIZE, not {page_layout!r}")
+    spec = replace(model_spec(model, dtype, model_id), page_layout=layout, page_block=int(block))
     orch = Orchestrator(load_config(config), spec)
     try:
         return lk.lookup(orch, ids, lk.context(salt, params, spec.name)).to_dict()

@@ -22,6 +22,9 @@ Contract:
   Codecs that use it (``linear-ae`` with derotated keys) record it in the
   section; the others ignore it. A writer that leaves it at 0 still gets
   sections that decode exactly as the codec specifies.
+* A codec with ``native = True`` (only ``pages``, :mod:`kvstrata.compression.pages`)
+  stores the engine's page bytes instead of canonical KV: ``encode`` also takes
+  them flat, and ``decode`` returns them flat.
 
 Names and kinds: a configuration names codecs (``codecs:`` in the YAML, e.g.
 ``int4-g32: {kind: int4, group_size: 32}``); the object header's codec id is
@@ -138,7 +141,7 @@ def register(cls: type) -> type:
 
 def _load_builtins() -> None:
     # the built-in codecs register themselves on import
-    from kvstrata.compression import autoencoder, linear, quant  # noqa: F401
+    from kvstrata.compression import autoencoder, linear, pages, quant  # noqa: F401
 
 
 def codec_kinds() -> dict[str, type]:

@@ -29,8 +29,8 @@ def build_codecs(raw: dict[str, Any], path: Path | None, report: Report) -> dict
         if not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,15}", name)):
             report.add(at, "invalid codec name: 1-16 letters, digits, '_', '.' and '-'")
             continue
-        if name == "none":
-            report.add(at, "'none' is the uncompressed codec and cannot be redefined")
+        if name in ("none", "pages"):
+            report.add(at, f"'{name}' is a built-in lossless codec and cannot be redefined")
             continue
         if not isinstance(entry, dict):
             report.add(
@@ -41,6 +41,13 @@ def build_codecs(raw: dict[str, Any], path: Path | None, report: Report) -> dict
         kind = params.pop("kind", None)
         if kind is None:
             report.add((*at, "kind"), "required key missing")
+            continue
+        if kind == "pages":
+            report.add(
+                (*at, "kind"),
+                "'pages' (the engine's page layout) is built in and takes no parameters: "
+                "name it in a route (codec: {dram: pages})",
+            )
             continue
         if kind not in kinds:
             report.add(

@@ -30,6 +30,7 @@ and stays out of the way.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -58,8 +59,11 @@ class StrataConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         config = strata_config(extra)
-        self.model = model_spec(vllm_config, extra)
         self.block_size = vllm_config.cache_config.block_size
+        spec = model_spec(vllm_config, extra)
+        self.model = dataclasses.replace(
+            spec, page_layout=_page_layout(vllm_config, spec), page_block=self.block_size
+        )
         if config.chunk_tokens % self.block_size:
             raise ValueError(
                 f"kvstrata chunk_tokens={config.chunk_tokens} must be a multiple of the engine's "
@@ -190,6 +194,13 @@ class StrataConnector(KVConnectorBase_V1):
             first.device.type,
             _cpu_isa(self._vllm_config, self.model),
         )
+        if found is not None and found.name != self.model.page_layout:
+            log.warning(
+                "kvstrata: page layout %s is not the expected %s",
+                found.name,
+                self.model.page_layout,
+            )
+            found = None
         if found is None or not self.enabled:
             log.warning(
                 "kvstrata: unknown KV page layout %s on %s; connector disabled",
@@ -283,6 +294,12 @@ def _cpu_isa(vllm_config, model) -> str | None:
         )
     except Exception:  # an unknown CPU backend: detect() will refuse
         return "unknown"
+
+
+def _page_layout(vllm_config, model) -> str:
+    from vllm.platforms import current_platform
+
+    return layout.expected_name(current_platform.device_type, _cpu_isa(vllm_config, model))
 
 
 def _layout_supported(vllm_config, model) -> bool:

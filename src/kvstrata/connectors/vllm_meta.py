@@ -67,6 +67,10 @@ class LoadSpec:
             budget_ms=plan.ctx.budget_ms,
         )
 
+    def chunk_codec(self, chunk_index: int) -> str:
+        """The codec chunk ``chunk_index`` was stored with (what its delivered layers hold)."""
+        return next(codec for i, _, _, codec in self.chunks if i == chunk_index)
+
     def plan(self, route: Route, chunk_tokens: int) -> Plan:
         """The plan again, on the worker (``route``: the worker's route of :attr:`rule`)."""
         chunks = tuple(

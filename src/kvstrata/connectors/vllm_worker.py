@@ -43,16 +43,19 @@ class WorkerSide:
         self.layout: PageLayout | None = None
         self._kv: dict[str, torch.Tensor] = {}
         self._index: dict[str, int] = {}
+        self._layers: list[str] = []
         self._loads: list[tuple[LoadSpec, LoadHandle]] = []
         self._staged: dict[tuple[str, int], list[torch.Tensor]] = {}
         self._errors: set[int] = set()
         self._placed = [0, 0, 0.0]  # this step's loads so far: blocks, bytes, seconds
+        self._all_placed = False  # this step's loads were placed whole at its first layer
         self.documents = documents  # a DocumentWorker (kvstrata.documents.connector) or None
         self.async_loads = AsyncLoads(self)  # loads between steps (kvstrata.connectors.vllm_async)
 
     def register(self, kv_caches: dict[str, torch.Tensor], layout: PageLayout) -> None:
         self._kv = dict(kv_caches)
-        self._index = {name: i for i, name in enumerate(sorted(kv_caches, key=_layer_number))}
+        self._layers = sorted(kv_caches, key=_layer_number)  # layer index -> layer name
+        self._index = {name: i for i, name in enumerate(self._layers)}
         self.layout = layout
 
     # -- loading ----------------------------------------------------------------
@@ -94,19 +97,14 @@ class WorkerSide:
 
     def _place_layer(self, layer_name: str) -> None:
         layer = self._index[layer_name]
-        writes: list[tuple[int, np.ndarray]] = []
-        for spec, handle in self._loads:
-            try:
-                delivered = handle.wait_layer(layer, timeout=LAYER_WAIT_S)
-            except TimeoutError:
-                log.warning(
-                    "kvstrata: layer %d of request %s not loaded in time", layer, spec.req_id
-                )
-                handle.fail([c[0] for c in spec.chunks])
-                delivered = {}
-            for chunk_index, kv in delivered.items():
-                writes.extend(self._block_writes(spec, chunk_index, kv))
-        self._place(self._kv[layer_name], writes)
+        if layer == 0:
+            # everything has arrived (a DRAM or disk hit): every layer in one parallel copy,
+            # instead of one hand-off to the copy threads per layer
+            self._all_placed = all(handle.done for _, handle in self._loads)
+            if self._all_placed:
+                self._place_all(self._loads)
+        if not self._all_placed:
+            self._place_one_layer(layer)
         if layer == self.n_layers - 1:
             blocks, nbytes, seconds = self._placed
             if blocks:
@@ -117,14 +115,26 @@ class WorkerSide:
                     self._errors.update(self._blocks(spec, chunk_index)[0])
             self._loads.clear()
 
+    def _place_one_layer(self, layer: int) -> None:
+        """Layer ``layer`` of every load, waiting for it (a layer-wise load still arriving)."""
+        writes = _Writes()
+        for spec, handle in self._loads:
+            try:
+                delivered = handle.wait_layer(layer, timeout=LAYER_WAIT_S)
+            except TimeoutError:
+                log.warning(
+                    "kvstrata: layer %d of request %s not loaded in time", layer, spec.req_id
+                )
+                handle.fail([c[0] for c in spec.chunks])
+                delivered = {}
+            for chunk_index, kv in delivered.items():
+                self._block_writes(writes, spec, chunk_index, kv)
+        self._place({self._layers[layer]: writes})
+
     def place_arrived(self, spec: LoadSpec, handle: LoadHandle) -> set[int]:
         """Write every layer an (async) load has delivered so far into the request's pages, one
         batched copy per layer; the block ids of its chunks that failed. On the engine thread."""
-        for name, layer in self._index.items():
-            writes: list[tuple[int, np.ndarray]] = []
-            for chunk_index, kv in handle.wait_layer(layer, timeout=0).items():
-                writes.extend(self._block_writes(spec, chunk_index, kv))
-            self._place(self._kv[name], writes)
+        self._place_all([(spec, handle)])
         failed: set[int] = set()
         for chunk_index in handle.failed:
             failed.update(self._blocks(spec, chunk_index)[0])
@@ -134,21 +144,43 @@ class WorkerSide:
         """Every block a load would have filled (what vLLM recomputes when it fails whole)."""
         return {b for chunk in spec.chunks for b in self._blocks(spec, chunk[0])[0]}
 
-    def _place(self, target: torch.Tensor, writes: list[tuple[int, np.ndarray]]) -> None:
-        """Every load's blocks of one layer in one call (timed: the hit path's page copy)."""
+    def _place_all(self, loads: list[tuple[LoadSpec, LoadHandle]]) -> None:
+        """Every layer these loads have delivered so far, placed in one call."""
+        by_layer: dict[str, _Writes] = {}
+        for name, layer in self._index.items():
+            writes = by_layer[name] = _Writes()
+            for spec, handle in loads:
+                for chunk_index, kv in handle.wait_layer(layer, timeout=0).items():
+                    self._block_writes(writes, spec, chunk_index, kv)
+        self._place(by_layer)
+
+    def _place(self, by_layer: dict[str, _Writes]) -> None:
+        """Blocks of one or more layers: engine pages in one parallel copy over all of them,
+        canonical KV one batched copy per layer (timed: the hit path's page copy)."""
         started = time.perf_counter()
-        self.layout.place(target, writes)
-        self._placed[0] += len(writes)
-        self._placed[1] += sum(kv.nbytes for _, kv in writes)
+        layers = [(self._kv[name], writes) for name, writes in by_layer.items()]
+        self.layout.place_pages_layers([(target, w.pages) for target, w in layers])
+        for target, writes in layers:
+            self.layout.place(target, writes.canonical)
+            for part in (writes.canonical, writes.pages):
+                self._placed[0] += len(part)
+                self._placed[1] += sum(kv.nbytes for _, kv in part)
         self._placed[2] += time.perf_counter() - started
 
     def _block_writes(
-        self, spec: LoadSpec, chunk_index: int, kv: np.ndarray
-    ) -> list[tuple[int, np.ndarray]]:
-        """(block id, canonical ``[2, block_size, H, D]`` view) for each block this chunk fills."""
+        self, writes: _Writes, spec: LoadSpec, chunk_index: int, kv: np.ndarray
+    ) -> None:
+        """Add (block id, that block's KV) for each block this chunk fills to ``writes``: views of
+        canonical KV, or of engine pages for a chunk stored with codec ``pages``."""
         blocks, skip = self._blocks(spec, chunk_index)
         bs = self.block_size
-        return [(b, kv[:, skip + i * bs : skip + (i + 1) * bs]) for i, b in enumerate(blocks)]
+        if self.orch.objects.is_native(spec.chunk_codec(chunk_index)):
+            pages = self.layout.split_pages(kv, self.chunk // bs)
+            writes.pages.extend((b, pages[skip // bs + i]) for i, b in enumerate(blocks))
+        else:
+            writes.canonical.extend(
+                (b, kv[:, skip + i * bs : skip + (i + 1) * bs]) for i, b in enumerate(blocks)
+            )
 
     def _blocks(self, spec: LoadSpec, chunk_index: int) -> tuple[list[int], int]:
         """The request's blocks this chunk fills beyond
@@ -182,8 +214,8 @@ class WorkerSide:
         layer = self._index[layer_name]
         for spec in meta.saves:
             pages = self._staged.setdefault((spec.req_id, spec.chunk_index), [])
-            # indexing by a list copies (the blocks may be reused after this step)
-            pages.append(kv_layer[spec.block_ids])
+            # a copy (the blocks may be reused after this step), in the engine's own layout
+            pages.append(self.layout.read_pages(kv_layer, spec.block_ids))
             if layer == self.n_layers - 1:
                 self._submit(spec, self._staged.pop((spec.req_id, spec.chunk_index)))
 
@@ -193,12 +225,12 @@ class WorkerSide:
                 "kvstrata: chunk %d of %s missed layers; not saved", spec.chunk_index, spec.req_id
             )
             return
-        layout, n = self.layout, len(spec.block_ids)
 
-        def canonical() -> np.ndarray:  # runs on the orchestrator's save thread
-            return to_numpy(torch.stack([layout.read(p, list(range(n))) for p in pages]))
+        def engine_pages() -> np.ndarray:  # runs on the orchestrator's save thread
+            # the objects convert to canonical order for a tier whose codec is not `pages`
+            return np.stack([to_numpy(p).reshape(-1) for p in pages])
 
-        self.orch.write(spec.write(self.orch.route(spec.rule), self.chunk), canonical)
+        self.orch.write(spec.write(self.orch.route(spec.rule), self.chunk), engine_pages)
 
     def finish_step(self) -> None:
         """End of a step: anything still staged belongs
@@ -206,6 +238,14 @@ class WorkerSide:
         if self._staged:
             log.warning("kvstrata: dropping %d partially staged chunks", len(self._staged))
             self._staged.clear()
+
+
+class _Writes:
+    """One layer's block writes, by what the arrays hold."""
+
+    def __init__(self) -> None:
+        self.canonical: list[tuple[int, np.ndarray]] = []  # [2, block_size, H, D] views
+        self.pages: list[tuple[int, np.ndarray]] = []  # the layout's own per-block pages
 
 
 def _layer_number(name: str) -> tuple[int, str]:

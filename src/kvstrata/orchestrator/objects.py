@@ -30,7 +30,8 @@ from kvstrata.compression.base import (
     confirm_header,
     header_params,
 )
-from kvstrata.model import ModelSpec
+from kvstrata.compression.pages import is_native
+from kvstrata.model import PAGES, ModelSpec
 from kvstrata.plan import ChunkWrite, PlannedChunk
 from kvstrata.tiers.base import Fetch, Hit
 
@@ -94,17 +95,32 @@ class ChunkObjects:
         codec = self.codecs.get(name)
         if codec is None:
             spec = self.config.codec(name)
-            codec = self.codecs[name] = codec_from_config(name, spec.kind, spec.params)
+            params = self.model.page_params if spec.kind == PAGES else spec.params
+            codec = self.codecs[name] = codec_from_config(name, spec.kind, params)
         return codec
 
+    def is_native(self, name: str) -> bool:
+        """Whether codec ``name`` stores engine pages (:mod:`kvstrata.compression.pages`)."""
+        return is_native(self.codec(name))
+
     def encode(self, write: ChunkWrite, kv: np.ndarray, codec_id: str) -> bytes:
-        """One chunk's object under ``codec_id`` (runs on a worker thread)."""
+        """One chunk's object under ``codec_id`` (runs on a worker thread).
+
+        ``kv`` is canonical ``[n_layers, 2, T, H, D]`` or the engine's page bytes
+        ``[n_layers, elements]`` (a save from vLLM), converted here for a codec that needs the
+        other."""
         m = self.model
-        if kv.shape != (m.n_layers, *self.geometry.shape):
+        pages = kv.ndim == 2
+        if kv.size != m.n_layers * int(np.prod(self.geometry.shape)) or not (
+            pages or kv.shape == (m.n_layers, *self.geometry.shape)
+        ):
             raise ValueError(
                 f"chunk KV shaped {kv.shape}, expected {(m.n_layers, *self.geometry.shape)}"
             )
         codec = self.codec(codec_id)
+        if pages and not is_native(codec):
+            engine = self.codec(PAGES)
+            kv = np.stack([engine.to_canonical(layer, self.geometry) for layer in kv])
         meta = fmt.ObjectMeta(
             codec_id,
             m.dtype,
