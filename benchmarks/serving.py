@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/serving.py [--quick]
 
-Two OpenAI servers, one after the other, each in vLLM's default
+Two OpenAI servers, side by side (started together; each idle while the
+other serves), each in vLLM's default
 multiprocess mode (SmolLM2-135M, CPU build, fp32, eager), with vLLM's KV
 cache made small (``--kv-cache-memory-bytes``, the setting
 ``VLLM_CPU_KVCACHE_SPACE`` sets in whole GiB) so that the working set does
@@ -24,9 +25,13 @@ timestamp per token):
   LRU cache misses on every time); warmed once (every tier written) before
   the measured requests;
 * **no reuse**: unique prompts; kvstrata stores every chunk and loads nothing;
+  rounds alternate between the two servers (A B, B A, ...), and the summary
+  is the median over rounds of kvstrata / vLLM alone: each ratio compares two
+  runs seconds apart, which a 2-core machine shared with other jobs needs;
 * **slow tier**: 7 requests decoding, an 8th whose prefix is in Redis arrives
   1 s later; the others' inter-token latency, with the 8th served from Redis
-  directly vs. from Redis behind the proxy at ~500 ms per request.
+  directly vs. from Redis behind the proxy at ~500 ms per request; rounds
+  alternate the two conditions and pool the samples per condition.
 
 Columns: request throughput, output tokens/s, TTFT p50/p99, and where the
 prompt tokens came from (vLLM's prefix cache: ``engine``; kvstrata's tiers;
@@ -84,11 +89,15 @@ class Profile:
     kv_cache_blocks: int
     itl_output: int
     sync_slow_run: bool
+    itl_repeats: int  # rounds of the slow-tier measurement (each condition once per round)
+    no_reuse_rounds: int  # rounds of the no-reuse comparison (each server once per round)
 
 
 PROFILES = {
-    "full": Profile((1, 8, 32), 16, 512, 32, 8, {1: 12, 8: 16, 32: 32}, 16, 300, 32, 44, 48, True),
-    "quick": Profile((8,), 12, 512, 32, 8, {8: 12}, 8, 300, 16, 44, 32, False),
+    "full": Profile(
+        (1, 8, 32), 16, 512, 32, 8, {1: 12, 8: 16, 32: 32}, 16, 300, 32, 44, 48, True, 3, 4
+    ),
+    "quick": Profile((8,), 12, 512, 32, 8, {8: 12}, 8, 300, 16, 44, 32, False, 1, 2),
 }
 
 
@@ -133,10 +142,8 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.ready_s = 0.0
 
-    def start(self, timeout: float = 900) -> None:
-        import httpx
-
-        started = time.monotonic()
+    def launch(self) -> None:
+        self.started = time.monotonic()
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
                 self.argv,
@@ -145,6 +152,11 @@ class Server:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+
+    def wait_ready(self, timeout: float = 900) -> None:
+        import httpx
+
+        started = self.started
         while time.monotonic() - started < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited: {self.log_path.read_text()[-3000:]}")
@@ -360,7 +372,7 @@ def settle(server: Server) -> dict[str, float]:
 @dataclass
 class Workload:
     prefixes: list[list[int]]  # the reuse workload's shared prefixes
-    itl_prefixes: list[list[int]]  # the slow-tier run's 8th requests (baseline, slow, sync-slow)
+    itl_prefixes: list[list[int]]  # the slow-tier runs' 8th requests, one per run
     prompts: Prompts
 
 
@@ -397,16 +409,33 @@ def measure_reuse(server: Server, w: Workload, p: Profile, row: str, params) -> 
     return rows
 
 
-def measure_no_reuse(server: Server, w: Workload, p: Profile, row: str) -> dict:
-    jobs = [
-        (w.prompts.take(p.no_reuse_prompt), p.no_reuse_output, None)
-        for _ in range(p.no_reuse_requests)
-    ]
-    outs, wall = asyncio.run(run_load(server.url, jobs, 8))
-    out = {"workload": "no_reuse", "row": row, "concurrency": 8, **summarise(outs, wall)}
-    out["load_average"] = common.load_average()
-    log(f"no reuse {row}: {fmt_row(out)}")
-    return out
+def measure_no_reuse(servers: dict[str, Server], w: Workload, p: Profile) -> list[dict]:
+    """Unique prompts, ``no_reuse_rounds`` rounds, each server once per round (the order
+    alternating): one row per server, pooled over rounds, with each round's req/s."""
+    outs: dict[str, list] = {row: [] for row in servers}
+    walls: dict[str, float] = dict.fromkeys(servers, 0.0)
+    per_round: dict[str, list[float]] = {row: [] for row in servers}
+    order = list(servers)
+    for rnd in range(p.no_reuse_rounds):
+        for row in order if rnd % 2 == 0 else order[::-1]:
+            jobs = [
+                (w.prompts.take(p.no_reuse_prompt), p.no_reuse_output, None)
+                for _ in range(p.no_reuse_requests)
+            ]
+            got, wall = asyncio.run(run_load(servers[row].url, jobs, 8))
+            outs[row] += got
+            walls[row] += wall
+            per_round[row].append(len(got) / wall)
+            log(f"no reuse {row}, round {rnd}: {per_round[row][-1]:.2f} req/s")
+    rows = []
+    for row in servers:
+        out = {"workload": "no_reuse", "row": row, "concurrency": 8}
+        out |= summarise(outs[row], walls[row])
+        out["req_per_s_by_round"] = per_round[row]
+        out["load_average"] = common.load_average()
+        log(f"no reuse {row}: {fmt_row(out)}")
+        rows.append(out)
+    return rows
 
 
 async def _itl_run(url: str, w: Workload, p: Profile, prefix: list[int], params: dict):
@@ -427,32 +456,49 @@ async def _itl_run(url: str, w: Workload, p: Profile, prefix: list[int], params:
 
 
 def measure_slow_tier(server: Server, proxy, w: Workload, p: Profile) -> list[dict]:
+    """The others' inter-token latency with the 8th request's prefix read from Redis directly
+    and from Redis behind the slow proxy; ``itl_repeats`` rounds, the conditions alternating
+    in order, samples pooled per condition (a p99 over ~330 samples is its 4th largest: one
+    run cannot resolve 10%)."""
     runs = [
         ("redis direct", "redis", 0.0, None),
         ("redis behind the proxy", "slow", SLOW_LATENCY_S, None),
     ]
     if p.sync_slow_run:
         runs.append(("redis behind the proxy, forced sync", "slow", SLOW_LATENCY_S, "sync"))
+    prefixes = iter(w.itl_prefixes)
+    pooled: dict[str, dict] = {label: {"others": [], "late": [], "p99s": []} for label, *_ in runs}
+    for rep in range(p.itl_repeats):
+        for label, row, delay, load in runs if rep % 2 == 0 else runs[::-1]:
+            params = {"row": row, "budget_ms": 10000, **({"load": load} if load else {})}
+            proxy.request_latency_s = delay
+            try:
+                before = server.metrics()
+                outs = asyncio.run(_itl_run(server.url, w, p, next(prefixes), params))
+                after = settle(server)
+            finally:
+                proxy.request_latency_s = 0.0
+            others = [x for o in outs if o.tag == "other" for x in o.itl_s]
+            got = pooled[label]
+            got["others"] += others
+            got["late"].append(outs[-1].ttft_s * 1e3)
+            got["p99s"].append(common.percentile(others, 99) * 1e3)
+            got["served"] = hit_rates(before, after)  # all 8 requests' prompt tokens
+            log(f"slow tier, {label}, round {rep}: others' p99 {got['p99s'][-1]:.0f} ms")
     out = []
-    for (label, row, delay, load), prefix in zip(runs, w.itl_prefixes, strict=False):
-        params = {"row": row, "budget_ms": 10000, **({"load": load} if load else {})}
-        proxy.request_latency_s = delay
-        try:
-            before = server.metrics()
-            outs = asyncio.run(_itl_run(server.url, w, p, prefix, params))
-            after = settle(server)
-        finally:
-            proxy.request_latency_s = 0.0
-        others = [x for o in outs if o.tag == "other" for x in o.itl_s]
-        late = outs[-1]
+    for label, got in pooled.items():
+        others = got["others"]
         out.append(
             {
                 "run": label,
+                "rounds": p.itl_repeats,
+                "samples": len(others),
                 "others_itl_p50_ms": common.percentile(others, 50) * 1e3,
                 "others_itl_p99_ms": common.percentile(others, 99) * 1e3,
+                "others_itl_p99_ms_by_round": got["p99s"],
                 "others_itl_max_ms": max(others) * 1e3,
-                "late_ttft_ms": late.ttft_s * 1e3,
-                "served_in_run": hit_rates(before, after),  # all 8 requests' prompt tokens
+                "late_ttft_ms": common.median(got["late"]),
+                "served_in_run": got["served"],  # the last round's
                 "load_average": common.load_average(),
             }
         )
@@ -489,7 +535,7 @@ def main() -> None:
     prompts = Prompts(AutoTokenizer.from_pretrained(str(model_dir)))
     w = Workload(
         [prompts.take(p.prefix_tokens) for _ in range(p.prefixes)],
-        [prompts.take(p.prefix_tokens) for _ in range(3)],
+        [prompts.take(p.prefix_tokens) for _ in range(3 * p.itl_repeats)],
         prompts,
     )
     kv_bytes = p.kv_cache_blocks * BLOCK_TOKENS * KV_TOKEN_BYTES
@@ -512,53 +558,53 @@ def main() -> None:
     rows: list[dict] = []
     slow: list[dict] = []
     servers: dict[str, float] = {}
+    # Both servers run side by side (started together; each idle while the other serves), so
+    # the no-reuse comparison alternates between them round by round on the same machine state.
+    alone = Server(
+        "vllm alone", server_argv(model_dir, free_port(), kv_bytes, None), env, tmp / "alone.log"
+    )
+    strata = Server(
+        "kvstrata", server_argv(model_dir, free_port(), kv_bytes, config), env, tmp / "kvs.log"
+    )
     try:
-        alone = Server(
-            "vllm alone",
-            server_argv(model_dir, free_port(), kv_bytes, None),
-            env,
-            tmp / "alone.log",
-        )
-        try:
-            alone.start()
-            servers["vllm alone"] = alone.ready_s
-            log(f"warm-up (as kvstrata's): {warm(alone, w, kvstrata=False):.0f} s")
-            rows += measure_reuse(alone, w, p, "vllm alone", None)
-            rows.append(measure_no_reuse(alone, w, p, "vllm alone"))
-        finally:
-            alone.stop()
-        strata = Server(
-            "kvstrata",
-            server_argv(model_dir, free_port(), kv_bytes, config),
-            env,
-            tmp / "kvstrata.log",
-        )
-        try:
-            strata.start()
-            servers["kvstrata"] = strata.ready_s
-            log(f"warm-up (every tier written): {warm(strata, w, kvstrata=True):.0f} s")
-            for row, params in (
-                ("kvstrata default", None),
-                ("+ redis", {"row": "redis"}),
-                ("+ s3", {"row": "s3"}),
-            ):
-                rows += measure_reuse(strata, w, p, row, params)
-            rows.append(measure_no_reuse(strata, w, p, "kvstrata default"))
-            slow = measure_slow_tier(strata, proxy, w, p)
-        finally:
-            strata.stop()
+        for server in (alone, strata):
+            server.launch()
+        for server in (alone, strata):
+            server.wait_ready()
+            servers[server.name] = server.ready_s
+        log(f"warm-up (as kvstrata's): {warm(alone, w, kvstrata=False):.0f} s")
+        rows += measure_reuse(alone, w, p, "vllm alone", None)
+        log(f"warm-up (every tier written): {warm(strata, w, kvstrata=True):.0f} s")
+        for row, params in (
+            ("kvstrata default", None),
+            ("+ redis", {"row": "redis"}),
+            ("+ s3", {"row": "s3"}),
+        ):
+            rows += measure_reuse(strata, w, p, row, params)
+        rows += measure_no_reuse({"vllm alone": alone, "kvstrata default": strata}, w, p)
+        slow = measure_slow_tier(strata, proxy, w, p)
     finally:
+        for server in (alone, strata):
+            server.stop()
         proxy.close()
         s3.stop()
         redis.stop()
     payload = report(args, p, rows, slow, servers, load_before, time.monotonic() - t0, kv_bytes)
     common.write_json(args.out, payload)
-    plot(payload, common.REPO_ROOT / "docs" / "img" / "serving.png")
+    plot(
+        payload, common.REPO_ROOT / "docs" / "img" / f"serving{'.quick' if args.quick else ''}.png"
+    )
     print_tables(payload)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if not a or not b else a / b
+
+
+def _paired_ratio(a: list[float] | None, b: list[float] | None) -> float | None:
+    if not a or not b:
+        return None
+    return common.median([x / y for x, y in zip(a, b, strict=True) if y])
 
 
 def report(args, p: Profile, rows, slow, servers, load_before, elapsed, kv_bytes) -> dict:
@@ -579,7 +625,12 @@ def report(args, p: Profile, rows, slow, servers, load_before, elapsed, kv_bytes
             pick("reuse", "vllm alone").get("ttft_p50_ms"),
             pick("reuse", "kvstrata default").get("ttft_p50_ms"),
         ),
-        "throughput_ratio_no_reuse": _ratio(
+        # the median over rounds of (kvstrata / vLLM alone), each round's two runs back to back
+        "throughput_ratio_no_reuse": _paired_ratio(
+            pick("no_reuse", "kvstrata default").get("req_per_s_by_round"),
+            pick("no_reuse", "vllm alone").get("req_per_s_by_round"),
+        ),
+        "throughput_ratio_no_reuse_pooled": _ratio(
             pick("no_reuse", "kvstrata default").get("req_per_s"),
             pick("no_reuse", "vllm alone").get("req_per_s"),
         ),
