@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: how long ``get_num_new_matched_tokens`` waits for a lookup before answering "ask again"
 INLINE_WAIT_S = 0.005
+#: ... and when no other request is known to kvstrata (see SchedulerSide._inline_wait)
+ALONE_WAIT_S = 0.05
 
 
 @dataclass
@@ -78,6 +80,7 @@ class SchedulerSide:
         self._requests: dict[str, _Request] = {}
         self._lookups: dict[str, _Lookup] = {}
         self.inline_wait_s = INLINE_WAIT_S
+        self.alone_wait_s = ALONE_WAIT_S
         self.async_ = vllm_async.AsyncScheduler(
             async_settings or vllm_async.AsyncSettings(),
             orchestrator.config.orchestrator.default_budget_ms,
@@ -134,9 +137,10 @@ class SchedulerSide:
             pending = self._lookups[req_id] = _Lookup(
                 future, ctx, num_computed, time.monotonic() + budget / 1e3
             )
+        if not pending.future.done():
             # not done yet, or failed: both handled below
             with contextlib.suppress(Exception):
-                future.result(self.inline_wait_s)
+                pending.future.result(self._inline_wait(req_id, pending))
         if not pending.future.done():
             if time.monotonic() < pending.give_up_at:
                 return None
@@ -150,6 +154,17 @@ class SchedulerSide:
         except Exception as exc:  # a lookup can always fall back to recompute
             log.warning("kvstrata: lookup for %s failed, recomputing: %s", req_id, exc)
             return self._miss(request, pending, f"lookup failed: {exc}")
+
+    def _inline_wait(self, req_id: str, pending: _Lookup) -> float:
+        """How long this call may block on the lookup: ``inline_wait_s`` while another request
+        is known to kvstrata (blocking would hold up its steps); ``alone_wait_s`` otherwise.
+        Answering "ask again" at once makes an otherwise idle engine spin through empty steps,
+        whose Python work starves the very saves a lookup may be waiting for (the GIL). Not
+        the whole budget: a request vLLM has not shown kvstrata yet may be waiting behind this
+        one in the same scheduling pass."""
+        others = any(rid != req_id for rid in (*self._requests, *self._lookups))
+        wait = self.inline_wait_s if others else self.alone_wait_s
+        return max(0.0, min(wait, pending.give_up_at - time.monotonic()))
 
     def _miss(self, request, pending: _Lookup, reason: str) -> Plan:
         """A plan that loads nothing but keeps the prompt's keys, so its chunks are still saved."""
