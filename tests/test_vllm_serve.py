@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import textwrap
 import time
@@ -25,6 +23,8 @@ httpx = pytest.importorskip("httpx")
 
 from kvstrata.offline.convert import prepare_smollm2  # noqa: E402
 from kvstrata.offline.runner import text_tokens  # noqa: E402
+from kvstrata.testing.http_server import ServerProcess  # noqa: E402
+from kvstrata.testing.services import free_ports  # noqa: E402
 
 # a server start (1-2 minutes here, more on a busy machine) counts towards the first test, a restart
 # towards the last
@@ -36,55 +36,15 @@ START_TIMEOUT_S = 600
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
-class Server:
+class Server(ServerProcess):
     def __init__(self, argv: list[str], env: dict[str, str], log: Path):
-        self.argv, self.env, self.log = argv, env, log
-        self.port = int(argv[argv.index("--port") + 1])
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
+        super().__init__("kvstrata serve", argv, env, log)
 
     def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                self.argv,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise AssertionError(f"server not ready in {START_TIMEOUT_S}s:\n{self.tail()}")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()  # vLLM's API server stops its engine core and workers on SIGTERM
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, 9)  # our own session only (start_new_session)
-            self.proc.wait(10)
-
-    def tail(self, n: int = 4000) -> str:
-        text = self.log.read_text(errors="replace")
-        errors = [line for line in text.splitlines() if "Error" in line and "ulimit" not in line][
-            :20
-        ]
-        return "\n".join(errors) + "\n...\n" + text[-n:]
+        super().start(START_TIMEOUT_S)
 
     def complete(self, ids: list[int], max_tokens: int = 16) -> dict:
         r = httpx.post(

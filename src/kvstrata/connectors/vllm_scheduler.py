@@ -37,7 +37,10 @@ log = logging.getLogger(__name__)
 
 #: how long ``get_num_new_matched_tokens`` waits for a lookup before answering "ask again"
 INLINE_WAIT_S = 0.005
-#: ... and when no other request is known to kvstrata (see SchedulerSide._inline_wait)
+#: ... and when no other request is known to kvstrata. Answering "ask again" at once makes an
+#: otherwise idle engine spin through empty steps, whose Python work starves (GIL) the very saves
+#: a lookup may be waiting for. Not the whole budget: a request vLLM has not shown kvstrata yet
+#: may be waiting behind this one in the same scheduling pass.
 ALONE_WAIT_S = 0.05
 
 
@@ -137,8 +140,7 @@ class SchedulerSide:
             pending = self._lookups[req_id] = _Lookup(
                 future, ctx, num_computed, time.monotonic() + budget / 1e3
             )
-        if not pending.future.done():
-            # not done yet, or failed: both handled below
+        if not pending.future.done():  # not done yet, or failed: both handled below
             with contextlib.suppress(Exception):
                 pending.future.result(self._inline_wait(req_id, pending))
         if not pending.future.done():
@@ -156,14 +158,8 @@ class SchedulerSide:
             return self._miss(request, pending, f"lookup failed: {exc}")
 
     def _inline_wait(self, req_id: str, pending: _Lookup) -> float:
-        """How long this call may block on the lookup: ``inline_wait_s`` while another request
-        is known to kvstrata (blocking would hold up its steps); ``alone_wait_s`` otherwise.
-        Answering "ask again" at once makes an otherwise idle engine spin through empty steps,
-        whose Python work starves the very saves a lookup may be waiting for (the GIL). Not
-        the whole budget: a request vLLM has not shown kvstrata yet may be waiting behind this
-        one in the same scheduling pass."""
         others = any(rid != req_id for rid in (*self._requests, *self._lookups))
-        wait = self.inline_wait_s if others else self.alone_wait_s
+        wait = self.inline_wait_s if others else self.alone_wait_s  # why: ALONE_WAIT_S
         return max(0.0, min(wait, pending.give_up_at - time.monotonic()))
 
     def _miss(self, request, pending: _Lookup, reason: str) -> Plan:
