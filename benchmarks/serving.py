@@ -479,8 +479,10 @@ def fmt_row(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="concurrency 8 only, fewer requests")
-    parser.add_argument("--out", default=str(common.RESULTS_DIR / "serving.json"))
+    parser.add_argument("--out", default=None, help="default results/serving[.quick].json")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = str(common.RESULTS_DIR / f"serving{'.quick' if args.quick else ''}.json")
     p = PROFILES["quick" if args.quick else "full"]
     t0 = time.monotonic()
     load_before = common.load_average()
