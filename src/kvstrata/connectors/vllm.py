@@ -61,15 +61,16 @@ class StrataConnector(KVConnectorBase_V1):
         config = strata_config(extra)
         self.block_size = vllm_config.cache_config.block_size
         spec = model_spec(vllm_config, extra)
+        self._isa = _cpu_isa(vllm_config, spec)  # CPU attention ISA (None on GPU builds)
         self.model = dataclasses.replace(
-            spec, page_layout=_page_layout(vllm_config, spec), page_block=self.block_size
+            spec, page_layout=_page_layout(self._isa), page_block=self.block_size
         )
         if config.chunk_tokens % self.block_size:
             raise ValueError(
                 f"kvstrata chunk_tokens={config.chunk_tokens} must be a multiple of the engine's "
                 f"block size {self.block_size}"
             )
-        self.enabled = _layout_supported(vllm_config, self.model)
+        self.enabled = _layout_supported(self._isa)
         if (
             role == KVConnectorRole.SCHEDULER
             and self._kv_transfer_config.kv_load_failure_policy != "recompute"
@@ -192,7 +193,7 @@ class StrataConnector(KVConnectorBase_V1):
             self.model.kv_heads,
             self.model.head_dim,
             first.device.type,
-            _cpu_isa(self._vllm_config, self.model),
+            self._isa,
         )
         if found is not None and found.name != self.model.page_layout:
             log.warning(
@@ -296,14 +297,13 @@ def _cpu_isa(vllm_config, model) -> str | None:
         return "unknown"
 
 
-def _page_layout(vllm_config, model) -> str:
+def _page_layout(isa: str | None) -> str:
     from vllm.platforms import current_platform
 
-    return layout.expected_name(current_platform.device_type, _cpu_isa(vllm_config, model))
+    return layout.expected_name(current_platform.device_type, isa)
 
 
-def _layout_supported(vllm_config, model) -> bool:
-    isa = _cpu_isa(vllm_config, model)
+def _layout_supported(isa: str | None) -> bool:
     if isa not in (None, "vec"):
         log.warning(
             "kvstrata: CPU attention ISA %r has a page layout kvstrata does not know; disabled", isa
