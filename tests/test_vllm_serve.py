@@ -10,7 +10,6 @@ directory.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import textwrap
 import time
@@ -23,7 +22,7 @@ httpx = pytest.importorskip("httpx")
 
 from kvstrata.offline.convert import prepare_smollm2  # noqa: E402
 from kvstrata.offline.runner import text_tokens  # noqa: E402
-from kvstrata.testing.http_server import ServerProcess  # noqa: E402
+from kvstrata.testing.http_server import ServerProcess, server_env  # noqa: E402
 from kvstrata.testing.services import free_ports  # noqa: E402
 
 # a server start (1-2 minutes here, more on a busy machine) counts towards the first test, a restart
@@ -88,20 +87,7 @@ def server(model_dir, tmp_path_factory):
         """)
     )
     kvstrata = Path(sys.executable).with_name("kvstrata")  # the console script setup installs
-    # vLLM's defaults: not what an offline engine earlier in this process set
-    # (kvstrata.offline.runner.make_llm:
-    # single-process mode, and a thread binding "all" that multiprocess mode cannot parse)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        not in (
-            "VLLM_ENABLE_V1_MULTIPROCESSING",
-            "VLLM_CPU_OMP_THREADS_BIND",
-            "VLLM_CPU_KVCACHE_SPACE",
-        )
-    }
-    env.update(VLLM_CPU_KVCACHE_SPACE="1")
+    env = server_env(VLLM_CPU_KVCACHE_SPACE="1")  # vLLM's defaults, not an offline engine's
     events_port = _free_port()
     srv = Server(
         [

@@ -15,6 +15,21 @@ import subprocess
 import time
 from pathlib import Path
 
+#: what an offline engine earlier in this process may have set (kvstrata.offline.runner.make_llm:
+#: single-process mode, a thread binding "all" multiprocess mode cannot parse, a KV cache size)
+OFFLINE_ENGINE_ENV = (
+    "VLLM_ENABLE_V1_MULTIPROCESSING",
+    "VLLM_CPU_OMP_THREADS_BIND",
+    "VLLM_CPU_KVCACHE_SPACE",
+)
+
+
+def server_env(**overrides: str) -> dict[str, str]:
+    """This process's environment for a vLLM server: vLLM's defaults where an offline engine set
+    its own (:data:`OFFLINE_ENGINE_ENV`), plus ``overrides``."""
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_ENGINE_ENV}
+    return env | overrides
+
 
 class ServerProcess:
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path):
